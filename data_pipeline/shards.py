@@ -1,0 +1,318 @@
+"""TFDS patch shards: serialisation, per-channel moments and the finished DATA_DIR layout.
+
+One module writes every patch dataset, whether the patches come from the tiler (one array_record file
+per slide, written as the slide is scanned) or from in-memory arrays (`write_patch_dataset`).
+The finished layout (see the project contract):
+
+    DATA_DIR/gerne_patches-{split}.array_record-{i:05d}-of-{n:05d}   shards, random access by index
+    DATA_DIR/dataset_info.json, features.json, metadata.json, ...     TFDS metadata (written last)
+    DATA_DIR/patches.csv                                              one row per patch, no pixels
+
+`tfds.builder_from_directory(DATA_DIR).as_data_source(split)[i]` is row `index == i` of that split in
+patches.csv. Records are serialised deterministically, so the same patches give byte-identical shards.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordWriter
+from tensorflow_datasets.core import example_serializer
+
+DATASET_NAME = "gerne_patches"
+SPLITS = ("train", "validation", "test")
+LABEL_NAMES = ("non_tumour", "tumour")
+FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+SHARD_SUFFIX = "array_record"
+# 'group_size:1' keeps every record individually addressable (what TFDS itself writes).
+ARRAY_RECORD_OPTIONS = "group_size:1"
+# Fields of a patch row (patches.csv without split and index; also the tiler's sidecar rows).
+ROW_FIELDS = ("slide_id", "patient_id", "x", "y", "label", "tumor_fraction", "tissue_ratio")
+CSV_COLUMNS = ("split", "index") + ROW_FIELDS
+# TFDS writes these next to the shards; dataset_info.json is what makes a folder loadable.
+DATASET_INFO_FILE = "dataset_info.json"
+SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
+
+
+def patch_features(patch_size: int, num_channels: int, dtype: Any) -> tfds.features.FeaturesDict:
+    """The TFDS features of one patch example (pixels stored as raw bytes in the source dtype)."""
+    dtype = np.dtype(dtype)
+    if dtype.type not in SUPPORTED_DTYPES:
+        raise ValueError(f"patch dtype {dtype} is not supported; expected one of "
+                         f"{[np.dtype(t).name for t in SUPPORTED_DTYPES]}")
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(patch_size, patch_size, num_channels), dtype=dtype,
+                                      encoding=tfds.features.Encoding.BYTES),
+        "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
+        "tumor_fraction": tfds.features.Scalar(dtype=np.float32),
+        "tissue_ratio": tfds.features.Scalar(dtype=np.float32),
+        "slide_id": tfds.features.Text(),
+        "patient_id": tfds.features.Text(),
+        "x": tfds.features.Scalar(dtype=np.int64),
+        "y": tfds.features.Scalar(dtype=np.int64),
+    })
+
+
+class PatchSerializer:
+    """Encodes a patch example dict into deterministic `tf.train.Example` bytes.
+
+    `FeaturesDict.serialize_example` serialises the proto's feature map in hash order, which differs
+    between processes; deterministic serialisation sorts it, so reruns give byte-identical shards.
+    """
+
+    def __init__(self, features: tfds.features.FeaturesDict):
+        self._features = features
+        self._serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+
+    def __call__(self, example: Mapping[str, Any]) -> bytes:
+        encoded = self._features.encode_example(example)
+        return self._serializer.get_tf_example(encoded).SerializeToString(deterministic=True)
+
+
+@dataclasses.dataclass
+class ChannelMoments:
+    """Per-channel count, mean and sum of squared deviations (M2), float64, mergeable.
+
+    Merging uses Chan et al.'s pairwise update, which stays accurate where sum / sum-of-squares
+    would cancel (bright uint16 channels with a small spread).
+    """
+
+    count: float = 0.0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    def merge(self, count: float, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Adds a group of `count` pixels with per-channel `mean` and `m2`."""
+        if count == 0:
+            return
+        mean = np.asarray(mean, np.float64)
+        m2 = np.asarray(m2, np.float64)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = float(count), mean.copy(), m2.copy()
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.count = total
+
+    def add_patches(self, images: np.ndarray, chunk: int = 16) -> None:
+        """Adds every pixel of `images` [N, P, P, C] (in chunks of patches to bound float64 memory)."""
+        for start in range(0, images.shape[0], chunk):
+            pixels = images[start:start + chunk].reshape(-1, images.shape[-1]).astype(np.float64)
+            mean = pixels.mean(axis=0)
+            self.merge(pixels.shape[0], mean, ((pixels - mean) ** 2).sum(axis=0))
+
+    def merge_moments(self, other: ChannelMoments) -> None:
+        if other.count:
+            self.merge(other.count, other.mean, other.m2)
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation (numpy's default, ddof=0)."""
+        return np.sqrt(self.m2 / self.count)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count,
+                "mean": None if self.mean is None else self.mean.tolist(),
+                "m2": None if self.m2 is None else self.m2.tolist()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ChannelMoments:
+        to_array = lambda v: None if v is None else np.asarray(v, np.float64)  # noqa: E731
+        return cls(float(data["count"]), to_array(data["mean"]), to_array(data["m2"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPart:
+    """One finished array_record file (a slide's, or a whole in-memory split) and its patch rows."""
+
+    path: pathlib.Path
+    rows: Sequence[Mapping[str, Any]]   # ROW_FIELDS per record, in record order
+    moments: ChannelMoments             # over every pixel of every record of the file
+
+
+def temporary_path(path: pathlib.Path) -> pathlib.Path:
+    """A sibling name unique to this process, for write-then-rename."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary name and a rename."""
+    tmp = temporary_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_array_record(path: pathlib.Path, records: Iterable[bytes]) -> int:
+    """Writes `records` to the array_record file `path` (via a temporary name); returns the count.
+
+    A failure midway removes the temporary file, so `path` is either complete or absent.
+    """
+    path = pathlib.Path(path)
+    tmp = temporary_path(path)
+    count = 0
+    writer = ArrayRecordWriter(os.fspath(tmp), ARRAY_RECORD_OPTIONS)
+    try:
+        for record in records:
+            writer.write(record)
+            count += 1
+        writer.close()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return count
+
+
+def patch_row(slide_id: str, patient_id: str | None, x: int, y: int, label: int,
+              tumor_fraction: float, tissue_ratio: float) -> dict[str, Any]:
+    """One patches.csv row (without split and index), with the float32 values exactly as stored."""
+    return {"slide_id": str(slide_id), "patient_id": str(patient_id or ""), "x": int(x), "y": int(y),
+            "label": int(label), "tumor_fraction": float(np.float32(tumor_fraction)),
+            "tissue_ratio": float(np.float32(tissue_ratio))}
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    return f"{DATASET_NAME}-{split}.{SHARD_SUFFIX}-{index:05d}-of-{num_shards:05d}"
+
+
+def _link_or_copy(source: pathlib.Path, target: pathlib.Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(source, target)
+
+
+def finalize_dataset(
+    data_dir: str | os.PathLike,
+    parts_by_split: Mapping[str, Sequence[ShardPart]],
+    features: tfds.features.FeaturesDict,
+    metadata: Mapping[str, Any],
+) -> dict[str, int]:
+    """Publishes finished array_record files as the TFDS dataset in `data_dir`; returns split sizes.
+
+    Shard i of split s is `parts_by_split[s][i]` (callers order them, e.g. by slide id). Parts
+    without records and splits without parts are left out (TFDS cannot read an empty shard).
+    `channel_mean` / `channel_std` are added to `metadata` from the train parts' moments.
+
+    Everything is staged under `data_dir/.work/finalize` and moved in with renames: the old
+    dataset_info.json goes first, the new one comes last, so a reader never loads a mix.
+    """
+    data_dir = pathlib.Path(data_dir)
+    unknown = sorted(set(parts_by_split) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown split name(s) {unknown}; expected {list(SPLITS)}")
+    parts_by_split = {split: [p for p in parts if p.rows] for split, parts in parts_by_split.items()}
+    parts_by_split = {split: parts for split, parts in parts_by_split.items() if parts}
+    if "train" not in parts_by_split:
+        raise ValueError(f"{data_dir}: the train split has no patches, so the channel statistics "
+                         "(channel_mean / channel_std) cannot be computed")
+    moments = ChannelMoments()
+    for part in parts_by_split["train"]:
+        moments.merge_moments(part.moments)
+    metadata = dict(metadata, channel_mean=moments.mean.tolist(), channel_std=moments.std.tolist())
+
+    staging = data_dir / ".work" / "finalize"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    split_infos, csv_rows, sizes = [], [], {}
+    for split in (s for s in SPLITS if s in parts_by_split):
+        parts = parts_by_split[split]
+        for i, part in enumerate(parts):
+            _link_or_copy(part.path, staging / shard_name(split, i, len(parts)))
+        split_infos.append(tfds.core.SplitInfo(
+            name=split, shard_lengths=[len(p.rows) for p in parts],
+            num_bytes=sum(p.path.stat().st_size for p in parts)))
+        rows = [row for part in parts for row in part.rows]
+        csv_rows.extend({"split": split, "index": index, **row} for index, row in enumerate(rows))
+        sizes[split] = len(rows)
+    with open(staging / "patches.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    tfds.folder_dataset.write_metadata(
+        data_dir=staging, features=features, split_infos=split_infos,
+        filename_template=FILENAME_TEMPLATE, check_data=False,
+        metadata=tfds.core.MetadataDict(metadata))
+
+    (data_dir / DATASET_INFO_FILE).unlink(missing_ok=True)
+    staged = sorted(p.name for p in staging.iterdir())
+    for old in data_dir.glob(f"{DATASET_NAME}-*.{SHARD_SUFFIX}-*"):
+        if old.name not in staged:
+            old.unlink()
+    # Shards first, then the tables, dataset_info.json last.
+    order = sorted(staged, key=lambda n: (not n.startswith(DATASET_NAME + "-"), n == DATASET_INFO_FILE))
+    for name in order:
+        os.replace(staging / name, data_dir / name)
+    staging.rmdir()
+    return sizes
+
+
+def write_patch_dataset(
+    data_dir: str | os.PathLike,
+    splits: Mapping[str, Mapping[str, np.ndarray]],
+    channel_names: Sequence[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes in-memory patches as the DATA_DIR layout, through the tiler's code path.
+
+    `splits` maps a split name to fields: image [N, P, P, C] (uint8 / uint16 / float32), label [N],
+    tumor_fraction [N], tissue_ratio [N], slide_id [N], patient_id [N], x [N], y [N].
+    `metadata` adds to / overrides the defaults (stride = P, level 0, level_downsample 1,
+    min_tumor_pixels 1, min_tissue_ratio 0.0); patch_size, source_dtype and the channel statistics
+    always come from the arrays.
+    """
+    data_dir = pathlib.Path(data_dir)
+    fields = ("image",) + ROW_FIELDS
+    shapes = set()
+    for split, arrays in splits.items():
+        missing = sorted(set(fields) - set(arrays))
+        if missing:
+            raise ValueError(f"split {split!r} lacks field(s) {missing}")
+        image = np.asarray(arrays["image"])
+        if image.ndim != 4 or image.shape[1] != image.shape[2]:
+            raise ValueError(f"split {split!r}: image must be [N, P, P, C], got shape {image.shape}")
+        lengths = {name: len(arrays[name]) for name in fields}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"split {split!r}: fields have different lengths {lengths}")
+        shapes.add((image.shape[1:], image.dtype))
+    if len(shapes) != 1:
+        raise ValueError(f"splits disagree on patch shape / dtype: {sorted(map(str, shapes))}")
+    (patch_size, _, num_channels), dtype = shapes.pop()
+    if len(channel_names) != num_channels:
+        raise ValueError(f"{len(channel_names)} channel names {list(channel_names)} for "
+                         f"{num_channels} channels")
+
+    features = patch_features(patch_size, num_channels, dtype)
+    serialize = PatchSerializer(features)
+    work = data_dir / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    parts_by_split = {}
+    for split, arrays in splits.items():
+        rows = [patch_row(*(arrays[name][i] for name in ROW_FIELDS)) for i in range(len(arrays["image"]))]
+        images = np.asarray(arrays["image"])
+        path = work / f"{split}.{SHARD_SUFFIX}"
+        write_array_record(path, (serialize({"image": images[i], **rows[i]}) for i in range(len(rows))))
+        moments = ChannelMoments()
+        moments.add_patches(images)
+        parts_by_split[split] = [ShardPart(path, rows, moments)]
+    full_metadata = {"channel_names": list(channel_names), "patch_size": int(patch_size),
+                     "stride": int(patch_size), "level": 0, "level_downsample": 1,
+                     "source_dtype": np.dtype(dtype).name, "min_tumor_pixels": 1,
+                     "min_tissue_ratio": 0.0}
+    full_metadata.update(metadata or {})
+    full_metadata.update(patch_size=int(patch_size), source_dtype=np.dtype(dtype).name)
+    finalize_dataset(data_dir, parts_by_split, features, full_metadata)
+    for parts in parts_by_split.values():
+        for part in parts:
+            part.path.unlink()
