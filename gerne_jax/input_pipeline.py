@@ -1,0 +1,336 @@
+"""tf.data input pipeline: paired GERNE training batches and padded evaluation batches.
+
+The only `gerne_jax` module that imports TensorFlow. Examples are read by index, either from in-memory
+numpy arrays or from a DATA_DIR's array_record shards (`load_split(..., in_memory=False)`), so every
+step's batch is a pure function of (seed, step) and training resumes exactly at any `start_step`.
+
+Training (`train_dataset`) yields `{image [2, n, P, P, C] float32, label [2, n] int32, group [2, n] int32}`
+per step, index 0 the biased and 1 the less-biased batch, `n = N / process_count` this process's
+contiguous share of the global batch `N = K * A * B`; `group = label * A + attribute`.
+
+Sampling within a group (the official `corr` overlap, generalised): a group with biased count `n_b` and
+less-biased count `n_lb` (`groups.BatchPlan`) draws a window of `w = rint(n_b + n_lb - corr * min(n_b,
+n_lb))` distinct members (`round(B * (2 - corr))` when both counts are B, as in the official code). The
+biased batch draws its `n_b` items with replacement from the first `n_b` window items, the less-biased
+batch its `n_lb` items with replacement from the last `n_lb`. A group with fewer than `w` members fills
+the window with successive random permutations of all its members, so items repeat as evenly as
+possible. Each batch is then shuffled, so a process's slice is not one group.
+
+Evaluation (`eval_dataset`) yields every example of a split exactly once, in index order, in batches of
+a fixed size padded at the end: `{image, label, index, valid}` plus any per-example fields given
+(tissue ratio, attribute), with `index = -1` and `valid = False` on padding.
+"""
+from __future__ import annotations
+
+import csv
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import tqdm
+
+from gerne_jax import groups
+
+PATCHES_CSV = "patches.csv"
+_PATCH_FIELDS = {"slide_id": str, "patient_id": str, "x": np.int64, "y": np.int64, "label": np.int32,
+                 "tumor_fraction": np.float32, "tissue_ratio": np.float32}
+
+
+class ImageSource(Protocol):
+    """What the pipelines need of a split's images: a numpy array `[M, P, P, C]` or `PatchImages`."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray: ...
+
+
+class PatchImages:
+    """The images of one split of a DATA_DIR, read from the array_record shards by index.
+
+    Behaves like a read-only `[M, P, P, C]` numpy array for `len`, `shape`, `dtype` and `images[indices]`
+    with a 1-D integer index array; repeated indices are read once.
+    """
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        feature = builder.info.features["image"]
+        self._source = builder.as_data_source(split)
+        self.shape = (len(self._source), *feature.shape)
+        self.dtype = np.dtype(feature.np_dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        if unique.size and (unique[0] < 0 or unique[-1] >= len(self)):
+            raise IndexError(f"indices {unique[0]}..{unique[-1]} outside a split of {len(self)} examples")
+        examples = self._source.__getitems__(unique.tolist())
+        images = np.stack([example["image"] for example in examples]) if examples else \
+            np.zeros((0, *self.shape[1:]), self.dtype)
+        return images[inverse.reshape(indices.shape)]
+
+
+def read_metadata(data_dir: str | pathlib.Path) -> dict[str, Any]:
+    """`builder.info.metadata` of a DATA_DIR (channel names, mean, std, patch size, ...) as a dict."""
+    return dict(tfds.builder_from_directory(str(data_dir)).info.metadata or {})
+
+
+def _read_patch_rows(data_dir: pathlib.Path, split: str) -> dict[str, np.ndarray]:
+    """The rows of one split of `patches.csv` as arrays in index order."""
+    path = data_dir / PATCHES_CSV
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; DATA_DIR must be written by `python -m data_pipeline tile`")
+    columns: dict[str, list[str]] = {name: [] for name in ("index", *_PATCH_FIELDS)}
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        missing = set(columns) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} lacks the columns {sorted(missing)}")
+        for row in reader:
+            if row["split"] == split:
+                for name, values in columns.items():
+                    values.append(row[name])
+    index = np.asarray(columns.pop("index"), dtype=np.int64)
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(index.size)):
+        raise ValueError(f"{path}: the indices of split {split!r} are not 0..{index.size - 1} without gaps")
+    return {name: np.asarray(values, dtype=_PATCH_FIELDS[name])[order] for name, values in columns.items()}
+
+
+def load_split(data_dir: str | pathlib.Path, split: str, in_memory: bool = True,
+               chunk: int = 1024) -> dict[str, Any]:
+    """One split of a DATA_DIR: `image` plus `label`, `tissue_ratio`, `tumor_fraction`, `slide_id`,
+    `patient_id`, `x`, `y` as numpy arrays in index order (the fields come from `patches.csv`).
+
+    With `in_memory=True`, `image` is a numpy array `[M, P, P, C]` in the source dtype (and the labels
+    decoded from the shards are checked against `patches.csv`); otherwise it is a `PatchImages` that
+    reads the shards by index, for splits that do not fit in RAM.
+    """
+    data_dir = pathlib.Path(data_dir)
+    builder = tfds.builder_from_directory(str(data_dir))
+    if split not in builder.info.splits:
+        raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    fields = _read_patch_rows(data_dir, split)
+    images = PatchImages(builder, split)
+    if len(images) != fields["label"].size:
+        raise ValueError(f"{data_dir}: split {split!r} has {len(images)} examples in its shards but "
+                         f"{fields['label'].size} rows in {PATCHES_CSV}")
+    if in_memory:
+        source = builder.as_data_source(split)
+        array = np.empty(images.shape, images.dtype)
+        for start in tqdm.trange(0, len(images), chunk, desc=f"loading {split}", unit_scale=chunk,
+                                 disable=len(images) <= chunk):
+            examples = source.__getitems__(list(range(start, min(start + chunk, len(images)))))
+            for offset, example in enumerate(examples):
+                if example["label"] != fields["label"][start + offset]:
+                    raise ValueError(f"{data_dir}: example {start + offset} of split {split!r} has label "
+                                     f"{example['label']} in the shards but "
+                                     f"{fields['label'][start + offset]} in {PATCHES_CSV}")
+                array[start + offset] = example["image"]
+        images = array
+    return {"image": images, **fields}
+
+
+class PairedIndexSampler:
+    """Global example indices of both batches of a step, `[2, N]`, a pure function of (seed, step)."""
+
+    def __init__(self, plan: groups.BatchPlan, label: np.ndarray, attribute: np.ndarray, seed: int):
+        ids = groups.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
+        counts = np.bincount(ids, minlength=plan.biased_counts.size).reshape(plan.biased_counts.shape)
+        if not np.array_equal(counts, plan.group_counts):
+            raise ValueError(f"the plan was made for group counts {plan.group_counts.tolist()} but these "
+                             f"labels and attributes give {counts.tolist()}")
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        order = np.argsort(ids, kind="stable")
+        self._members = np.split(order, np.cumsum(counts.ravel())[:-1])
+        self._plan = plan
+        self._seed = int(seed)
+
+    def rng(self, step: int) -> np.random.Generator:
+        """The step's generator; the batch indices are its first draws."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        return np.random.default_rng([self._seed, int(step)])
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """Indices `[2, N]` (biased, less-biased) drawn from a fresh `rng(step)`."""
+        plan = self._plan
+        biased, less_biased = [], []
+        for members, n_b, n_lb, window_size in zip(self._members, plan.biased_counts.ravel(),
+                                                     plan.less_biased_counts.ravel(),
+                                                     plan.window_sizes.ravel()):
+            if window_size == 0:
+                continue
+            window = _draw_window(rng, members, window_size)
+            biased.append(window[rng.integers(0, n_b, size=n_b)])
+            less_biased.append(window[window_size - n_lb + rng.integers(0, n_lb, size=n_lb)])
+        return np.stack([rng.permutation(np.concatenate(biased)), rng.permutation(np.concatenate(less_biased))])
+
+    def __call__(self, step: int) -> np.ndarray:
+        return self.draw(self.rng(step))
+
+
+def _draw_window(rng: np.random.Generator, members: np.ndarray, size: int) -> np.ndarray:
+    """`size` distinct members in random order, or successive permutations if the group is smaller."""
+    if members.size >= size:
+        return rng.choice(members, size=size, replace=False)
+    rounds = -(-size // members.size)
+    return np.concatenate([rng.permutation(members) for _ in range(rounds)])[:size]
+
+
+def process_slice(batch_size: int, process_index: int | None = None,
+                  process_count: int | None = None) -> slice:
+    """This process's contiguous share of a global batch (defaults: `jax.process_index/count()`)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    if batch_size % process_count:
+        raise ValueError(f"the global batch of {batch_size} examples does not divide among "
+                         f"{process_count} processes")
+    share = batch_size // process_count
+    return slice(process_index * share, (process_index + 1) * share)
+
+
+def _dihedral(images: np.ndarray, rotations: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """Per image: optional flips (rows, columns), then `rot90` k times. images `[n, P, P, C]`."""
+    out = np.empty_like(images)
+    for i, (k, (flip_rows, flip_columns)) in enumerate(zip(rotations, flips)):
+        image = images[i, ::-1] if flip_rows else images[i]
+        image = image[:, ::-1] if flip_columns else image
+        out[i] = np.rot90(image, k)
+    return out
+
+
+def _normaliser(channel_mean: Sequence[float], channel_std: Sequence[float], num_channels: int):
+    """A TF function casting images to float32 and standardising each channel."""
+    mean = np.asarray(channel_mean, dtype=np.float32).reshape(-1)
+    std = np.asarray(channel_std, dtype=np.float32).reshape(-1)
+    if mean.size != num_channels or std.size != num_channels:
+        raise ValueError(f"channel_mean ({mean.size}) and channel_std ({std.size}) must have one value per "
+                         f"image channel ({num_channels})")
+    bad = np.flatnonzero(~np.isfinite(std) | (std <= 0) | ~np.isfinite(mean))
+    if bad.size:
+        raise ValueError(f"channel {bad[0]} has mean {mean[bad[0]]} and std {std[bad[0]]}; normalisation "
+                         "needs a finite mean and a positive std for every channel")
+    return lambda image: (tf.cast(image, tf.float32) - mean) / std
+
+
+def _image_shape(images: ImageSource) -> tuple[int, int, int]:
+    if len(images.shape) != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be [examples, P, P, channels], got shape {tuple(images.shape)}")
+    return tuple(images.shape[1:])
+
+
+def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray, plan: groups.BatchPlan, *,
+                  seed: int, channel_mean: Sequence[float], channel_std: Sequence[float], start_step: int = 0,
+                  flips: bool = False, rotations: bool = False, process_index: int | None = None,
+                  process_count: int | None = None) -> tf.data.Dataset:
+    """The endless stream of paired batches; its i-th element is step `start_step + i`.
+
+    Args:
+      images: `[M, P, P, C]` numpy array or `PatchImages`, any dtype (normalised here).
+      label, attribute: `[M]` integers; the plan must have been made from these (`groups.group_counts`).
+      plan: `groups.make_batch_plan(...)`.
+      seed: step t's indices and augmentations depend only on (seed, t).
+      channel_mean, channel_std: per-channel normalisation, in the images' units.
+      flips, rotations: random flips and 90-degree rotations per image (off by default, as in the papers).
+      process_index, process_count: this process's share (defaults from jax); the global plan is the same
+        on every process.
+    """
+    label = np.asarray(label)
+    if images.shape[0] != label.size:
+        raise ValueError(f"{images.shape[0]} images but {label.size} labels")
+    sampler = PairedIndexSampler(plan, label, attribute, seed)
+    group = groups.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
+    label = label.astype(np.int32)
+    share = process_slice(plan.batch_size, process_index, process_count)
+    local = share.stop - share.start
+    image_shape = _image_shape(images)
+    normalise = _normaliser(channel_mean, channel_std, image_shape[-1])
+
+    def load(step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = sampler.rng(int(step))
+        indices = sampler.draw(rng)
+        turns = rng.integers(0, 4, size=indices.shape) if rotations else np.zeros(indices.shape, np.int64)
+        mirror = rng.integers(0, 2, size=(*indices.shape, 2)) if flips else np.zeros((*indices.shape, 2), bool)
+        indices, turns, mirror = indices[:, share], turns[:, share], mirror[:, share]
+        batch = images[indices.ravel()]
+        if flips or rotations:
+            batch = _dihedral(batch, turns.ravel(), mirror.reshape(-1, 2))
+        return batch.reshape(2, local, *image_shape), label[indices], group[indices]
+
+    def to_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
+        image, batch_label, batch_group = tf.numpy_function(
+            load, [step], [tf.as_dtype(images.dtype), tf.int32, tf.int32], stateful=False)
+        return {"image": tf.ensure_shape(normalise(image), (2, local, *image_shape)),
+                "label": tf.ensure_shape(batch_label, (2, local)),
+                "group": tf.ensure_shape(batch_group, (2, local))}
+
+    if start_step < 0:
+        raise ValueError(f"start_step must be non-negative, got {start_step}")
+    dataset = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
+    dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(images: ImageSource, label: np.ndarray, *, batch_size: int, channel_mean: Sequence[float],
+                 channel_std: Sequence[float], fields: Mapping[str, np.ndarray] | None = None,
+                 process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+    """Every example once, in index order, as `ceil(M / batch_size)` global batches padded at the end.
+
+    Each element holds this process's contiguous share of a global batch: `image [n, P, P, C]` float32,
+    `label [n]` int32, `index [n]` int64 (-1 on padding), `valid [n]` bool and each of `fields` (numeric
+    per-example arrays such as `tissue_ratio` or `attribute`, zero on padding).
+    """
+    label = np.asarray(label, dtype=np.int32)
+    fields = {name: np.asarray(values) for name, values in (fields or {}).items()}
+    reserved = {"image", "label", "index", "valid"} & set(fields)
+    if reserved:
+        raise ValueError(f"fields may not be named {sorted(reserved)}")
+    for name, values in fields.items():
+        if values.shape != label.shape or values.dtype.kind not in "biuf":
+            raise ValueError(f"field {name!r} must be a numeric array of {label.size} values, got "
+                             f"{values.dtype} {values.shape}")
+    if images.shape[0] != label.size:
+        raise ValueError(f"{images.shape[0]} images but {label.size} labels")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    share = process_slice(batch_size, process_index, process_count)
+    local = share.stop - share.start
+    image_shape = _image_shape(images)
+    normalise = _normaliser(channel_mean, channel_std, image_shape[-1])
+    num_batches = -(-label.size // batch_size)
+    names = ("label", "index", "valid", *fields)
+    columns = {"label": label, "index": np.arange(label.size, dtype=np.int64),
+               "valid": np.ones(label.size, bool), **fields}
+
+    def load(batch: np.ndarray) -> list[np.ndarray]:
+        indices = np.arange(int(batch) * batch_size, (int(batch) + 1) * batch_size)[share]
+        present = indices[indices < label.size]
+        image = np.zeros((local, *image_shape), images.dtype)
+        image[:present.size] = images[present]
+        out = [image]
+        for name in names:
+            padded = np.zeros(local, columns[name].dtype) if name != "index" else np.full(local, -1, np.int64)
+            padded[:present.size] = columns[name][present]
+            out.append(padded)
+        return out
+
+    def to_batch(batch: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = tf.numpy_function(load, [batch], [tf.as_dtype(images.dtype)]
+                                    + [tf.as_dtype(columns[name].dtype) for name in names], stateful=False)
+        element = {"image": tf.ensure_shape(normalise(outputs[0]), (local, *image_shape))}
+        element.update({name: tf.ensure_shape(value, (local,)) for name, value in zip(names, outputs[1:])})
+        return element
+
+    dataset = tf.data.Dataset.range(num_batches)
+    dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
