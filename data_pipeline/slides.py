@@ -1,0 +1,644 @@
+"""Slide manifest and lazy, region-wise reading of multichannel microscopy slides and their masks.
+
+A slide is one multichannel TIFF, or one TIFF per channel (modality), plus a tumour mask and an
+optional tissue mask (see `read_manifest` for the CSV). `SlideReader` opens the files with tifffile and
+reads windows through tifffile's zarr store, so only the strips / tiles a window touches are decoded;
+no method ever holds a whole level in memory.
+
+Supported image files: stripped or tiled, uncompressed / deflate / LZW / JPEG / zstd / anything
+tifffile+imagecodecs decode, classic or BigTIFF; samples interleaved (Y, X, C), planar (C, Y, X), or one
+page per channel (shaped, ImageJ and OME hyperstacks); pyramids as SubIFDs or OME levels. Axes of
+length one (T, Z, ...) are ignored; exactly one axis besides Y and X may hold the channels. Pixel types
+uint8, uint16 and float32.
+
+Resolution. `level=L` reads pyramid level L. `downsample=d` reads the pyramid level whose downsample is
+d when every image file has one; otherwise it reads level 0 and reduces it by the **area mean** of d x d
+blocks (rounded back to the source dtype; the level then has floor(H0/d) x floor(W0/d) pixels).
+
+Masks (TIFF, read lazily, or PNG, read whole through Pillow, which refuses PNGs above its
+decompression-bomb limit) hold {0, 1}, {0, 255}, or labels with `tumour_ids` naming the tumour labels.
+A tumour mask has the chosen level's shape or level 0's shape; in the latter case pixel (i, j) of the
+level is `mask[i * d, j * d]` (nearest, top-left). A tissue mask (nonzero = tissue) may also have a
+shape an integer factor f smaller than the level's, then pixel (i, j) is `tissue[i // f, j // f]`.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import pathlib
+import warnings
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tifffile
+import zarr
+from PIL import Image
+
+SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+SPLITS = ("train", "validation", "test")
+MANIFEST_COLUMNS = ("slide_id", "image", "channels", "mask", "tissue_mask", "patient_id", "split",
+                    "channel_names")
+SPATIAL_AXES = ("Y", "X")
+# Bytes of source pixels one step of a whole-level scan (thumbnail, validate) may hold.
+SCAN_BYTES = 64 << 20
+# Errors tifffile, imagecodecs and zarr raise on unreadable or corrupt data.
+_READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, RuntimeError, KeyError, IndexError,
+                EOFError)
+
+
+class SlideError(ValueError):
+    """A problem with one slide's files; the message names the slide, the file and the problem."""
+
+    def __init__(self, slide_id: str, file: str | pathlib.Path | None, problem: str):
+        self.slide_id = slide_id
+        self.file = None if file is None else str(file)
+        self.problem = problem
+        where = f"slide {slide_id!r}" + ("" if file is None else f", file {str(file)!r}")
+        super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):  # keeps the three fields when sent between worker processes
+        return type(self), (self.slide_id, self.file, self.problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideSpec:
+    """One manifest row: where a slide's image channels and masks are."""
+
+    slide_id: str
+    image_files: tuple[pathlib.Path, ...]  # one multichannel file, or one file per channel
+    mask_file: pathlib.Path
+    tissue_mask_file: pathlib.Path | None = None
+    patient_id: str | None = None
+    split: str | None = None
+    channel_names: tuple[str, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------------
+def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
+    """Reads a slide manifest CSV; relative paths are resolved against the manifest's folder.
+
+    Columns: `slide_id` and `mask` (required), exactly one of `image` / `channels` (`;`-separated) per
+    row, optional `tissue_mask`, `patient_id`, `split` (train / validation / test), `channel_names`
+    (`;`-separated). Raises ValueError for a bad header or empty manifest, SlideError for a bad row
+    (missing file, duplicate id, both or neither image/channels, bad split, bad channel names).
+    """
+    path = pathlib.Path(path)
+    root = path.parent
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig")
+    except OSError as error:
+        raise ValueError(f"manifest {str(path)!r}: cannot open: {error}") from error
+    with handle:
+        rows = csv.DictReader(handle)
+        header = [name.strip() for name in (rows.fieldnames or [])]
+        if not header:
+            raise ValueError(f"manifest {str(path)!r}: no header row")
+        unknown = [name for name in header if name not in MANIFEST_COLUMNS]
+        if unknown:
+            raise ValueError(f"manifest {str(path)!r}: unknown column(s) {unknown}; "
+                             f"allowed: {list(MANIFEST_COLUMNS)}")
+        missing = [name for name in ("slide_id", "mask") if name not in header]
+        if not ("image" in header or "channels" in header):
+            missing.append("image or channels")
+        if missing:
+            raise ValueError(f"manifest {str(path)!r}: missing column(s) {missing}")
+        rows.fieldnames = header
+        specs: list[SlideSpec] = []
+        first_row_of: dict[str, int] = {}
+        for row_number, row in enumerate(rows, start=2):  # row 1 is the header
+            if None in row:
+                raise ValueError(f"manifest {str(path)!r}, row {row_number}: more values than columns")
+            values = {name: (value or "").strip() for name, value in row.items()}
+            spec = _parse_row(values, row_number, root, path)
+            if spec.slide_id in first_row_of:
+                raise SlideError(spec.slide_id, path, f"duplicate slide_id in rows "
+                                 f"{first_row_of[spec.slide_id]} and {row_number}")
+            first_row_of[spec.slide_id] = row_number
+            specs.append(spec)
+    if not specs:
+        raise ValueError(f"manifest {str(path)!r}: no slides")
+    return specs
+
+
+def _parse_row(values: dict[str, str], row_number: int, root: pathlib.Path,
+               manifest: pathlib.Path) -> SlideSpec:
+    slide_id = values.get("slide_id", "")
+    if not slide_id:
+        raise ValueError(f"manifest {str(manifest)!r}, row {row_number}: empty slide_id")
+
+    def fail(problem: str, file: pathlib.Path | str = manifest) -> SlideError:
+        return SlideError(slide_id, file, f"{problem} (manifest row {row_number})")
+
+    def existing_file(text: str) -> pathlib.Path:
+        file = pathlib.Path(text).expanduser()
+        file = file if file.is_absolute() else root / file
+        if not file.is_file():
+            raise fail("file not found", file)
+        return file
+
+    def split_list(column: str) -> list[str]:
+        items = [item.strip() for item in values.get(column, "").split(";")]
+        if any(not item for item in items):
+            raise fail(f"empty entry in {column!r}: {values[column]!r}")
+        return items
+
+    image, channels = values.get("image", ""), values.get("channels", "")
+    if bool(image) == bool(channels):
+        raise fail("exactly one of 'image' and 'channels' must be given, found "
+                   + ("both" if image else "neither"))
+    image_files = (existing_file(image),) if image else tuple(existing_file(f)
+                                                              for f in split_list("channels"))
+    if not values.get("mask"):
+        raise fail("empty 'mask'")
+    mask_file = existing_file(values["mask"])
+    tissue_mask_file = existing_file(values["tissue_mask"]) if values.get("tissue_mask") else None
+    split = values.get("split") or None
+    if split is not None and split not in SPLITS:
+        raise fail(f"bad split {split!r}; expected one of {list(SPLITS)} or empty")
+    channel_names = tuple(split_list("channel_names")) if values.get("channel_names") else None
+    if channel_names is not None:
+        if len(set(channel_names)) != len(channel_names):
+            raise fail(f"duplicate channel names {list(channel_names)}")
+        if channels and len(channel_names) != len(image_files):
+            raise fail(f"{len(channel_names)} channel names for {len(image_files)} channel files")
+    return SlideSpec(slide_id=slide_id, image_files=image_files, mask_file=mask_file,
+                     tissue_mask_file=tissue_mask_file, patient_id=values.get("patient_id") or None,
+                     split=split, channel_names=channel_names)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Array sources: one TIFF level or one in-memory PNG, read window by window as (h, w, C).
+# ---------------------------------------------------------------------------------------------------
+class _TiffLevel:
+    """One pyramid level of a TIFF series, read lazily through tifffile's zarr store."""
+
+    def __init__(self, tiff: tifffile.TiffFile, level: int, slide_id: str, file: pathlib.Path):
+        self.file = file
+        self._slide_id = slide_id
+        series = tiff.series[0]
+        level_series = series.levels[level]
+        axes, shape = level_series.axes, level_series.shape
+        if "Y" not in axes or "X" not in axes:
+            raise SlideError(slide_id, file, f"no Y and X axes in series (axes {axes!r}, shape {shape})")
+        extra = [a for a, n in zip(axes, shape) if a not in SPATIAL_AXES and n > 1]
+        if len(extra) > 1:
+            raise SlideError(slide_id, file, f"cannot tell the channel axis among {extra} "
+                             f"(axes {axes!r}, shape {shape}); only one non-spatial axis may exceed 1")
+        self.shape = (shape[axes.index("Y")], shape[axes.index("X")])
+        self.dtype = np.dtype(level_series.dtype)
+        self.num_channels = shape[axes.index(extra[0])] if extra else 1
+        self._axes = axes
+        self._channel_axis = extra[0] if extra else None
+        self._check_not_truncated(tiff, level_series)
+        self._array = zarr.open(series.aszarr(level=level), mode="r")
+
+    def _check_not_truncated(self, tiff: tifffile.TiffFile, level_series) -> None:
+        file_size = tiff.filehandle.size
+        for page in level_series.pages:
+            if page is None:
+                continue
+            ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+            if ends.size and int(ends.max()) > file_size:
+                raise SlideError(self._slide_id, self.file, f"truncated TIFF: image data ends at byte "
+                                 f"{int(ends.max())} but the file has {file_size} bytes")
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        """Pixels [rows, cols] (slices may have steps) as (h, w, C) in the source dtype."""
+        index, kept_axes = [], []
+        for axis in self._axes:
+            if axis == "Y":
+                index.append(rows)
+                kept_axes.append(axis)
+            elif axis == "X":
+                index.append(cols)
+                kept_axes.append(axis)
+            elif axis == self._channel_axis:
+                index.append(slice(None))
+                kept_axes.append(axis)
+            else:
+                index.append(0)
+        with _reading(self._slide_id, self.file):
+            window = np.asarray(self._array[tuple(index)])
+        channel = kept_axes.index(self._channel_axis) if self._channel_axis else None
+        if channel is None:
+            return window[..., None]
+        return np.moveaxis(window, channel, -1)
+
+
+class _MemoryArray:
+    """A small (H, W) array read whole (PNG masks), with the same `read` as `_TiffLevel`."""
+
+    def __init__(self, array: np.ndarray, file: pathlib.Path):
+        self.file = file
+        self.shape = array.shape[:2]
+        self.dtype = array.dtype
+        self.num_channels = 1
+        self._array = array
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        return self._array[rows, cols][..., None]
+
+
+@contextlib.contextmanager
+def _reading(slide_id: str, file: pathlib.Path) -> Iterator[None]:
+    """Re-raises decoder / IO errors as a SlideError naming the slide and file."""
+    try:
+        yield
+    except SlideError:
+        raise
+    except _READ_ERRORS as error:
+        raise SlideError(slide_id, file, f"cannot read TIFF data: {type(error).__name__}: {error}"
+                         ) from error
+
+
+def _open_tiff(slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack) -> tifffile.TiffFile:
+    with _reading(slide_id, file):
+        tiff = stack.enter_context(tifffile.TiffFile(file))
+        if not tiff.series:
+            raise SlideError(slide_id, file, "TIFF holds no image series")
+        return tiff
+
+
+def _level_shapes(tiff: tifffile.TiffFile) -> list[tuple[int, int]]:
+    shapes = []
+    for level in tiff.series[0].levels:
+        axes, shape = level.axes, level.shape
+        shapes.append((shape[axes.index("Y")], shape[axes.index("X")]) if "Y" in axes and "X" in axes
+                      else (0, 0))
+    return shapes
+
+
+def _integer_downsample(base: tuple[int, int], reduced: tuple[int, int]) -> int | None:
+    """d if `reduced` is `base` downsampled by an integer d (floor or ceil rounding), else None."""
+    if min(reduced) <= 0:
+        return None
+    factor = max(1, round(base[0] / reduced[0]))
+    for full, small in zip(base, reduced):
+        if small not in (full // factor, -(-full // factor)):
+            return None
+    return factor
+
+
+def _index_map(start: int, length: int, mode: str, factor: int,
+               source_length: int) -> tuple[slice, np.ndarray | None]:
+    """Source slice (plus a local re-index, if needed) giving target pixels [start, start+length)."""
+    if mode == "same":
+        return slice(start, start + length), None
+    if mode == "subsample":  # target pixel i is source pixel i * factor
+        return slice(start * factor, (start + length - 1) * factor + 1, factor), None
+    # "upsample": target pixel i is source pixel i // factor (clipped for floor-rounded sources)
+    source_index = np.minimum(np.arange(start, start + length) // factor, source_length - 1)
+    if length == 0:
+        return slice(0, 0), source_index
+    first = int(source_index[0])
+    return slice(first, int(source_index[-1]) + 1), source_index - first
+
+
+class _MaskView:
+    """A mask file mapped onto the chosen level's pixel grid ("same", "subsample" or "upsample")."""
+
+    def __init__(self, source: _TiffLevel | _MemoryArray, mode: str, factor: int):
+        self.source, self.mode, self.factor = source, mode, factor
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        rows, row_index = _index_map(y, h, self.mode, self.factor, self.source.shape[0])
+        cols, col_index = _index_map(x, w, self.mode, self.factor, self.source.shape[1])
+        window = self.source.read(rows, cols)[..., 0]
+        if row_index is not None:
+            window = window[row_index][:, col_index]
+        return window
+
+
+class _LevelView:
+    """The channels of all image files at one pyramid level, optionally reduced by an area mean."""
+
+    def __init__(self, sources: list[_TiffLevel], area_factor: int):
+        self.sources, self.area_factor = sources, area_factor
+        height, width = sources[0].shape
+        self.shape = (height // area_factor, width // area_factor)
+        self.dtype = sources[0].dtype
+        self.num_channels = sum(source.num_channels for source in sources)
+        # Bytes a whole-level scan holds per pixel of this view (float64 working copy of the source).
+        self.scan_bytes_per_pixel = 8 * self.num_channels * area_factor ** 2
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        factor = self.area_factor
+        rows, cols = slice(y * factor, (y + h) * factor), slice(x * factor, (x + w) * factor)
+        parts = [source.read(rows, cols) for source in self.sources]
+        window = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+        if factor == 1:
+            return window
+        blocks = window.reshape(h, factor, w, factor, self.num_channels).mean(axis=(1, 3), dtype=np.float64)
+        return (blocks if self.dtype.kind == "f" else np.rint(blocks)).astype(self.dtype)
+
+    def bands(self, bytes_per_step: int = SCAN_BYTES, multiple_of: int = 1
+              ) -> Iterator[np.ndarray]:
+        """Full-width bands of rows, top to bottom; band heights are multiples of `multiple_of`."""
+        rows = max(1, bytes_per_step // max(1, self.shape[1] * self.scan_bytes_per_pixel))
+        rows = max(multiple_of, rows // multiple_of * multiple_of)
+        for top in range(0, self.shape[0], rows):
+            yield self.read(top, 0, min(rows, self.shape[0] - top), self.shape[1])
+
+
+def _read_png_mask(slide_id: str, file: pathlib.Path) -> _MemoryArray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                mode = image.mode
+                array = np.asarray(image)
+    except Image.DecompressionBombError as error:
+        raise SlideError(slide_id, file, f"PNG mask too large to read whole ({error}); "
+                         "give the mask as a tiled TIFF") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise SlideError(slide_id, file, f"cannot read PNG: {error}") from error
+    if mode not in ("1", "L", "P", "I", "I;16"):
+        raise SlideError(slide_id, file, f"mask must be single-channel, PNG mode is {mode}")
+    return _MemoryArray(array, file)
+
+
+def _ome_channel_names(ome_xml: str | None) -> tuple[str, ...]:
+    """Channel names of the first OME image, or () if absent or unparsable."""
+    if not ome_xml:
+        return ()
+    try:
+        root = ElementTree.fromstring(ome_xml)
+    except ElementTree.ParseError:
+        return ()
+    image = next((e for e in root if e.tag.endswith("Image")), None)
+    if image is None:
+        return ()
+    channels = [e for e in image.iter() if e.tag.endswith("}Channel") or e.tag == "Channel"]
+    return tuple(channel.get("Name", "") for channel in channels) if all(
+        channel.get("Name") for channel in channels) else ()
+
+
+def _distinct_values(array: np.ndarray) -> set:
+    if array.dtype == bool or array.dtype in (np.uint8, np.uint16):
+        counts = np.bincount(array.ravel().astype(np.int64, copy=False))
+        return set(np.flatnonzero(counts).tolist())
+    return set(np.unique(array).tolist())
+
+
+def _format_values(values: Sequence, limit: int = 20) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}] ({len(values)} distinct)"
+
+
+def _block_mean(window: np.ndarray, factor: int) -> np.ndarray:
+    """Means of factor x factor blocks of (h, w, C); partial blocks at the edges average what exists."""
+    row_starts = np.arange(0, window.shape[0], factor)
+    col_starts = np.arange(0, window.shape[1], factor)
+    sums = np.add.reduceat(np.add.reduceat(window, row_starts, axis=0), col_starts, axis=1)
+    row_counts = np.diff(np.append(row_starts, window.shape[0]))
+    col_counts = np.diff(np.append(col_starts, window.shape[1]))
+    return sums / np.outer(row_counts, col_counts)[..., None]
+
+
+def _fit(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Crops or edge-pads the first two axes of `array` to `shape`."""
+    array = array[: shape[0], : shape[1]]
+    pad = [(0, shape[0] - array.shape[0]), (0, shape[1] - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad, mode="edge") if any(after for _, after in pad) else array
+
+
+# ---------------------------------------------------------------------------------------------------
+# SlideReader
+# ---------------------------------------------------------------------------------------------------
+class SlideReader:
+    """Lazy reader of one slide at one resolution; use as a context manager.
+
+        with SlideReader(spec, downsample=4) as slide:
+            slide.validate()
+            patch = slide.read_region(y, x, 256, 256)       # (256, 256, C), source dtype
+            tumour = slide.read_tumour(y, x, 256, 256)      # (256, 256) bool
+
+    Opening (`__enter__`) checks headers: readable, not truncated, supported dtype, channel files of
+    one shape and dtype, mask shapes. `validate()` adds checks that need the pixels.
+    """
+
+    def __init__(self, spec: SlideSpec, level: int = 0, downsample: int | None = None,
+                 tumour_ids: Sequence[int] | None = None):
+        if level < 0:
+            raise ValueError(f"slide {spec.slide_id!r}: level must be >= 0, got {level}")
+        if downsample is not None and downsample < 1:
+            raise ValueError(f"slide {spec.slide_id!r}: downsample must be >= 1, got {downsample}")
+        if downsample is not None and level != 0:
+            raise ValueError(f"slide {spec.slide_id!r}: give level or downsample, not both "
+                             f"(level={level}, downsample={downsample})")
+        self.spec = spec
+        self.slide_id = spec.slide_id
+        self._level = level
+        self._downsample = downsample
+        self._tumour_ids = None if tumour_ids is None else np.asarray(sorted(set(tumour_ids)))
+        self._stack: contextlib.ExitStack | None = None
+
+    # -- opening ------------------------------------------------------------------------------------
+    def __enter__(self) -> SlideReader:
+        self._stack = contextlib.ExitStack()
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the files (also done by leaving the `with` block)."""
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def _open(self) -> None:
+        files = self.spec.image_files
+        self._tiffs = [_open_tiff(self.slide_id, file, self._stack) for file in files]
+        level_shapes = [_level_shapes(tiff) for tiff in self._tiffs]
+        self._base_shape = level_shapes[0][0]
+        self._pyramid = _common_pyramid(level_shapes)  # {downsample: level index per file}
+        if self._downsample is None:
+            missing = [str(f) for f, shapes in zip(files, level_shapes) if self._level >= len(shapes)]
+            if missing:
+                raise SlideError(self.slide_id, missing[0], f"level {self._level} requested but the "
+                                 f"file has {len(level_shapes[files.index(pathlib.Path(missing[0]))])} "
+                                 "level(s)")
+            matches = [d for d, levels in self._pyramid.items() if levels == [self._level] * len(files)]
+            if not matches:
+                raise SlideError(self.slide_id, files[0], f"level {self._level} is not an integer "
+                                 f"downsample of level 0 in every file (level shapes {level_shapes})")
+            self.level_downsample, area_factor = matches[0], 1
+        elif self._downsample in self._pyramid:
+            self.level_downsample, area_factor = self._downsample, 1
+        else:  # no pyramid level with this downsample: area mean of level 0
+            self.level_downsample, area_factor = self._downsample, self._downsample
+        self._image = _LevelView(self._level_sources(self.level_downsample // area_factor), area_factor)
+        self.shape = self._image.shape
+        self.dtype = self._image.dtype
+        self.num_channels = self._image.num_channels
+        self.channel_names = self._resolve_channel_names()
+        self._tumour = self._open_mask(self.spec.mask_file, allow_upsample=False)
+        self._tissue = (None if self.spec.tissue_mask_file is None
+                        else self._open_mask(self.spec.tissue_mask_file, allow_upsample=True))
+
+    def _level_sources(self, downsample: int) -> list[_TiffLevel]:
+        sources = [_TiffLevel(tiff, level, self.slide_id, file) for tiff, level, file
+                   in zip(self._tiffs, self._pyramid[downsample], self.spec.image_files)]
+        for source in sources:
+            if source.dtype not in SUPPORTED_DTYPES:
+                raise SlideError(self.slide_id, source.file, f"unsupported dtype {source.dtype} "
+                                 f"(supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)})")
+        first = sources[0]
+        for source in sources[1:]:
+            if source.shape != first.shape or source.dtype != first.dtype:
+                raise SlideError(self.slide_id, source.file, f"channel files differ: {first.file.name} "
+                                 f"is {first.shape} {first.dtype}, {source.file.name} is "
+                                 f"{source.shape} {source.dtype}")
+        return sources
+
+    def _resolve_channel_names(self) -> tuple[str, ...]:
+        if self.spec.channel_names is not None:
+            names = tuple(self.spec.channel_names)
+            if len(names) != self.num_channels:
+                raise SlideError(self.slide_id, self.spec.image_files[0], f"{len(names)} channel names "
+                                 f"{list(names)} for {self.num_channels} channels")
+            return names
+        if len(self._tiffs) > 1 and self.num_channels == len(self._tiffs):
+            names = tuple(file.name.split(".")[0] for file in self.spec.image_files)
+            if len(set(names)) == len(names):
+                return names
+        if len(self._tiffs) == 1 and self._tiffs[0].is_ome:
+            names = _ome_channel_names(self._tiffs[0].ome_metadata)
+            if len(names) == self.num_channels and len(set(names)) == len(names):
+                return names
+        return tuple(f"channel_{c}" for c in range(self.num_channels))
+
+    def _open_mask(self, file: pathlib.Path, allow_upsample: bool) -> _MaskView:
+        if file.suffix.lower() == ".png":
+            source = _read_png_mask(self.slide_id, file)
+        else:
+            source = _TiffLevel(_open_tiff(self.slide_id, file, self._stack), 0, self.slide_id, file)
+            if source.num_channels != 1:
+                raise SlideError(self.slide_id, file, f"mask must have one channel, found "
+                                 f"{source.num_channels}")
+        if source.dtype.kind not in "biu":
+            raise SlideError(self.slide_id, file, f"mask dtype {source.dtype} is not integer or bool")
+        if source.shape == self.shape:
+            return _MaskView(source, "same", 1)
+        if self.level_downsample > 1 and source.shape == self._base_shape:
+            return _MaskView(source, "subsample", self.level_downsample)
+        if allow_upsample:
+            factor = _integer_downsample(self.shape, source.shape)
+            if factor is not None and factor > 1:
+                return _MaskView(source, "upsample", factor)
+        allowed = "the level's or level 0's" + (", or an integer fraction of the level's"
+                                                if allow_upsample else "")
+        raise SlideError(self.slide_id, file, f"mask shape {source.shape} does not match the image: "
+                         f"level shape {self.shape}, level-0 shape {self._base_shape} "
+                         f"(must be {allowed})")
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _check_window(self, y: int, x: int, h: int, w: int) -> None:
+        if self._stack is None:
+            raise RuntimeError(f"slide {self.slide_id!r}: SlideReader used outside its `with` block")
+        if h < 0 or w < 0 or y < 0 or x < 0 or y + h > self.shape[0] or x + w > self.shape[1]:
+            raise ValueError(f"slide {self.slide_id!r}: window y={y} x={x} h={h} w={w} is outside "
+                             f"the level's shape {self.shape}")
+
+    def read_region(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Pixels [y:y+h, x:x+w] of the chosen level as (h, w, C) in the source dtype."""
+        self._check_window(y, x, h, w)
+        return self._image.read(y, x, h, w)
+
+    def read_tumour(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Tumour pixels of the window [y:y+h, x:x+w] of the chosen level, (h, w) bool."""
+        self._check_window(y, x, h, w)
+        labels = self._tumour.read(y, x, h, w)
+        if self._tumour_ids is not None:
+            return np.isin(labels, self._tumour_ids)
+        if labels.dtype != bool and np.any((labels != 0) & (labels != 1) & (labels != 255)):
+            raise SlideError(self.slide_id, self.spec.mask_file, "mask is a label map (values "
+                             f"{_format_values(np.unique(labels))} in window y={y} x={x}); "
+                             "pass tumour_ids to say which labels are tumour")
+        return labels != 0
+
+    def read_tissue_mask(self, y: int, x: int, h: int, w: int) -> np.ndarray | None:
+        """The given tissue mask (nonzero = tissue) on the window, (h, w) bool; None without one."""
+        self._check_window(y, x, h, w)
+        return None if self._tissue is None else self._tissue.read(y, x, h, w) != 0
+
+    def thumbnail(self, factor: int) -> np.ndarray:
+        """The chosen level reduced `factor` times: (ceil(H/f), ceil(W/f), C) float32 block means.
+
+        Reads band by band (bounded memory) from the coarsest pyramid level whose downsample divides
+        the requested one, so a pyramidal slide is never read at full resolution. Edge blocks average
+        the pixels they have.
+        """
+        if factor < 1:
+            raise ValueError(f"slide {self.slide_id!r}: thumbnail factor must be >= 1, got {factor}")
+        self._check_window(0, 0, 0, 0)
+        wanted = factor * self.level_downsample  # in level-0 pixels
+        coarser = [d for d in self._pyramid if d > self.level_downsample
+                   and d % self.level_downsample == 0 and wanted % d == 0]
+        if coarser:
+            downsample = max(coarser)
+            view = _LevelView(self._level_sources(downsample), 1)
+        else:
+            downsample, view = self.level_downsample, self._image
+        reduction = wanted // downsample
+        rows = [_block_mean(band.astype(np.float64), reduction)
+                for band in view.bands(multiple_of=reduction)]
+        thumb = (np.concatenate(rows, axis=0) if rows
+                 else np.zeros((0, math.ceil(view.shape[1] / reduction), self.num_channels)))
+        target = (math.ceil(self.shape[0] / factor), math.ceil(self.shape[1] / factor))
+        return _fit(thumb, target).astype(np.float32)
+
+    # -- validation ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Checks that need the pixels; raises SlideError.
+
+        Empty slide (zero size, or one value everywhere; the scan stops at the first band that
+        varies), mask values ({0,1} or {0,255}, else `tumour_ids` is required), unreadable data.
+        """
+        self._check_window(0, 0, 0, 0)
+        first_file = self.spec.image_files[0]
+        if 0 in self.shape:
+            raise SlideError(self.slide_id, first_file, f"empty slide: zero size {self.shape}")
+        low = high = None
+        for band in self._image.bands():
+            low = band.min() if low is None else min(low, band.min())
+            high = band.max() if high is None else max(high, band.max())
+            if low != high:
+                break
+        else:
+            raise SlideError(self.slide_id, first_file, f"empty slide: every pixel is {low}")
+        mask = self._tumour.source
+        found: set = set()
+        band_rows = max(1, SCAN_BYTES // max(1, mask.shape[1] * mask.dtype.itemsize))
+        for top in range(0, mask.shape[0], band_rows):
+            found |= _distinct_values(mask.read(slice(top, top + band_rows), slice(None))[..., 0])
+        if self._tumour_ids is None and not (found <= {0, 1} or found <= {0, 255}):
+            raise SlideError(self.slide_id, self.spec.mask_file, "mask is a label map (values "
+                             f"{_format_values(sorted(found))}); pass tumour_ids to say which "
+                             "labels are tumour")
+
+
+def _common_pyramid(level_shapes: list[list[tuple[int, int]]]) -> dict[int, list[int]]:
+    """{downsample: level index in each file} for the integer downsamples every file has."""
+    per_file = []
+    for shapes in level_shapes:
+        by_downsample: dict[int, int] = {}
+        for index, shape in enumerate(shapes):
+            factor = _integer_downsample(shapes[0], shape)
+            if factor is not None and factor not in by_downsample:
+                by_downsample[factor] = index
+        per_file.append(by_downsample)
+    common = set.intersection(*(set(levels) for levels in per_file))
+    return {d: [levels[d] for levels in per_file] for d in sorted(common)}

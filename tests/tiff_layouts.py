@@ -1,0 +1,125 @@
+"""Write one (H, W, C) array in every TIFF layout the slide reader supports (test helper).
+
+Shared by the reader and tiler tests: each layout is written with tifffile from a numpy array, so a
+test can compare what `data_pipeline.slides.SlideReader` returns with the array itself.
+
+    paths = write_layout(tmp_path / "slide", image, "ome_pyramid", compression="zlib", levels=3)
+    expected_level_1 = pyramid_levels(image, 3)[1]
+
+Layouts (`LAYOUTS`):
+  interleaved      one page, samples interleaved (Y, X, C)
+  planar           one page, planar configuration "separate" (C, Y, X)
+  multipage        one page per channel, shaped series (tifffile's own metadata)
+  imagej           ImageJ hyperstack, one page per channel (axes CYX)
+  ome              OME-TIFF, one page per channel (axes CYX)
+  ome_pyramid      OME-TIFF with reduced levels in SubIFDs
+  subifd_pyramid   interleaved (Y, X, C) with reduced levels in SubIFDs (no OME)
+  per_channel      one single-channel file per channel (returns C paths)
+Every layout is stripped unless `tile=(th, tw)` is given; `bigtiff=True` writes BigTIFF.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import tifffile
+
+LAYOUTS = (
+    "interleaved",
+    "planar",
+    "multipage",
+    "imagej",
+    "ome",
+    "ome_pyramid",
+    "subifd_pyramid",
+    "per_channel",
+)
+PYRAMID_LAYOUTS = ("ome_pyramid", "subifd_pyramid")
+# Layouts that put each channel in its own page / plane, so JPEG (1 or 3 components) works for any C.
+PLANE_PER_CHANNEL_LAYOUTS = ("planar", "multipage", "imagej", "ome", "ome_pyramid", "per_channel")
+
+
+def pyramid_levels(image: np.ndarray, levels: int) -> list[np.ndarray]:
+    """Levels 0..levels-1 of a factor-2 pyramid, each by 2x2 striding of the previous (exact dtype)."""
+    arrays = [image]
+    for _ in range(levels - 1):
+        arrays.append(np.ascontiguousarray(arrays[-1][::2, ::2]))
+    return arrays
+
+
+def write_layout(
+    path: str | pathlib.Path,
+    image: np.ndarray,
+    layout: str,
+    *,
+    compression: str | None = None,
+    tile: tuple[int, int] | None = None,
+    rowsperstrip: int = 16,
+    bigtiff: bool = False,
+    levels: int = 3,
+    channel_names: tuple[str, ...] | None = None,
+) -> list[pathlib.Path]:
+    """Writes `image` (H, W, C) under `path` (a file stem or folder) in `layout`; returns the file(s).
+
+    `compression` is a tifffile name ("zlib", "adobe_deflate", "lzw", "jpeg", "zstd") or None.
+    `levels` is used by the pyramid layouts only (see `pyramid_levels` for the reduced arrays).
+    """
+    if image.ndim != 3:
+        raise ValueError(f"image must be (H, W, C), got shape {image.shape}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    num_channels = image.shape[-1]
+    names = list(channel_names or [f"channel_{c}" for c in range(num_channels)])
+    storage = dict(compression=compression)
+    if tile is not None:
+        storage["tile"] = tile
+    else:
+        storage["rowsperstrip"] = rowsperstrip
+    planes = np.ascontiguousarray(np.moveaxis(image, -1, 0))  # (C, H, W)
+    # RGB JPEG needs photometric RGB; everything else is written as min-is-black samples.
+    interleaved_photometric = "rgb" if (compression == "jpeg" and num_channels == 3) else "minisblack"
+
+    if layout == "per_channel":
+        path.mkdir(parents=True, exist_ok=True)
+        files = []
+        for c, name in enumerate(names):
+            file = path / f"{name}.tif"
+            tifffile.imwrite(file, planes[c], bigtiff=bigtiff, photometric="minisblack", **storage)
+            files.append(file)
+        return files
+
+    file = path.with_suffix(".ome.tif" if layout.startswith("ome") else ".tif")
+    if layout == "interleaved":
+        tifffile.imwrite(file, image, bigtiff=bigtiff, photometric=interleaved_photometric,
+                         planarconfig="contig", **storage)
+    elif layout == "planar":
+        tifffile.imwrite(file, planes, bigtiff=bigtiff, photometric="minisblack",
+                         planarconfig="separate", **storage)
+    elif layout == "multipage":
+        tifffile.imwrite(file, planes, bigtiff=bigtiff, photometric="minisblack",
+                         metadata={"axes": "QYX"}, **storage)
+    elif layout == "imagej":
+        tifffile.imwrite(file, planes, imagej=True, photometric="minisblack",
+                         metadata={"axes": "CYX"}, **storage)
+    elif layout == "ome":
+        tifffile.imwrite(file, planes, bigtiff=bigtiff, ome=True, photometric="minisblack",
+                         metadata={"axes": "CYX", "Channel": {"Name": names}}, **storage)
+    elif layout == "ome_pyramid":
+        arrays = pyramid_levels(image, levels)
+        with tifffile.TiffWriter(file, bigtiff=bigtiff, ome=True) as writer:
+            writer.write(planes, subifds=levels - 1, photometric="minisblack",
+                         metadata={"axes": "CYX", "Channel": {"Name": names}}, **storage)
+            for reduced in arrays[1:]:
+                writer.write(np.ascontiguousarray(np.moveaxis(reduced, -1, 0)), subfiletype=1,
+                             photometric="minisblack", **storage)
+    elif layout == "subifd_pyramid":
+        arrays = pyramid_levels(image, levels)
+        with tifffile.TiffWriter(file, bigtiff=bigtiff) as writer:
+            writer.write(image, subifds=levels - 1, photometric=interleaved_photometric,
+                         planarconfig="contig", **storage)
+            for reduced in arrays[1:]:
+                writer.write(reduced, subfiletype=1, photometric=interleaved_photometric,
+                             planarconfig="contig", **storage)
+    return [file]
