@@ -138,13 +138,15 @@ def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
 def overlap_window_sizes(biased_counts: np.ndarray, less_biased_counts: np.ndarray, corr: float) -> np.ndarray:
     """Distinct items drawn per group and step: `rint(n_b + n_lb - corr * min(n_b, n_lb))`.
 
-    With `n_b = n_lb = B` this is the official `round(B * (2 - corr))` (round half to even, like Python's
-    `round`). The biased batch draws from the first `n_b` items of the window, the less-biased batch from
-    the last `n_lb`, so they share `n_b + n_lb - window` items, `corr` of the smaller count.
+    Written as `rint(min * (2 - corr) + (max - min))` so that with `n_b = n_lb = B` it is exactly the
+    official `round(B * (2 - corr))` (round half to even, like Python's `round`). The biased batch draws
+    from the first `n_b` items of the window, the less-biased batch from the last `n_lb`, so they share
+    `n_b + n_lb - window` items, about `corr` of the smaller count.
     """
-    n_b = np.asarray(biased_counts, dtype=np.float64)
-    n_lb = np.asarray(less_biased_counts, dtype=np.float64)
-    return np.rint(n_b + n_lb - corr * np.minimum(n_b, n_lb)).astype(np.int64)
+    n_b = np.asarray(biased_counts, dtype=np.int64)
+    n_lb = np.asarray(less_biased_counts, dtype=np.int64)
+    smaller, larger = np.minimum(n_b, n_lb), np.maximum(n_b, n_lb)
+    return (np.rint(smaller * (2.0 - corr)) + (larger - smaller)).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
