@@ -1,0 +1,511 @@
+"""Built-in synthetic multimodal slides (CARS, TPEF, SHG) with the tissue-amount shortcut of real data.
+
+`python -m data_pipeline synthetic --out DIR --slides N --size PIXELS --seed S` writes, per slide, a
+tiled interleaved (Y, X, 3) uint16 TIFF, a tiled uint8 0/1 tumour mask of the same height and width,
+and `DIR/manifest.csv` in the manifest format of the tiler (relative paths, a deterministic split).
+
+How a slide is made:
+- Geometry is a short list of shapes (`SlideLayout`), sampled once per slide: a few large tissue
+  bodies that carry most of the tumour, several medium ones (some with tumour), small fragments and
+  many specks of debris. Each shape is an ellipse with a lobed outline (a few angular harmonics),
+  evaluated in a coordinate frame that is warped by smooth noise at three scales, so outlines are
+  irregular down to single pixels. Tumour regions are shapes of their own, clipped to their body, so
+  they reach the body's edge in places (tumour patches with little tissue) and leave normal tissue
+  beside them (non-tumour patches with much tissue).
+- Pixels are rendered tile by tile (`TILE` pixels a side) and streamed to tifffile, so memory does not
+  grow with the slide. All spatially coherent noise is lattice "value noise" whose lattice values are
+  a hash of (slide key, lattice point): any tile can be rendered alone, tiles join without seams, and
+  the result does not depend on the tile size. Per-pixel sensor noise comes from a generator seeded
+  by (seed, slide, tile row, tile column).
+- The signal a classifier can learn: tumour has a TPEF/CARS ratio about 15% higher than normal
+  tissue, denser and larger nucleus-like dark blobs, and little SHG collagen; normal stroma carries
+  SHG fibres. The background is dark with noise.
+
+The same arguments always give byte-identical files.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import pathlib
+import zlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+CHANNEL_NAMES = ("CARS", "TPEF", "SHG")
+TILE = 256  # TIFF tile side and rendering unit (tifffile needs a multiple of 16)
+MIN_SIZE = 256
+SIZE_JITTER = 0.05  # slide sides vary by up to +-5% around --size
+SPLIT_FRACTIONS = (("train", 0.6), ("validation", 0.2), ("test", 0.2))
+
+# Domain warp applied before shapes are evaluated: (lattice cell in pixels, displacement amplitude).
+WARP_OCTAVES = ((256.0, 20.0), (64.0, 8.0), (14.0, 2.5))
+MAX_WARP = sum(amplitude for _, amplitude in WARP_OCTAVES)
+HARMONICS = np.arange(2, 7)  # angular frequencies of the lobed outlines
+
+# Noise streams: each gets its own hash key per slide.
+_STREAMS = (
+    "warp_y0", "warp_x0", "warp_y1", "warp_x1", "warp_y2", "warp_x2",
+    "stain_coarse", "stain_fine", "texture", "background",
+    "nuclei_normal", "nuclei_tumour", "fibre_weight0", "fibre_weight1", "fibre_weight2",
+    "fibre0", "fibre1", "fibre2",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashed lattice noise
+
+
+def _hash_uniform(key: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) float32 from (key, i, j) integer lattice coordinates (splitmix64 finaliser)."""
+    with np.errstate(over="ignore"):
+        h = (np.asarray(i, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
+            np.asarray(j, np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)) ^ np.uint64(key)
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return (h >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def value_noise(key: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Smooth noise in [-1, 1] at lattice coordinates (u, v) (arrays that broadcast together).
+
+    Lattice values are hashed from (key, lattice point) and interpolated with a smoothstep, so the
+    field is a deterministic function of position: any window can be evaluated on its own. A column
+    `u` (h, 1) with a row `v` (1, w) takes a cheaper separable path (same values).
+    """
+    u = np.asarray(u, np.float32)
+    v = np.asarray(v, np.float32)
+    iu, su = _lattice_cell(u)
+    iv, sv = _lattice_cell(v)
+    u0, v0 = int(iu.min()), int(iv.min())
+    table = 2.0 * _hash_uniform(key, np.arange(u0, int(iu.max()) + 2)[:, None],
+                                np.arange(v0, int(iv.max()) + 2)[None, :]) - 1.0
+    a, b = iu - u0, iv - v0
+    if u.ndim == v.ndim == 2 and u.shape[1] == 1 and v.shape[0] == 1:
+        b, sv = b[0], sv[0]
+        along_v = table[:, b] + sv * (table[:, b + 1] - table[:, b])  # (lattice rows, w)
+        a = a[:, 0]
+        return along_v[a] + su * (along_v[a + 1] - along_v[a])
+    top = table[a, b] + sv * (table[a, b + 1] - table[a, b])
+    bottom = table[a + 1, b] + sv * (table[a + 1, b + 1] - table[a + 1, b])
+    return top + su * (bottom - top)
+
+
+def _lattice_cell(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer lattice cell and smoothstep weight of each coordinate."""
+    floor = np.floor(u)
+    t = u - floor
+    return floor.astype(np.int64), t * t * (3.0 - 2.0 * t)
+
+
+def nuclei(key: int, y: np.ndarray, x: np.ndarray, cell: float, density: float,
+           radius: float) -> np.ndarray:
+    """Nucleus-like blobs in [0, 1] on pixel rows `y` (h, 1) and columns `x` (1, w).
+
+    One candidate nucleus per `cell`-sized grid cell at a hashed position, present with probability
+    `density`, Gaussian profile with a hashed radius around `radius`; blobs overlap by maximum.
+    """
+    cell_y = np.floor(y / cell).astype(np.int64)
+    cell_x = np.floor(x / cell).astype(np.int64)
+    y0, x0 = int(cell_y.min()) - 1, int(cell_x.min()) - 1
+    rows = np.arange(y0, int(cell_y.max()) + 2)[:, None]
+    cols = np.arange(x0, int(cell_x.max()) + 2)[None, :]
+    # Four independent hashes per cell from disjoint lattice rows: jitter y, jitter x, presence, size.
+    jitter_y = _hash_uniform(key, 4 * rows, cols)
+    jitter_x = _hash_uniform(key, 4 * rows + 1, cols)
+    present = _hash_uniform(key, 4 * rows + 2, cols) < density
+    inv_two_r2 = 1.0 / (2.0 * (radius * (0.7 + 0.6 * _hash_uniform(key, 4 * rows + 3, cols))) ** 2)
+    inv_two_r2 = np.where(present, inv_two_r2, np.float32(1e6))  # absent => vanishing blob
+    result = np.zeros(np.broadcast_shapes(y.shape, x.shape), np.float32)
+    for dy in (-1, 0, 1):
+        a = cell_y - y0 + dy
+        for dx in (-1, 0, 1):
+            b = cell_x - x0 + dx
+            centre_y = (a + y0 + jitter_y[a, b]) * cell
+            centre_x = (b + x0 + jitter_x[a, b]) * cell
+            d2 = (y - centre_y) ** 2 + (x - centre_x) ** 2
+            np.maximum(result, np.exp(-d2 * inv_two_r2[a, b]), out=result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Ellipse with a lobed outline, r(theta) = 1 + sum_k amp_k cos(k theta + phase_k), warped frame."""
+
+    centre: tuple[float, float]  # (y, x) pixels
+    axes: tuple[float, float]  # semi-axes (along, across) in pixels
+    angle: float  # radians
+    lobe_amplitudes: tuple[float, ...]  # one per HARMONICS entry
+    lobe_phases: tuple[float, ...]
+
+    @property
+    def reach(self) -> float:
+        """Radius of a disc around the centre that contains the shape (warped frame)."""
+        return max(self.axes) * (1.0 + sum(abs(a) for a in self.lobe_amplitudes))
+
+    def level(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Positive inside the shape, negative outside (1 at the centre)."""
+        cos, sin = math.cos(self.angle), math.sin(self.angle)
+        dy, dx = y - self.centre[0], x - self.centre[1]
+        along = (dx * cos + dy * sin) / self.axes[0]
+        across = (dy * cos - dx * sin) / self.axes[1]
+        radius = np.sqrt(along * along + across * across)
+        # cos/sin of k*theta by the angle-addition recurrence (cheaper than arctan2 and cos).
+        safe = np.maximum(radius, np.float32(1e-12))
+        cos_1, sin_1 = along / safe, across / safe
+        cos_k, sin_k = cos_1, sin_1
+        outline = np.ones_like(radius)
+        for k in range(2, int(HARMONICS[-1]) + 1):
+            cos_k, sin_k = cos_k * cos_1 - sin_k * sin_1, sin_k * cos_1 + cos_k * sin_1
+            if k >= HARMONICS[0]:
+                i = k - int(HARMONICS[0])
+                phase = self.lobe_phases[i]
+                outline += self.lobe_amplitudes[i] * (cos_k * math.cos(phase) - sin_k * math.sin(phase))
+        return 1.0 - radius / outline
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    """A piece of tissue and the tumour regions inside it (tumour = body AND any region)."""
+
+    shape: Shape
+    tumours: tuple[Shape, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideLayout:
+    """Everything needed to render any window of one slide."""
+
+    height: int
+    width: int
+    bodies: tuple[Body, ...]
+    keys: dict[str, int]  # noise stream -> hash key
+    fibre_angles: tuple[float, float, float]
+
+
+def _random_shape(rng: np.random.Generator, centre: tuple[float, float], radius: float,
+                  elongation: float = 0.35, lobes: float = 0.12) -> Shape:
+    ratio = 1.0 + rng.uniform(0.0, elongation)
+    amplitudes = rng.uniform(0.0, lobes, len(HARMONICS)) / np.sqrt(HARMONICS / 2.0)
+    return Shape(centre=(float(centre[0]), float(centre[1])),
+                 axes=(radius * math.sqrt(ratio), radius / math.sqrt(ratio)),
+                 angle=float(rng.uniform(0.0, math.pi)),
+                 lobe_amplitudes=tuple(float(a) for a in amplitudes),
+                 lobe_phases=tuple(float(p) for p in rng.uniform(0.0, 2 * math.pi, len(HARMONICS))))
+
+
+def _place(rng: np.random.Generator, height: int, width: int, radius: float,
+           taken: list[tuple[float, float, float]], margin: float, spacing: float,
+           tries: int = 200) -> tuple[float, float] | None:
+    """A centre `margin*radius` inside the slide, `spacing` radii clear of taken discs, or None."""
+    inset_y = min(margin * radius, height / 2)
+    inset_x = min(margin * radius, width / 2)
+    for _ in range(tries):
+        cy = rng.uniform(inset_y, height - inset_y)
+        cx = rng.uniform(inset_x, width - inset_x)
+        if all(math.hypot(cy - ty, cx - tx) > spacing * (radius + tr) for ty, tx, tr in taken):
+            return cy, cx
+    return None
+
+
+def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout:
+    """Slide size and shapes for one slide; depends only on (seed, slide_index, nominal_size)."""
+    rng = np.random.default_rng([seed, slide_index, nominal_size])
+    height, width = (int(round(nominal_size * (1.0 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))))
+                     for _ in range(2))
+    side = math.sqrt(height * width)
+    keys = {name: int(k) for name, k in zip(_STREAMS, rng.integers(0, 2 ** 63, len(_STREAMS)))}
+    bodies: list[Body] = []
+    taken: list[tuple[float, float, float]] = []
+
+    def add(radius: float, tumour_probability: float, margin: float, spacing: float,
+            **shape_kw) -> None:
+        centre = _place(rng, height, width, radius, taken, margin, spacing)
+        if centre is None:
+            return
+        taken.append((centre[0], centre[1], radius))
+        shape = _random_shape(rng, centre, radius, **shape_kw)
+        tumours = ()
+        if rng.uniform() < tumour_probability:
+            # Tumour regions nearly as big as the body, shifted off-centre: they reach the body's edge
+            # on one side and leave a band of normal tissue on the other.
+            tumours = tuple(
+                _random_shape(rng, (centre[0] + radius * 0.4 * math.sin(t),
+                                    centre[1] + radius * 0.4 * math.cos(t)),
+                              radius * rng.uniform(0.65, 0.95), lobes=0.18)
+                for t in rng.uniform(0.0, 2 * math.pi, rng.integers(1, 3)))
+        bodies.append(Body(shape, tumours))
+
+    # Large, tumour-bearing bodies (size relative to the slide).
+    for _ in range(rng.integers(2, 4)):
+        add(side * rng.uniform(0.10, 0.15), 1.0, margin=1.1, spacing=1.0)
+    # Medium bodies, some with tumour.
+    for _ in range(rng.integers(3, 6)):
+        add(side * rng.uniform(0.035, 0.06), 0.5, margin=1.2, spacing=1.0)
+    area_scale = height * width / 2048.0 ** 2
+    # Small fragments (absolute size, count grows with area).
+    for _ in range(rng.poisson(25 * area_scale)):
+        add(rng.uniform(8.0, 18.0), 0.0, margin=1.5, spacing=1.2, lobes=0.2)
+    # Debris: specks of a few pixels.
+    for _ in range(rng.poisson(250 * area_scale)):
+        add(rng.uniform(2.5, 7.0), 0.0, margin=2.0, spacing=1.0, elongation=1.0, lobes=0.25)
+    return SlideLayout(height=height, width=width, bodies=tuple(bodies), keys=keys,
+                       fibre_angles=tuple(float(a) for a in rng.uniform(0.0, math.pi, 3)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclasses.dataclass(frozen=True)
+class TileGeometry:
+    """Masks of one window and its warped coordinates (None where no shape is near the window)."""
+
+    tissue: np.ndarray  # (h, w) bool
+    tumour: np.ndarray  # (h, w) bool, within tissue
+    warped: tuple[np.ndarray, np.ndarray] | None
+
+
+def _warped_coordinates(layout: SlideLayout, y: np.ndarray, x: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    warped_y = np.broadcast_to(y, np.broadcast_shapes(y.shape, x.shape)).astype(np.float32)
+    warped_x = np.broadcast_to(x, warped_y.shape).astype(np.float32)
+    for octave, (cell, amplitude) in enumerate(WARP_OCTAVES):
+        warped_y += amplitude * value_noise(layout.keys[f"warp_y{octave}"], y / cell, x / cell)
+        warped_x += amplitude * value_noise(layout.keys[f"warp_x{octave}"], y / cell, x / cell)
+    return warped_y, warped_x
+
+
+def render_geometry(layout: SlideLayout, y0: int, x0: int, h: int, w: int) -> TileGeometry:
+    """Tissue and tumour masks of the window [y0, y0+h) x [x0, x0+w)."""
+    tissue = np.zeros((h, w), bool)
+    tumour = np.zeros((h, w), bool)
+    # Pixel-space box of each shape: its reach in the warped frame plus the largest warp.
+    boxes = []
+    for body in layout.bodies:
+        margin = body.shape.reach + MAX_WARP
+        top, left = int(body.shape.centre[0] - margin) - y0, int(body.shape.centre[1] - margin) - x0
+        bottom, right = top + int(2 * margin) + 2, left + int(2 * margin) + 2
+        if bottom > 0 and right > 0 and top < h and left < w:
+            boxes.append((body, slice(max(top, 0), min(bottom, h)), slice(max(left, 0), min(right, w))))
+    if not boxes:
+        return TileGeometry(tissue, tumour, None)
+    y = np.arange(y0, y0 + h, dtype=np.float32)[:, None]
+    x = np.arange(x0, x0 + w, dtype=np.float32)[None, :]
+    warped_y, warped_x = _warped_coordinates(layout, y, x)
+    for body, rows, cols in boxes:
+        box_y, box_x = warped_y[rows, cols], warped_x[rows, cols]
+        inside = body.shape.level(box_y, box_x) > 0
+        tissue[rows, cols] |= inside
+        for region in body.tumours:
+            tumour[rows, cols] |= inside & (region.level(box_y, box_x) > 0)
+    return TileGeometry(tissue, tumour, (warped_y, warped_x))
+
+
+# Mean intensities (uint16 counts): background and tissue per channel, CARS / TPEF / SHG.
+_BACKGROUND = np.array([420.0, 260.0, 180.0], np.float32)
+_TISSUE_CARS, _TISSUE_TPEF, _TISSUE_SHG, _FIBRE_SHG = 5200.0, 2400.0, 380.0, 6500.0
+_TUMOUR_CARS, _TUMOUR_TPEF = 0.93, 1.07  # TPEF/CARS ratio x1.15 in tumour
+
+
+def render_image(layout: SlideLayout, geometry: TileGeometry, y0: int, x0: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """(h, w, 3) uint16 image of the window whose geometry is given; `rng` draws sensor noise."""
+    h, w = geometry.tissue.shape
+    keys = layout.keys
+    y = np.arange(y0, y0 + h, dtype=np.float32)[:, None]
+    x = np.arange(x0, x0 + w, dtype=np.float32)[None, :]
+    mean = _BACKGROUND * (1.0 + 0.15 * value_noise(keys["background"], y / 300.0, x / 300.0))[..., None]
+    if geometry.tissue.any():
+        # Tissue signal only on the bounding box of the tissue in this window.
+        rows = np.flatnonzero(geometry.tissue.any(axis=1))
+        cols = np.flatnonzero(geometry.tissue.any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        tissue, tumour = geometry.tissue[box], geometry.tumour[box]
+        by, bx = y[box[0]], x[:, box[1]]
+        stain = (1.0 + 0.25 * value_noise(keys["stain_coarse"], by / 280.0, bx / 280.0)
+                 + 0.10 * value_noise(keys["stain_fine"], by / 40.0, bx / 40.0))
+        texture = value_noise(keys["texture"], by / 3.0, bx / 3.0)
+        blobs = nuclei(keys["nuclei_normal"], by, bx, cell=12.0, density=0.45, radius=2.0)
+        if tumour.any():
+            blobs = np.where(tumour, nuclei(keys["nuclei_tumour"], by, bx, cell=7.0, density=0.85,
+                                            radius=2.6), blobs)
+        cars = _TISSUE_CARS * stain * (1.0 + 0.15 * texture) * (1.0 - 0.5 * blobs)
+        tpef = _TISSUE_TPEF * stain * (1.0 + 0.25 * texture) * (1.0 - 0.25 * blobs)
+        cars = np.where(tumour, cars * _TUMOUR_CARS, cars)
+        tpef = np.where(tumour, tpef * _TUMOUR_TPEF, tpef)
+        warped_y, warped_x = (c[box] for c in geometry.warped)
+        collagen = _fibres(layout, by, bx, warped_y, warped_x) * np.where(tumour, 0.12, 1.0)
+        shg = _TISSUE_SHG * stain + _FIBRE_SHG * collagen
+        mean_box = mean[box]
+        mean_box[tissue] = np.stack([cars, tpef, shg], axis=-1)[tissue]
+    noisy = mean + rng.standard_normal(mean.shape, dtype=np.float32) * (0.06 * mean + 30.0)
+    return np.clip(np.rint(noisy), 0, 65535).astype(np.uint16)
+
+
+def _fibres(layout: SlideLayout, y: np.ndarray, x: np.ndarray, warped_y: np.ndarray,
+            warped_x: np.ndarray) -> np.ndarray:
+    """Collagen-like streaks in [0, 1]: three orientations, blended by smooth random weights."""
+    weights = [np.exp(4.0 * value_noise(layout.keys[f"fibre_weight{k}"], y / 350.0, x / 350.0))
+               for k in range(3)]
+    total = sum(weights)
+    fibres = np.zeros(warped_y.shape, np.float32)
+    for k, angle in enumerate(layout.fibre_angles):
+        along = (warped_x * math.cos(angle) + warped_y * math.sin(angle)) / 40.0
+        across = (warped_y * math.cos(angle) - warped_x * math.sin(angle)) / 3.0
+        streak = np.clip(2.5 * value_noise(layout.keys[f"fibre{k}"], along, across) - 0.8, 0.0, 1.0)
+        fibres += weights[k] / total * streak * streak
+    return fibres
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _tile_origins(height: int, width: int) -> list[tuple[int, int]]:
+    return [(ty, tx) for ty in range(0, height, TILE) for tx in range(0, width, TILE)]
+
+
+def _padded(tile: np.ndarray) -> np.ndarray:
+    """Zero-pad an edge tile to TILE x TILE (tifffile's iterator needs full tiles)."""
+    pad = [(0, TILE - tile.shape[0]), (0, TILE - tile.shape[1])] + [(0, 0)] * (tile.ndim - 2)
+    return np.pad(tile, pad)
+
+
+def _write_tiff(path: pathlib.Path, tiles: Iterator[np.ndarray | bytes], shape: tuple[int, ...],
+                dtype: type, channel_names: Sequence[str] | None = None) -> None:
+    """Tiled deflate TIFF from an iterator of tiles (arrays, or deflate-compressed bytes), written
+    to a temp name then renamed."""
+    metadata = {"axes": "YXS", "channel_names": list(channel_names)} if channel_names else {"axes": "YX"}
+    partial = path.with_name(f".{path.name}.partial")
+    tifffile.imwrite(partial, data=tiles, shape=shape, dtype=dtype, tile=(TILE, TILE),
+                     photometric="minisblack", planarconfig="contig" if channel_names else None,
+                     compression="zlib", compressionargs={"level": _DEFLATE_LEVEL}, metadata=metadata)
+    os.replace(partial, path)
+
+
+_DEFLATE_LEVEL = 1  # fast; the noisy image hardly compresses further at higher levels
+
+
+def write_slide(layout: SlideLayout, seed: int, slide_index: int, image_path: pathlib.Path,
+                mask_path: pathlib.Path, tissue_mask_path: pathlib.Path | None = None,
+                progress: tqdm | None = None) -> None:
+    """Render one slide tile by tile: image TIFF, tumour mask TIFF, optional true tissue mask TIFF.
+
+    Geometry is computed once per tile; the mask tiles are kept deflate-compressed (a few hundred
+    bytes each, mostly zeros) and written after the image.
+    """
+    mask_tiles: dict[str, list[bytes]] = {"tumour": [], "tissue": []}
+
+    def image_tiles() -> Iterator[np.ndarray]:
+        for ty, tx in _tile_origins(layout.height, layout.width):
+            h, w = min(TILE, layout.height - ty), min(TILE, layout.width - tx)
+            geometry = render_geometry(layout, ty, tx, h, w)
+            for name in mask_tiles if tissue_mask_path is not None else ("tumour",):
+                mask = _padded(getattr(geometry, name).astype(np.uint8))
+                mask_tiles[name].append(zlib.compress(mask.tobytes(), _DEFLATE_LEVEL))
+            rng = np.random.default_rng([seed, slide_index, ty // TILE, tx // TILE])
+            image = render_image(layout, geometry, ty, tx, rng)
+            if progress is not None:
+                progress.update(1)
+            yield _padded(image)
+
+    _write_tiff(image_path, image_tiles(), (layout.height, layout.width, len(CHANNEL_NAMES)),
+                np.uint16, CHANNEL_NAMES)
+    _write_tiff(mask_path, iter(mask_tiles["tumour"]), (layout.height, layout.width), np.uint8)
+    if tissue_mask_path is not None:
+        _write_tiff(tissue_mask_path, iter(mask_tiles["tissue"]), (layout.height, layout.width),
+                    np.uint8)
+
+
+def assign_splits(num_slides: int, seed: int) -> list[str]:
+    """Split per slide, ~60/20/20, deterministic in (num_slides, seed); each split non-empty if N >= 3."""
+    counts = {name: int(round(fraction * num_slides)) for name, fraction in SPLIT_FRACTIONS[1:]}
+    if num_slides >= 3:
+        counts = {name: max(1, count) for name, count in counts.items()}
+    elif num_slides == 2:
+        counts = {"validation": 1, "test": 0}
+    else:
+        counts = {"validation": 0, "test": 0}
+    splits = (["validation"] * counts["validation"] + ["test"] * counts["test"]
+              + ["train"] * (num_slides - sum(counts.values())))
+    order = np.random.default_rng([seed, num_slides]).permutation(num_slides)
+    return [splits[i] for i in order]
+
+
+def generate(out_dir: str | os.PathLike, num_slides: int, size: int, seed: int = 0,
+             write_tissue_masks: bool = False, show_progress: bool = True) -> pathlib.Path:
+    """Write `num_slides` synthetic slides and `out_dir/manifest.csv`; return the manifest path.
+
+    `size` is the nominal side in pixels (each side varies by up to +-5%). With
+    `write_tissue_masks`, the true tissue geometry is written too (`tissue_mask` column), e.g. for
+    tests; by default the tiler detects tissue from the image like on real data.
+    """
+    if num_slides < 1:
+        raise ValueError(f"--slides must be >= 1, got {num_slides}")
+    if size < MIN_SIZE:
+        raise ValueError(f"--size must be >= {MIN_SIZE} pixels, got {size}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layouts = [sample_layout(seed, index, size) for index in range(num_slides)]
+    splits = assign_splits(num_slides, seed)
+    total_tiles = sum(len(_tile_origins(lay.height, lay.width)) for lay in layouts)
+    rows = []
+    with tqdm(total=total_tiles, desc="synthetic tiles", unit="tile", disable=not show_progress) as bar:
+        for index, (layout, split) in enumerate(zip(layouts, splits)):
+            slide_id = f"slide_{index:03d}"
+            files = {"image": f"{slide_id}.tif", "mask": f"{slide_id}_tumour.tif"}
+            if write_tissue_masks:
+                files["tissue_mask"] = f"{slide_id}_tissue.tif"
+            write_slide(layout, seed, index, out / files["image"], out / files["mask"],
+                        out / files["tissue_mask"] if write_tissue_masks else None, progress=bar)
+            rows.append({"slide_id": slide_id, **files, "patient_id": f"patient_{index:03d}",
+                         "split": split, "channel_names": ";".join(CHANNEL_NAMES)})
+    manifest = out / "manifest.csv"
+    partial = out / ".manifest.csv.partial"
+    with open(partial, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
+    parser.add_argument("--slides", type=_positive_int, default=12, help="number of slides")
+    parser.add_argument("--size", type=_positive_int, default=2048,
+                        help=f"nominal slide side in pixels (>= {MIN_SIZE}; each side varies by +-5%%)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same args => same bytes)")
+    parser.add_argument("--write-tissue-masks", action="store_true",
+                        help="also write the true tissue masks and a tissue_mask manifest column")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = generate(args.out, args.slides, args.size, args.seed, args.write_tissue_masks)
+    print(f"wrote {args.slides} synthetic slides and {manifest}")
+    return 0
