@@ -1,0 +1,93 @@
+"""Tissue detection on a low-resolution thumbnail with any number of channels.
+
+    intensity = combine_channels(thumbnail)        # (h, w) in [0, 1]
+    tissue = detect_tissue(thumbnail)              # (h, w) bool
+
+Each channel is scaled to [0, 1] by its own robust percentiles (so one bright channel does not drown
+the others), the channels are averaged, lightly smoothed, and split by Otsu's threshold. Which side of
+the threshold is background ("polarity") is either given — "dark" for dark-field images
+(fluorescence, nonlinear microscopy), "bright" for brightfield (H&E) — or inferred ("auto", see
+`infer_background`). Small objects and small holes are then removed, relative to the thumbnail size.
+"""
+from __future__ import annotations
+
+import numpy as np
+from skimage import filters, morphology
+
+POLARITIES = ("auto", "dark", "bright")
+
+
+def combine_channels(thumbnail: np.ndarray, low_percentile: float = 1.0,
+                     high_percentile: float = 99.0) -> np.ndarray:
+    """(h, w) or (h, w, C) -> (h, w) float64 mean of channels each scaled to [0, 1] by percentiles.
+
+    A channel with no spread between its percentiles carries no contrast and is left out; if no
+    channel has any, the result is all zeros. Non-finite pixels count as the channel's low value.
+    """
+    image = np.asarray(thumbnail, dtype=np.float64)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"thumbnail must be (h, w) or (h, w, C), got shape {image.shape}")
+    scaled = []
+    for channel in np.moveaxis(image, -1, 0):
+        finite = channel[np.isfinite(channel)]
+        if finite.size == 0:
+            continue
+        low, high = np.percentile(finite, [low_percentile, high_percentile])
+        if high <= low:
+            continue
+        channel = np.where(np.isfinite(channel), channel, low)
+        scaled.append(np.clip((channel - low) / (high - low), 0.0, 1.0))
+    if not scaled:
+        return np.zeros(image.shape[:2])
+    return np.mean(scaled, axis=0)
+
+
+def infer_background(bright: np.ndarray) -> str:
+    """"bright" or "dark": which side of the threshold is background.
+
+    Rule: the background is the class covering more of the image border (tissue rarely fills the
+    frame of a whole-slide thumbnail); on an exact tie, the class covering more of the image.
+    """
+    border = np.concatenate([bright[0], bright[-1], bright[1:-1, 0], bright[1:-1, -1]])
+    border_bright = border.mean() if border.size else 0.5
+    if border_bright != 0.5:
+        return "bright" if border_bright > 0.5 else "dark"
+    return "bright" if bright.mean() > 0.5 else "dark"
+
+
+def detect_tissue(thumbnail: np.ndarray, polarity: str = "auto", min_object_px: int | None = None,
+                  max_hole_px: int | None = None, sigma: float = 1.0,
+                  min_object_fraction: float = 1e-4, max_hole_fraction: float = 5e-4) -> np.ndarray:
+    """Tissue mask of a thumbnail, (h, w) bool.
+
+    Args:
+      thumbnail: (h, w) or (h, w, C) array in any units (e.g. `SlideReader.thumbnail`).
+      polarity: background "dark", "bright", or "auto" (`infer_background`).
+      min_object_px: tissue objects of this many pixels or fewer are removed; default
+        `min_object_fraction` of the thumbnail's pixels.
+      max_hole_px: holes of this many pixels or fewer inside tissue are filled; default
+        `max_hole_fraction` of the thumbnail's pixels.
+      sigma: Gaussian smoothing (thumbnail pixels) before thresholding; 0 turns it off.
+    """
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
+    intensity = combine_channels(thumbnail)
+    if sigma > 0:
+        intensity = filters.gaussian(intensity, sigma=sigma)
+    if intensity.size == 0 or intensity.min() == intensity.max():
+        return np.zeros(intensity.shape, dtype=bool)  # no contrast: nothing to call tissue
+    bright = intensity > filters.threshold_otsu(intensity)
+    background = infer_background(bright) if polarity == "auto" else polarity
+    tissue = ~bright if background == "bright" else bright
+    num_pixels = tissue.size
+    if min_object_px is None:
+        min_object_px = int(min_object_fraction * num_pixels)
+    if max_hole_px is None:
+        max_hole_px = int(max_hole_fraction * num_pixels)
+    if min_object_px > 0:
+        tissue = morphology.remove_small_objects(tissue, max_size=min_object_px)
+    if max_hole_px > 0:
+        tissue = morphology.remove_small_holes(tissue, max_size=max_hole_px)
+    return tissue
