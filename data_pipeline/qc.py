@@ -1,0 +1,80 @@
+"""Per-slide QC thumbnails: the slide, its tissue and tumour outlines, and the kept patch grid.
+
+Any number of channels is shown: one channel as grey, three as RGB, otherwise each channel gets its
+own hue (evenly spaced on the colour wheel) and the hues are added, like a fluorescence composite.
+"""
+from __future__ import annotations
+
+import colorsys
+import os
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.collections import PatchCollection  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+LABEL_COLOURS = {0: "#00e5ff", 1: "#ff1744"}  # non-tumour cyan, tumour red
+TISSUE_COLOUR = "#ffd600"
+TUMOUR_COLOUR = "#ff00ff"
+
+
+def channel_colours(num_channels: int) -> np.ndarray:
+    """(C, 3) RGB weights: grey for one channel, R/G/B for three, evenly spaced hues otherwise."""
+    if num_channels == 1:
+        return np.ones((1, 3))
+    if num_channels == 3:
+        return np.eye(3)
+    return np.array([colorsys.hsv_to_rgb(c / num_channels, 1.0, 1.0) for c in range(num_channels)])
+
+
+def composite_rgb(thumbnail: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
+    """(h, w, C) intensities -> (h, w, 3) float in [0, 1]; each channel stretched between percentiles."""
+    image = np.asarray(thumbnail, np.float64)
+    lo = np.percentile(image, low, axis=(0, 1))
+    hi = np.percentile(image, high, axis=(0, 1))
+    scaled = np.clip((image - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0, 1.0)
+    return np.clip(scaled @ channel_colours(image.shape[-1]), 0.0, 1.0)
+
+
+def save_qc_png(
+    path: str | os.PathLike,
+    thumbnail: np.ndarray,
+    tissue: np.ndarray,
+    tumour: np.ndarray,
+    patch_yx: np.ndarray,
+    patch_labels: np.ndarray,
+    patch_size: int,
+    factor: int,
+    title: str,
+) -> None:
+    """Writes the QC figure of one slide to `path` (PNG, via a temporary name).
+
+    `thumbnail` (h, w, C), `tissue` and `tumour` (h, w) bool are at 1/`factor` of the tiled level;
+    `patch_yx` [N, 2] are the kept patches' top-left corners in tiled-level pixels.
+    """
+    path = pathlib.Path(path)
+    height, width = thumbnail.shape[:2]
+    figure, axis = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.6), dpi=120)
+    axis.imshow(composite_rgb(thumbnail), interpolation="nearest")
+    for mask, colour in ((tissue, TISSUE_COLOUR), (tumour, TUMOUR_COLOUR)):
+        if mask.any() and not mask.all():
+            axis.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.8)
+    for label, colour in LABEL_COLOURS.items():
+        chosen = patch_yx[np.asarray(patch_labels) == label]
+        rectangles = [Rectangle((x / factor - 0.5, y / factor - 0.5), patch_size / factor,
+                                patch_size / factor) for y, x in chosen]
+        axis.add_collection(PatchCollection(rectangles, facecolor="none", edgecolor=colour,
+                                            linewidth=0.4))
+    counts = np.bincount(np.asarray(patch_labels, np.int64), minlength=2)
+    axis.set_title(f"{title}\n{counts[1]} tumour (red) / {counts[0]} non-tumour (cyan) patches; "
+                   "tissue yellow, tumour magenta", fontsize=9)
+    axis.set_axis_off()
+    figure.tight_layout()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    figure.savefig(tmp, format="png")
+    plt.close(figure)
+    os.replace(tmp, path)
