@@ -58,8 +58,8 @@ class PatchImages:
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
         feature = builder.info.features["image"]
-        self._source = builder.as_data_source(split)
-        self.shape = (len(self._source), *feature.shape)
+        self.source = builder.as_data_source(split)  # decodes whole examples by index
+        self.shape = (len(self.source), *feature.shape)
         self.dtype = np.dtype(feature.np_dtype)
 
     def __len__(self) -> int:
@@ -70,9 +70,9 @@ class PatchImages:
         unique, inverse = np.unique(indices, return_inverse=True)
         if unique.size and (unique[0] < 0 or unique[-1] >= len(self)):
             raise IndexError(f"indices {unique[0]}..{unique[-1]} outside a split of {len(self)} examples")
-        examples = self._source.__getitems__(unique.tolist())
-        images = np.stack([example["image"] for example in examples]) if examples else \
-            np.zeros((0, *self.shape[1:]), self.dtype)
+        images = np.empty((unique.size, *self.shape[1:]), self.dtype)
+        for row, example in enumerate(self.source.__getitems__(unique.tolist())):
+            images[row] = example["image"]
         return images[inverse.reshape(indices.shape)]
 
 
@@ -122,11 +122,10 @@ def load_split(data_dir: str | pathlib.Path, split: str, in_memory: bool = True,
         raise ValueError(f"{data_dir}: split {split!r} has {len(images)} examples in its shards but "
                          f"{fields['label'].size} rows in {PATCHES_CSV}")
     if in_memory:
-        source = builder.as_data_source(split)
         array = np.empty(images.shape, images.dtype)
         for start in tqdm.trange(0, len(images), chunk, desc=f"loading {split}", unit_scale=chunk,
                                  disable=len(images) <= chunk):
-            examples = source.__getitems__(list(range(start, min(start + chunk, len(images)))))
+            examples = images.source.__getitems__(list(range(start, min(start + chunk, len(images)))))
             for offset, example in enumerate(examples):
                 if example["label"] != fields["label"][start + offset]:
                     raise ValueError(f"{data_dir}: example {start + offset} of split {split!r} has label "
@@ -138,7 +137,11 @@ def load_split(data_dir: str | pathlib.Path, split: str, in_memory: bool = True,
 
 
 class PairedIndexSampler:
-    """Global example indices of both batches of a step, `[2, N]`, a pure function of (seed, step)."""
+    """Global example indices of both batches of a step, `[2, N]`, a pure function of (seed, step).
+
+    Row 0 is the biased batch, row 1 the less-biased one, each drawn group by group as the module
+    docstring describes and then shuffled. `group` holds every example's group id `y * A + a`.
+    """
 
     def __init__(self, plan: groups.BatchPlan, label: np.ndarray, attribute: np.ndarray, seed: int):
         ids = groups.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
@@ -148,6 +151,7 @@ class PairedIndexSampler:
                              f"labels and attributes give {counts.tolist()}")
         if int(seed) != seed or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.group = ids
         order = np.argsort(ids, kind="stable")
         self._members = np.split(order, np.cumsum(counts.ravel())[:-1])
         self._plan = plan
@@ -249,7 +253,6 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
     if images.shape[0] != label.size:
         raise ValueError(f"{images.shape[0]} images but {label.size} labels")
     sampler = PairedIndexSampler(plan, label, attribute, seed)
-    group = groups.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
     label = label.astype(np.int32)
     share = process_slice(plan.batch_size, process_index, process_count)
     local = share.stop - share.start
@@ -265,7 +268,7 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
         batch = images[indices.ravel()]
         if flips or rotations:
             batch = _dihedral(batch, turns.ravel(), mirror.reshape(-1, 2))
-        return batch.reshape(2, local, *image_shape), label[indices], group[indices]
+        return batch.reshape(2, local, *image_shape), label[indices], sampler.group[indices]
 
     def to_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
         image, batch_label, batch_group = tf.numpy_function(
