@@ -333,13 +333,14 @@ class _LevelView:
         window = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
         if factor == 1:
             return window
-        blocks = window.reshape(h, factor, w, factor, self.num_channels).mean(axis=(1, 3), dtype=np.float64)
+        blocks = window.reshape(h, factor, w, factor, self.num_channels).mean(
+            axis=(1, 3), dtype=np.float64)
         return (blocks if self.dtype.kind == "f" else np.rint(blocks)).astype(self.dtype)
 
-    def bands(self, bytes_per_step: int = SCAN_BYTES, multiple_of: int = 1
-              ) -> Iterator[np.ndarray]:
-        """Full-width bands of rows, top to bottom; band heights are multiples of `multiple_of`."""
-        rows = max(1, bytes_per_step // max(1, self.shape[1] * self.scan_bytes_per_pixel))
+    def bands(self, multiple_of: int = 1) -> Iterator[np.ndarray]:
+        """Full-width bands of rows, top to bottom, of about SCAN_BYTES of working memory each;
+        band heights are multiples of `multiple_of` (except the last)."""
+        rows = max(1, SCAN_BYTES // max(1, self.shape[1] * self.scan_bytes_per_pixel))
         rows = max(multiple_of, rows // multiple_of * multiple_of)
         for top in range(0, self.shape[0], rows):
             yield self.read(top, 0, min(rows, self.shape[0] - top), self.shape[1])

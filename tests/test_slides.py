@@ -1,0 +1,531 @@
+"""SlideReader and read_manifest against real TIFF / PNG files written in tmp_path.
+
+Every pixel read is compared with the numpy array that was written (brute force), for every layout,
+dtype and compression; masks against numpy re-indexing; bad inputs by error class and message.
+"""
+from __future__ import annotations
+
+import pickle
+import tracemalloc
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from data_pipeline import slides
+from data_pipeline.slides import SlideError, SlideReader, SlideSpec, read_manifest
+from tests.tiff_layouts import (LAYOUTS, PLANE_PER_CHANNEL_LAYOUTS, PYRAMID_LAYOUTS, pyramid_levels,
+                                write_layout)
+
+HEIGHT, WIDTH = 45, 67  # odd sizes: partial tiles / strips at the right and bottom edges
+TILE = (16, 16)
+DTYPES = (np.uint8, np.uint16, np.float32)
+COMPRESSIONS = (None, "zlib", "adobe_deflate", "lzw", "zstd")
+
+
+def random_image(dtype, shape=(HEIGHT, WIDTH, 4), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return rng.normal(100, 50, shape).astype(dtype)
+    return rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+
+
+def smooth_image(shape=(HEIGHT, WIDTH, 3)) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    channels = [120 + 50 * np.sin(yy / 9 + c) + 50 * np.cos(xx / 11 - c) for c in range(shape[2])]
+    return np.stack(channels, -1).round().astype(np.uint8)
+
+
+def windows(shape, count=12, seed=1):
+    """Random windows plus ones crossing tile borders and touching every edge."""
+    height, width = shape
+    rng = np.random.default_rng(seed)
+    fixed = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1),
+             (10, 10, 12, 12), (0, width - 5, 5, 5), (height - 7, 0, 7, width)]
+    fixed = [(y, x, min(h, height - y), min(w, width - x)) for y, x, h, w in fixed]
+    random = []
+    for _ in range(count):
+        y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
+        random.append((y, x, int(rng.integers(1, height - y + 1)), int(rng.integers(1, width - x + 1))))
+    return fixed + random
+
+
+def write_mask(path, mask):
+    tifffile.imwrite(path, mask, photometric="minisblack")
+    return path
+
+
+def spec_for(files, mask_file, **kw) -> SlideSpec:
+    return SlideSpec(slide_id="slide_7", image_files=tuple(files), mask_file=mask_file, **kw)
+
+
+def open_layout(tmp_path, image, layout, mask=None, **kw):
+    files = write_layout(tmp_path / "img", image, layout, **kw)
+    mask = np.zeros(image.shape[:2], np.uint8) if mask is None else mask
+    return spec_for(files, write_mask(tmp_path / "mask.tif", mask))
+
+
+def assert_regions_equal(reader, image):
+    assert reader.shape == image.shape[:2]
+    assert reader.num_channels == image.shape[2]
+    assert reader.dtype == image.dtype
+    for y, x, h, w in windows(image.shape[:2]):
+        region = reader.read_region(y, x, h, w)
+        assert region.dtype == image.dtype
+        np.testing.assert_array_equal(region, image[y:y + h, x:x + w], err_msg=f"window {y, x, h, w}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layouts, dtypes, compressions
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("storage", [dict(), dict(tile=TILE, compression="zlib")],
+                         ids=["stripped-raw", "tiled-zlib"])
+def test_every_layout_reads_exact_regions(tmp_path, layout, dtype, storage):
+    image = random_image(dtype)
+    with SlideReader(open_layout(tmp_path, image, layout, **storage)) as reader:
+        assert reader.level_downsample == 1
+        assert_regions_equal(reader, image)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("layout,tile", [("interleaved", TILE), ("planar", None), ("ome", TILE)])
+def test_every_compression_reads_exact_regions(tmp_path, layout, tile, compression, dtype):
+    image = random_image(dtype, seed=3)
+    with SlideReader(open_layout(tmp_path, image, layout, compression=compression, tile=tile,
+                                 rowsperstrip=7)) as reader:
+        assert_regions_equal(reader, image)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", *PLANE_PER_CHANNEL_LAYOUTS])
+@pytest.mark.parametrize("tile", [None, TILE])
+def test_jpeg_uint8_within_tolerance(tmp_path, layout, tile):
+    """Lossy: windows equal tifffile's whole-page decode exactly, and the original within tolerance."""
+    # Interleaved JPEG needs 3 components (RGB); plane-per-channel layouts compress each plane.
+    num_channels = 3 if layout == "interleaved" else 4
+    image = smooth_image((HEIGHT, WIDTH, num_channels))
+    spec = open_layout(tmp_path, image, layout, compression="jpeg", tile=tile)
+    decoded = np.stack([tifffile.imread(file) for file in spec.image_files], -1)
+    decoded = decoded.reshape(image.shape) if layout in ("interleaved", "per_channel") else (
+        np.moveaxis(decoded[..., 0], 0, -1))
+    with SlideReader(spec) as reader:
+        for y, x, h, w in windows(image.shape[:2]):
+            region = reader.read_region(y, x, h, w)
+            np.testing.assert_array_equal(region, decoded[y:y + h, x:x + w])
+            error = np.abs(region.astype(float) - image[y:y + h, x:x + w])
+            assert error.mean() < 8 and error.max() < 48
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "planar", "ome_pyramid", "per_channel"])
+def test_bigtiff(tmp_path, layout):
+    image = random_image(np.uint16, seed=4)
+    spec = open_layout(tmp_path, image, layout, bigtiff=True, tile=TILE, compression="zstd")
+    with tifffile.TiffFile(spec.image_files[0]) as tiff:
+        assert tiff.is_bigtiff
+    with SlideReader(spec) as reader:
+        assert_regions_equal(reader, image)
+
+
+def test_singleton_axes_are_ignored(tmp_path):
+    """A TZCYX OME hyperstack with T = Z = 1 reads as (Y, X, C)."""
+    image = random_image(np.uint16, seed=5)
+    file = tmp_path / "tzcyx.ome.tif"
+    tifffile.imwrite(file, np.moveaxis(image, -1, 0)[None, None], ome=True, tile=TILE,
+                     metadata={"axes": "TZCYX"})
+    with SlideReader(spec_for([file], write_mask(tmp_path / "m.tif", np.zeros((HEIGHT, WIDTH), np.uint8)))
+                     ) as reader:
+        assert_regions_equal(reader, image)
+
+
+def test_one_file_per_channel_and_channel_names(tmp_path):
+    image = random_image(np.float32, seed=6)
+    names = ("dapi", "cd8", "shg", "tpef")
+    files = write_layout(tmp_path / "channels", image, "per_channel", tile=TILE, channel_names=names)
+    mask_file = write_mask(tmp_path / "mask.tif", np.zeros((HEIGHT, WIDTH), np.uint8))
+    with SlideReader(spec_for(files, mask_file)) as reader:
+        assert reader.channel_names == names  # from the file names
+        assert_regions_equal(reader, image)
+    # Channel order follows the files' order.
+    with SlideReader(spec_for(files[::-1], mask_file, channel_names=tuple("abcd"))) as reader:
+        assert reader.channel_names == tuple("abcd")
+        np.testing.assert_array_equal(reader.read_region(0, 0, HEIGHT, WIDTH), image[..., ::-1])
+
+
+def test_ome_channel_names_read_from_metadata(tmp_path):
+    image = random_image(np.uint8, seed=7)
+    spec = open_layout(tmp_path, image, "ome", channel_names=("a1", "b2", "c3", "d4"))
+    with SlideReader(spec) as reader:
+        assert reader.channel_names == ("a1", "b2", "c3", "d4")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pyramids, downsampling, thumbnails
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", PYRAMID_LAYOUTS)
+def test_pyramid_levels_and_downsample(tmp_path, layout):
+    image = random_image(np.uint16, seed=8)
+    levels = pyramid_levels(image, 3)
+    spec = open_layout(tmp_path, image, layout, tile=TILE, compression="zlib", levels=3)
+    for level in range(3):
+        with SlideReader(spec, level=level) as reader:
+            assert reader.level_downsample == 2 ** level
+            assert_regions_equal(reader, levels[level])
+    with SlideReader(spec, downsample=4) as reader:  # a pyramid level exists: read it
+        assert reader.level_downsample == 4
+        assert_regions_equal(reader, levels[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("downsample", [2, 3])
+def test_downsample_without_pyramid_is_area_mean(tmp_path, dtype, downsample):
+    image = random_image(dtype, seed=9)
+    height, width = HEIGHT // downsample, WIDTH // downsample
+    expected = np.empty((height, width, 4))
+    for i in range(height):
+        for j in range(width):
+            block = image[i * downsample:(i + 1) * downsample, j * downsample:(j + 1) * downsample]
+            expected[i, j] = block.astype(np.float64).mean(axis=(0, 1))
+    expected = expected.astype(dtype) if dtype == np.float32 else np.rint(expected).astype(dtype)
+    with SlideReader(open_layout(tmp_path, image, "interleaved", tile=TILE), downsample=downsample
+                     ) as reader:
+        assert reader.level_downsample == downsample
+        assert_regions_equal(reader, expected)
+
+
+def brute_force_thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
+    height, width = -(-image.shape[0] // factor), -(-image.shape[1] // factor)
+    thumb = np.empty((height, width, image.shape[2]))
+    for i in range(height):
+        for j in range(width):
+            block = image[i * factor:(i + 1) * factor, j * factor:(j + 1) * factor]
+            thumb[i, j] = block.astype(np.float64).mean(axis=(0, 1))
+    return thumb
+
+
+@pytest.mark.parametrize("factor", [1, 4, 7])
+def test_thumbnail_is_block_mean_and_bounded_by_bands(tmp_path, monkeypatch, factor):
+    image = random_image(np.uint16, seed=10)
+    # Tiny scan budget: many bands, so band seams are exercised.
+    monkeypatch.setattr(slides, "SCAN_BYTES", 8 * 4 * WIDTH * 3)
+    with SlideReader(open_layout(tmp_path, image, "planar", tile=TILE)) as reader:
+        thumb = reader.thumbnail(factor)
+    assert thumb.dtype == np.float32
+    np.testing.assert_allclose(thumb, brute_force_thumbnail(image, factor), rtol=1e-6)
+
+
+def test_thumbnail_prefers_pyramid_level(tmp_path):
+    """The pyramid level 1 is a strided (not averaged) copy, so reading it is observable."""
+    image = random_image(np.uint8, seed=11)
+    level_1 = pyramid_levels(image, 2)[1]
+    spec = open_layout(tmp_path, image, "ome_pyramid", tile=TILE, levels=2)
+    with SlideReader(spec) as reader:
+        np.testing.assert_allclose(reader.thumbnail(2), level_1)  # level 1 read, not averaged
+        np.testing.assert_allclose(reader.thumbnail(6), brute_force_thumbnail(level_1, 3), rtol=1e-6)
+
+
+def test_thumbnail_of_downsampled_level(tmp_path):
+    image = random_image(np.float32, seed=12)
+    with SlideReader(open_layout(tmp_path, image, "interleaved"), downsample=2) as reader:
+        level = reader.read_region(0, 0, *reader.shape)
+        np.testing.assert_allclose(reader.thumbnail(5), brute_force_thumbnail(level, 5), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------------
+def random_mask(shape=(HEIGHT, WIDTH), values=(0, 1), seed=13) -> np.ndarray:
+    return np.random.default_rng(seed).choice(np.asarray(values, np.uint8), size=shape)
+
+
+@pytest.mark.parametrize("values", [(0, 1), (0, 255)])
+def test_binary_masks(tmp_path, values):
+    mask = random_mask(values=values)
+    spec = open_layout(tmp_path, random_image(np.uint8), "interleaved", mask=mask)
+    with SlideReader(spec) as reader:
+        reader.validate()
+        for y, x, h, w in windows(mask.shape):
+            np.testing.assert_array_equal(reader.read_tumour(y, x, h, w), mask[y:y + h, x:x + w] != 0)
+        assert reader.read_tissue_mask(0, 0, 3, 3) is None
+
+
+def test_label_map_needs_tumour_ids(tmp_path):
+    mask = random_mask(values=(0, 1, 2, 5))
+    spec = open_layout(tmp_path, random_image(np.uint8), "interleaved", mask=mask)
+    with SlideReader(spec, tumour_ids=[2, 5]) as reader:
+        reader.validate()
+        for y, x, h, w in windows(mask.shape):
+            expected = np.isin(mask[y:y + h, x:x + w], [2, 5])
+            np.testing.assert_array_equal(reader.read_tumour(y, x, h, w), expected)
+    with SlideReader(spec) as reader:
+        with pytest.raises(SlideError) as error:
+            reader.validate()
+        assert_names(error.value, "mask.tif", "label map")
+        assert "0, 1, 2, 5" in str(error.value)
+        with pytest.raises(SlideError, match="tumour_ids"):
+            reader.read_tumour(0, 0, HEIGHT, WIDTH)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "1"])
+def test_png_mask(tmp_path, mode):
+    mask = random_mask(values=(0, 1))
+    png = tmp_path / "mask.png"
+    pil = Image.fromarray(mask * 255).convert(mode) if mode == "1" else Image.fromarray(mask, mode="L")
+    (pil.convert("P") if mode == "P" else pil).save(png)
+    files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
+    with SlideReader(spec_for(files, png)) as reader:
+        reader.validate()
+        np.testing.assert_array_equal(reader.read_tumour(0, 0, HEIGHT, WIDTH), mask != 0)
+
+
+@pytest.mark.parametrize("downsample,layout", [(2, "ome_pyramid"), (3, "interleaved")])
+def test_level0_mask_read_at_reduced_level_is_nearest(tmp_path, downsample, layout):
+    mask = random_mask(values=(0, 255))
+    spec = open_layout(tmp_path, random_image(np.uint8), layout, mask=mask, tile=TILE)
+    with SlideReader(spec, downsample=downsample) as reader:
+        height, width = reader.shape
+        expected = np.array([[mask[i * downsample, j * downsample] != 0 for j in range(width)]
+                             for i in range(height)])
+        for y, x, h, w in windows(reader.shape):
+            np.testing.assert_array_equal(reader.read_tumour(y, x, h, w), expected[y:y + h, x:x + w])
+
+
+def test_mask_at_chosen_level_resolution(tmp_path):
+    image = random_image(np.uint8)
+    level_mask = random_mask(shape=pyramid_levels(image, 2)[1].shape[:2], seed=14)
+    files = write_layout(tmp_path / "img", image, "subifd_pyramid", levels=2)
+    with SlideReader(spec_for(files, write_mask(tmp_path / "m.tif", level_mask)), level=1) as reader:
+        np.testing.assert_array_equal(reader.read_tumour(0, 0, *reader.shape), level_mask != 0)
+
+
+@pytest.mark.parametrize("factor,rounding", [(1, "ceil"), (4, "ceil"), (4, "floor"), (5, "ceil")])
+def test_tissue_mask_nearest_upsampling(tmp_path, factor, rounding):
+    shape = ((-(-HEIGHT // factor), -(-WIDTH // factor)) if rounding == "ceil"
+             else (HEIGHT // factor, WIDTH // factor))
+    tissue = random_mask(shape=shape, values=(0, 255), seed=15)
+    files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
+    spec = spec_for(files, write_mask(tmp_path / "m.tif", np.zeros((HEIGHT, WIDTH), np.uint8)),
+                    tissue_mask_file=write_mask(tmp_path / "tissue.tif", tissue))
+    expected = np.array([[tissue[min(i // factor, shape[0] - 1), min(j // factor, shape[1] - 1)] != 0
+                          for j in range(WIDTH)] for i in range(HEIGHT)])
+    with SlideReader(spec) as reader:
+        for y, x, h, w in windows((HEIGHT, WIDTH)):
+            np.testing.assert_array_equal(reader.read_tissue_mask(y, x, h, w), expected[y:y + h, x:x + w])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------
+def assert_names(error: SlideError, file_name: str, problem: str):
+    message = str(error)
+    assert "slide_7" in message and error.slide_id == "slide_7"
+    assert file_name in message and file_name in error.file
+    assert problem in message
+
+
+def test_mask_shape_mismatch_names_both_shapes(tmp_path):
+    spec = open_layout(tmp_path, random_image(np.uint8), "interleaved",
+                       mask=np.zeros((HEIGHT + 1, WIDTH), np.uint8))
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec).__enter__()
+    assert_names(error.value, "mask.tif", f"({HEIGHT + 1}, {WIDTH})")
+    assert f"({HEIGHT}, {WIDTH})" in str(error.value)
+
+
+def test_unsupported_dtype(tmp_path):
+    spec = open_layout(tmp_path, random_image(np.uint8).astype(np.int16), "interleaved")
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec).__enter__()
+    assert_names(error.value, "img.tif", "int16")
+
+
+@pytest.mark.parametrize("other", ["shape", "dtype"])
+def test_channel_files_of_unequal_shape_or_dtype(tmp_path, other):
+    image = random_image(np.uint8)
+    files = write_layout(tmp_path / "ch", image, "per_channel")
+    odd = image[:-1, :, 0] if other == "shape" else image[..., 0].astype(np.uint16)
+    tifffile.imwrite(files[2], odd)
+    spec = spec_for(files, write_mask(tmp_path / "m.tif", np.zeros((HEIGHT, WIDTH), np.uint8)))
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec).__enter__()
+    assert_names(error.value, files[2].name, "channel files differ")
+
+
+def test_constant_image_is_empty_slide(tmp_path):
+    spec = open_layout(tmp_path, np.full((HEIGHT, WIDTH, 2), 9, np.uint16), "interleaved")
+    with SlideReader(spec) as reader, pytest.raises(SlideError) as error:
+        reader.validate()
+    assert_names(error.value, "img.tif", "empty slide")
+
+
+@pytest.mark.parametrize("keep_fraction,problem", [(0.5, "truncated TIFF"), (0.003, "cannot read")])
+def test_truncated_tiff(tmp_path, keep_fraction, problem):
+    """Cut in the pixel data (tifffile writes the IFD first): header check; cut in the IFD: open fails."""
+    spec = open_layout(tmp_path, random_image(np.uint16), "interleaved", tile=TILE)
+    data = spec.image_files[0].read_bytes()
+    spec.image_files[0].write_bytes(data[: int(len(data) * keep_fraction)])
+    with pytest.raises(SlideError) as error:
+        with SlideReader(spec) as reader:
+            reader.read_region(0, 0, HEIGHT, WIDTH)
+    assert_names(error.value, "img.tif", problem)
+
+
+def test_corrupt_compressed_tile(tmp_path):
+    spec = open_layout(tmp_path, random_image(np.uint16), "interleaved", tile=TILE, compression="zlib")
+    file = spec.image_files[0]
+    with tifffile.TiffFile(file) as tiff:
+        offset, count = tiff.pages[0].dataoffsets[0], tiff.pages[0].databytecounts[0]
+    data = bytearray(file.read_bytes())
+    data[offset:offset + count] = b"\xff" * count
+    file.write_bytes(bytes(data))
+    with SlideReader(spec) as reader, pytest.raises(SlideError) as error:
+        reader.read_region(0, 0, 4, 4)
+    assert_names(error.value, "img.tif", "cannot read")
+
+
+def test_not_a_tiff(tmp_path):
+    spec = open_layout(tmp_path, random_image(np.uint8), "interleaved")
+    spec.image_files[0].write_bytes(b"this is not an image")
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec).__enter__()
+    assert_names(error.value, "img.tif", "cannot read")
+
+
+def test_rgb_png_mask_and_float_mask_rejected(tmp_path):
+    files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
+    png = tmp_path / "rgb.png"
+    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(png)
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec_for(files, png)).__enter__()
+    assert_names(error.value, "rgb.png", "single-channel")
+    float_mask = write_mask(tmp_path / "float.tif", np.zeros((HEIGHT, WIDTH), np.float32))
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec_for(files, float_mask)).__enter__()
+    assert_names(error.value, "float.tif", "float32")
+
+
+def test_level_errors_and_window_checks(tmp_path):
+    spec = open_layout(tmp_path, random_image(np.uint8), "interleaved")
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec, level=2).__enter__()
+    assert_names(error.value, "img.tif", "level 2")
+    with pytest.raises(ValueError, match="not both"):
+        SlideReader(spec, level=1, downsample=2)
+    reader = SlideReader(spec)
+    with pytest.raises(RuntimeError, match="with"):
+        reader.read_region(0, 0, 1, 1)
+    with reader, pytest.raises(ValueError, match="outside"):
+        reader.read_region(HEIGHT - 1, 0, 2, 1)
+
+
+def test_channel_name_count_mismatch(tmp_path):
+    files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
+    spec = spec_for(files, write_mask(tmp_path / "m.tif", np.zeros((HEIGHT, WIDTH), np.uint8)),
+                    channel_names=("a", "b"))
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec).__enter__()
+    assert_names(error.value, "img.tif", "2 channel names")
+
+
+def test_slide_error_pickles_with_fields():
+    error = pickle.loads(pickle.dumps(SlideError("s1", "a.tif", "broken")))
+    assert (error.slide_id, error.file, error.problem) == ("s1", "a.tif", "broken")
+    assert str(error) == "slide 's1', file 'a.tif': broken"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Laziness
+# ---------------------------------------------------------------------------------------------------
+def test_small_region_of_large_tiled_file_reads_only_its_tiles(tmp_path):
+    """A 4096 x 4096 x 3 uint8 file (48 MiB of pixels, each tile constant): reading a 64 x 64 window
+    allocates far less than the whole image."""
+    size, tile = 4096, 256
+    tiles_per_row = size // tile
+
+    def tiles():
+        for index in range(tiles_per_row ** 2):
+            yield np.full((tile, tile, 3), index % 251, np.uint8)
+
+    file = tmp_path / "large.tif"
+    tifffile.imwrite(file, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile),
+                     compression="zlib", photometric="rgb")
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, tiles_mask := np.zeros((size, size), np.uint8), tile=(tile, tile),
+                     compression="zlib")
+    del tiles_mask
+    with SlideReader(spec_for([file], mask)) as reader:
+        tracemalloc.start()
+        region = reader.read_region(tile - 32, 2 * tile - 32, 64, 64)  # crosses four tiles
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 4 * tile * tile * 3 * 2  # a few tiles, nowhere near 48 MiB
+    expected = np.empty((64, 64), np.uint8)
+    for i in range(64):
+        for j in range(64):
+            y, x = tile - 32 + i, 2 * tile - 32 + j
+            expected[i, j] = ((y // tile) * tiles_per_row + x // tile) % 251
+    np.testing.assert_array_equal(region, np.repeat(expected[..., None], 3, axis=-1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------------
+def write_manifest(folder, text):
+    path = folder / "manifest.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def slide_files(tmp_path):
+    image = random_image(np.uint8)
+    write_layout(tmp_path / "a", image, "interleaved")
+    write_layout(tmp_path / "chan", image, "per_channel")
+    write_mask(tmp_path / "mask.tif", np.zeros((HEIGHT, WIDTH), np.uint8))
+    return tmp_path
+
+
+def test_read_manifest_resolves_paths_and_fields(slide_files):
+    path = write_manifest(slide_files, (
+        "slide_id,image,channels,mask,tissue_mask,patient_id,split,channel_names\n"
+        "s1,a.tif,,mask.tif,,p1,train,r;g;b;x\n"
+        f"s2,,chan/channel_0.tif; chan/channel_1.tif,{slide_files / 'mask.tif'},mask.tif,,test,\n"))
+    first, second = read_manifest(path)
+    assert first == SlideSpec("s1", (slide_files / "a.tif",), slide_files / "mask.tif", None, "p1",
+                              "train", ("r", "g", "b", "x"))
+    assert second.image_files == (slide_files / "chan/channel_0.tif", slide_files / "chan/channel_1.tif")
+    assert second.tissue_mask_file == slide_files / "mask.tif"
+    assert (second.patient_id, second.split, second.channel_names) == (None, "test", None)
+    with SlideReader(first) as reader:
+        assert reader.channel_names == ("r", "g", "b", "x")
+
+
+@pytest.mark.parametrize("rows,file_name,problem", [
+    ("slide_7,missing.tif,,mask.tif,", "missing.tif", "file not found"),
+    ("slide_7,a.tif,,nomask.png,", "nomask.png", "file not found"),
+    ("slide_7,a.tif,,mask.tif,\nslide_7,a.tif,,mask.tif,", "manifest.csv", "duplicate slide_id in rows 2 and 3"),
+    ("slide_7,a.tif,chan/channel_0.tif,mask.tif,", "manifest.csv", "found both"),
+    ("slide_7,,,mask.tif,", "manifest.csv", "found neither"),
+    ("slide_7,a.tif,,mask.tif,training", "manifest.csv", "bad split 'training'"),
+    ("slide_7,,chan/channel_0.tif;;chan/channel_1.tif,mask.tif,", "manifest.csv", "empty entry"),
+])
+def test_bad_manifest_rows(slide_files, rows, file_name, problem):
+    path = write_manifest(slide_files, "slide_id,image,channels,mask,split\n" + rows + "\n")
+    with pytest.raises(SlideError) as error:
+        read_manifest(path)
+    assert_names(error.value, file_name, problem)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("slide_id,image,mask,colour\ns,a.tif,mask.tif,red\n", "unknown column(s) ['colour']"),
+    ("slide_id,image\ns,a.tif\n", "missing column(s) ['mask']"),
+    ("slide_id,mask\ns,mask.tif\n", "image or channels"),
+    ("slide_id,image,mask\n", "no slides"),
+    ("", "no header"),
+])
+def test_bad_manifest_header(slide_files, text, problem):
+    with pytest.raises(ValueError) as error:
+        read_manifest(write_manifest(slide_files, text))
+    assert problem in str(error.value) and "manifest.csv" in str(error.value)
