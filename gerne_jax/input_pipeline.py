@@ -89,7 +89,7 @@ def _read_patch_rows(data_dir: pathlib.Path, split: str) -> dict[str, np.ndarray
     columns: dict[str, list[str]] = {name: [] for name in ("index", *_PATCH_FIELDS)}
     with path.open(newline="") as file:
         reader = csv.DictReader(file)
-        missing = set(columns) - set(reader.fieldnames or ())
+        missing = {"split", *columns} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path} lacks the columns {sorted(missing)}")
         for row in reader:
@@ -249,6 +249,8 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
       process_index, process_count: this process's share (defaults from jax); the global plan is the same
         on every process.
     """
+    if start_step < 0:
+        raise ValueError(f"start_step must be non-negative, got {start_step}")
     label = np.asarray(label)
     if images.shape[0] != label.size:
         raise ValueError(f"{images.shape[0]} images but {label.size} labels")
@@ -277,8 +279,6 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
                 "label": tf.ensure_shape(batch_label, (2, local)),
                 "group": tf.ensure_shape(batch_group, (2, local))}
 
-    if start_step < 0:
-        raise ValueError(f"start_step must be non-negative, got {start_step}")
     dataset = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
     dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
