@@ -261,6 +261,13 @@ def _open_tiff(slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack) -
         tiff = stack.enter_context(tifffile.TiffFile(file))
         if not tiff.series:
             raise SlideError(slide_id, file, "TIFF holds no image series")
+        first = tiff.series[0]
+        same = [s for s in tiff.series if (s.shape, s.dtype, s.axes) == (first.shape, first.dtype,
+                                                                           first.axes)]
+        if len(same) > 1:  # e.g. channels written as separate series; never guess which is which
+            raise SlideError(slide_id, file, f"TIFF holds {len(same)} image series of shape "
+                             f"{first.shape} (axes {first.axes!r}); expected one series with a "
+                             "channel axis, or one file per channel")
         return tiff
 
 
@@ -426,6 +433,8 @@ class SlideReader:
 
     def __init__(self, spec: SlideSpec, level: int = 0, downsample: int | None = None,
                  tumour_ids: Sequence[int] | None = None):
+        if not spec.image_files:
+            raise ValueError(f"slide {spec.slide_id!r}: no image files")
         if level < 0:
             raise ValueError(f"slide {spec.slide_id!r}: level must be >= 0, got {level}")
         if downsample is not None and downsample < 1:
@@ -466,11 +475,10 @@ class SlideReader:
         self._base_shape = level_shapes[0][0]
         self._pyramid = _common_pyramid(level_shapes)  # {downsample: level index per file}
         if self._downsample is None:
-            missing = [str(f) for f, shapes in zip(files, level_shapes) if self._level >= len(shapes)]
-            if missing:
-                raise SlideError(self.slide_id, missing[0], f"level {self._level} requested but the "
-                                 f"file has {len(level_shapes[files.index(pathlib.Path(missing[0]))])} "
-                                 "level(s)")
+            for file, shapes in zip(files, level_shapes):
+                if self._level >= len(shapes):
+                    raise SlideError(self.slide_id, file, f"level {self._level} requested but the "
+                                     f"file has {len(shapes)} level(s)")
             matches = [d for d, levels in self._pyramid.items() if levels == [self._level] * len(files)]
             if not matches:
                 raise SlideError(self.slide_id, files[0], f"level {self._level} is not an integer "

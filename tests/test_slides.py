@@ -385,6 +385,19 @@ def test_corrupt_compressed_tile(tmp_path):
     assert_names(error.value, "img.tif", "cannot read")
 
 
+def test_several_series_of_one_shape_rejected(tmp_path):
+    """tifffile writing channels page by page with its own metadata makes one series per channel."""
+    image = random_image(np.uint8)
+    file = tmp_path / "img.tif"
+    with tifffile.TiffWriter(file) as writer:
+        for c in range(image.shape[2]):
+            writer.write(image[..., c])
+    spec = spec_for([file], write_mask(tmp_path / "m.tif", np.zeros((HEIGHT, WIDTH), np.uint8)))
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec).__enter__()
+    assert_names(error.value, "img.tif", "4 image series")
+
+
 def test_not_a_tiff(tmp_path):
     spec = open_layout(tmp_path, random_image(np.uint8), "interleaved")
     spec.image_files[0].write_bytes(b"this is not an image")

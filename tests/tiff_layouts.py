@@ -10,6 +10,7 @@ Layouts (`LAYOUTS`):
   interleaved      one page, samples interleaved (Y, X, C)
   planar           one page, planar configuration "separate" (C, Y, X)
   multipage        one page per channel, shaped series (tifffile's own metadata)
+  multipage_plain  one page per channel written page by page without metadata (as libtiff/Pillow do)
   imagej           ImageJ hyperstack, one page per channel (axes CYX)
   ome              OME-TIFF, one page per channel (axes CYX)
   ome_pyramid      OME-TIFF with reduced levels in SubIFDs
@@ -28,6 +29,7 @@ LAYOUTS = (
     "interleaved",
     "planar",
     "multipage",
+    "multipage_plain",
     "imagej",
     "ome",
     "ome_pyramid",
@@ -36,7 +38,7 @@ LAYOUTS = (
 )
 PYRAMID_LAYOUTS = ("ome_pyramid", "subifd_pyramid")
 # Layouts that put each channel in its own page / plane, so JPEG (1 or 3 components) works for any C.
-PLANE_PER_CHANNEL_LAYOUTS = ("planar", "multipage", "imagej", "ome", "ome_pyramid", "per_channel")
+PLANE_PER_CHANNEL_LAYOUTS = ("planar", "multipage", "multipage_plain", "imagej", "ome", "ome_pyramid", "per_channel")
 
 
 def pyramid_levels(image: np.ndarray, levels: int) -> list[np.ndarray]:
@@ -100,6 +102,10 @@ def write_layout(
     elif layout == "multipage":
         tifffile.imwrite(file, planes, bigtiff=bigtiff, photometric="minisblack",
                          metadata={"axes": "QYX"}, **storage)
+    elif layout == "multipage_plain":
+        with tifffile.TiffWriter(file, bigtiff=bigtiff) as writer:
+            for plane in planes:
+                writer.write(plane, photometric="minisblack", metadata=None, **storage)
     elif layout == "imagej":
         tifffile.imwrite(file, planes, imagej=True, photometric="minisblack",
                          metadata={"axes": "CYX"}, **storage)
