@@ -419,6 +419,16 @@ def test_rgb_png_mask_and_float_mask_rejected(tmp_path):
     assert_names(error.value, "float.tif", "float32")
 
 
+def test_png_mask_too_large_to_read_whole(tmp_path, monkeypatch):
+    files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
+    png = tmp_path / "big.png"
+    Image.fromarray(np.zeros((HEIGHT, WIDTH), np.uint8)).save(png)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", HEIGHT * WIDTH // 4)  # Pillow's bomb limit
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec_for(files, png)).__enter__()
+    assert_names(error.value, "big.png", "tiled TIFF")
+
+
 def test_level_errors_and_window_checks(tmp_path):
     spec = open_layout(tmp_path, random_image(np.uint8), "interleaved")
     with pytest.raises(SlideError) as error:

@@ -57,6 +57,14 @@ def test_dark_field_discs_found_with_auto_polarity(num_channels):
     assert iou(tissue.detect_tissue(thumb, polarity="bright"), disc_truth()) < 0.2
 
 
+def test_tissue_visible_in_one_of_five_channels():
+    """Four channels are pure background noise; the fifth shows the tissue."""
+    rng = np.random.default_rng(2)
+    channels = [rng.normal(10, 3, SHAPE) for _ in range(5)]
+    channels[3] = channels[3] + disc_truth() * rng.normal(80, 20, SHAPE)
+    assert iou(tissue.detect_tissue(np.stack(channels, -1)), disc_truth()) > 0.9
+
+
 def test_bright_field_discs_found_with_auto_polarity():
     thumb = bright_field()
     found = tissue.detect_tissue(thumb)
