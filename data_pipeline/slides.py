@@ -7,9 +7,11 @@ no method ever holds a whole level in memory.
 
 Supported image files: stripped or tiled, uncompressed / deflate / LZW / JPEG / zstd / anything
 tifffile+imagecodecs decode, classic or BigTIFF; samples interleaved (Y, X, C), planar (C, Y, X), or one
-page per channel (shaped, ImageJ and OME hyperstacks); pyramids as SubIFDs or OME levels. Axes of
-length one (T, Z, ...) are ignored; exactly one axis besides Y and X may hold the channels. Pixel types
-uint8, uint16 and float32.
+page per channel (shaped, ImageJ and OME hyperstacks, plain page-by-page stacks); pyramids as SubIFDs,
+OME levels or reduced pages. The first series of a file is read (others, e.g. label or macro images,
+are ignored, but several series of one shape are an error: they may be channels). Axes of length one
+(T, Z, ...) are ignored; exactly one axis besides Y and X may hold the channels. Pixel types uint8,
+uint16 and float32.
 
 Resolution. `level=L` reads pyramid level L. `downsample=d` reads the pyramid level whose downsample is
 d when every image file has one; otherwise it reads level 0 and reduces it by the **area mean** of d x d
@@ -42,7 +44,7 @@ SPLITS = ("train", "validation", "test")
 MANIFEST_COLUMNS = ("slide_id", "image", "channels", "mask", "tissue_mask", "patient_id", "split",
                     "channel_names")
 SPATIAL_AXES = ("Y", "X")
-# Bytes of source pixels one step of a whole-level scan (thumbnail, validate) may hold.
+# Working memory (bytes) one band of a whole-level scan (thumbnail, validate) may take.
 SCAN_BYTES = 64 << 20
 # Errors tifffile, imagecodecs and zarr raise on unreadable or corrupt data.
 _READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, RuntimeError, KeyError, IndexError,
@@ -365,7 +367,7 @@ def _read_png_mask(slide_id: str, file: pathlib.Path) -> _MemoryArray:
                          "give the mask as a tiled TIFF") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise SlideError(slide_id, file, f"cannot read PNG: {error}") from error
-    if mode not in ("1", "L", "P", "I", "I;16"):
+    if not (mode in ("1", "L", "P") or mode.startswith("I")):  # I, I;16, I;16B, ...
         raise SlideError(slide_id, file, f"mask must be single-channel, PNG mode is {mode}")
     return _MemoryArray(array, file)
 
