@@ -254,7 +254,8 @@ def finalize_dataset(
     order = sorted(staged, key=lambda n: (not n.startswith(DATASET_NAME + "-"), n == DATASET_INFO_FILE))
     for name in order:
         os.replace(staging / name, data_dir / name)
-    staging.rmdir()
+    # rename() between two links of one inode (a shard republished unchanged) leaves the source.
+    shutil.rmtree(staging)
     return sizes
 
 
@@ -316,3 +317,4 @@ def write_patch_dataset(
     for parts in parts_by_split.values():
         for part in parts:
             part.path.unlink()
+    work.rmdir()

@@ -1,0 +1,448 @@
+"""Tests of `python -m data_pipeline tile` against a brute-force numpy loop over the full arrays."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import tifffile
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from PIL import Image
+
+from data_pipeline import tiling
+from data_pipeline.__main__ import main
+from data_pipeline.slides import SlideReader, SlideSpec
+from data_pipeline.tissue import detect_tissue
+from tests.tiff_layouts import pyramid_levels, write_layout
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MANIFEST_COLUMNS = ["slide_id", "image", "channels", "mask", "tissue_mask", "patient_id", "split"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test slides and the brute-force truth
+# ---------------------------------------------------------------------------------------------------
+def blobs(rng: np.random.Generator, shape: tuple[int, int], cell: int, fill: float) -> np.ndarray:
+    """Blocky random regions: a coarse random grid upsampled by `cell`, cropped to `shape`."""
+    coarse = rng.random((shape[0] // cell + 1, shape[1] // cell + 1)) < fill
+    return np.kron(coarse, np.ones((cell, cell), bool))[: shape[0], : shape[1]]
+
+
+def make_slide(rng: np.random.Generator, shape: tuple[int, int], channels: int, dtype) -> tuple:
+    """(image, tumour, tissue_lowres at 1/4): bright tissue on a dark background, tumour inside."""
+    tissue_low = blobs(rng, (-(-shape[0] // 4), -(-shape[1] // 4)), 3, 0.4)
+    tissue = np.kron(tissue_low, np.ones((4, 4), bool))[: shape[0], : shape[1]]
+    tumour = blobs(rng, shape, 7, 0.2) & np.roll(tissue, 3, axis=1)  # reaches outside tissue too
+    high = 200 if np.dtype(dtype) == np.uint8 else 3000
+    image = rng.integers(0, high // 10, size=shape + (channels,))
+    image = image + np.where(tissue, high, 0)[..., None] + rng.integers(0, high // 5, size=shape + (channels,))
+    return image.astype(dtype), tumour, tissue_low
+
+
+def write_mask(path: pathlib.Path, mask: np.ndarray) -> pathlib.Path:
+    if path.suffix == ".png":
+        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    else:
+        tifffile.imwrite(path, mask.astype(np.uint8))
+    return path
+
+
+def write_manifest(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in MANIFEST_COLUMNS})
+    return path
+
+
+def brute_force(slide_id, patient_id, image, tumour, tissue_full, P, S, d=1, min_tumor_pixels=1,
+                min_tissue_ratio=0.0) -> list[dict]:
+    """Every kept patch of one slide in row-major grid order, by plain loops over the full arrays."""
+    H, W = tumour.shape
+    tissue = tissue_full | tumour
+    patches = []
+    y = 0
+    while y + P <= H:
+        x = 0
+        while x + P <= W:
+            tumour_pixels = int(tumour[y:y + P, x:x + P].sum())
+            ratio = tissue[y:y + P, x:x + P].sum() / (P * P)
+            if ratio > min_tissue_ratio:
+                patches.append({"image": image[y:y + P, x:x + P], "label": int(tumour_pixels >= min_tumor_pixels),
+                                "tumor_fraction": np.float32(tumour_pixels / (P * P)),
+                                "tissue_ratio": np.float32(ratio), "x": x * d, "y": y * d,
+                                "slide_id": slide_id, "patient_id": patient_id})
+            x += S
+        y += S
+    return patches
+
+
+def upsample(lowres: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    return np.repeat(np.repeat(lowres, factor, axis=0), factor, axis=1)[: shape[0], : shape[1]]
+
+
+def read_csv_rows(data_dir: pathlib.Path) -> list[dict]:
+    with open(data_dir / "patches.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_dataset(data_dir: pathlib.Path, expected: dict[str, list[dict]], num_channels: int, dtype) -> None:
+    """The dataset read back (data source, tf.data and patches.csv) equals the brute-force patches."""
+    builder = tfds.builder_from_directory(os.fspath(data_dir))
+    assert sorted(builder.info.splits) == sorted(s for s, p in expected.items() if p)
+    rows = read_csv_rows(data_dir)
+    for split, patches in expected.items():
+        if not patches:
+            continue
+        source = builder.as_data_source(split)
+        split_rows = [r for r in rows if r["split"] == split]
+        assert len(source) == len(patches) == len(split_rows)
+        files = sorted(str(p) for p in data_dir.glob(f"gerne_patches-{split}.array_record-*"))
+        records = ArrayRecordDataSource(files)
+        tf_examples = tf.data.Dataset.from_tensor_slices([records[i] for i in range(len(records))]).map(
+            builder.info.features.deserialize_example)
+        for i, (truth, example, row, tf_example) in enumerate(zip(patches, source, split_rows, tf_examples)):
+            assert example["image"].shape == truth["image"].shape and example["image"].dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(example["image"], truth["image"])
+            np.testing.assert_array_equal(tf_example["image"].numpy(), truth["image"])
+            assert int(row["index"]) == i
+            for name in ("label", "x", "y"):
+                assert example[name] == truth[name] == int(row[name]) == tf_example[name].numpy(), name
+            for name in ("tumor_fraction", "tissue_ratio"):
+                assert example[name] == truth[name] == np.float32(row[name]) == tf_example[name].numpy(), name
+            for name in ("slide_id", "patient_id"):
+                assert example[name].decode() == truth[name] == row[name], name
+    train = np.stack([p["image"] for p in expected["train"]]).astype(np.float64)
+    meta = builder.info.metadata
+    np.testing.assert_allclose(meta["channel_mean"], train.mean(axis=(0, 1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(meta["channel_std"], train.std(axis=(0, 1, 2)), rtol=1e-9)
+    assert len(meta["channel_names"]) == num_channels and meta["source_dtype"] == np.dtype(dtype).name
+
+
+def shard_bytes(data_dir: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(data_dir.glob("gerne_patches-*"))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Level 0: three layouts, user tissue masks (TIFF and PNG at 1/4), stride != P, chunked bands
+# ---------------------------------------------------------------------------------------------------
+P0, S0 = 16, 12
+
+
+@pytest.fixture(scope="module")
+def level0(tmp_path_factory):
+    root = tmp_path_factory.mktemp("level0")
+    rng = np.random.default_rng(0)
+    layouts = {"a": ("interleaved", dict(compression="zlib"), (101, 90)),
+               "b": ("planar", dict(tile=(32, 32)), (77, 120)),
+               "c": ("per_channel", dict(), (96, 64))}
+    splits = {"a": "train", "b": "validation", "c": "test"}
+    rows, truth = [], {}
+    for slide_id, (layout, options, shape) in layouts.items():
+        image, tumour, tissue_low = make_slide(rng, shape, 4, np.uint16)
+        files = write_layout(root / slide_id, image, layout, **options)
+        mask = write_mask(root / f"{slide_id}_tumour.tif", tumour)
+        tissue_file = write_mask(root / f"{slide_id}_tissue.{'png' if slide_id == 'b' else 'tif'}", tissue_low)
+        row = {"slide_id": slide_id, "mask": mask.name, "tissue_mask": tissue_file.name,
+               "patient_id": f"p{slide_id}", "split": splits[slide_id]}
+        if len(files) == 1:
+            row["image"] = files[0].name
+        else:
+            row["channels"] = ";".join(str(f.relative_to(root)) for f in files)
+        rows.append(row)
+        truth[slide_id] = brute_force(slide_id, f"p{slide_id}", image, tumour, upsample(tissue_low, 4, shape),
+                                      P0, S0)
+    manifest = write_manifest(root / "manifest.csv", rows)
+    expected = {split: truth[s] for s, split in splits.items()}
+    return root, manifest, expected
+
+
+@pytest.fixture(scope="module")
+def level0_tiled(level0):
+    root, manifest, expected = level0
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiling, "BAND_BYTES", 40 * 16 * 4 * 2)  # 40 columns: several chunks per band
+        assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+                     "--stride", str(S0), "--tissue-factor", "4"]) == 0
+    return out
+
+
+def test_level0_layouts_match_brute_force(level0, level0_tiled):
+    _, _, expected = level0
+    assert all(expected.values())
+    check_dataset(level0_tiled, expected, 4, np.uint16)
+    meta = tfds.builder_from_directory(os.fspath(level0_tiled)).info.metadata
+    assert (meta["patch_size"], meta["stride"], meta["level"], meta["level_downsample"]) == (P0, S0, 0, 1)
+    assert (meta["min_tumor_pixels"], meta["min_tissue_ratio"]) == (1, 0.0)
+    for slide_id in "abc":
+        with Image.open(level0_tiled / "qc" / f"{slide_id}.png") as png:
+            assert png.format == "PNG" and min(png.size) > 100
+    report = json.loads((level0_tiled / "tiling_report.json").read_text())
+    assert {s: r["patches"] for s, r in report["slides"].items()} == {
+        s: len(expected[split]) for s, split in zip("abc", ("train", "validation", "test"))}
+
+
+def test_workers_and_reruns_give_byte_identical_shards(level0, level0_tiled, tmp_path):
+    _, manifest, _ = level0
+    out = tmp_path / "two_workers"
+    assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+                 "--stride", str(S0), "--tissue-factor", "4", "--workers", "2"]) == 0
+    reference = shard_bytes(level0_tiled)
+    assert len(reference) == 3 and shard_bytes(out) == reference
+    assert (out / "patches.csv").read_bytes() == (level0_tiled / "patches.csv").read_bytes()
+    # A re-run resumes every slide and republishes the same bytes.
+    assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+                 "--stride", str(S0), "--tissue-factor", "4"]) == 0
+    assert shard_bytes(out) == reference
+    report = json.loads((out / "tiling_report.json").read_text())
+    assert {r["status"] for r in report["slides"].values()} == {"resumed"}
+
+
+KILLER = textwrap.dedent("""
+    import os, sys
+    from data_pipeline import shards
+    from data_pipeline.__main__ import main
+    limit, calls = int(os.environ["KILL_AFTER_RECORDS"]), [0]
+    serialize = shards.PatchSerializer.__call__
+    def dying(self, example):
+        calls[0] += 1
+        if calls[0] > limit:
+            os._exit(3)  # like a kill: no clean-up runs
+        return serialize(self, example)
+    shards.PatchSerializer.__call__ = dying
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_resume_after_kill_mid_slide(level0, level0_tiled, tmp_path):
+    _, manifest, expected = level0
+    out = tmp_path / "killed"
+    args = ["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+            "--stride", str(S0), "--tissue-factor", "4"]
+    kill_after = len(expected["train"]) + len(expected["validation"]) // 2  # inside slide b
+    env = dict(os.environ, KILL_AFTER_RECORDS=str(kill_after), PYTHONPATH=str(REPO))
+    completed = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, cwd=REPO,
+                               capture_output=True, text=True)
+    assert completed.returncode == 3, completed.stderr[-2000:]
+    work = out / ".work"
+    assert (work / "a.json").exists() and not (work / "b.json").exists()
+    assert list(work.glob("b.array_record.tmp-*")), "the killed slide left its temporary file"
+    assert not (out / "dataset_info.json").exists()
+
+    assert main(args) == 0
+    assert not list(work.glob("*.tmp-*"))
+    assert shard_bytes(out) == shard_bytes(level0_tiled)
+    assert (out / "patches.csv").read_bytes() == (level0_tiled / "patches.csv").read_bytes()
+    report = json.loads((out / "tiling_report.json").read_text())
+    assert [report["slides"][s]["status"] for s in "abc"] == ["resumed", "tiled", "tiled"]
+
+
+def test_changed_settings_retile_instead_of_resuming(level0, level0_tiled, tmp_path):
+    _, manifest, expected = level0
+    out = tmp_path / "retile"
+    base = ["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+            "--tissue-factor", "4"]
+    assert main(base + ["--stride", str(P0)]) == 0
+    assert main(base + ["--stride", str(S0)]) == 0
+    report = json.loads((out / "tiling_report.json").read_text())
+    assert {r["status"] for r in report["slides"].values()} == {"tiled"}
+    assert shard_bytes(out) == shard_bytes(level0_tiled)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Level 1 of pyramids, detected tissue, thresholds
+# ---------------------------------------------------------------------------------------------------
+def test_pyramid_level1_with_detected_tissue(tmp_path):
+    rng = np.random.default_rng(1)
+    P, S, f = 8, 6, 2
+    rows, expected = [], {"train": [], "test": []}
+    for slide_id, layout, split in (("p1", "ome_pyramid", "train"), ("p2", "subifd_pyramid", "test")):
+        image, tumour, _ = make_slide(rng, (83, 70), 3, np.uint8)
+        files = write_layout(tmp_path / slide_id, image, layout, tile=(16, 16), levels=2)
+        mask = write_mask(tmp_path / f"{slide_id}_tumour.tif", tumour)
+        rows.append({"slide_id": slide_id, "image": files[0].name, "mask": mask.name, "split": split})
+        spec = SlideSpec(slide_id, tuple(files), mask)
+        with SlideReader(spec, level=1) as reader:  # the tiler's own detection, by the contract rule
+            detected = detect_tissue(reader.thumbnail(f))
+        level1, tumour1 = pyramid_levels(image, 2)[1], tumour[::2, ::2]
+        expected[split] = brute_force(slide_id, "", level1, tumour1, upsample(detected, f, tumour1.shape),
+                                      P, S, d=2, min_tumor_pixels=3, min_tissue_ratio=0.25)
+    manifest = write_manifest(tmp_path / "manifest.csv", rows)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="split 'validation' has no patches"):
+        assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P),
+                     "--stride", str(S), "--level", "1", "--tissue-factor", str(f), "--min-tumor-pixels", "3",
+                     "--min-tissue-ratio", "0.25"]) == 0
+    assert all(expected.values())
+    check_dataset(out, expected, 3, np.uint8)
+    meta = tfds.builder_from_directory(os.fspath(out)).info.metadata
+    assert (meta["level"], meta["level_downsample"], meta["min_tumor_pixels"], meta["min_tissue_ratio"]) == (
+        1, 2, 3, 0.25)
+
+
+@pytest.mark.filterwarnings("ignore:split '(validation|test)' has no patches")
+def test_label_map_mask_with_tumour_ids(tmp_path):
+    rng = np.random.default_rng(2)
+    image, tumour, tissue_low = make_slide(rng, (48, 48), 2, np.float32)
+    labels = np.where(tumour, 5, np.where(blobs(rng, (48, 48), 5, 0.3), 2, 0)).astype(np.uint8)
+    write_layout(tmp_path / "s", image, "interleaved")
+    tifffile.imwrite(tmp_path / "s_labels.tif", labels)
+    write_mask(tmp_path / "s_tissue.tif", tissue_low)
+    manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "s", "image": "s.tif", "mask": "s_labels.tif",
+                                                    "tissue_mask": "s_tissue.tif", "split": "train"}])
+    out = tmp_path / "out"
+    assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", "8",
+                 "--tissue-factor", "4", "--tumour-ids", "5"]) == 0
+    expected = brute_force("s", "", image, labels == 5, upsample(tissue_low, 4, (48, 48)), 8, 8)
+    check_dataset(out, {"train": expected}, 2, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input through the CLI
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def bad_inputs(level0, tmp_path):
+    """The level-0 manifest plus broken slides: truncated TIFF, label-map mask, wrong channel count."""
+    root, manifest, _ = level0
+    rows = list(csv.DictReader(open(manifest)))
+    for row in rows:
+        for key in ("image", "mask", "tissue_mask"):
+            if row[key]:
+                row[key] = str(root / row[key])
+        if row["channels"]:
+            row["channels"] = ";".join(str(root / c) for c in row["channels"].split(";"))
+    data = (root / "a.tif").read_bytes()
+    (tmp_path / "truncated.tif").write_bytes(data[: len(data) // 2])
+    labels = np.zeros((101, 90), np.uint8)
+    labels[10:20, 10:20], labels[40:50, 40:50] = 3, 7
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((101, 90, 3), np.uint16) + np.arange(3, dtype=np.uint16))
+    broken = {"truncated": dict(rows[0], slide_id="truncated", image=str(tmp_path / "truncated.tif")),
+              "labelmap": dict(rows[0], slide_id="labelmap", mask=str(tmp_path / "labels.tif")),
+              "three_channels": dict(rows[0], slide_id="three_channels", image=str(tmp_path / "rgb.tif"))}
+    return rows, broken
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("truncated", "slide 'truncated', file '.*truncated.tif': .*truncated"),
+    ("labelmap", "slide 'labelmap', file '.*labels.tif': mask is a label map"),
+    ("three_channels", "slide 'three_channels', file '.*rgb.tif': does not match the dataset's format"),
+])
+def test_bad_slide_stops_the_run_and_writes_nothing_of_it(bad_inputs, tmp_path, capsys, bad, message):
+    rows, broken = bad_inputs
+    manifest = write_manifest(tmp_path / "m.csv", rows[:1] + [broken[bad]] + rows[1:])
+    out = tmp_path / "out"
+    code = main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+                 "--tissue-factor", "4"])
+    assert code == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(out.rglob(f"{bad}*")), "nothing of the bad slide may be written"
+    assert not (out / "dataset_info.json").exists()
+    report = json.loads((out / "tiling_report.json").read_text())
+    assert report["slides"][bad]["status"] == "failed"
+
+
+def test_skip_errors_finishes_the_others_and_reports(bad_inputs, level0, tmp_path, capsys):
+    rows, broken = bad_inputs
+    _, _, expected = level0
+    manifest = write_manifest(tmp_path / "m.csv", rows + list(broken.values()))
+    out = tmp_path / "out"
+    assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+                 "--stride", str(S0), "--tissue-factor", "4", "--skip-errors"]) == 0
+    err = capsys.readouterr().err
+    assert "3 slide(s) failed" in err and all(f"slide '{name}'" in err for name in broken)
+    report = json.loads((out / "tiling_report.json").read_text())
+    assert {s: r["status"] for s, r in report["slides"].items()} == {
+        "a": "tiled", "b": "tiled", "c": "tiled", "truncated": "failed", "labelmap": "failed",
+        "three_channels": "failed"}
+    assert "label map" in report["slides"]["labelmap"]["error"]
+    assert {r["slide_id"] for r in read_csv_rows(out)} == {"a", "b", "c"}
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.png", "b.png", "c.png"]
+    check_dataset(out, expected, 4, np.uint16)
+
+
+def test_every_slide_failing_exits_non_zero(bad_inputs, tmp_path, capsys):
+    _, broken = bad_inputs
+    manifest = write_manifest(tmp_path / "m.csv", [broken["truncated"]])
+    assert main(["tile", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--patch-size", "16",
+                 "--skip-errors"]) == 1
+    assert "every slide failed" in capsys.readouterr().err
+
+
+def test_manifest_errors_are_named(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "x", "image": "missing.tif", "mask": "m.tif"}])
+    assert main(["tile", "--manifest", str(manifest), "--out", str(tmp_path / "o"), "--patch-size", "8"]) == 1
+    assert "slide 'x'" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "i.tif", np.zeros((8, 8), np.uint8))
+    bad_id = write_manifest(tmp_path / "n.csv", [{"slide_id": "../x", "image": "i.tif", "mask": "i.tif"}])
+    assert main(["tile", "--manifest", str(bad_id), "--out", str(tmp_path / "o"), "--patch-size", "8"]) == 1
+    assert "slide_id is used as a file name" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grid arithmetic and splits
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("P, S, W", [(5, 5, 23), (5, 3, 23), (4, 7, 30), (6, 2, 6), (8, 4, 7)])
+def test_window_counts_and_chunks_match_brute_force(P, S, W):
+    band = np.random.default_rng(P * 100 + S).random((P, W)) < 0.3
+    starts = tiling.grid_origins(W, P, S)
+    assert starts.tolist() == [x for x in range(0, W, S) if x + P <= W]
+    np.testing.assert_array_equal(tiling.window_counts(band, starts, P), [band[:, x:x + P].sum() for x in starts])
+    for max_width in (1, P, P + S, 3 * P + 1, 10**6):
+        chunks = tiling.column_chunks(starts, P, S, max_width)
+        assert np.concatenate(chunks or [np.zeros(0, np.int64)]).tolist() == starts.tolist()
+        assert all(c[-1] + P - c[0] <= max(max_width, P) for c in chunks)
+
+
+def test_lowres_window_is_nearest_upsampling():
+    lowres = np.random.default_rng(3).random((6, 5)) < 0.5
+    full = upsample(lowres, 4, (23, 19))
+    np.testing.assert_array_equal(tiling.lowres_window(lowres, 4, 3, 5, 17, 11), full[3:20, 5:16])
+
+
+def spec(slide_id, patient=None, split=None):
+    return SlideSpec(slide_id, (pathlib.Path("i.tif"),), pathlib.Path("m.tif"), patient_id=patient, split=split)
+
+
+def test_patient_splits_are_disjoint_seeded_and_follow_fractions():
+    specs = [spec(f"s{i}", f"p{i // 3}" if i < 60 else None) for i in range(90)]  # 20 patients + 30 alone
+    split_of = tiling.assign_splits(specs, (0.6, 0.2, 0.2), seed=0)
+    assert split_of == tiling.assign_splits(specs, (0.6, 0.2, 0.2), seed=0)
+    assert split_of != tiling.assign_splits(specs, (0.6, 0.2, 0.2), seed=1)
+    by_patient = {}
+    for s in specs:
+        by_patient.setdefault(s.patient_id or s.slide_id, set()).add(split_of[s.slide_id])
+    assert all(len(splits) == 1 for splits in by_patient.values())
+    groups = [next(iter(v)) for v in by_patient.values()]
+    assert [groups.count(name) for name in ("train", "validation", "test")] == [30, 10, 10]
+
+
+def test_split_counts_keep_every_split_when_possible():
+    assert tiling.split_counts(3, (0.6, 0.2, 0.2)) == [1, 1, 1]
+    assert tiling.split_counts(2, (0.6, 0.2, 0.2)) == [1, 1, 0]  # 1.2, 0.4, 0.4: remainder to validation
+    assert tiling.split_counts(10, (0.7, 0.3, 0.0)) == [7, 3, 0]
+    assert tiling.split_counts(7, (0.6, 0.2, 0.2)) == [4, 2, 1]  # 4.2, 1.4, 1.4: tie goes to the earlier
+    for n in range(1, 40):
+        assert sum(tiling.split_counts(n, (0.5, 0.3, 0.2))) == n
+
+
+def test_manifest_splits_win_and_must_be_complete():
+    specs = [spec("a", "p", "train"), spec("b", "q", "test")]
+    assert tiling.assign_splits(specs, (0.6, 0.2, 0.2), 0) == {"a": "train", "b": "test"}
+    with pytest.raises(ValueError, match=r"split column is empty for slide\(s\) \['c'\]"):
+        tiling.assign_splits(specs + [spec("c")], (0.6, 0.2, 0.2), 0)
+    with pytest.warns(UserWarning, match="one patient in several splits"):
+        tiling.assign_splits([spec("a", "p", "train"), spec("b", "p", "test")], (0.6, 0.2, 0.2), 0)
+    with pytest.raises(ValueError, match="--split-fractions"):
+        tiling.assign_splits([spec("a")], (0.5, 0.2, 0.2), 0)
