@@ -44,7 +44,7 @@ SPLITS = ("train", "validation", "test")
 MANIFEST_COLUMNS = ("slide_id", "image", "channels", "mask", "tissue_mask", "patient_id", "split",
                     "channel_names")
 SPATIAL_AXES = ("Y", "X")
-# Working memory (bytes) one band of a whole-level scan (thumbnail, validate) may take.
+# Working memory (bytes) one window of a whole-level scan (thumbnail, validate) may take.
 SCAN_BYTES = 64 << 20
 # Errors tifffile, imagecodecs and zarr raise on unreadable or corrupt data.
 _READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, RuntimeError, KeyError, IndexError,
@@ -198,6 +198,8 @@ class _TiffLevel:
         self._channel_axis = extra[0] if extra else None
         self._check_not_truncated(tiff, level_series)
         self._array = zarr.open(series.aszarr(level=level), mode="r")
+        # Storage chunk (strip or tile) in pixels: scans align to it so none is decoded twice.
+        self.chunk_shape = (self._array.chunks[axes.index("Y")], self._array.chunks[axes.index("X")])
 
     def _check_not_truncated(self, tiff: tifffile.TiffFile, level_series) -> None:
         file_size = tiff.filehandle.size
@@ -240,6 +242,7 @@ class _MemoryArray:
         self.shape = array.shape[:2]
         self.dtype = array.dtype
         self.num_channels = 1
+        self.chunk_shape = (1, 1)  # in memory: no decoding to align to
         self._array = array
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
@@ -334,6 +337,9 @@ class _LevelView:
         self.num_channels = sum(source.num_channels for source in sources)
         # Bytes a whole-level scan holds per pixel of this view (float64 working copy of the source).
         self.scan_bytes_per_pixel = 8 * self.num_channels * area_factor ** 2
+        self.chunk_shape = tuple(
+            math.lcm(*(source.chunk_shape[axis] // math.gcd(source.chunk_shape[axis], area_factor)
+                       for source in sources)) for axis in (0, 1))
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         factor = self.area_factor
@@ -346,13 +352,33 @@ class _LevelView:
             axis=(1, 3), dtype=np.float64)
         return (blocks if self.dtype.kind == "f" else np.rint(blocks)).astype(self.dtype)
 
-    def bands(self, multiple_of: int = 1) -> Iterator[np.ndarray]:
-        """Full-width bands of rows, top to bottom, of about SCAN_BYTES of working memory each;
-        band heights are multiples of `multiple_of` (except the last)."""
-        rows = max(1, SCAN_BYTES // max(1, self.shape[1] * self.scan_bytes_per_pixel))
-        rows = max(multiple_of, rows // multiple_of * multiple_of)
-        for top in range(0, self.shape[0], rows):
-            yield self.read(top, 0, min(rows, self.shape[0] - top), self.shape[1])
+    def scan(self, multiple_of: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(y, x, window) over the whole view in bounded memory (see `_scan_windows`)."""
+        for y, x, h, w in _scan_windows(self.shape, self.chunk_shape, self.scan_bytes_per_pixel,
+                                        multiple_of):
+            yield y, x, self.read(y, x, h, w)
+
+
+def _scan_windows(shape: tuple[int, int], chunk_shape: tuple[int, int], bytes_per_pixel: int,
+                  multiple_of: int = 1) -> Iterator[tuple[int, int, int, int]]:
+    """(y, x, h, w) windows tiling `shape` row by row, each of about SCAN_BYTES working memory.
+
+    Window sides are multiples of `multiple_of` and, when a chunk fits the budget, of the storage
+    chunk, so no strip or tile is decoded twice; only windows at the bottom and right are smaller.
+    """
+    height, width = shape
+    budget = max(1, SCAN_BYTES // max(1, bytes_per_pixel))  # pixels per window
+    unit_h = math.lcm(multiple_of, max(1, chunk_shape[0]))
+    unit_w = math.lcm(multiple_of, max(1, chunk_shape[1]))
+    if unit_h * min(unit_w, width) > budget:  # chunks too big for the budget: give up alignment
+        unit_h = multiple_of
+        if unit_h * min(unit_w, width) > budget:
+            unit_w = multiple_of
+    window_w = max(unit_w, budget // unit_h // unit_w * unit_w)
+    window_h = max(unit_h, budget // min(window_w, width) // unit_h * unit_h)
+    for y in range(0, height, window_h):
+        for x in range(0, width, window_w):
+            yield y, x, min(window_h, height - y), min(window_w, width - x)
 
 
 def _read_png_mask(slide_id: str, file: pathlib.Path) -> _MemoryArray:
@@ -588,9 +614,9 @@ class SlideReader:
     def thumbnail(self, factor: int) -> np.ndarray:
         """The chosen level reduced `factor` times: (ceil(H/f), ceil(W/f), C) float32 block means.
 
-        Reads band by band (bounded memory) from the coarsest pyramid level whose downsample divides
-        the requested one, so a pyramidal slide is never read at full resolution. Edge blocks average
-        the pixels they have.
+        Reads window by window (bounded memory) from the coarsest pyramid level whose downsample
+        divides the requested one, so a pyramidal slide is never read at full resolution. Edge
+        blocks average the pixels they have.
         """
         if factor < 1:
             raise ValueError(f"slide {self.slide_id!r}: thumbnail factor must be >= 1, got {factor}")
@@ -604,10 +630,12 @@ class SlideReader:
         else:
             downsample, view = self.level_downsample, self._image
         reduction = wanted // downsample
-        rows = [_block_mean(band.astype(np.float64), reduction)
-                for band in view.bands(multiple_of=reduction)]
-        thumb = (np.concatenate(rows, axis=0) if rows
-                 else np.zeros((0, math.ceil(view.shape[1] / reduction), self.num_channels)))
+        thumb = np.zeros((math.ceil(view.shape[0] / reduction), math.ceil(view.shape[1] / reduction),
+                          self.num_channels))
+        for y, x, window in view.scan(multiple_of=reduction):
+            means = _block_mean(window.astype(np.float64), reduction)
+            thumb[y // reduction:y // reduction + means.shape[0],
+                  x // reduction:x // reduction + means.shape[1]] = means
         target = (math.ceil(self.shape[0] / factor), math.ceil(self.shape[1] / factor))
         return _fit(thumb, target).astype(np.float32)
 
@@ -615,7 +643,7 @@ class SlideReader:
     def validate(self) -> None:
         """Checks that need the pixels; raises SlideError.
 
-        Empty slide (zero size, or one value everywhere; the scan stops at the first band that
+        Empty slide (zero size, or one value everywhere; the scan stops at the first window that
         varies), mask values ({0,1} or {0,255}, else `tumour_ids` is required), unreadable data.
         """
         self._check_window(0, 0, 0, 0)
@@ -623,18 +651,17 @@ class SlideReader:
         if 0 in self.shape:
             raise SlideError(self.slide_id, first_file, f"empty slide: zero size {self.shape}")
         low = high = None
-        for band in self._image.bands():
-            low = band.min() if low is None else min(low, band.min())
-            high = band.max() if high is None else max(high, band.max())
+        for _, _, window in self._image.scan():
+            low = window.min() if low is None else min(low, window.min())
+            high = window.max() if high is None else max(high, window.max())
             if low != high:
                 break
         else:
             raise SlideError(self.slide_id, first_file, f"empty slide: every pixel is {low}")
         mask = self._tumour.source
         found: set = set()
-        band_rows = max(1, SCAN_BYTES // max(1, mask.shape[1] * mask.dtype.itemsize))
-        for top in range(0, mask.shape[0], band_rows):
-            found |= _distinct_values(mask.read(slice(top, top + band_rows), slice(None))[..., 0])
+        for y, x, h, w in _scan_windows(mask.shape, mask.chunk_shape, 8 + mask.dtype.itemsize):
+            found |= _distinct_values(mask.read(slice(y, y + h), slice(x, x + w)))
         if self._tumour_ids is None and not (found <= {0, 1} or found <= {0, 255}):
             raise SlideError(self.slide_id, self.spec.mask_file, "mask is a label map (values "
                              f"{_format_values(sorted(found))}); pass tumour_ids to say which "

@@ -5,6 +5,7 @@ dtype and compression; masks against numpy re-indexing; bad inputs by error clas
 """
 from __future__ import annotations
 
+import math
 import pickle
 import tracemalloc
 
@@ -205,15 +206,41 @@ def brute_force_thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
     return thumb
 
 
+@pytest.mark.parametrize("scan_bytes", [8 * 4 * WIDTH * 3, slides.SCAN_BYTES], ids=["tiny", "default"])
 @pytest.mark.parametrize("factor", [1, 4, 7])
-def test_thumbnail_is_block_mean_and_bounded_by_bands(tmp_path, monkeypatch, factor):
+def test_thumbnail_is_block_mean(tmp_path, monkeypatch, factor, scan_bytes):
     image = random_image(np.uint16, seed=10)
-    # Tiny scan budget: many bands, so band seams are exercised.
-    monkeypatch.setattr(slides, "SCAN_BYTES", 8 * 4 * WIDTH * 3)
+    # A tiny scan budget gives many small windows, so window seams are exercised.
+    monkeypatch.setattr(slides, "SCAN_BYTES", scan_bytes)
     with SlideReader(open_layout(tmp_path, image, "planar", tile=TILE)) as reader:
         thumb = reader.thumbnail(factor)
     assert thumb.dtype == np.float32
     np.testing.assert_allclose(thumb, brute_force_thumbnail(image, factor), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,chunk,multiple_of,budget_px", [
+    ((45, 67), (16, 16), 1, 10_000),     # everything fits: one window
+    ((45, 67), (16, 16), 1, 16 * 67),    # one chunk row per window
+    ((45, 67), (16, 16), 3, 16 * 67),    # chunk rows and multiples of 3: lcm 48 > budget rows
+    ((100, 90), (7, 90), 4, 28 * 90),    # strips of 7 rows, blocks of 4: 28-row windows
+    ((45, 67), (45, 67), 5, 200),        # one chunk larger than the budget: alignment dropped
+    ((50, 1000), (1, 1), 7, 100),        # windows narrower than the width
+])
+def test_scan_windows_tile_the_level_once(monkeypatch, shape, chunk, multiple_of, budget_px):
+    monkeypatch.setattr(slides, "SCAN_BYTES", budget_px * 8)
+    windows_ = list(slides._scan_windows(shape, chunk, 8, multiple_of))
+    covered = np.zeros(shape, int)
+    for y, x, h, w in windows_:
+        covered[y:y + h, x:x + w] += 1
+        # Only the last row / column of windows may be cut short; the rest are multiples.
+        assert (y + h == shape[0] or h % multiple_of == 0) and (x + w == shape[1] or w % multiple_of == 0)
+        # Within budget unless a single unit (multiple_of x multiple_of) exceeds it.
+        assert h * w <= max(budget_px, multiple_of ** 2)
+        # Chunk-aligned rows whenever one aligned unit (lcm with multiple_of) fits the budget.
+        unit_h, unit_w = math.lcm(multiple_of, chunk[0]), math.lcm(multiple_of, chunk[1])
+        if unit_h * min(unit_w, shape[1]) <= budget_px:
+            assert y % chunk[0] == 0 and (y + h == shape[0] or h % chunk[0] == 0)
+    np.testing.assert_array_equal(covered, 1)
 
 
 def test_thumbnail_prefers_pyramid_level(tmp_path):
