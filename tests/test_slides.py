@@ -488,35 +488,56 @@ def test_slide_error_pickles_with_fields():
 # ---------------------------------------------------------------------------------------------------
 # Laziness
 # ---------------------------------------------------------------------------------------------------
-def test_small_region_of_large_tiled_file_reads_only_its_tiles(tmp_path):
-    """A 4096 x 4096 x 3 uint8 file (48 MiB of pixels, each tile constant): reading a 64 x 64 window
-    allocates far less than the whole image."""
-    size, tile = 4096, 256
-    tiles_per_row = size // tile
+LARGE_SIZE, LARGE_TILE = 4096, 256
+
+
+def large_tile_value(y, x):
+    return ((y // LARGE_TILE) * (LARGE_SIZE // LARGE_TILE) + x // LARGE_TILE) % 251
+
+
+@pytest.fixture(scope="module")
+def large_slide(tmp_path_factory) -> SlideSpec:
+    """A 4096 x 4096 x 3 uint8 tiled file (48 MiB of pixels) whose every tile is constant."""
+    folder = tmp_path_factory.mktemp("large")
 
     def tiles():
-        for index in range(tiles_per_row ** 2):
-            yield np.full((tile, tile, 3), index % 251, np.uint8)
+        for index in range((LARGE_SIZE // LARGE_TILE) ** 2):
+            yield np.full((LARGE_TILE, LARGE_TILE, 3), index % 251, np.uint8)
 
-    file = tmp_path / "large.tif"
-    tifffile.imwrite(file, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile),
-                     compression="zlib", photometric="rgb")
-    mask = tmp_path / "mask.tif"
-    tifffile.imwrite(mask, tiles_mask := np.zeros((size, size), np.uint8), tile=(tile, tile),
+    file = folder / "large.tif"
+    tifffile.imwrite(file, tiles(), shape=(LARGE_SIZE, LARGE_SIZE, 3), dtype=np.uint8,
+                     tile=(LARGE_TILE, LARGE_TILE), compression="zlib", photometric="rgb")
+    mask = folder / "mask.tif"
+    tifffile.imwrite(mask, np.zeros((LARGE_SIZE, LARGE_SIZE), np.uint8), tile=(LARGE_TILE, LARGE_TILE),
                      compression="zlib")
-    del tiles_mask
-    with SlideReader(spec_for([file], mask)) as reader:
+    return spec_for([file], mask)
+
+
+def test_small_region_of_large_tiled_file_reads_only_its_tiles(large_slide):
+    """Reading a 64 x 64 window allocates a few tiles' worth, nowhere near the 48 MiB image."""
+    top, left = LARGE_TILE - 32, 2 * LARGE_TILE - 32  # crosses four tiles
+    with SlideReader(large_slide) as reader:
         tracemalloc.start()
-        region = reader.read_region(tile - 32, 2 * tile - 32, 64, 64)  # crosses four tiles
+        region = reader.read_region(top, left, 64, 64)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    assert peak < 4 * tile * tile * 3 * 2  # a few tiles, nowhere near 48 MiB
-    expected = np.empty((64, 64), np.uint8)
-    for i in range(64):
-        for j in range(64):
-            y, x = tile - 32 + i, 2 * tile - 32 + j
-            expected[i, j] = ((y // tile) * tiles_per_row + x // tile) % 251
+    assert peak < 4 * LARGE_TILE * LARGE_TILE * 3 * 2
+    expected = np.array([[large_tile_value(top + i, left + j) for j in range(64)] for i in range(64)])
     np.testing.assert_array_equal(region, np.repeat(expected[..., None], 3, axis=-1))
+
+
+def test_thumbnail_of_large_file_in_bounded_memory(large_slide, monkeypatch):
+    """The whole image as float64 would be 384 MiB; the scan stays within about SCAN_BYTES."""
+    monkeypatch.setattr(slides, "SCAN_BYTES", 8 << 20)
+    with SlideReader(large_slide) as reader:
+        tracemalloc.start()
+        thumb = reader.thumbnail(128)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 2 * slides.SCAN_BYTES
+    # Each 128 x 128 block lies in one constant tile.
+    expected = np.array([[large_tile_value(i * 128, j * 128) for j in range(32)] for i in range(32)])
+    np.testing.assert_array_equal(thumb, np.repeat(expected[..., None], 3, axis=-1).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------
