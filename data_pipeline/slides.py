@@ -286,14 +286,16 @@ def _level_shapes(tiff: tifffile.TiffFile) -> list[tuple[int, int]]:
 
 
 def _integer_downsample(base: tuple[int, int], reduced: tuple[int, int]) -> int | None:
-    """d if `reduced` is `base` downsampled by an integer d (floor or ceil rounding), else None."""
-    if min(reduced) <= 0:
-        return None
-    factor = max(1, round(base[0] / reduced[0]))
+    """The smallest integer d with `reduced` = `base` / d, rounded down or up per axis; else None."""
+    low, high = 1, math.inf
     for full, small in zip(base, reduced):
-        if small not in (full // factor, -(-full // factor)):
+        if small <= 0 or small > full:
             return None
-    return factor
+        # floor(full / d) == small or ceil(full / d) == small  <=>  full/(small+1) < d < full/(small-1)
+        low = max(low, full // (small + 1) + 1)
+        if small > 1:
+            high = min(high, -(-full // (small - 1)) - 1)
+    return low if low <= high else None
 
 
 def _index_map(start: int, length: int, mode: str, factor: int,

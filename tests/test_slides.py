@@ -196,6 +196,17 @@ def test_downsample_without_pyramid_is_area_mean(tmp_path, dtype, downsample):
         assert_regions_equal(reader, expected)
 
 
+def test_integer_downsample_matches_brute_force():
+    def valid(full, small, d):
+        return small in (full // d, -(-full // d))
+
+    for base in [(10, 10), (45, 67), (1, 7), (100, 3)]:
+        for reduced in [(h, w) for h in range(1, base[0] + 1) for w in range(1, base[1] + 1)]:
+            candidates = [d for d in range(1, max(base) + 2)
+                          if all(valid(f, s, d) for f, s in zip(base, reduced))]
+            assert slides._integer_downsample(base, reduced) == (min(candidates) if candidates else None)
+
+
 def brute_force_thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
     height, width = -(-image.shape[0] // factor), -(-image.shape[1] // factor)
     thumb = np.empty((height, width, image.shape[2]))
