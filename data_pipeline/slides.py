@@ -543,16 +543,16 @@ class SlideReader:
         return sources
 
     def _resolve_channel_names(self) -> tuple[str, ...]:
+        """The manifest's names, else OME channel names, else channel_0, channel_1, ...
+
+        File names are not used: they often carry the slide id, and names must agree across slides.
+        """
         if self.spec.channel_names is not None:
             names = tuple(self.spec.channel_names)
             if len(names) != self.num_channels:
                 raise SlideError(self.slide_id, self.spec.image_files[0], f"{len(names)} channel names "
                                  f"{list(names)} for {self.num_channels} channels")
             return names
-        if len(self._tiffs) > 1 and self.num_channels == len(self._tiffs):
-            names = tuple(file.name.split(".")[0] for file in self.spec.image_files)
-            if len(set(names)) == len(names):
-                return names
         if len(self._tiffs) == 1 and self._tiffs[0].is_ome:
             names = _ome_channel_names(self._tiffs[0].ome_metadata)
             if len(names) == self.num_channels and len(set(names)) == len(names):
