@@ -100,6 +100,9 @@ def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
         header = [name.strip() for name in (rows.fieldnames or [])]
         if not header:
             raise ValueError(f"manifest {str(path)!r}: no header row")
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise ValueError(f"manifest {str(path)!r}: repeated column(s) {repeated}")
         unknown = [name for name in header if name not in MANIFEST_COLUMNS]
         if unknown:
             raise ValueError(f"manifest {str(path)!r}: unknown column(s) {unknown}; "
@@ -111,30 +114,31 @@ def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
             raise ValueError(f"manifest {str(path)!r}: missing column(s) {missing}")
         rows.fieldnames = header
         specs: list[SlideSpec] = []
-        first_row_of: dict[str, int] = {}
-        for row_number, row in enumerate(rows, start=2):  # row 1 is the header
+        first_line_of: dict[str, int] = {}
+        for row in rows:
+            line = rows.line_num  # physical line, as an editor shows it
             if None in row:
-                raise ValueError(f"manifest {str(path)!r}, row {row_number}: more values than columns")
+                raise ValueError(f"manifest {str(path)!r}, line {line}: more values than columns")
             values = {name: (value or "").strip() for name, value in row.items()}
-            spec = _parse_row(values, row_number, root, path)
-            if spec.slide_id in first_row_of:
-                raise SlideError(spec.slide_id, path, f"duplicate slide_id in rows "
-                                 f"{first_row_of[spec.slide_id]} and {row_number}")
-            first_row_of[spec.slide_id] = row_number
+            spec = _parse_row(values, line, root, path)
+            if spec.slide_id in first_line_of:
+                raise SlideError(spec.slide_id, path, f"duplicate slide_id on lines "
+                                 f"{first_line_of[spec.slide_id]} and {line}")
+            first_line_of[spec.slide_id] = line
             specs.append(spec)
     if not specs:
         raise ValueError(f"manifest {str(path)!r}: no slides")
     return specs
 
 
-def _parse_row(values: dict[str, str], row_number: int, root: pathlib.Path,
+def _parse_row(values: dict[str, str], line: int, root: pathlib.Path,
                manifest: pathlib.Path) -> SlideSpec:
     slide_id = values.get("slide_id", "")
     if not slide_id:
-        raise ValueError(f"manifest {str(manifest)!r}, row {row_number}: empty slide_id")
+        raise ValueError(f"manifest {str(manifest)!r}, line {line}: empty slide_id")
 
     def fail(problem: str, file: pathlib.Path | str = manifest) -> SlideError:
-        return SlideError(slide_id, file, f"{problem} (manifest row {row_number})")
+        return SlideError(slide_id, file, f"{problem} (manifest line {line})")
 
     def existing_file(text: str) -> pathlib.Path:
         file = pathlib.Path(text).expanduser()

@@ -588,17 +588,35 @@ def test_read_manifest_resolves_paths_and_fields(slide_files):
 @pytest.mark.parametrize("rows,file_name,problem", [
     ("slide_7,missing.tif,,mask.tif,", "missing.tif", "file not found"),
     ("slide_7,a.tif,,nomask.png,", "nomask.png", "file not found"),
-    ("slide_7,a.tif,,mask.tif,\nslide_7,a.tif,,mask.tif,", "manifest.csv", "duplicate slide_id in rows 2 and 3"),
+    ("slide_7,a.tif,,mask.tif,\nslide_7,a.tif,,mask.tif,", "manifest.csv", "duplicate slide_id on lines 2 and 3"),
     ("slide_7,a.tif,chan/channel_0.tif,mask.tif,", "manifest.csv", "found both"),
     ("slide_7,,,mask.tif,", "manifest.csv", "found neither"),
     ("slide_7,a.tif,,mask.tif,training", "manifest.csv", "bad split 'training'"),
     ("slide_7,,chan/channel_0.tif;;chan/channel_1.tif,mask.tif,", "manifest.csv", "empty entry"),
 ])
 def test_bad_manifest_rows(slide_files, rows, file_name, problem):
+    """Each bad row names the slide, the file at fault (or the manifest) and the problem."""
     path = write_manifest(slide_files, "slide_id,image,channels,mask,split\n" + rows + "\n")
     with pytest.raises(SlideError) as error:
         read_manifest(path)
     assert_names(error.value, file_name, problem)
+
+
+def test_manifest_channel_names_checked(slide_files):
+    header = "slide_id,channels,mask,channel_names\n"
+    for names, problem in [("a;b;c", "3 channel names for 2 channel files"), ("a;a", "duplicate channel")]:
+        path = write_manifest(slide_files, header + f"slide_7,chan/channel_0.tif;chan/channel_1.tif,"
+                              f"mask.tif,{names}\n")
+        with pytest.raises(SlideError) as error:
+            read_manifest(path)
+        assert_names(error.value, "manifest.csv", problem)
+
+
+def test_manifest_line_numbers_count_blank_lines(slide_files):
+    path = write_manifest(slide_files, "slide_id,image,mask\n\nslide_7,a.tif,mask.tif\n\n"
+                          "slide_7,a.tif,mask.tif\n")
+    with pytest.raises(SlideError, match="lines 3 and 5"):
+        read_manifest(path)
 
 
 @pytest.mark.parametrize("text,problem", [
@@ -607,6 +625,9 @@ def test_bad_manifest_rows(slide_files, rows, file_name, problem):
     ("slide_id,mask\ns,mask.tif\n", "image or channels"),
     ("slide_id,image,mask\n", "no slides"),
     ("", "no header"),
+    ("slide_id,image,mask,image\ns,a.tif,mask.tif,a.tif\n", "repeated column(s) ['image']"),
+    ("slide_id,image,mask\ns,a.tif,mask.tif,extra\n", "line 2: more values than columns"),
+    ("slide_id,image,mask\n,a.tif,mask.tif\n", "line 2: empty slide_id"),
 ])
 def test_bad_manifest_header(slide_files, text, problem):
     with pytest.raises(ValueError) as error:
