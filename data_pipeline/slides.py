@@ -507,6 +507,10 @@ class SlideReader:
         self._tiffs = [_open_tiff(self.slide_id, file, self._stack) for file in files]
         level_shapes = [_level_shapes(tiff) for tiff in self._tiffs]
         self._base_shape = level_shapes[0][0]
+        for file, tiff, shapes in zip(files, self._tiffs, level_shapes):
+            if 0 in shapes[0]:
+                raise SlideError(self.slide_id, file, f"empty slide: zero size (series shape "
+                                 f"{tiff.series[0].shape}, axes {tiff.series[0].axes!r})")
         self._pyramid = _common_pyramid(level_shapes)  # {downsample: level index per file}
         if self._downsample is None:
             for file, shapes in zip(files, level_shapes):

@@ -400,6 +400,16 @@ def test_constant_image_is_empty_slide(tmp_path):
 
 
 @pytest.mark.parametrize("keep_fraction,problem", [(0.5, "truncated TIFF"), (0.003, "cannot read")])
+def test_zero_size_image_is_empty_slide(tmp_path):
+    file = tmp_path / "img.tif"
+    with pytest.warns(UserWarning):  # tifffile warns that zero-size TIFFs are nonconformant
+        tifffile.imwrite(file, np.zeros((0, WIDTH, 3), np.uint8))
+    spec = spec_for([file], write_mask(tmp_path / "m.tif", np.zeros((HEIGHT, WIDTH), np.uint8)))
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec).__enter__()
+    assert_names(error.value, "img.tif", "empty slide: zero size")
+
+
 def test_truncated_tiff(tmp_path, keep_fraction, problem):
     """Cut in the pixel data (tifffile writes the IFD first): header check; cut in the IFD: open fails."""
     spec = open_layout(tmp_path, random_image(np.uint16), "interleaved", tile=TILE)
