@@ -16,7 +16,8 @@ Layouts (`LAYOUTS`):
   ome_pyramid      OME-TIFF with reduced levels in SubIFDs
   subifd_pyramid   interleaved (Y, X, C) with reduced levels in SubIFDs (no OME)
   per_channel      one single-channel file per channel (returns C paths)
-Every layout is stripped unless `tile=(th, tw)` is given; `bigtiff=True` writes BigTIFF.
+Every layout is stripped unless `tile=(th, tw)` is given; `bigtiff=True` writes BigTIFF (except
+"imagej": ImageJ hyperstacks are classic TIFF). Interleaved JPEG needs C == 3 (written as RGB).
 """
 from __future__ import annotations
 
