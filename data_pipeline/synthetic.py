@@ -41,11 +41,11 @@ from tqdm import tqdm
 CHANNEL_NAMES = ("CARS", "TPEF", "SHG")
 TILE = 256  # TIFF tile side and rendering unit (tifffile needs a multiple of 16)
 MIN_SIZE = 256
-SIZE_JITTER = 0.05  # slide sides vary by up to +-5% around --size
+SIZE_SHRINK = 0.08  # slide sides vary between 92% and 100% of --size
 SPLIT_FRACTIONS = (("train", 0.6), ("validation", 0.2), ("test", 0.2))
 
 # Domain warp applied before shapes are evaluated: (lattice cell in pixels, displacement amplitude).
-WARP_OCTAVES = ((256.0, 20.0), (64.0, 8.0), (14.0, 2.5))
+WARP_OCTAVES = ((256.0, 20.0), (64.0, 10.0), (14.0, 3.5))
 MAX_WARP = sum(amplitude for _, amplitude in WARP_OCTAVES)
 HARMONICS = np.arange(2, 7)  # angular frequencies of the lobed outlines
 
@@ -156,6 +156,14 @@ class Shape:
         """Radius of a disc around the centre that contains the shape (warped frame)."""
         return max(self.axes) * (1.0 + sum(abs(a) for a in self.lobe_amplitudes))
 
+    @property
+    def extent(self) -> tuple[float, float]:
+        """Half height and half width of a box around the centre that contains the shape."""
+        cos, sin = math.cos(self.angle), math.sin(self.angle)
+        along, across = self.axes
+        lobes = 1.0 + sum(abs(a) for a in self.lobe_amplitudes)
+        return (lobes * math.hypot(along * sin, across * cos), lobes * math.hypot(along * cos, across * sin))
+
     def level(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Positive inside the shape, negative outside (1 at the centre)."""
         cos, sin = math.cos(self.angle), math.sin(self.angle)
@@ -224,7 +232,7 @@ def _place(rng: np.random.Generator, height: int, width: int, radius: float,
 def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout:
     """Slide size and shapes for one slide; depends only on (seed, slide_index, nominal_size)."""
     rng = np.random.default_rng([seed, slide_index, nominal_size])
-    height, width = (int(round(nominal_size * (1.0 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))))
+    height, width = (int(round(nominal_size * (1.0 - rng.uniform(0.0, SIZE_SHRINK))))
                      for _ in range(2))
     side = math.sqrt(height * width)
     keys = {name: int(k) for name, k in zip(_STREAMS, rng.integers(0, 2 ** 63, len(_STREAMS)))}
@@ -243,25 +251,36 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout
             # Tumour regions nearly as big as the body, shifted off-centre: they reach the body's edge
             # on one side and leave a band of normal tissue on the other.
             tumours = tuple(
-                _random_shape(rng, (centre[0] + radius * 0.4 * math.sin(t),
-                                    centre[1] + radius * 0.4 * math.cos(t)),
-                              radius * rng.uniform(0.65, 0.95), lobes=0.18)
+                _random_shape(rng, (centre[0] + radius * 0.3 * math.sin(t),
+                                    centre[1] + radius * 0.3 * math.cos(t)),
+                              radius * rng.uniform(0.85, 1.05), lobes=0.2)
                 for t in rng.uniform(0.0, 2 * math.pi, rng.integers(1, 3)))
         bodies.append(Body(shape, tumours))
 
     # Large, tumour-bearing bodies (size relative to the slide).
     for _ in range(rng.integers(2, 4)):
-        add(side * rng.uniform(0.10, 0.15), 1.0, margin=1.1, spacing=1.0)
+        add(side * rng.uniform(0.09, 0.13), 1.0, margin=1.1, spacing=1.0, lobes=0.2)
     # Medium bodies, some with tumour.
-    for _ in range(rng.integers(3, 6)):
-        add(side * rng.uniform(0.035, 0.06), 0.5, margin=1.2, spacing=1.0)
+    for _ in range(rng.integers(4, 9)):
+        add(side * rng.uniform(0.03, 0.05), 0.8, margin=1.2, spacing=1.0, lobes=0.2)
     area_scale = height * width / 2048.0 ** 2
     # Small fragments (absolute size, count grows with area).
-    for _ in range(rng.poisson(25 * area_scale)):
-        add(rng.uniform(8.0, 18.0), 0.0, margin=1.5, spacing=1.2, lobes=0.2)
+    for _ in range(rng.poisson(40 * area_scale)):
+        add(rng.uniform(3.0, 7.0), 0.0, margin=1.5, spacing=1.2, lobes=0.2)
+    # Strands: thin torn strips of tissue, a few pixels wide; long enough (relative to the slide) to
+    # survive tissue detection's small-object removal, thin enough to fill little of any patch.
+    for _ in range(rng.poisson(180 * area_scale)):
+        half_length = side * rng.uniform(0.03, 0.07)
+        centre = _place(rng, height, width, half_length, taken, margin=1.2, spacing=1.0)
+        if centre is not None:
+            taken.append((centre[0], centre[1], half_length))
+            bodies.append(Body(Shape(centre=centre, axes=(half_length, rng.uniform(1.0, 2.2)),
+                                     angle=float(rng.uniform(0.0, math.pi)),
+                                     lobe_amplitudes=(0.0,) * len(HARMONICS),
+                                     lobe_phases=(0.0,) * len(HARMONICS))))
     # Debris: specks of a few pixels.
-    for _ in range(rng.poisson(250 * area_scale)):
-        add(rng.uniform(2.5, 7.0), 0.0, margin=2.0, spacing=1.0, elongation=1.0, lobes=0.25)
+    for _ in range(rng.poisson(300 * area_scale)):
+        add(rng.uniform(2.0, 6.0), 0.0, margin=2.0, spacing=1.0, elongation=1.0, lobes=0.25)
     return SlideLayout(height=height, width=width, bodies=tuple(bodies), keys=keys,
                        fibre_angles=tuple(float(a) for a in rng.uniform(0.0, math.pi, 3)))
 
@@ -296,9 +315,10 @@ def render_geometry(layout: SlideLayout, y0: int, x0: int, h: int, w: int) -> Ti
     # Pixel-space box of each shape: its reach in the warped frame plus the largest warp.
     boxes = []
     for body in layout.bodies:
-        margin = body.shape.reach + MAX_WARP
-        top, left = int(body.shape.centre[0] - margin) - y0, int(body.shape.centre[1] - margin) - x0
-        bottom, right = top + int(2 * margin) + 2, left + int(2 * margin) + 2
+        margin_y, margin_x = (e + MAX_WARP for e in body.shape.extent)
+        top = int(body.shape.centre[0] - margin_y) - y0
+        left = int(body.shape.centre[1] - margin_x) - x0
+        bottom, right = top + int(2 * margin_y) + 2, left + int(2 * margin_x) + 2
         if bottom > 0 and right > 0 and top < h and left < w:
             boxes.append((body, slice(max(top, 0), min(bottom, h)), slice(max(left, 0), min(right, w))))
     if not boxes:
@@ -450,7 +470,7 @@ def generate(out_dir: str | os.PathLike, num_slides: int, size: int, seed: int =
              write_tissue_masks: bool = False, show_progress: bool = True) -> pathlib.Path:
     """Write `num_slides` synthetic slides and `out_dir/manifest.csv`; return the manifest path.
 
-    `size` is the nominal side in pixels (each side varies by up to +-5%). With
+    `size` is the nominal side in pixels (each side is 92-100% of it). With
     `write_tissue_masks`, the true tissue geometry is written too (`tissue_mask` column), e.g. for
     tests; by default the tiler detects tissue from the image like on real data.
     """
@@ -499,7 +519,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
     parser.add_argument("--slides", type=_positive_int, default=12, help="number of slides")
     parser.add_argument("--size", type=_positive_int, default=2048,
-                        help=f"nominal slide side in pixels (>= {MIN_SIZE}; each side varies by +-5%%)")
+                        help=f"nominal slide side in pixels (>= {MIN_SIZE}; each side is 92-100%% of it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same args => same bytes)")
     parser.add_argument("--write-tissue-masks", action="store_true",
                         help="also write the true tissue masks and a tissue_mask manifest column")
