@@ -6,6 +6,7 @@ own hue (evenly spaced on the colour wheel) and the hues are added, like a fluor
 from __future__ import annotations
 
 import colorsys
+import math
 import os
 import pathlib
 
@@ -20,6 +21,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 LABEL_COLOURS = {0: "#00e5ff", 1: "#ff1744"}  # non-tumour cyan, tumour red
 TISSUE_COLOUR = "#ffd600"
 TUMOUR_COLOUR = "#ff00ff"
+MAX_DISPLAY_SIDE = 1000
 
 
 def channel_colours(num_channels: int) -> np.ndarray:
@@ -57,6 +59,9 @@ def save_qc_png(
     `patch_yx` [N, 2] are the kept patches' top-left corners in tiled-level pixels.
     """
     path = pathlib.Path(path)
+    step = max(1, math.ceil(max(thumbnail.shape[:2]) / MAX_DISPLAY_SIDE))  # the PNG shows no more
+    thumbnail, tissue, tumour, factor = thumbnail[::step, ::step], tissue[::step, ::step], \
+        tumour[::step, ::step], factor * step
     height, width = thumbnail.shape[:2]
     figure, axis = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.6), dpi=120)
     axis.imshow(composite_rgb(thumbnail), interpolation="nearest")

@@ -32,8 +32,9 @@ SPLITS = ("train", "validation", "test")
 LABEL_NAMES = ("non_tumour", "tumour")
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 SHARD_SUFFIX = "array_record"
-# 'group_size:1' keeps every record individually addressable (what TFDS itself writes).
-ARRAY_RECORD_OPTIONS = "group_size:1"
+# 'group_size:1' keeps every record individually addressable (as TFDS writes); zstd level 1 writes
+# about 1.7x faster than the default level 3 at the same size on microscopy patches.
+ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"
 # Fields of a patch row (patches.csv without split and index; also the tiler's sidecar rows).
 ROW_FIELDS = ("slide_id", "patient_id", "x", "y", "label", "tumor_fraction", "tissue_ratio")
 CSV_COLUMNS = ("split", "index") + ROW_FIELDS
@@ -104,12 +105,12 @@ class ChannelMoments:
         self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
         self.count = total
 
-    def add_patches(self, images: np.ndarray, chunk: int = 16) -> None:
-        """Adds every pixel of `images` [N, P, P, C] (in chunks of patches to bound float64 memory)."""
-        for start in range(0, images.shape[0], chunk):
-            pixels = images[start:start + chunk].reshape(-1, images.shape[-1]).astype(np.float64)
+    def add_pixels(self, pixels: np.ndarray) -> None:
+        """Adds pixels [n, C] (any dtype; computed in float64)."""
+        pixels = np.asarray(pixels, np.float64)
+        if len(pixels):
             mean = pixels.mean(axis=0)
-            self.merge(pixels.shape[0], mean, ((pixels - mean) ** 2).sum(axis=0))
+            self.merge(len(pixels), mean, ((pixels - mean) ** 2).sum(axis=0))
 
     def merge_moments(self, other: ChannelMoments) -> None:
         if other.count:
@@ -129,6 +130,45 @@ class ChannelMoments:
     def from_json(cls, data: Mapping[str, Any]) -> ChannelMoments:
         to_array = lambda v: None if v is None else np.asarray(v, np.float64)  # noqa: E731
         return cls(float(data["count"]), to_array(data["mean"]), to_array(data["m2"]))
+
+
+class PixelStatistics:
+    """Accumulates per-channel moments over every pixel of the patches added.
+
+    Integer patches go into an exact per-channel histogram (one `bincount` per patch, much cheaper
+    than float64 moments); float patches into `ChannelMoments` directly.
+    """
+
+    def __init__(self, num_channels: int, dtype: Any):
+        self._num_channels = num_channels
+        dtype = np.dtype(dtype)
+        if dtype.kind == "u":
+            self._levels = 1 << (8 * dtype.itemsize)
+            self._histogram = np.zeros(num_channels * self._levels, np.int64)
+            self._offsets = np.arange(num_channels, dtype=np.intp) * self._levels
+        else:
+            self._histogram = None
+            self._float_moments = ChannelMoments()
+
+    def add(self, patches: np.ndarray) -> None:
+        """Adds every pixel of `patches` [..., C]."""
+        if self._histogram is None:
+            self._float_moments.add_pixels(patches.reshape(-1, self._num_channels))
+            return
+        codes = patches.reshape(-1, self._num_channels).astype(np.intp) + self._offsets
+        self._histogram += np.bincount(codes.ravel(), minlength=self._histogram.size)
+
+    def moments(self) -> ChannelMoments:
+        if self._histogram is None:
+            return self._float_moments
+        histogram = self._histogram.reshape(self._num_channels, self._levels).astype(np.float64)
+        count = histogram[0].sum()
+        if count == 0:
+            return ChannelMoments()
+        values = np.arange(self._levels, dtype=np.float64)
+        mean = histogram @ values / count
+        m2 = np.einsum("cv,cv->c", histogram, (values[None, :] - mean[:, None]) ** 2)
+        return ChannelMoments(float(count), mean, m2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,9 +344,10 @@ def write_patch_dataset(
         images = np.asarray(arrays["image"])
         path = work / f"{split}.{SHARD_SUFFIX}"
         write_array_record(path, (serialize({"image": images[i], **rows[i]}) for i in range(len(rows))))
-        moments = ChannelMoments()
-        moments.add_patches(images)
-        parts_by_split[split] = [ShardPart(path, rows, moments)]
+        statistics = PixelStatistics(num_channels, dtype)
+        for image in images:
+            statistics.add(image)
+        parts_by_split[split] = [ShardPart(path, rows, statistics.moments())]
     full_metadata = {"channel_names": list(channel_names), "patch_size": int(patch_size),
                      "stride": int(patch_size), "level": 0, "level_downsample": 1,
                      "source_dtype": np.dtype(dtype).name, "min_tumor_pixels": 1,

@@ -3,8 +3,9 @@
 Per slide (one worker process each, `--workers`):
 1. open and validate the slide; a thumbnail at 1/f of the chosen level gives the detected tissue
    (`detect_tissue`) unless the manifest names a tissue mask;
-2. scan the patch grid in horizontal bands of P rows (wide bands in column chunks, so memory stays
-   bounded by `BAND_BYTES` whatever the slide's size); per patch, tumour and tissue pixel counts come
+2. scan the patch grid in horizontal bands of P rows, read in blocks of at most `BAND_BYTES`
+   (several bands per block when rows are narrow, column chunks of one band when they are wide), so
+   memory stays bounded whatever the slide's size; per patch, tumour and tissue pixel counts come
    from column prefix sums, vectorised over the band;
 3. serialise the kept patches into the slide's own array_record file under `DATA_DIR/.work/`, write
    `qc/<slide_id>.png`, and last a JSON sidecar (patch rows, channel moments, settings). The sidecar
@@ -52,8 +53,8 @@ from data_pipeline.tissue import detect_tissue
 WORK_DIR = ".work"
 QC_DIR = "qc"
 REPORT_FILE = "tiling_report.json"
-# Source pixels one band chunk may hold (a band wider than this is read in column chunks).
-BAND_BYTES = 64 << 20
+# Source bytes one read block may hold (see `scan_plan`).
+BAND_BYTES = 128 << 20
 # Long side of the tissue-detection thumbnail when --tissue-factor is not given.
 THUMBNAIL_SIDE = 2048
 SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -72,7 +73,7 @@ class TilingConfig:
     min_tissue_ratio: float = 0.0
     tissue_polarity: str = "auto"
     tumour_ids: tuple[int, ...] | None = None
-    tissue_factor: int | None = None  # None: the smallest f with max(H, W) / f <= THUMBNAIL_SIDE
+    tissue_factor: int | None = None  # None: the smallest power of 2 with max(H, W) / f <= THUMBNAIL_SIDE
 
     def __post_init__(self):
         if self.patch_size < 1 or self.stride < 1:
@@ -117,16 +118,35 @@ def lowres_window(lowres: np.ndarray, factor: int, y: int, x: int, h: int, w: in
     return lowres[np.ix_(rows, cols)]
 
 
-def column_chunks(starts: np.ndarray, patch_size: int, stride: int, max_width: int) -> list[np.ndarray]:
-    """Groups of consecutive patch starts whose joint window is at most `max_width` columns (>= 1)."""
-    per_chunk = max(1, (max_width - patch_size) // stride + 1)
-    return [starts[i:i + per_chunk] for i in range(0, len(starts), per_chunk)]
+def group_windows(starts: np.ndarray, patch_size: int, stride: int, max_extent: int) -> list[np.ndarray]:
+    """Runs of consecutive window starts whose joint extent (last + P - first) is at most
+    `max_extent` (at least one start per run)."""
+    per_group = max(1, (max_extent - patch_size) // stride + 1)
+    return [starts[i:i + per_group] for i in range(0, len(starts), per_group)]
+
+
+def scan_plan(shape: tuple[int, int], patch_size: int, stride: int, bytes_per_pixel: int,
+              budget: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The blocks a slide is read in: (patch-row starts, patch-column starts) per block, in
+    row-major patch order. A block holds at most `budget` source bytes where a band of P rows
+    allows: whole rows of several patch rows when the width fits (fewer re-decoded TIFF tiles
+    where bands cut through them), else column chunks of one band."""
+    P, S = patch_size, stride
+    ys, xs = grid_origins(shape[0], P, S), grid_origins(shape[1], P, S)
+    x_groups = group_windows(xs, P, S, budget // (P * bytes_per_pixel))
+    if len(x_groups) == 1 and S <= P:  # with S > P, several rows per block would read the gaps
+        span = int(x_groups[0][-1]) + P - int(x_groups[0][0])
+        y_groups = group_windows(ys, P, S, budget // (span * bytes_per_pixel))
+    else:
+        y_groups = [ys[i:i + 1] for i in range(len(ys))]
+    return [(y_group, x_group) for y_group in y_groups for x_group in x_groups]
 
 
 def tissue_factor_for(shape: tuple[int, int], config: TilingConfig) -> int:
     if config.tissue_factor is not None:
         return config.tissue_factor
-    return max(1, math.ceil(max(shape) / THUMBNAIL_SIDE))
+    # A power of two, so a standard pyramid level can serve the thumbnail.
+    return 1 << max(0, math.ceil(math.log2(max(max(shape), 1) / THUMBNAIL_SIDE)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +233,7 @@ def tile_slide(
 ) -> dict[str, Any]:
     """Tiles one slide into its array_record file, QC PNG and sidecar; returns the sidecar dict.
 
-    `progress(n)` is called after each band chunk with the number of grid positions scanned.
+    `progress(n)` is called after each band (or band chunk) with the grid positions it scanned.
     """
     paths = slide_paths(data_dir, spec.slide_id)
     for stale in paths["records"].parent.glob(f"{paths['records'].name}.tmp-*"):
@@ -237,34 +257,32 @@ def tile_slide(
 
         features = shards.patch_features(P, reader.num_channels, reader.dtype)
         serialize = shards.PatchSerializer(features)
-        moments = shards.ChannelMoments()
+        statistics = shards.PixelStatistics(reader.num_channels, reader.dtype)
         rows: list[dict[str, Any]] = []
-        xs_all = grid_origins(width, P, S)
-        max_width = max(P, BAND_BYTES // max(1, P * reader.num_channels * reader.dtype.itemsize))
         d = reader.level_downsample
+        plan = scan_plan(reader.shape, P, S, reader.num_channels * reader.dtype.itemsize, BAND_BYTES)
 
         def records():
-            for y in grid_origins(height, P, S):
-                y = int(y)
-                for xs in column_chunks(xs_all, P, S, max_width):
-                    x0, chunk_width = int(xs[0]), int(xs[-1]) + P - int(xs[0])
-                    image = reader.read_region(y, x0, P, chunk_width)
-                    tumour = reader.read_tumour(y, x0, P, chunk_width)
-                    given = reader.read_tissue_mask(y, x0, P, chunk_width)
-                    lowres = given if given is not None else lowres_window(detected, factor, y, x0, P,
-                                                                           chunk_width)
-                    tissue = lowres | tumour
-                    _record_qc_rows(qc_tissue, qc_tumour, tissue, tumour, y, x0, factor)
-                    local = xs - x0
-                    tumour_pixels = window_counts(tumour, local, P)
-                    tissue_ratio = window_counts(tissue, local, P) / P**2
+            for ys, xs in plan:
+                y0, x0 = int(ys[0]), int(xs[0])
+                h, w = int(ys[-1]) + P - y0, int(xs[-1]) + P - x0
+                image = reader.read_region(y0, x0, h, w)
+                tumour = reader.read_tumour(y0, x0, h, w)
+                given = reader.read_tissue_mask(y0, x0, h, w)
+                tissue = (given if given is not None else lowres_window(detected, factor, y0, x0, h, w)) | tumour
+                _record_qc_rows(qc_tissue, qc_tumour, tissue, tumour, y0, x0, factor)
+                local = xs - x0
+                for y in ys.tolist():
+                    band = slice(y - y0, y - y0 + P)
+                    tumour_pixels = window_counts(tumour[band], local, P)
+                    tissue_ratio = window_counts(tissue[band], local, P) / P**2
                     for i in np.flatnonzero(tissue_ratio > config.min_tissue_ratio):
-                        patch = image[:, local[i]:local[i] + P]
+                        patch = image[band, local[i]:local[i] + P]
                         row = shards.patch_row(spec.slide_id, spec.patient_id, int(xs[i]) * d, y * d,
                                                int(tumour_pixels[i] >= config.min_tumor_pixels),
                                                tumour_pixels[i] / P**2, tissue_ratio[i])
                         rows.append(row)
-                        moments.add_patches(patch[None])
+                        statistics.add(patch)
                         yield serialize({"image": patch, **row})
                     progress(len(xs))
 
@@ -277,7 +295,7 @@ def tile_slide(
                    f"{spec.slide_id}: {height} x {width} at level downsample {d}, tissue factor {factor}")
     sidecar = {"slide_id": spec.slide_id, "fingerprint": fingerprint(spec, config),
                "format": dataclasses.asdict(found), "tissue_factor": factor, "shape": [height, width],
-               "rows": rows, "moments": moments.to_json()}
+               "rows": rows, "moments": statistics.moments().to_json()}
     shards.write_text_atomic(paths["sidecar"], json.dumps(sidecar))
     return sidecar
 
@@ -524,8 +542,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tissue-polarity", choices=("auto", "dark", "bright"), default="auto",
                         help="background of the tissue detection")
     parser.add_argument("--tissue-factor", type=_positive_int, default=None,
-                        help=f"tissue detection at 1/F of the tiled level (default: long side "
-                             f"<= {THUMBNAIL_SIDE} px)")
+                        help=f"tissue detection at 1/F of the tiled level (default: the smallest power "
+                             f"of 2 giving a long side <= {THUMBNAIL_SIDE} px)")
     parser.add_argument("--tumour-ids", type=int, nargs="+", default=None,
                         help="mask labels that are tumour (for label-map masks)")
     parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2),

@@ -95,16 +95,32 @@ def test_tf_data_decodes_the_same_records(tmp_path):
 
 def test_moments_merge_matches_numpy_on_bright_low_spread_channels():
     rng = np.random.default_rng(2)
-    images = (60000 + rng.integers(0, 3, size=(40, 8, 8, 3))).astype(np.uint16)
+    pixels = (60000 + rng.integers(0, 3, size=(4000, 3))).astype(np.float64)
     moments = shards.ChannelMoments()
-    moments.add_patches(images[:13], chunk=4)
+    for part in np.array_split(pixels[:1300], 7):
+        moments.add_pixels(part)
     other = shards.ChannelMoments()
-    other.add_patches(images[13:], chunk=5)
+    other.add_pixels(pixels[1300:])
     moments.merge_moments(shards.ChannelMoments.from_json(other.to_json()))
-    pixels = images.astype(np.float64)
-    np.testing.assert_allclose(moments.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-14)
-    np.testing.assert_allclose(moments.std, pixels.std(axis=(0, 1, 2)), rtol=1e-9)
-    assert moments.count == images[..., 0].size
+    assert moments.count == len(pixels)
+    np.testing.assert_allclose(moments.mean, pixels.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(moments.std, pixels.std(axis=0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_pixel_statistics_match_numpy(dtype):
+    rng = np.random.default_rng(6)
+    high = 255 if dtype == np.uint8 else 65535
+    patches = rng.integers(0, high, size=(9, 5, 5, 4), endpoint=True).astype(dtype)
+    statistics = shards.PixelStatistics(4, dtype)
+    for patch in patches:
+        statistics.add(patch)
+    moments = statistics.moments()
+    pixels = patches.reshape(-1, 4).astype(np.float64)
+    assert moments.count == len(pixels)
+    np.testing.assert_allclose(moments.mean, pixels.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(moments.std, pixels.std(axis=0), rtol=1e-11)
+    assert shards.PixelStatistics(4, dtype).moments().count == 0
 
 
 def test_same_arrays_give_byte_identical_shards(tmp_path):

@@ -400,9 +400,21 @@ def test_window_counts_and_chunks_match_brute_force(P, S, W):
     assert starts.tolist() == [x for x in range(0, W, S) if x + P <= W]
     np.testing.assert_array_equal(tiling.window_counts(band, starts, P), [band[:, x:x + P].sum() for x in starts])
     for max_width in (1, P, P + S, 3 * P + 1, 10**6):
-        chunks = tiling.column_chunks(starts, P, S, max_width)
+        chunks = tiling.group_windows(starts, P, S, max_width)
         assert np.concatenate(chunks or [np.zeros(0, np.int64)]).tolist() == starts.tolist()
         assert all(c[-1] + P - c[0] <= max(max_width, P) for c in chunks)
+
+
+@pytest.mark.parametrize("shape, P, S", [((50, 61), 8, 8), ((50, 61), 8, 5), ((40, 33), 6, 9), ((7, 30), 8, 8)])
+@pytest.mark.parametrize("budget", [1, 8 * 8 * 3, 8 * 30 * 3, 30 * 61 * 3, 10**9])
+def test_scan_plan_visits_every_position_in_row_major_order_within_budget(shape, P, S, budget):
+    plan = tiling.scan_plan(shape, P, S, 3, budget)
+    visited = [(y, x) for ys, xs in plan for y in ys.tolist() for x in xs.tolist()]
+    assert visited == [(y, x) for y in range(0, shape[0] - P + 1, S) for x in range(0, shape[1] - P + 1, S)]
+    for ys, xs in plan:
+        rows, cols = ys[-1] + P - ys[0], xs[-1] + P - xs[0]
+        assert rows * cols * 3 <= budget or (len(ys) == 1 and len(xs) == 1), (ys, xs)
+        assert len(ys) == 1 or S <= P
 
 
 def test_lowres_window_is_nearest_upsampling():
