@@ -349,42 +349,37 @@ def _tile_job(spec: SlideSpec, data_dir: pathlib.Path, config: TilingConfig, exp
 
 
 def _run_jobs(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: TilingConfig,
-              expected: SlideFormat, workers: int, stop_on_error: bool, total_positions: int,
-              show_progress: bool):
-    """Yields one result per job (fewer if stopped on an error), with progress bars."""
+              expected: SlideFormat, workers: int, total_positions: int, show_progress: bool):
+    """Yields one result per job as slides finish, with progress bars. Closing the generator (the
+    caller stopping on an error) cancels the slides not started yet."""
     slide_bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not show_progress)
     patch_bar = tqdm(total=total_positions, desc="grid positions", unit="pos", position=1,
                      disable=not show_progress, smoothing=0.05)
     try:
-        if workers == 1:
+        if workers == 1 or len(jobs) <= 1:
             for spec in jobs:
                 result = _tile_job(spec, data_dir, config, expected, patch_bar.update)
                 slide_bar.update()
                 yield result
-                if stop_on_error and result["status"] == "failed":
-                    return
             return
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
-                max_workers=workers, mp_context=context) as executor:
+                max_workers=min(workers, len(jobs)), mp_context=context) as executor:
             progress_queue = manager.Queue()
-            pending = {executor.submit(_tile_job, spec, data_dir, config, expected,
-                                       _QueueProgress(progress_queue))
-                       for spec in jobs}
-            while pending:
-                done, pending = concurrent.futures.wait(pending, timeout=0.2,
-                                                        return_when=concurrent.futures.FIRST_COMPLETED)
-                _drain(progress_queue, patch_bar)
-                for future in done:
-                    result = future.result()
-                    slide_bar.update()
-                    yield result
-                    if stop_on_error and result["status"] == "failed":
-                        for other in pending:
-                            other.cancel()
-                        concurrent.futures.wait(pending)
-                        return
-            _drain(progress_queue, patch_bar)
+            pending = set()
+            try:
+                pending = {executor.submit(_tile_job, spec, data_dir, config, expected,
+                                           _QueueProgress(progress_queue)) for spec in jobs}
+                while pending:
+                    done, pending = concurrent.futures.wait(
+                        pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
+                    _drain(progress_queue, patch_bar)
+                    for future in done:
+                        slide_bar.update()
+                        yield future.result()
+            finally:
+                for future in pending:
+                    future.cancel()
     finally:
         patch_bar.close()
         slide_bar.close()
@@ -463,7 +458,7 @@ def tile_manifest(
             jobs.append(spec)
     if sidecars:
         print(f"resuming: {len(sidecars)} slide(s) already tiled, {len(jobs)} to go")
-    for result in _run_jobs(jobs, data_dir, config, expected, workers, not skip_errors,
+    for result in _run_jobs(jobs, data_dir, config, expected, workers,
                             sum(positions[s.slide_id] for s in jobs), show_progress):
         if result["status"] == "failed":
             fail(result["slide_id"], result["exception"])
@@ -482,9 +477,9 @@ def tile_manifest(
         print(f"{len(failures)} slide(s) failed and were skipped:", file=sys.stderr)
         for message in failures.values():
             print(f"  {message}", file=sys.stderr)
+    _write_report(data_dir, report, config)
     if sidecars:
         _publish(data_dir, sidecars, split_of, config, expected)
-    _write_report(data_dir, report, config)
     return {"slides": report, "failed": sorted(failures)}
 
 

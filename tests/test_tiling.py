@@ -334,17 +334,18 @@ def bad_inputs(level0, tmp_path):
     return rows, broken
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("truncated", "slide 'truncated', file '.*truncated.tif': .*truncated"),
-    ("labelmap", "slide 'labelmap', file '.*labels.tif': mask is a label map"),
-    ("three_channels", "slide 'three_channels', file '.*rgb.tif': does not match the dataset's format"),
+@pytest.mark.parametrize("bad, message, workers", [
+    ("truncated", "slide 'truncated', file '.*truncated.tif': .*truncated", 1),
+    ("labelmap", "slide 'labelmap', file '.*labels.tif': mask is a label map", 1),
+    ("labelmap", "slide 'labelmap', file '.*labels.tif': mask is a label map", 2),
+    ("three_channels", "slide 'three_channels', file '.*rgb.tif': does not match the dataset's format", 1),
 ])
-def test_bad_slide_stops_the_run_and_writes_nothing_of_it(bad_inputs, tmp_path, capsys, bad, message):
+def test_bad_slide_stops_the_run_and_writes_nothing_of_it(bad_inputs, tmp_path, capsys, bad, message, workers):
     rows, broken = bad_inputs
     manifest = write_manifest(tmp_path / "m.csv", rows[:1] + [broken[bad]] + rows[1:])
     out = tmp_path / "out"
     code = main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
-                 "--tissue-factor", "4"])
+                 "--tissue-factor", "4", "--workers", str(workers)])
     assert code == 1
     assert re.search(message, capsys.readouterr().err)
     assert not list(out.rglob(f"{bad}*")), "nothing of the bad slide may be written"
