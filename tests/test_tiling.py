@@ -18,7 +18,7 @@ import tifffile
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from PIL import Image
 
-from data_pipeline import tiling
+from data_pipeline import qc, tiling
 from data_pipeline.__main__ import main
 from data_pipeline.slides import SlideReader, SlideSpec
 from data_pipeline.tissue import detect_tissue
@@ -328,7 +328,11 @@ def bad_inputs(level0, tmp_path):
     labels[10:20, 10:20], labels[40:50, 40:50] = 3, 7
     tifffile.imwrite(tmp_path / "labels.tif", labels)
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((101, 90, 3), np.uint16) + np.arange(3, dtype=np.uint16))
+    tifffile.imwrite(tmp_path / "small_mask.tif", np.zeros((50, 45), np.uint8))
+    write_layout(tmp_path / "constant", np.full((101, 90, 4), 7, np.uint16), "interleaved")
     broken = {"truncated": dict(rows[0], slide_id="truncated", image=str(tmp_path / "truncated.tif")),
+              "wrong_mask": dict(rows[0], slide_id="wrong_mask", mask=str(tmp_path / "small_mask.tif")),
+              "constant": dict(rows[0], slide_id="constant", image=str(tmp_path / "constant.tif")),
               "labelmap": dict(rows[0], slide_id="labelmap", mask=str(tmp_path / "labels.tif")),
               "three_channels": dict(rows[0], slide_id="three_channels", image=str(tmp_path / "rgb.tif"))}
     return rows, broken
@@ -339,6 +343,8 @@ def bad_inputs(level0, tmp_path):
     ("labelmap", "slide 'labelmap', file '.*labels.tif': mask is a label map", 1),
     ("labelmap", "slide 'labelmap', file '.*labels.tif': mask is a label map", 2),
     ("three_channels", "slide 'three_channels', file '.*rgb.tif': does not match the dataset's format", 1),
+    ("wrong_mask", r"slide 'wrong_mask', file '.*small_mask.tif': mask shape \(50, 45\) does not match", 1),
+    ("constant", "slide 'constant', file '.*constant.tif': empty slide: every pixel is 7", 1),
 ])
 def test_bad_slide_stops_the_run_and_writes_nothing_of_it(bad_inputs, tmp_path, capsys, bad, message, workers):
     rows, broken = bad_inputs
@@ -362,11 +368,10 @@ def test_skip_errors_finishes_the_others_and_reports(bad_inputs, level0, tmp_pat
     assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
                  "--stride", str(S0), "--tissue-factor", "4", "--skip-errors"]) == 0
     err = capsys.readouterr().err
-    assert "3 slide(s) failed" in err and all(f"slide '{name}'" in err for name in broken)
+    assert f"{len(broken)} slide(s) failed" in err and all(f"slide '{name}'" in err for name in broken)
     report = json.loads((out / "tiling_report.json").read_text())
     assert {s: r["status"] for s, r in report["slides"].items()} == {
-        "a": "tiled", "b": "tiled", "c": "tiled", "truncated": "failed", "labelmap": "failed",
-        "three_channels": "failed"}
+        "a": "tiled", "b": "tiled", "c": "tiled", **{name: "failed" for name in broken}}
     assert "label map" in report["slides"]["labelmap"]["error"]
     assert {r["slide_id"] for r in read_csv_rows(out)} == {"a", "b", "c"}
     assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.png", "b.png", "c.png"]
@@ -422,6 +427,35 @@ def test_lowres_window_is_nearest_upsampling():
     lowres = np.random.default_rng(3).random((6, 5)) < 0.5
     full = upsample(lowres, 4, (23, 19))
     np.testing.assert_array_equal(tiling.lowres_window(lowres, 4, 3, 5, 17, 11), full[3:20, 5:16])
+
+
+def test_qc_rows_collect_every_fth_pixel_of_the_scanned_area():
+    rng = np.random.default_rng(4)
+    tumour, tissue = rng.random((70, 53)) < 0.5, rng.random((70, 53)) < 0.5
+    P, S, f = 8, 6, 3
+    qc_tumour, qc_tissue = np.zeros((24, 18), bool), np.zeros((24, 18), bool)
+    for ys, xs in tiling.scan_plan(tumour.shape, P, S, 1, 20 * P):
+        y0, x0, h, w = ys[0], xs[0], ys[-1] + P - ys[0], xs[-1] + P - xs[0]
+        tiling._record_qc_rows(qc_tissue, qc_tumour, tissue[y0:y0 + h, x0:x0 + w],
+                               tumour[y0:y0 + h, x0:x0 + w], y0, x0, f)
+    covered_rows, covered_cols = (70 - P) // S * S + P, (53 - P) // S * S + P  # 68, 50
+    np.testing.assert_array_equal(qc_tumour[:23, :17], tumour[:covered_rows:f, :covered_cols:f])
+    np.testing.assert_array_equal(qc_tissue[:23, :17], tissue[:covered_rows:f, :covered_cols:f])
+    assert not qc_tumour[23:].any() and not qc_tumour[:, 17:].any()
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 5])
+def test_qc_composite_gives_every_channel_a_colour(channels):
+    thumbnail = np.zeros((4, channels * 4 + 4, channels), np.float32)  # last 4 columns: background
+    for c in range(channels):
+        thumbnail[:, 4 * c:4 * c + 4, c] = 100.0
+    rgb = qc.composite_rgb(thumbnail)
+    assert rgb.shape == (4, channels * 4 + 4, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    assert tuple(rgb[0, -1]) == (0, 0, 0)
+    lit = [tuple(rgb[0, 4 * c]) for c in range(channels)]
+    assert all(max(colour) == 1.0 for colour in lit) and len(set(lit)) == channels
+    if channels == 3:
+        assert lit == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
 
 
 def spec(slide_id, patient=None, split=None):
