@@ -185,7 +185,7 @@ def make_train_step(model: ResNet, *, learning_rate: optax.ScalarOrSchedule,
       (loss, (logits, new_stats)), grads = jax.value_and_grad(single_batch_loss, has_aux=True)(
           state.params, state.batch_stats, images[0], labels[0])
       metrics = {"loss": loss, "accuracy": _accuracy(logits, labels[0]),
-                 "grad_norm": optax.global_norm(grads), "learning_rate": lr}
+                 "grad_norm": optax.tree.norm(grads), "learning_rate": lr}
       return state.apply_gradients(grads=grads, batch_stats=new_stats), metrics
 
     beta_t = _value(beta, state.step)
@@ -200,7 +200,7 @@ def make_train_step(model: ResNet, *, learning_rate: optax.ScalarOrSchedule,
           state.params)
       nan = jnp.full([], jnp.nan)
       grad_metrics = {"grad_norm_biased": nan, "grad_norm_less_biased": nan, "grad_cosine": nan,
-                      "grad_norm": optax.global_norm(grads)}
+                      "grad_norm": optax.tree.norm(grads)}
     else:
       losses, (logits, new_stats), grads = paired_gradients(
           state.params, state.batch_stats, images, labels)
