@@ -135,40 +135,36 @@ class ChannelMoments:
 class PixelStatistics:
     """Accumulates per-channel moments over every pixel of the patches added.
 
-    Integer patches go into an exact per-channel histogram (one `bincount` per patch, much cheaper
-    than float64 moments); float patches into `ChannelMoments` directly.
+    Integer patches: exact per-channel sums of x and x^2 (uint64 per patch, Python ints across
+    patches), so mean and variance come from exact integers and nothing cancels. Float patches:
+    `ChannelMoments` (float64, pairwise merges).
     """
 
     def __init__(self, num_channels: int, dtype: Any):
         self._num_channels = num_channels
-        dtype = np.dtype(dtype)
-        if dtype.kind == "u":
-            self._levels = 1 << (8 * dtype.itemsize)
-            self._histogram = np.zeros(num_channels * self._levels, np.int64)
-            self._offsets = np.arange(num_channels, dtype=np.intp) * self._levels
-        else:
-            self._histogram = None
-            self._float_moments = ChannelMoments()
+        self._integer = np.dtype(dtype).kind in "ui"
+        self._count, self._sum, self._sum_of_squares = 0, [0] * num_channels, [0] * num_channels
+        self._float_moments = ChannelMoments()
 
     def add(self, patches: np.ndarray) -> None:
         """Adds every pixel of `patches` [..., C]."""
-        if self._histogram is None:
-            self._float_moments.add_pixels(patches.reshape(-1, self._num_channels))
+        pixels = patches.reshape(-1, self._num_channels)
+        if not self._integer:
+            self._float_moments.add_pixels(pixels)
             return
-        codes = patches.reshape(-1, self._num_channels).astype(np.intp) + self._offsets
-        self._histogram += np.bincount(codes.ravel(), minlength=self._histogram.size)
+        sums = pixels.sum(axis=0, dtype=np.uint64).tolist()
+        squares = np.einsum("nc,nc->c", pixels, pixels, dtype=np.uint64).tolist()
+        self._count += len(pixels)
+        self._sum = [a + b for a, b in zip(self._sum, sums)]
+        self._sum_of_squares = [a + b for a, b in zip(self._sum_of_squares, squares)]
 
     def moments(self) -> ChannelMoments:
-        if self._histogram is None:
+        if not self._integer or self._count == 0:
             return self._float_moments
-        histogram = self._histogram.reshape(self._num_channels, self._levels).astype(np.float64)
-        count = histogram[0].sum()
-        if count == 0:
-            return ChannelMoments()
-        values = np.arange(self._levels, dtype=np.float64)
-        mean = histogram @ values / count
-        m2 = np.einsum("cv,cv->c", histogram, (values[None, :] - mean[:, None]) ** 2)
-        return ChannelMoments(float(count), mean, m2)
+        n = self._count
+        mean = np.array([s / n for s in self._sum])
+        m2 = np.array([(n * q - s * s) / n for s, q in zip(self._sum, self._sum_of_squares)])
+        return ChannelMoments(float(n), mean, m2)
 
 
 @dataclasses.dataclass(frozen=True)

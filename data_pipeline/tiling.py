@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -112,10 +113,14 @@ def window_counts(band: np.ndarray, starts: np.ndarray, patch_size: int) -> np.n
 
 
 def lowres_window(lowres: np.ndarray, factor: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-    """Window [y:y+h, x:x+w] of the full-resolution mask whose pixel (i, j) is lowres[i//f, j//f]."""
-    rows = np.minimum(np.arange(y, y + h) // factor, lowres.shape[0] - 1)
-    cols = np.minimum(np.arange(x, x + w) // factor, lowres.shape[1] - 1)
-    return lowres[np.ix_(rows, cols)]
+    """Window [y:y+h, x:x+w] of the full-resolution mask whose pixel (i, j) is lowres[i//f, j//f]
+    (the last low-res row / column extends past the mask's end)."""
+    r0, c0 = y // factor, x // factor
+    r1, c1 = (y + h - 1) // factor + 1, (x + w - 1) // factor + 1
+    block = lowres[r0:r1, c0:c1]
+    block = np.pad(block, ((0, r1 - r0 - block.shape[0]), (0, c1 - c0 - block.shape[1])), mode="edge")
+    full = np.repeat(np.repeat(block, factor, axis=1), factor, axis=0)
+    return full[y - r0 * factor:y - r0 * factor + h, x - c0 * factor:x - c0 * factor + w]
 
 
 def group_windows(starts: np.ndarray, patch_size: int, stride: int, max_extent: int) -> list[np.ndarray]:
@@ -262,14 +267,18 @@ def tile_slide(
         d = reader.level_downsample
         plan = scan_plan(reader.shape, P, S, reader.num_channels * reader.dtype.itemsize, BAND_BYTES)
 
+        def read_block(block: tuple[np.ndarray, np.ndarray]):
+            ys, xs = block
+            y0, x0 = int(ys[0]), int(xs[0])
+            h, w = int(ys[-1]) + P - y0, int(xs[-1]) + P - x0
+            image = reader.read_region(y0, x0, h, w)
+            tumour = reader.read_tumour(y0, x0, h, w)
+            given = reader.read_tissue_mask(y0, x0, h, w)
+            tissue = (given if given is not None else lowres_window(detected, factor, y0, x0, h, w)) | tumour
+            return y0, x0, image, tumour, tissue
+
         def records():
-            for ys, xs in plan:
-                y0, x0 = int(ys[0]), int(xs[0])
-                h, w = int(ys[-1]) + P - y0, int(xs[-1]) + P - x0
-                image = reader.read_region(y0, x0, h, w)
-                tumour = reader.read_tumour(y0, x0, h, w)
-                given = reader.read_tissue_mask(y0, x0, h, w)
-                tissue = (given if given is not None else lowres_window(detected, factor, y0, x0, h, w)) | tumour
+            for (ys, xs), (y0, x0, image, tumour, tissue) in _prefetched(read_block, plan):
                 _record_qc_rows(qc_tissue, qc_tumour, tissue, tumour, y0, x0, factor)
                 local = xs - x0
                 for y in ys.tolist():
@@ -286,7 +295,8 @@ def tile_slide(
                         yield serialize({"image": patch, **row})
                     progress(len(xs))
 
-        shards.write_array_record(paths["records"], records())
+        with contextlib.closing(records()) as patch_records:  # stops the prefetch before the reader closes
+            shards.write_array_record(paths["records"], patch_records)
 
     paths["qc"].parent.mkdir(parents=True, exist_ok=True)
     qc.save_qc_png(paths["qc"], thumbnail, qc_tissue, qc_tumour,
@@ -298,6 +308,17 @@ def tile_slide(
                "rows": rows, "moments": statistics.moments().to_json()}
     shards.write_text_atomic(paths["sidecar"], json.dumps(sidecar))
     return sidecar
+
+
+def _prefetched(read: Callable[[Any], Any], items: Sequence[Any]):
+    """Yields (item, read(item)) in order, reading the next item in a thread meanwhile, so the
+    decoding of block k + 1 overlaps the serialisation of block k (one read in flight at a time)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as thread:
+        upcoming = thread.submit(read, items[0]) if items else None
+        for k, item in enumerate(items):
+            current = upcoming.result()
+            upcoming = thread.submit(read, items[k + 1]) if k + 1 < len(items) else None
+            yield item, current
 
 
 def _record_qc_rows(qc_tissue: np.ndarray, qc_tumour: np.ndarray, tissue: np.ndarray,

@@ -423,10 +423,11 @@ def test_scan_plan_visits_every_position_in_row_major_order_within_budget(shape,
         assert len(ys) == 1 or S <= P
 
 
-def test_lowres_window_is_nearest_upsampling():
+@pytest.mark.parametrize("y, x, h, w", [(3, 5, 17, 11), (0, 0, 24, 20), (16, 13, 9, 9), (21, 2, 1, 1)])
+def test_lowres_window_is_nearest_upsampling(y, x, h, w):
     lowres = np.random.default_rng(3).random((6, 5)) < 0.5
-    full = upsample(lowres, 4, (23, 19))
-    np.testing.assert_array_equal(tiling.lowres_window(lowres, 4, 3, 5, 17, 11), full[3:20, 5:16])
+    truth = np.array([[lowres[min(i // 4, 5), min(j // 4, 4)] for j in range(x, x + w)] for i in range(y, y + h)])
+    np.testing.assert_array_equal(tiling.lowres_window(lowres, 4, y, x, h, w), truth)
 
 
 def test_qc_rows_collect_every_fth_pixel_of_the_scanned_area():
