@@ -112,7 +112,9 @@ def nuclei(key: int, y: np.ndarray, x: np.ndarray, cell: float, density: float,
     """Nucleus-like blobs in [0, 1] on pixel rows `y` (h, 1) and columns `x` (1, w).
 
     One candidate nucleus per `cell`-sized grid cell at a hashed position, present with probability
-    `density`, Gaussian profile with a hashed radius around `radius`; blobs overlap by maximum.
+    `density`, with a hashed radius r in [0.7, 1.3] * `radius` and the profile (1 - d^2 / (2r)^2)^2
+    for d < 2r (<= cell). That support is compact, so the 3 x 3 cells around a pixel hold every blob
+    that reaches it: the field is exact, seamless across windows. Blobs overlap by maximum.
     """
     cell_y = np.floor(y / cell).astype(np.int64)
     cell_x = np.floor(x / cell).astype(np.int64)
@@ -123,8 +125,8 @@ def nuclei(key: int, y: np.ndarray, x: np.ndarray, cell: float, density: float,
     jitter_y = _hash_uniform(key, 4 * rows, cols)
     jitter_x = _hash_uniform(key, 4 * rows + 1, cols)
     present = _hash_uniform(key, 4 * rows + 2, cols) < density
-    inv_two_r2 = 1.0 / (2.0 * (radius * (0.7 + 0.6 * _hash_uniform(key, 4 * rows + 3, cols))) ** 2)
-    inv_two_r2 = np.where(present, inv_two_r2, np.float32(1e6))  # absent => vanishing blob
+    support = np.minimum(2.0 * radius * (0.7 + 0.6 * _hash_uniform(key, 4 * rows + 3, cols)), cell)
+    inv_support2 = np.where(present, 1.0 / support ** 2, np.float32(np.inf)).astype(np.float32)
     result = np.zeros(np.broadcast_shapes(y.shape, x.shape), np.float32)
     for dy in (-1, 0, 1):
         a = cell_y - y0 + dy
@@ -132,8 +134,8 @@ def nuclei(key: int, y: np.ndarray, x: np.ndarray, cell: float, density: float,
             b = cell_x - x0 + dx
             centre_y = (a + y0 + jitter_y[a, b]) * cell
             centre_x = (b + x0 + jitter_x[a, b]) * cell
-            d2 = (y - centre_y) ** 2 + (x - centre_x) ** 2
-            np.maximum(result, np.exp(-d2 * inv_two_r2[a, b]), out=result)
+            falloff = np.maximum(1.0 - ((y - centre_y) ** 2 + (x - centre_x) ** 2) * inv_support2[a, b], 0.0)
+            np.maximum(result, falloff * falloff, out=result)
     return result
 
 
@@ -251,30 +253,30 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout
             # Tumour regions nearly as big as the body, shifted off-centre: they reach the body's edge
             # on one side and leave a band of normal tissue on the other.
             tumours = tuple(
-                _random_shape(rng, (centre[0] + radius * 0.3 * math.sin(t),
-                                    centre[1] + radius * 0.3 * math.cos(t)),
-                              radius * rng.uniform(0.85, 1.05), lobes=0.2)
+                _random_shape(rng, (centre[0] + radius * 0.25 * math.sin(t),
+                                    centre[1] + radius * 0.25 * math.cos(t)),
+                              radius * rng.uniform(0.9, 1.1), lobes=0.2)
                 for t in rng.uniform(0.0, 2 * math.pi, rng.integers(1, 3)))
         bodies.append(Body(shape, tumours))
 
     # Large, tumour-bearing bodies (size relative to the slide).
     for _ in range(rng.integers(2, 4)):
-        add(side * rng.uniform(0.09, 0.13), 1.0, margin=1.1, spacing=1.0, lobes=0.2)
+        add(side * rng.uniform(0.11, 0.15), 1.0, margin=1.1, spacing=1.0, lobes=0.2)
     # Medium bodies, some with tumour.
     for _ in range(rng.integers(4, 9)):
-        add(side * rng.uniform(0.03, 0.05), 0.8, margin=1.2, spacing=1.0, lobes=0.2)
+        add(side * rng.uniform(0.03, 0.05), 0.9, margin=1.2, spacing=1.0, lobes=0.2)
     area_scale = height * width / 2048.0 ** 2
     # Small fragments (absolute size, count grows with area).
     for _ in range(rng.poisson(40 * area_scale)):
         add(rng.uniform(3.0, 7.0), 0.0, margin=1.5, spacing=1.2, lobes=0.2)
     # Strands: thin torn strips of tissue, a few pixels wide; long enough (relative to the slide) to
     # survive tissue detection's small-object removal, thin enough to fill little of any patch.
-    for _ in range(rng.poisson(180 * area_scale)):
-        half_length = side * rng.uniform(0.03, 0.07)
+    for _ in range(rng.poisson(120 * area_scale)):
+        half_length = side * rng.uniform(0.05, 0.10)
         centre = _place(rng, height, width, half_length, taken, margin=1.2, spacing=1.0)
         if centre is not None:
             taken.append((centre[0], centre[1], half_length))
-            bodies.append(Body(Shape(centre=centre, axes=(half_length, rng.uniform(1.0, 2.2)),
+            bodies.append(Body(Shape(centre=centre, axes=(half_length, rng.uniform(1.0, 1.8)),
                                      angle=float(rng.uniform(0.0, math.pi)),
                                      lobe_amplitudes=(0.0,) * len(HARMONICS),
                                      lobe_phases=(0.0,) * len(HARMONICS))))
@@ -508,17 +510,19 @@ def generate(out_dir: str | os.PathLike, num_slides: int, size: int, seed: int =
 # CLI
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
-    parser.add_argument("--slides", type=_positive_int, default=12, help="number of slides")
-    parser.add_argument("--size", type=_positive_int, default=2048,
+    parser.add_argument("--slides", type=_int_at_least(1), default=12, help="number of slides")
+    parser.add_argument("--size", type=_int_at_least(MIN_SIZE), default=2048,
                         help=f"nominal slide side in pixels (>= {MIN_SIZE}; each side is 92-100%% of it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same args => same bytes)")
     parser.add_argument("--write-tissue-masks", action="store_true",
