@@ -135,31 +135,52 @@ class ChannelMoments:
 class PixelStatistics:
     """Accumulates per-channel moments over every pixel of the patches added.
 
-    Integer patches: exact per-channel sums of x and x^2 (uint64 per patch, Python ints across
-    patches), so mean and variance come from exact integers and nothing cancels. Float patches:
-    `ChannelMoments` (float64, pairwise merges).
+    uint8 / uint16 pixels: exact per-channel sums of x and x^2 (integer numpy reductions, Python ints
+    across calls), so mean and variance come from exact integers and nothing cancels. Float
+    (float32) pixels: `ChannelMoments` (float64, pairwise merges).
     """
+
+    COLUMN_CHUNK = 2048  # columns converted to the accumulator dtype at a time
 
     def __init__(self, num_channels: int, dtype: Any):
         self._num_channels = num_channels
-        self._integer = np.dtype(dtype).kind in "ui"
+        self._exact = np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16))
         self._count, self._sum, self._sum_of_squares = 0, [0] * num_channels, [0] * num_channels
         self._float_moments = ChannelMoments()
 
     def add(self, patches: np.ndarray) -> None:
         """Adds every pixel of `patches` [..., C]."""
-        pixels = patches.reshape(-1, self._num_channels)
-        if not self._integer:
-            self._float_moments.add_pixels(pixels)
+        self.add_windows(patches.reshape(-1, 1, self._num_channels), np.zeros(1, np.int64), 1)
+
+    def add_windows(self, band: np.ndarray, starts: np.ndarray, width: int) -> None:
+        """Adds the pixels of `band[:, s:s + width]` (band (h, w, C)) for every s in `starts`; a
+        pixel in several windows counts once per window. One pass over the band's columns, much
+        cheaper than one reduction per patch."""
+        if not self._exact:
+            for start in starts:
+                self._float_moments.add_pixels(band[:, start:start + width].reshape(-1, self._num_channels))
             return
-        sums = pixels.sum(axis=0, dtype=np.uint64).tolist()
-        squares = np.einsum("nc,nc->c", pixels, pixels, dtype=np.uint64).tolist()
-        self._count += len(pixels)
-        self._sum = [a + b for a, b in zip(self._sum, sums)]
-        self._sum_of_squares = [a + b for a, b in zip(self._sum_of_squares, squares)]
+        edges = np.zeros(band.shape[1] + 1, np.int64)
+        np.add.at(edges, starts, 1)
+        np.add.at(edges, np.asarray(starts) + width, -1)
+        weights = np.cumsum(edges[:-1])  # windows covering each column
+        height = band.shape[0]
+        sums, squares = np.zeros(self._num_channels, object), np.zeros(self._num_channels, object)
+        for c0 in range(0, band.shape[1], self.COLUMN_CHUNK):
+            chunk_weights = weights[c0:c0 + self.COLUMN_CHUNK]
+            if not chunk_weights.any():
+                continue
+            values = band[:, c0:c0 + self.COLUMN_CHUNK].astype(np.uint32)  # squares fit (<= 65535^2)
+            column_sums = values.sum(axis=0, dtype=np.uint64)                     # (w, C)
+            column_squares = np.square(values).sum(axis=0, dtype=np.uint64)      # (w, C)
+            sums += (column_sums * chunk_weights[:, None].astype(np.uint64)).sum(axis=0).astype(object)
+            squares += (column_squares * chunk_weights[:, None].astype(np.uint64)).sum(axis=0).astype(object)
+        self._count += height * int(weights.sum())
+        self._sum = [int(a) + int(b) for a, b in zip(self._sum, sums)]
+        self._sum_of_squares = [int(a) + int(b) for a, b in zip(self._sum_of_squares, squares)]
 
     def moments(self) -> ChannelMoments:
-        if not self._integer or self._count == 0:
+        if not self._exact or self._count == 0:
             return self._float_moments
         n = self._count
         mean = np.array([s / n for s in self._sum])

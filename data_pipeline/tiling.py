@@ -285,14 +285,14 @@ def tile_slide(
                     band = slice(y - y0, y - y0 + P)
                     tumour_pixels = window_counts(tumour[band], local, P)
                     tissue_ratio = window_counts(tissue[band], local, P) / P**2
-                    for i in np.flatnonzero(tissue_ratio > config.min_tissue_ratio):
-                        patch = image[band, local[i]:local[i] + P]
+                    kept = np.flatnonzero(tissue_ratio > config.min_tissue_ratio)
+                    statistics.add_windows(image[band], local[kept], P)
+                    for i in kept:
                         row = shards.patch_row(spec.slide_id, spec.patient_id, int(xs[i]) * d, y * d,
                                                int(tumour_pixels[i] >= config.min_tumor_pixels),
                                                tumour_pixels[i] / P**2, tissue_ratio[i])
                         rows.append(row)
-                        statistics.add(patch)
-                        yield serialize({"image": patch, **row})
+                        yield serialize({"image": image[band, local[i]:local[i] + P], **row})
                     progress(len(xs))
 
         with contextlib.closing(records()) as patch_records:  # stops the prefetch before the reader closes

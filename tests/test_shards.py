@@ -123,6 +123,22 @@ def test_pixel_statistics_match_numpy(dtype):
     assert shards.PixelStatistics(4, dtype).moments().count == 0
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_pixel_statistics_of_overlapping_windows_match_numpy(dtype):
+    rng = np.random.default_rng(7)
+    high = 255 if dtype == np.uint8 else 65535
+    band = rng.integers(0, high, size=(6, 5000, 2), endpoint=True).astype(dtype)
+    starts = np.array([0, 3, 4, 10, 2100, 2101, 4990])  # overlapping, across column chunks
+    statistics = shards.PixelStatistics(2, dtype)
+    statistics.add_windows(band, starts, 8)
+    statistics.add_windows(band[:, :100], np.array([], np.int64), 8)
+    moments = statistics.moments()
+    pixels = np.concatenate([band[:, s:s + 8].reshape(-1, 2) for s in starts]).astype(np.float64)
+    assert moments.count == len(pixels)
+    np.testing.assert_allclose(moments.mean, pixels.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(moments.std, pixels.std(axis=0), rtol=1e-11)
+
+
 def test_same_arrays_give_byte_identical_shards(tmp_path):
     rng = np.random.default_rng(3)
     splits = {"train": random_split(rng, 6, 5, 3, np.uint8, "a"), "test": random_split(rng, 2, 5, 3, np.uint8, "b")}
