@@ -271,7 +271,7 @@ def make_batch_plan(counts: np.ndarray, *, c: float, beta: float, batch_per_grou
     targets = uniform_targets(counts, empty_group)
     upper = beta_max(alpha, c, targets)
     allowed = f"Allowed beta range for c = {c:g}: [-1, {upper:.6g}]."
-    if not -1.0 <= beta <= upper:
+    if not (np.isfinite(beta) and -1.0 <= beta <= upper):
         raise config_error(f"beta = {beta} lies outside [-1, beta_max]; past beta_max some group gets a "
                            "negative weight and training diverges.", allowed)
 

@@ -164,6 +164,8 @@ def test_beta_outside_range_prints_alpha_table_and_range():
     with pytest.raises(ValueError, match="outside"):
         groups.make_batch_plan(counts, c=0.5, beta=-1.01, batch_per_group=8)
     groups.make_batch_plan(counts, c=0.5, beta=-1.0, batch_per_group=8)
+    with pytest.raises(ValueError, match="outside"):           # uniform alpha: beta_max = inf
+        groups.make_batch_plan(np.array([[5, 5], [5, 5]]), c=0.5, beta=np.inf, batch_per_group=8)
 
 
 @pytest.mark.parametrize("kwargs, match", [
