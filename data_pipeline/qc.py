@@ -19,7 +19,7 @@ from matplotlib.collections import PatchCollection  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 LABEL_COLOURS = {0: "#00e5ff", 1: "#ff1744"}  # non-tumour cyan, tumour red
-TISSUE_COLOUR = "#ffd600"
+TISSUE_COLOUR = "#ffffff"
 TUMOUR_COLOUR = "#ff00ff"
 MAX_DISPLAY_SIDE = 1000
 
@@ -76,7 +76,7 @@ def save_qc_png(
                                             linewidth=0.4))
     counts = np.bincount(np.asarray(patch_labels, np.int64), minlength=2)
     axis.set_title(f"{title}\n{counts[1]} tumour (red) / {counts[0]} non-tumour (cyan) patches; "
-                   "tissue yellow, tumour magenta", fontsize=9)
+                   "tissue white, tumour magenta", fontsize=9)
     axis.set_axis_off()
     figure.tight_layout()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

@@ -359,7 +359,7 @@ def write_patch_dataset(
     for split, arrays in splits.items():
         rows = [patch_row(*(arrays[name][i] for name in ROW_FIELDS)) for i in range(len(arrays["image"]))]
         images = np.asarray(arrays["image"])
-        path = work / f"{split}.{SHARD_SUFFIX}"
+        path = work / f"in_memory-{split}.{SHARD_SUFFIX}"
         write_array_record(path, (serialize({"image": images[i], **rows[i]}) for i in range(len(rows))))
         statistics = PixelStatistics(num_channels, dtype)
         for image in images:
@@ -375,4 +375,5 @@ def write_patch_dataset(
     for parts in parts_by_split.values():
         for part in parts:
             part.path.unlink()
-    work.rmdir()
+    if not any(work.iterdir()):
+        work.rmdir()
