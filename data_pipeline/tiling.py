@@ -492,8 +492,10 @@ def tile_manifest(
         report[slide_id].update(split=split_of[slide_id], patches=len(labels),
                                 tumour_patches=int(labels.sum()), non_tumour_patches=int((labels == 0).sum()))
         if not len(labels):
-            warnings.warn(f"slide {slide_id!r}: no patch has tissue; nothing of it is in the dataset",
-                          stacklevel=2)
+            height, width = sidecar["shape"]
+            warnings.warn(f"slide {slide_id!r}: no patch kept ({height} x {width} pixels at the tiled "
+                          f"level, patch size {config.patch_size}, tissue ratio must exceed "
+                          f"{config.min_tissue_ratio}); nothing of it is in the dataset", stacklevel=2)
     if failures:
         print(f"{len(failures)} slide(s) failed and were skipped:", file=sys.stderr)
         for message in failures.values():

@@ -308,6 +308,30 @@ def test_label_map_mask_with_tumour_ids(tmp_path):
     check_dataset(out, {"train": expected}, 2, np.float32)
 
 
+def test_slides_without_patches_are_reported_and_left_out(tmp_path):
+    rng = np.random.default_rng(5)
+    image, tumour, tissue_low = make_slide(rng, (40, 40), 2, np.uint8)
+    rows = []
+    for slide_id, shape, empty in (("good", (40, 40), False), ("tiny", (12, 40), False), ("bare", (40, 40), True)):
+        write_layout(tmp_path / slide_id, image[:shape[0]], "interleaved")
+        write_mask(tmp_path / f"{slide_id}_t.tif", tumour[:shape[0]] & (not empty))
+        write_mask(tmp_path / f"{slide_id}_m.tif", tissue_low[:-(-shape[0] // 4)] & (not empty))
+        rows.append({"slide_id": slide_id, "image": f"{slide_id}.tif", "mask": f"{slide_id}_t.tif",
+                     "tissue_mask": f"{slide_id}_m.tif", "split": "train"})
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning) as caught:
+        assert main(["tile", "--manifest", str(write_manifest(tmp_path / "m.csv", rows)), "--out", str(out),
+                     "--patch-size", "16", "--tissue-factor", "4"]) == 0
+    messages = " ".join(str(w.message) for w in caught)
+    assert "slide 'tiny': no patch kept (12 x 40 pixels" in messages and "slide 'bare': no patch kept" in messages
+    report = json.loads((out / "tiling_report.json").read_text())
+    assert {s: r["patches"] for s, r in report["slides"].items()} == {
+        "good": len(brute_force("good", "", image, tumour, upsample(tissue_low, 4, (40, 40)), 16, 16)),
+        "tiny": 0, "bare": 0}
+    assert {r["slide_id"] for r in read_csv_rows(out)} == {"good"}
+    assert len(list(out.glob("gerne_patches-train.array_record-*"))) == 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input through the CLI
 # ---------------------------------------------------------------------------------------------------
