@@ -71,14 +71,16 @@ class StdConv(nn.Conv):
     return param
 
 
-def _make_norm(norm: str, train: bool, dtype: Any) -> Callable[[int, str], nn.Module]:
+def _make_norm(norm: str, train: bool, dtype: Any,
+               axis_name: str | None) -> Callable[[int, str], nn.Module]:
   """Returns `make(features, name)` building the norm layer of mode `norm` for that width."""
   def make(features: int, name: str) -> nn.Module:
     if norm == "group":
       return nn.GroupNorm(num_groups=num_groups_for(features), epsilon=_NORM_EPSILON,
                           dtype=dtype, name=name)
     return nn.BatchNorm(use_running_average=norm == "frozen" or not train,
-                        momentum=_BN_MOMENTUM, epsilon=_NORM_EPSILON, dtype=dtype, name=name)
+                        momentum=_BN_MOMENTUM, epsilon=_NORM_EPSILON, dtype=dtype,
+                        axis_name=axis_name, name=name)
   return make
 
 
@@ -140,6 +142,8 @@ class ResNet(nn.Module):
     norm: one of `NORM_MODES` (see the module docstring).
     num_filters: width of the first stage (64 in torchvision); stage i has `num_filters * 2**i`.
     dtype: compute dtype (parameters are always float32).
+    batch_norm_axis_name: mapped axis over which train-mode BatchNorm averages its statistics
+      (set by the sharded train step on its copy of the model; None for ordinary use).
   """
 
   stage_sizes: Sequence[int]
@@ -148,6 +152,7 @@ class ResNet(nn.Module):
   norm: str = "group"
   num_filters: int = 64
   dtype: Any = jnp.float32
+  batch_norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -158,7 +163,7 @@ class ResNet(nn.Module):
     conv_cls = StdConv if self.norm == "group" else nn.Conv
     conv = functools.partial(conv_cls, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                              padding="SAME")
-    norm = _make_norm(self.norm, train, self.dtype)
+    norm = _make_norm(self.norm, train, self.dtype, self.batch_norm_axis_name)
 
     x = conv(self.num_filters, (7, 7), strides=2, padding=[(3, 3), (3, 3)], name="conv1")(images)
     x = nn.relu(norm(self.num_filters, "bn1")(x))

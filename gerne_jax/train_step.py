@@ -27,10 +27,14 @@ A batch with a leading axis of size 1 (`[1, M, ...]`) is plain single-batch trai
 images); the optimiser again receives a plain gradient. ERM inside the paired setting is simply
 `beta = -1`, and group resampling `beta = 0` with c = 1 in the sampler.
 
-Data parallelism: `jax.jit` over a `Mesh` with one axis "data"; batches sharded on N (axis 1),
-parameters and optimiser state replicated. XLA inserts the gradient all-reduce and, for
-train-mode BatchNorm, the cross-device statistics, so the sharded step computes exactly the
-single-device step. No TensorFlow here.
+Data parallelism: `jax.jit` over a `Mesh` with one axis "data" (a one-device mesh when none is
+given); batches sharded on N (axis 1), parameters and optimiser state replicated. Inside, the
+step is a `shard_map`: each device runs the body on its N / D examples of each batch; losses and
+accuracies are averaged over "data" (so gradients are those of the global mean loss, JAX inserting
+the gradient all-reduce), and train-mode BatchNorm averages its statistics over "data" too. The
+sharded step therefore computes the single-device step. (Plain GSPMD partitioning would gather the
+batch: `vmap` over the pair axis merges [2, N] into one 2N batch, whose sharding on N it cannot
+express.) No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -103,10 +107,6 @@ def _value(schedule: optax.ScalarOrSchedule, step: jax.Array) -> jax.Array:
   return jnp.asarray(schedule(step) if callable(schedule) else schedule, jnp.float32)
 
 
-def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-
-
 def _tree_dot(a: Any, b: Any) -> jax.Array:
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -125,8 +125,8 @@ def make_train_step(model: ResNet, *, learning_rate: optax.ScalarOrSchedule,
       the loss weights when `fold_beta_into_loss`). Must equal the `beta` given to `extrapolate`.
     fold_beta_into_loss: the one-gradient fast path (see the module docstring).
     divide_loss_by_num_classes: divide each batch's mean cross-entropy by K (SPEC 3).
-    mesh: when given, the step is jitted with the batch sharded on N over `mesh`'s "data" axis
-      and the state replicated (inputs are then expected as `shard_batch` / `replicate` make them).
+    mesh: a mesh with axis "data" (`make_mesh`); the batch is sharded on N over it and the state
+      replicated (`shard_batch` / `replicate` place inputs so). Default: the first device alone.
 
   Metrics of a paired batch: `loss_biased`, `loss_less_biased`, `accuracy_biased`,
   `accuracy_less_biased`, `grad_norm_biased`, `grad_norm_less_biased`, `grad_cosine` (the three
@@ -136,7 +136,10 @@ def make_train_step(model: ResNet, *, learning_rate: optax.ScalarOrSchedule,
   norm = model.norm
   if norm not in NORM_MODES:
     raise ValueError(f"model.norm must be one of {NORM_MODES}, got {norm!r}")
+  mesh = make_mesh(1) if mesh is None else mesh
   updates_stats = norm in TRAIN_MODE_BATCH_NORM
+  if updates_stats:  # statistics over the whole (global) batch, not one device's shard
+    model = model.clone(batch_norm_axis_name=DATA_AXIS)
 
   def forward(params, batch_stats, images):
     """Train-mode logits of one image batch and the BatchNorm statistics it produces."""
@@ -148,7 +151,11 @@ def make_train_step(model: ResNet, *, learning_rate: optax.ScalarOrSchedule,
     return model.apply(variables, images, train=True), batch_stats
 
   def loss_fn(logits, labels):
-    return classification_loss(logits, labels, divide_loss_by_num_classes)
+    local_loss = classification_loss(logits, labels, divide_loss_by_num_classes)
+    return jax.lax.pmean(local_loss, DATA_AXIS)
+
+  def accuracy(logits, labels):
+    return jax.lax.pmean(jnp.mean(jnp.argmax(logits, axis=-1) == labels), DATA_AXIS)
 
   def single_batch_loss(params, batch_stats, images, labels):
     logits, new_stats = forward(params, batch_stats, images)
@@ -177,14 +184,14 @@ def make_train_step(model: ResNet, *, learning_rate: optax.ScalarOrSchedule,
         in_axes=(None, None, 0, 0))(params, batch_stats, images, labels)
     return losses, (logits, _merge_batch_stats(per_batch_stats, batch_stats, updates_stats)), grads
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  def local_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """The step on this device's shard of the batch (all results replicated)."""
     images, labels = batch["image"], batch["label"]
-    _check_batch(images, labels)
     lr = _value(learning_rate, state.step)
     if images.shape[0] == 1:
       (loss, (logits, new_stats)), grads = jax.value_and_grad(single_batch_loss, has_aux=True)(
           state.params, state.batch_stats, images[0], labels[0])
-      metrics = {"loss": loss, "accuracy": _accuracy(logits, labels[0]),
+      metrics = {"loss": loss, "accuracy": accuracy(logits, labels[0]),
                  "grad_norm": optax.tree.norm(grads), "learning_rate": lr}
       return state.apply_gradients(grads=grads, batch_stats=new_stats), metrics
 
@@ -207,16 +214,23 @@ def make_train_step(model: ResNet, *, learning_rate: optax.ScalarOrSchedule,
       grad_metrics = _pair_gradient_metrics(grads, beta_t)
     metrics = {
         "loss_biased": losses[BIASED], "loss_less_biased": losses[LESS_BIASED],
-        "accuracy_biased": _accuracy(logits[BIASED], labels[BIASED]),
-        "accuracy_less_biased": _accuracy(logits[LESS_BIASED], labels[LESS_BIASED]),
+        "accuracy_biased": accuracy(logits[BIASED], labels[BIASED]),
+        "accuracy_less_biased": accuracy(logits[LESS_BIASED], labels[LESS_BIASED]),
         **grad_metrics, "learning_rate": lr, "beta": beta_t}
     return state.apply_gradients(grads=grads, batch_stats=new_stats), metrics
 
-  if mesh is None:
-    return jax.jit(train_step)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(train_step, in_shardings=(replicated, batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated))
+  replicated = PartitionSpec()
+  sharded_step = jax.shard_map(local_step, mesh=mesh,
+                               in_specs=(replicated, batch_sharding(mesh).spec),
+                               out_specs=(replicated, replicated))
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    _check_batch(batch["image"], batch["label"], mesh.size)
+    return sharded_step(state, batch)
+
+  replicated_sharding = NamedSharding(mesh, replicated)
+  return jax.jit(train_step, in_shardings=(replicated_sharding, batch_sharding(mesh)),
+                 out_shardings=(replicated_sharding, replicated_sharding))
 
 
 def _merge_batch_stats(per_batch_stats: Any, old_stats: Any, updates_stats: bool) -> Any:
@@ -241,10 +255,13 @@ def _pair_gradient_metrics(stacked_grads: Any, beta: jax.Array) -> Metrics:
           "grad_norm": jnp.sqrt(jnp.maximum(sq_ext, 0.0))}
 
 
-def _check_batch(images: jax.Array, labels: jax.Array) -> None:
+def _check_batch(images: jax.Array, labels: jax.Array, num_devices: int) -> None:
   if images.ndim != 5 or images.shape[0] not in (1, 2):
     raise ValueError("batch['image'] must be [2, N, H, W, C] (biased, less-biased) or "
                      f"[1, N, H, W, C] (single batch), got shape {images.shape}")
+  if images.shape[1] % num_devices:
+    raise ValueError(f"batch size N = {images.shape[1]} must be a multiple of the "
+                     f"{num_devices} devices of the mesh")
   if labels.shape != images.shape[:2]:
     raise ValueError(f"batch['label'] must have shape {images.shape[:2]} to match "
                      f"batch['image'] {images.shape}, got {labels.shape}")
