@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -95,8 +96,12 @@ def value_noise(key: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         along_v = table[:, b] + sv * (table[:, b + 1] - table[:, b])  # (lattice rows, w)
         a = a[:, 0]
         return along_v[a] + su * (along_v[a + 1] - along_v[a])
-    top = table[a, b] + sv * (table[a, b + 1] - table[a, b])
-    bottom = table[a + 1, b] + sv * (table[a + 1, b + 1] - table[a + 1, b])
+    flat, stride = table.ravel(), table.shape[1]
+    index = a * stride + b
+    corner = flat[index]
+    top = corner + sv * (flat[index + 1] - corner)
+    corner = flat[index + stride]
+    bottom = corner + sv * (flat[index + stride + 1] - corner)
     return top + su * (bottom - top)
 
 
@@ -122,19 +127,21 @@ def nuclei(key: int, y: np.ndarray, x: np.ndarray, cell: float, density: float,
     rows = np.arange(y0, int(cell_y.max()) + 2)[:, None]
     cols = np.arange(x0, int(cell_x.max()) + 2)[None, :]
     # Four independent hashes per cell from disjoint lattice rows: jitter y, jitter x, presence, size.
-    jitter_y = _hash_uniform(key, 4 * rows, cols)
-    jitter_x = _hash_uniform(key, 4 * rows + 1, cols)
+    offset_y = (_hash_uniform(key, 4 * rows, cols) * cell).ravel()  # centre - cell corner
+    offset_x = (_hash_uniform(key, 4 * rows + 1, cols) * cell).ravel()
     present = _hash_uniform(key, 4 * rows + 2, cols) < density
     support = np.minimum(2.0 * radius * (0.7 + 0.6 * _hash_uniform(key, 4 * rows + 3, cols)), cell)
-    inv_support2 = np.where(present, 1.0 / support ** 2, np.float32(np.inf)).astype(np.float32)
+    inv_support2 = np.where(present, 1.0 / support ** 2, np.inf).astype(np.float32).ravel()
     result = np.zeros(np.broadcast_shapes(y.shape, x.shape), np.float32)
     for dy in (-1, 0, 1):
         a = cell_y - y0 + dy
+        from_row = (y - (a + y0) * cell).astype(np.float32)  # pixel - cell corner, (h, 1)
         for dx in (-1, 0, 1):
             b = cell_x - x0 + dx
-            centre_y = (a + y0 + jitter_y[a, b]) * cell
-            centre_x = (b + x0 + jitter_x[a, b]) * cell
-            falloff = np.maximum(1.0 - ((y - centre_y) ** 2 + (x - centre_x) ** 2) * inv_support2[a, b], 0.0)
+            from_col = (x - (b + x0) * cell).astype(np.float32)
+            index = a * cols.shape[1] + b
+            d2 = (from_row - offset_y[index]) ** 2 + (from_col - offset_x[index]) ** 2
+            falloff = np.maximum(1.0 - d2 * inv_support2[index], 0.0)
             np.maximum(result, falloff * falloff, out=result)
     return result
 
@@ -205,6 +212,17 @@ class SlideLayout:
     keys: dict[str, int]  # noise stream -> hash key
     fibre_angles: tuple[float, float, float]
 
+    @functools.cached_property
+    def pixel_boxes(self) -> np.ndarray:
+        """(num_bodies, 4) int64 top, left, bottom, right (exclusive) of each body in pixels: its
+        extent in the warped frame plus the largest warp displacement."""
+        boxes = np.zeros((len(self.bodies), 4), np.int64)
+        for i, body in enumerate(self.bodies):
+            (cy, cx), (ey, ex) = body.shape.centre, body.shape.extent
+            boxes[i] = (math.floor(cy - ey - MAX_WARP), math.floor(cx - ex - MAX_WARP),
+                        math.ceil(cy + ey + MAX_WARP) + 1, math.ceil(cx + ex + MAX_WARP) + 1)
+        return boxes
+
 
 def _random_shape(rng: np.random.Generator, centre: tuple[float, float], radius: float,
                   elongation: float = 0.35, lobes: float = 0.12) -> Shape:
@@ -217,16 +235,16 @@ def _random_shape(rng: np.random.Generator, centre: tuple[float, float], radius:
                  lobe_phases=tuple(float(p) for p in rng.uniform(0.0, 2 * math.pi, len(HARMONICS))))
 
 
-def _place(rng: np.random.Generator, height: int, width: int, radius: float,
-           taken: list[tuple[float, float, float]], margin: float, spacing: float,
-           tries: int = 200) -> tuple[float, float] | None:
-    """A centre `margin*radius` inside the slide, `spacing` radii clear of taken discs, or None."""
+def _place(rng: np.random.Generator, height: int, width: int, radius: float, taken: np.ndarray,
+           margin: float, spacing: float, tries: int = 200) -> tuple[float, float] | None:
+    """A centre `margin*radius` inside the slide, `spacing*(radius + r)` clear of each taken disc
+    (rows of `taken`: y, x, r), or None after `tries` draws."""
     inset_y = min(margin * radius, height / 2)
     inset_x = min(margin * radius, width / 2)
     for _ in range(tries):
         cy = rng.uniform(inset_y, height - inset_y)
         cx = rng.uniform(inset_x, width - inset_x)
-        if all(math.hypot(cy - ty, cx - tx) > spacing * (radius + tr) for ty, tx, tr in taken):
+        if np.all(np.hypot(cy - taken[:, 0], cx - taken[:, 1]) > spacing * (radius + taken[:, 2])):
             return cy, cx
     return None
 
@@ -239,14 +257,18 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout
     side = math.sqrt(height * width)
     keys = {name: int(k) for name, k in zip(_STREAMS, rng.integers(0, 2 ** 63, len(_STREAMS)))}
     bodies: list[Body] = []
-    taken: list[tuple[float, float, float]] = []
+    # Large and medium bodies keep clear of each other; smaller pieces keep clear of those only
+    # (they may overlap one another), which keeps placement linear in the number of pieces.
+    big_discs = np.zeros((0, 3))
 
     def add(radius: float, tumour_probability: float, margin: float, spacing: float,
             **shape_kw) -> None:
-        centre = _place(rng, height, width, radius, taken, margin, spacing)
+        nonlocal big_discs
+        centre = _place(rng, height, width, radius, big_discs, margin, spacing)
         if centre is None:
             return
-        taken.append((centre[0], centre[1], radius))
+        if tumour_probability > 0:
+            big_discs = np.vstack([big_discs, [centre[0], centre[1], radius]])
         shape = _random_shape(rng, centre, radius, **shape_kw)
         tumours = ()
         if rng.uniform() < tumour_probability:
@@ -255,14 +277,14 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout
             tumours = tuple(
                 _random_shape(rng, (centre[0] + radius * 0.25 * math.sin(t),
                                     centre[1] + radius * 0.25 * math.cos(t)),
-                              radius * rng.uniform(0.9, 1.1), lobes=0.2)
+                              radius * rng.uniform(0.95, 1.15), lobes=0.2)
                 for t in rng.uniform(0.0, 2 * math.pi, rng.integers(1, 3)))
         bodies.append(Body(shape, tumours))
 
     # Large, tumour-bearing bodies (size relative to the slide).
     for _ in range(rng.integers(2, 4)):
         add(side * rng.uniform(0.11, 0.15), 1.0, margin=1.1, spacing=1.0, lobes=0.2)
-    # Medium bodies, some with tumour.
+    # Medium bodies, most with tumour.
     for _ in range(rng.integers(4, 9)):
         add(side * rng.uniform(0.03, 0.05), 0.9, margin=1.2, spacing=1.0, lobes=0.2)
     area_scale = height * width / 2048.0 ** 2
@@ -271,11 +293,10 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout
         add(rng.uniform(3.0, 7.0), 0.0, margin=1.5, spacing=1.2, lobes=0.2)
     # Strands: thin torn strips of tissue, a few pixels wide; long enough (relative to the slide) to
     # survive tissue detection's small-object removal, thin enough to fill little of any patch.
-    for _ in range(rng.poisson(120 * area_scale)):
+    for _ in range(rng.poisson(32 * area_scale)):
         half_length = side * rng.uniform(0.05, 0.10)
-        centre = _place(rng, height, width, half_length, taken, margin=1.2, spacing=1.0)
+        centre = _place(rng, height, width, half_length, big_discs, margin=1.2, spacing=1.0)
         if centre is not None:
-            taken.append((centre[0], centre[1], half_length))
             bodies.append(Body(Shape(centre=centre, axes=(half_length, rng.uniform(1.0, 1.8)),
                                      angle=float(rng.uniform(0.0, math.pi)),
                                      lobe_amplitudes=(0.0,) * len(HARMONICS),
@@ -314,15 +335,11 @@ def render_geometry(layout: SlideLayout, y0: int, x0: int, h: int, w: int) -> Ti
     """Tissue and tumour masks of the window [y0, y0+h) x [x0, x0+w)."""
     tissue = np.zeros((h, w), bool)
     tumour = np.zeros((h, w), bool)
-    # Pixel-space box of each shape: its reach in the warped frame plus the largest warp.
-    boxes = []
-    for body in layout.bodies:
-        margin_y, margin_x = (e + MAX_WARP for e in body.shape.extent)
-        top = int(body.shape.centre[0] - margin_y) - y0
-        left = int(body.shape.centre[1] - margin_x) - x0
-        bottom, right = top + int(2 * margin_y) + 2, left + int(2 * margin_x) + 2
-        if bottom > 0 and right > 0 and top < h and left < w:
-            boxes.append((body, slice(max(top, 0), min(bottom, h)), slice(max(left, 0), min(right, w))))
+    boxes = layout.pixel_boxes
+    near = np.flatnonzero((boxes[:, 0] < y0 + h) & (boxes[:, 2] > y0) & (boxes[:, 1] < x0 + w)
+                          & (boxes[:, 3] > x0))
+    boxes = [(layout.bodies[i], slice(max(boxes[i, 0] - y0, 0), min(boxes[i, 2] - y0, h)),
+              slice(max(boxes[i, 1] - x0, 0), min(boxes[i, 3] - x0, w))) for i in near]
     if not boxes:
         return TileGeometry(tissue, tumour, None)
     y = np.arange(y0, y0 + h, dtype=np.float32)[:, None]
