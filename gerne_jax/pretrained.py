@@ -72,7 +72,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"pretrained weights {path!r} do not exist (config model.init_from)")
   suffix = os.path.splitext(path)[1].lower()
   if suffix == ".safetensors":
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import load_file
     try:
       state = load_file(path)
     except Exception as e:  # safetensors raises its own error types for corrupt or bf16 files
@@ -100,7 +100,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _read_torch(path: str) -> dict[str, Any]:
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
   except ImportError as e:
     raise ImportError(f"reading {path!r} needs torch; install it or convert the file to "
                       ".safetensors (see README, 'Pretrained weights')") from e
