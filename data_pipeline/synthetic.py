@@ -5,13 +5,16 @@ tiled interleaved (Y, X, 3) uint16 TIFF, a tiled uint8 0/1 tumour mask of the sa
 and `DIR/manifest.csv` in the manifest format of the tiler (relative paths, a deterministic split).
 
 How a slide is made:
-- Geometry is a short list of shapes (`SlideLayout`), sampled once per slide: a few large tissue
-  bodies that carry most of the tumour, several medium ones (some with tumour), small fragments and
-  many specks of debris. Each shape is an ellipse with a lobed outline (a few angular harmonics),
+- Geometry is a list of shapes (`SlideLayout`), sampled once per slide: two or three large tissue
+  bodies and several medium ones (sizes relative to the slide) that carry nearly all the tumour, thin
+  strands of torn tissue, and many small fragments and specks of debris (absolute sizes, counts
+  growing with the area). Each shape is an ellipse with a lobed outline (a few angular harmonics),
   evaluated in a coordinate frame that is warped by smooth noise at three scales, so outlines are
   irregular down to single pixels. Tumour regions are shapes of their own, clipped to their body, so
   they reach the body's edge in places (tumour patches with little tissue) and leave normal tissue
-  beside them (non-tumour patches with much tissue).
+  beside them (non-tumour patches with much tissue); strands give non-tumour patches with little
+  tissue that survive tissue detection (most debris is below its small-object size, as on real
+  slides).
 - Pixels are rendered tile by tile (`TILE` pixels a side) and streamed to tifffile, so memory does not
   grow with the slide. All spatially coherent noise is lattice "value noise" whose lattice values are
   a hash of (slide key, lattice point): any tile can be rendered alone, tiles join without seams, and
@@ -20,6 +23,14 @@ How a slide is made:
 - The signal a classifier can learn: tumour has a TPEF/CARS ratio about 15% higher than normal
   tissue, denser and larger nucleus-like dark blobs, and little SHG collagen; normal stroma carries
   SHG fibres. The background is dark with noise.
+
+Calibration: with the tiler's default tissue detection, slides of 2048 pixels tiled at P = 64 give
+tumour patches a median tissue ratio above 0.9, non-tumour patches below 0.1, and at tau = 0.1 about
+4-8% of patches in each minority group (tests/test_synthetic.py measures this). At P = 32 the group
+of non-tumour patches with much tissue grows to ~15% (strands fill more of a small patch). Other
+sizes shift the shares: body sizes scale with the slide, so at 1024 pixels P = 32 behaves like 2048
+at 64 (at 1024 with P = 64 bodies span only a few patches), while strands, fragments and texture keep
+their pixel sizes.
 
 The same arguments always give byte-identical files.
 """
@@ -44,10 +55,13 @@ TILE = 256  # TIFF tile side and rendering unit (tifffile needs a multiple of 16
 MIN_SIZE = 256
 SIZE_SHRINK = 0.08  # slide sides vary between 92% and 100% of --size
 SPLIT_FRACTIONS = (("train", 0.6), ("validation", 0.2), ("test", 0.2))
+DEFLATE_LEVEL = 1  # fast; the noisy image hardly compresses further at higher levels
 
 # Domain warp applied before shapes are evaluated: (lattice cell in pixels, displacement amplitude).
+# Slides of 3072 pixels and more get coarser octaves too (cells doubling, amplitude COARSE_WARP * cell)
+# so that their large bodies stay irregular at their own scale.
 WARP_OCTAVES = ((256.0, 20.0), (64.0, 10.0), (14.0, 3.5))
-MAX_WARP = sum(amplitude for _, amplitude in WARP_OCTAVES)
+COARSE_WARP = 0.12
 HARMONICS = np.arange(2, 7)  # angular frequencies of the lobed outlines
 
 # Noise streams: each gets its own hash key per slide.
@@ -211,16 +225,23 @@ class SlideLayout:
     bodies: tuple[Body, ...]
     keys: dict[str, int]  # noise stream -> hash key
     fibre_angles: tuple[float, float, float]
+    warp: tuple[tuple[float, float, int, int], ...]  # octaves: cell, amplitude, key y, key x
+
+    @property
+    def max_warp(self) -> float:
+        """Largest displacement of the warp along either axis (value noise is within [-1, 1])."""
+        return sum(amplitude for _, amplitude, _, _ in self.warp)
 
     @functools.cached_property
     def pixel_boxes(self) -> np.ndarray:
         """(num_bodies, 4) int64 top, left, bottom, right (exclusive) of each body in pixels: its
         extent in the warped frame plus the largest warp displacement."""
         boxes = np.zeros((len(self.bodies), 4), np.int64)
+        margin = self.max_warp
         for i, body in enumerate(self.bodies):
             (cy, cx), (ey, ex) = body.shape.centre, body.shape.extent
-            boxes[i] = (math.floor(cy - ey - MAX_WARP), math.floor(cx - ex - MAX_WARP),
-                        math.ceil(cy + ey + MAX_WARP) + 1, math.ceil(cx + ex + MAX_WARP) + 1)
+            boxes[i] = (math.floor(cy - ey - margin), math.floor(cx - ex - margin),
+                        math.ceil(cy + ey + margin) + 1, math.ceil(cx + ex + margin) + 1)
         return boxes
 
 
@@ -291,10 +312,10 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout
     # Small fragments (absolute size, count grows with area).
     for _ in range(rng.poisson(40 * area_scale)):
         add(rng.uniform(3.0, 7.0), 0.0, margin=1.5, spacing=1.2, lobes=0.2)
-    # Strands: thin torn strips of tissue, a few pixels wide; long enough (relative to the slide) to
-    # survive tissue detection's small-object removal, thin enough to fill little of any patch.
+    # Strands: thin torn strips of tissue, a few pixels wide; long enough to survive tissue
+    # detection's small-object removal (relative to the slide), thin enough to fill little of a patch.
     for _ in range(rng.poisson(32 * area_scale)):
-        half_length = side * rng.uniform(0.05, 0.10)
+        half_length = min(side, 2048.0) * rng.uniform(0.05, 0.10)
         centre = _place(rng, height, width, half_length, big_discs, margin=1.2, spacing=1.0)
         if centre is not None:
             bodies.append(Body(Shape(centre=centre, axes=(half_length, rng.uniform(1.0, 1.8)),
@@ -304,8 +325,14 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout
     # Debris: specks of a few pixels.
     for _ in range(rng.poisson(300 * area_scale)):
         add(rng.uniform(2.0, 6.0), 0.0, margin=2.0, spacing=1.0, elongation=1.0, lobes=0.25)
+    fibre_angles = tuple(float(a) for a in rng.uniform(0.0, math.pi, 3))
+    # Coarser octaves for large slides (drawn last, so slides up to ~3000 pixels do not change).
+    coarse_cells = [256.0 * 2 ** k for k in range(1, 16) if 1536.0 * 2 ** k <= side]
+    coarse = [(cell, COARSE_WARP * cell, *map(int, rng.integers(0, 2 ** 63, 2))) for cell in coarse_cells]
+    warp = tuple(coarse) + tuple((cell, amplitude, keys[f"warp_y{octave}"], keys[f"warp_x{octave}"])
+                                 for octave, (cell, amplitude) in enumerate(WARP_OCTAVES))
     return SlideLayout(height=height, width=width, bodies=tuple(bodies), keys=keys,
-                       fibre_angles=tuple(float(a) for a in rng.uniform(0.0, math.pi, 3)))
+                       fibre_angles=fibre_angles, warp=warp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,9 +352,9 @@ def _warped_coordinates(layout: SlideLayout, y: np.ndarray, x: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray]:
     warped_y = np.broadcast_to(y, np.broadcast_shapes(y.shape, x.shape)).astype(np.float32)
     warped_x = np.broadcast_to(x, warped_y.shape).astype(np.float32)
-    for octave, (cell, amplitude) in enumerate(WARP_OCTAVES):
-        warped_y += amplitude * value_noise(layout.keys[f"warp_y{octave}"], y / cell, x / cell)
-        warped_x += amplitude * value_noise(layout.keys[f"warp_x{octave}"], y / cell, x / cell)
+    for cell, amplitude, key_y, key_x in layout.warp:
+        warped_y += amplitude * value_noise(key_y, y / cell, x / cell)
+        warped_x += amplitude * value_noise(key_x, y / cell, x / cell)
     return warped_y, warped_x
 
 
@@ -432,11 +459,8 @@ def _write_tiff(path: pathlib.Path, tiles: Iterator[np.ndarray | bytes], shape: 
     partial = path.with_name(f".{path.name}.partial")
     tifffile.imwrite(partial, data=tiles, shape=shape, dtype=dtype, tile=(TILE, TILE),
                      photometric="minisblack", planarconfig="contig" if channel_names else None,
-                     compression="zlib", compressionargs={"level": _DEFLATE_LEVEL}, metadata=metadata)
+                     compression="zlib", compressionargs={"level": DEFLATE_LEVEL}, metadata=metadata)
     os.replace(partial, path)
-
-
-_DEFLATE_LEVEL = 1  # fast; the noisy image hardly compresses further at higher levels
 
 
 def write_slide(layout: SlideLayout, seed: int, slide_index: int, image_path: pathlib.Path,
@@ -455,7 +479,7 @@ def write_slide(layout: SlideLayout, seed: int, slide_index: int, image_path: pa
             geometry = render_geometry(layout, ty, tx, h, w)
             for name in mask_tiles if tissue_mask_path is not None else ("tumour",):
                 mask = _padded(getattr(geometry, name).astype(np.uint8))
-                mask_tiles[name].append(zlib.compress(mask.tobytes(), _DEFLATE_LEVEL))
+                mask_tiles[name].append(zlib.compress(mask.tobytes(), DEFLATE_LEVEL))
             rng = np.random.default_rng([seed, slide_index, ty // TILE, tx // TILE])
             image = render_image(layout, geometry, ty, tx, rng)
             if progress is not None:
@@ -533,6 +557,7 @@ def _int_at_least(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
         return value
+    parse.__name__ = "integer"  # argparse names the type in its message for non-numbers
     return parse
 
 

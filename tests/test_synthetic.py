@@ -97,6 +97,29 @@ def test_geometry_of_a_window_is_independent_of_tiling():
         np.testing.assert_array_equal(part.tumour, whole.tumour[y0 - 100:y0 - 100 + h, x0 - 200:x0 - 200 + w])
 
 
+def test_box_culling_matches_evaluating_every_body():
+    # A large slide (with the coarse warp octaves): evaluate every body over the whole window.
+    layout = synthetic.sample_layout(seed=2, slide_index=0, nominal_size=3200)
+    assert len(layout.warp) > len(synthetic.WARP_OCTAVES)
+    big = max(layout.bodies, key=lambda body: body.shape.axes[0])
+    y0, x0 = (int(c) - 100 for c in big.shape.centre)
+    y0 += int(big.shape.extent[0])  # straddle the body's lower edge
+    geometry = synthetic.render_geometry(layout, y0, x0, 200, 200)
+    y = np.arange(y0, y0 + 200, dtype=np.float32)[:, None]
+    x = np.arange(x0, x0 + 200, dtype=np.float32)[None, :]
+    warped_y, warped_x = synthetic._warped_coordinates(layout, y, x)
+    tissue = np.zeros((200, 200), bool)
+    tumour = np.zeros((200, 200), bool)
+    for body in layout.bodies:
+        inside = body.shape.level(warped_y, warped_x) > 0
+        tissue |= inside
+        for region in body.tumours:
+            tumour |= inside & (region.level(warped_y, warped_x) > 0)
+    assert 0 < tissue.mean() < 1
+    np.testing.assert_array_equal(geometry.tissue, tissue)
+    np.testing.assert_array_equal(geometry.tumour, tumour)
+
+
 def read_manifest_rows(path: pathlib.Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
