@@ -44,9 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet50"         # resnet18/34/50/101/152, tiny
-    config.model.norm = "group"            # frozen | shared | group | separate
+    config.model.norm = "auto"             # frozen | shared | group | separate; auto: frozen with
+                                           # pretrained weights, group from scratch
     config.model.dtype = "float32"         # compute dtype: float32 or bfloat16 (params stay float32)
-    config.model.init_from = ""            # pretrained weights (later issue)
+    config.model.init_from = ""            # torchvision/timm ResNet weights (.safetensors or .pth)
+    config.model.channel_mapping = ""      # per input channel: red|green|blue|mean|zero, comma-separated
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 1e-3

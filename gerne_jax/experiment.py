@@ -10,7 +10,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from gerne_jax import models, train_step
+from gerne_jax import models, pretrained, train_step
 
 CLASS_NAMES = ("non_tumour", "tumour")
 METHODS = ("gerne", "erm")
@@ -48,7 +48,9 @@ def beta_schedule(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
 
 
 def create_model(config: ml_collections.ConfigDict) -> models.ResNet:
-    return models.create_model(config.model.name, num_classes=len(CLASS_NAMES), norm=config.model.norm,
+    """The configured ResNet; `model.norm = "auto"` is "frozen" with pretrained weights, else "group"."""
+    norm = pretrained.resolve_norm(config.model.norm, config.model.init_from)
+    return models.create_model(config.model.name, num_classes=len(CLASS_NAMES), norm=norm,
                                dtype=config.model.dtype)
 
 
@@ -62,9 +64,18 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 def initial_state(config: ml_collections.ConfigDict, model: models.ResNet, patch_shape: tuple[int, ...],
                   mesh: Mesh) -> train_step.TrainState:
-    """A fresh train state for patches of `patch_shape` (P, P, C), replicated over `mesh`."""
-    state = train_step.create_train_state(jax.random.key(config.training.seed), model, (1, *patch_shape),
-                                          create_optimizer(config))
+    """A fresh train state for patches of `patch_shape` (P, P, C), replicated over `mesh`.
+
+    With `model.init_from`, parameters and BatchNorm statistics come from those pretrained weights
+    (the classifier head keeps its fresh initialisation).
+    """
+    rng = jax.random.key(config.training.seed)
+    input_shape = (1, *patch_shape)
+    variables = train_step.init_variables(rng, model, input_shape)
+    if config.model.init_from:
+        variables = pretrained.load_pretrained(config.model.init_from, model, variables,
+                                               config.model.channel_mapping or None)
+    state = train_step.create_train_state(rng, model, input_shape, create_optimizer(config), variables)
     return train_step.replicate(state, mesh)
 
 

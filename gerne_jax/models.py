@@ -96,9 +96,10 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     residual = x
-    y = self.conv(self.features, (3, 3), strides=self.strides, name="conv1")(x)
+    # torchvision pads every 3x3 conv by 1 on each side; "SAME" would pad (0, 1) at stride 2.
+    y = self.conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv1")(x)
     y = nn.relu(self.norm(self.features, "bn1")(y))
-    y = self.conv(self.features, (3, 3), name="conv2")(y)
+    y = self.conv(self.features, (3, 3), padding=1, name="conv2")(y)
     y = self.norm(self.features, "bn2")(y)
     if residual.shape != y.shape:
       residual = self.conv(self.features, (1, 1), strides=self.strides,
@@ -121,7 +122,8 @@ class Bottleneck(nn.Module):
     residual = x
     y = self.conv(self.features, (1, 1), name="conv1")(x)
     y = nn.relu(self.norm(self.features, "bn1")(y))
-    y = self.conv(self.features, (3, 3), strides=self.strides, name="conv2")(y)
+    # torchvision pads every 3x3 conv by 1 on each side; "SAME" would pad (0, 1) at stride 2.
+    y = self.conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv2")(y)
     y = nn.relu(self.norm(self.features, "bn2")(y))
     y = self.conv(self.features * self.expansion, (1, 1), name="conv3")(y)
     y = self.norm(self.features * self.expansion, "bn3")(y)

@@ -63,8 +63,17 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
+def init_variables(rng: jax.Array, model: ResNet, input_shape: tuple[int, ...]) -> dict[str, Any]:
+  """`model.init` for image batches of `input_shape` `(N, H, W, C)` (only C matters): params, stats."""
+  if len(input_shape) != 4:
+    raise ValueError(f"input_shape must be (N, H, W, C), got {tuple(input_shape)}")
+  init = jax.jit(lambda key: model.init(key, jnp.zeros(input_shape, jnp.float32), train=False))
+  return init(rng)
+
+
 def create_train_state(rng: jax.Array, model: ResNet, input_shape: tuple[int, ...],
-                       tx: optax.GradientTransformation) -> TrainState:
+                       tx: optax.GradientTransformation,
+                       variables: Mapping[str, Any] | None = None) -> TrainState:
   """Initialises parameters (float32), BatchNorm statistics and the optimiser state.
 
   Args:
@@ -72,11 +81,11 @@ def create_train_state(rng: jax.Array, model: ResNet, input_shape: tuple[int, ..
     model: a `gerne_jax.models.ResNet`.
     input_shape: shape of one image batch `(N, H, W, C)`; only C matters for the parameters.
     tx: the optimiser, e.g. `make_optimizer(...)`; `tx.init` gets the plain parameters.
+    variables: start from these `{"params", "batch_stats"}` (e.g. pretrained weights) instead of
+      a fresh `init_variables(rng, model, input_shape)`.
   """
-  if len(input_shape) != 4:
-    raise ValueError(f"input_shape must be (N, H, W, C), got {tuple(input_shape)}")
-  init = jax.jit(lambda key: model.init(key, jnp.zeros(input_shape, jnp.float32), train=False))
-  variables = init(rng)
+  if variables is None:
+    variables = init_variables(rng, model, input_shape)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
 

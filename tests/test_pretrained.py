@@ -32,11 +32,6 @@ EPS = 1e-5
 # ResNet depth -> (blocks per stage, bottleneck), as in torchvision.
 ARCHS = {"tiny": ((1, 1), False, 8), "resnet18": ((2, 2, 2, 2), False, 64),
          "resnet50": ((3, 4, 6, 3), True, 64)}
-# models.py pads its 3x3 stride-2 block convs "SAME": (0, 1) on even sizes where torchvision pads
-# (1, 1). Odd sizes at every stride-2 conv (33 -> 17 -> 9 -> 5 -> 3) are padded alike.
-EVEN_SIZE_XFAIL = pytest.mark.xfail(
-    strict=True, reason="models.py: 3x3 stride-2 convs pad SAME (0,1) on even inputs, torchvision "
-    "pads (1,1); needs padding=1 on those convs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +166,7 @@ def _apply(model, variables, images):
 
 @pytest.mark.parametrize("arch,size", [
     ("resnet18", 33), ("resnet50", 33),
-    pytest.param("resnet18", 32, marks=EVEN_SIZE_XFAIL),
+    ("resnet18", 32),
 ])
 def test_forward_matches_numpy_block_by_block(tmp_path, arch, size):
   state = torchvision_state_dict(arch)
@@ -445,7 +440,7 @@ def run_torchvision(out: pathlib.Path, arch: str, size: int) -> None:
   subprocess.run([python, "-c", TORCH_SIDE, str(out), arch, str(size)], check=True)
 
 
-@pytest.mark.parametrize("size", [65, pytest.param(64, marks=EVEN_SIZE_XFAIL)])
+@pytest.mark.parametrize("size", [65, 64])
 def test_resnet50_matches_torchvision(tmp_path, size):
   run_torchvision(tmp_path, "resnet50", size)
   images = np.load(tmp_path / "images.npy")

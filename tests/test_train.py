@@ -177,3 +177,20 @@ def test_sigterm_saves_and_exits(data_dir, tmp_path):
     run.close()
     last_logged = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert saved_step is not None and saved_step >= last_logged
+
+
+def test_init_from_pretrained_weights_defaults_to_frozen_batch_norm(data_dir, tmp_path):
+    from safetensors.numpy import save_file
+
+    from tests.test_pretrained import torchvision_state_dict
+
+    weights = torchvision_state_dict("tiny", seed=3)
+    save_file(weights, str(tmp_path / "tiny.safetensors"))
+    config = _config(data_dir, f"steps=1,model.init_from={tmp_path / 'tiny.safetensors'}")
+    model = experiment.create_model(config)
+    assert model.norm == "frozen"
+    state = experiment.initial_state(config, model, (PATCH, PATCH, 3), train_step.make_mesh())
+    np.testing.assert_allclose(np.asarray(state.batch_stats["bn1"]["mean"]), weights["bn1.running_mean"])
+    trained = train.train_and_evaluate(config, tmp_path / "run")
+    # Frozen BatchNorm: the running statistics stay those of the checkpoint.
+    np.testing.assert_allclose(np.asarray(trained.batch_stats["bn1"]["var"]), weights["bn1.running_var"])
