@@ -135,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         report = evaluation.report_per_tau(probabilities, validation["label"],
                                            validation["tissue_ratio"], [taus])
         report = report[evaluation.tau_key(taus)]
-        log(step, "validation", report)
+        log(step, "validation", evaluation.scalar_metrics(report, CLASS_NAMES))
         return report
 
     def meta(step: int, report: dict[str, Any] | None) -> dict[str, Any]:

@@ -63,3 +63,14 @@ def report_per_tau(probabilities: np.ndarray, label: np.ndarray, tissue_ratio: n
 
 def tau_key(taus: Sequence[float]) -> str:
     return "tau=" + "+".join(f"{t:g}" for t in taus)
+
+
+def scalar_metrics(report: Mapping[str, Any], class_names: Sequence[str]) -> dict[str, float]:
+    """The report's scalars plus one `group_accuracy/<class>, <bin>` entry per non-empty group."""
+    scalars = {key: float(value) for key, value in report.items() if np.ndim(value) == 0
+               and isinstance(value, (int, float, np.number))}
+    for y, (counts, accuracies) in enumerate(zip(report["group_count"], report["group_accuracy"])):
+        for bin_name, count, accuracy in zip(report["bin_names"], counts, accuracies):
+            if count:
+                scalars[f"group_accuracy/{class_names[y]}, {bin_name}"] = float(accuracy)
+    return scalars

@@ -133,6 +133,14 @@ def test_evaluate_reports_missing_and_corrupt_checkpoints(data_dir, tmp_path, ca
     assert "config.json" in capsys.readouterr().err
     workdir = tmp_path / "run"
     train.train_and_evaluate(_config(data_dir, "steps=2"), workdir)
+    # Data with another channel count than the run was trained on.
+    rng = np.random.default_rng(1)
+    five_channels = {name: _split(rng, 20, name[:2]) for name in ("train", "test")}
+    for split in five_channels.values():
+        split["image"] = np.concatenate([split["image"], split["image"][..., :2]], axis=-1)
+    write_patch_dataset(tmp_path / "other", five_channels, channel_names=list("ABCDE"))
+    assert evaluate.main(["--workdir", str(workdir), "--data-dir", str(tmp_path / "other")]) == 2
+    assert "does the run's config match the data" in capsys.readouterr().err
     for path in (workdir / "checkpoints" / "best_wga").rglob("*"):
         if path.is_file() and path.stat().st_size > 0 and "state" in path.parts:
             path.write_bytes(b"garbage")
