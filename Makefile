@@ -15,11 +15,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# Until training lands (issue 4), the demo runs the data part end to end.
+# Synthetic slides -> patches -> ERM and GERNE (configs/demo.py) -> test-split report in $(DEMO_DIR).
+DEMO_TAUS := 0.03 0.1 0.2
 demo: $(STAMP)
 	$(BIN)/python -m data_pipeline synthetic --out $(DEMO_DIR)/slides --slides 12 --size 2048 --seed 0
 	$(BIN)/python -m data_pipeline tile --manifest $(DEMO_DIR)/slides/manifest.csv --out $(DEMO_DIR)/data --patch-size 64 --workers 2
-	$(BIN)/python -m data_pipeline stats --data-dir $(DEMO_DIR)/data --tau 0.03 0.1 0.2
+	$(BIN)/python -m data_pipeline stats --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS)
+	$(BIN)/python train.py --config configs/demo.py:erm,data_dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/erm
+	$(BIN)/python train.py --config configs/demo.py:gerne,data_dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/gerne
+	for checkpoint in best_wga best_bca; do \
+	  $(BIN)/python evaluate.py --compare $(DEMO_DIR)/erm $(DEMO_DIR)/gerne --checkpoint $$checkpoint \
+	    --split test --tau $(DEMO_TAUS) --out $(DEMO_DIR)/eval || exit 1; done
+	$(BIN)/python experiments/demo_report.py --eval-dir $(DEMO_DIR)/eval --runs $(DEMO_DIR)/erm $(DEMO_DIR)/gerne \
+	  --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS) --out $(DEMO_DIR)/report.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests

@@ -1,0 +1,176 @@
+"""Writes the `make demo` report: Markdown with the side-by-side table and the PNGs beside it.
+
+  python experiments/demo_report.py --eval-dir runs/demo/eval --runs runs/demo/erm runs/demo/gerne \
+      --data-dir runs/demo/data --out runs/demo/report.md
+
+Reads what `evaluate.py --compare ... --out EVAL_DIR` wrote (`<checkpoint>_<split>.json` and its
+PNGs), each run's `metrics.jsonl` (validation curves, plotted here) and the data's `patches.csv`
+(group counts per split). Computes nothing about the models itself: every figure in the report is
+one that evaluate.py or train.py measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from data_pipeline import stats  # noqa: E402
+from gerne_jax import reports  # noqa: E402
+
+CURVE_METRICS = (("validation WGA", "worst_group_accuracy"), ("validation BCA", "balanced_class_accuracy"))
+CONFIG_COLUMNS = (("method", "method.name"), ("c", "method.c"), ("beta", "method.beta"),
+                  ("lr", "optimizer.learning_rate"), ("model", "model.name"), ("norm", "model.norm"),
+                  ("steps", "training.steps"), ("B", "training.batch_per_group"), ("tau", "data.taus"),
+                  ("seed", "training.seed"))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-dir", required=True, help="the --out folder of `evaluate.py --compare`")
+    parser.add_argument("--runs", nargs="+", required=True, help="the run workdirs, as given to --compare")
+    parser.add_argument("--data-dir", required=True, help="the DATA_DIR the runs trained on")
+    parser.add_argument("--checkpoints", nargs="+", default=["best_wga", "best_bca"],
+                        help="checkpoints evaluated (one <checkpoint>_<split>.json each; missing ones are skipped)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--tau", type=float, nargs="+", default=None,
+                        help="thresholds of the group-count tables (default: the runs' training taus)")
+    parser.add_argument("--out", required=True, help="the Markdown file to write")
+    return parser.parse_args(argv)
+
+
+def read_metrics_log(workdir: pathlib.Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl lines, oldest first."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {workdir} a train.py workdir?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_validation_curves(logs: Mapping[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
+    """Validation WGA and BCA against the training step, one line per run."""
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 3.6), sharey=True)
+    for name, lines in logs.items():
+        rows = [row for row in lines if row["split"] == "validation"]
+        for axis, (_, key) in zip(axes, CURVE_METRICS):
+            axis.plot([row["step"] for row in rows], [row[key] for row in rows], marker=".", label=name)
+    for axis, (title, _) in zip(axes, CURVE_METRICS):
+        axis.set_title(title)
+        axis.set_xlabel("training step")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    reports._save(fig, path)  # noqa: SLF001 - the project's write-then-rename PNG saver
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _config_value(config: Mapping[str, Any], dotted: str) -> str:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return "+".join(f"{v:g}" for v in value) if isinstance(value, list) else (
+        f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def results_section(document: Mapping[str, Any], checkpoint: str, relative_eval: str) -> list[str]:
+    """Per tau: one row per run with the test metrics, the checkpoint step and what it was chosen on."""
+    names = list(document)
+    lines = []
+    for tau_key in document[names[0]]["results"]:
+        rows = []
+        for name in names:
+            entry = document[name]
+            report = entry["results"][tau_key]
+            chosen = entry["selected_on_validation"]
+            rows.append([name, entry["checkpoint_step"],
+                         *(f"{report[key]:.4f}" for _, key in reports.SUMMARY_METRICS),
+                         f"{report['balanced_class_accuracy'] - report['worst_group_accuracy']:+.4f}",
+                         f"{chosen.get('worst_group_accuracy', float('nan')):.4f}",
+                         f"{chosen.get('balanced_class_accuracy', float('nan')):.4f}"])
+        header = ["run", "step", *(short for short, _ in reports.SUMMARY_METRICS), "BCA - WGA",
+                  "val WGA", "val BCA"]
+        stem = f"{checkpoint}_{document[names[0]]['split']}"
+        lines += [f"### {tau_key}, checkpoint `{checkpoint}`", "", markdown_table(header, rows), "",
+                  f"![per-group accuracy, {tau_key}]({relative_eval}/{stem}_groups_{tau_key}.png)", ""]
+    return lines
+
+
+def write_report(args: argparse.Namespace) -> pathlib.Path:
+    out = pathlib.Path(args.out)
+    eval_dir = pathlib.Path(args.eval_dir)
+    runs = [pathlib.Path(run) for run in args.runs]
+    documents = {checkpoint: json.loads(path.read_text()) for checkpoint in args.checkpoints
+                 if (path := eval_dir / f"{checkpoint}_{args.split}.json").is_file()}
+    if not documents:
+        raise FileNotFoundError(f"{eval_dir}: none of {[f'{c}_{args.split}.json' for c in args.checkpoints]} "
+                                "found; run `evaluate.py --compare ... --out` first")
+    relative_eval = os.path.relpath(eval_dir, out.parent)
+
+    logs = {run.name: read_metrics_log(run) for run in runs}
+    curves = out.parent / "validation_curves.png"
+    plot_validation_curves(logs, curves)
+
+    configs = {run.name: json.loads((run / "config.json").read_text()) for run in runs}
+    table = stats.read_patch_table(args.data_dir)
+    taus = args.tau or sorted({float(t) for config in configs.values() for t in config["data"]["taus"]})
+
+    lines = ["# gerne-jax demo report (synthetic data)", "",
+             "Built-in synthetic slides (`python -m data_pipeline synthetic`), not real microscopy. "
+             f"Every run is evaluated on the **{args.split}** split with checkpoints chosen on the "
+             "validation split only (`best_wga`: best validation worst-group accuracy; `best_bca`: "
+             "best validation balanced class accuracy).", "",
+             "## Runs", "",
+             markdown_table(["run", *(short for short, _ in CONFIG_COLUMNS)],
+                            [[name, *(_config_value(config, key) for _, key in CONFIG_COLUMNS)]
+                             for name, config in configs.items()]), "",
+             f"![validation curves]({os.path.relpath(curves, out.parent)})", "",
+             "## Data: patches per group", ""]
+    for tau in taus:
+        lines += ["```", stats.format_group_counts(stats.split_group_counts(table, tau), tau), "```", ""]
+    tissue_plot = pathlib.Path(args.data_dir) / stats.PLOT_FILE
+    if tissue_plot.is_file():
+        lines += [f"![tissue ratio per class]({os.path.relpath(tissue_plot, out.parent)})", ""]
+    lines += ["## Results", "",
+              "WGA: worst-group accuracy; GBA: group-balanced accuracy; BCA: balanced class accuracy "
+              "(SPEC section 4). `step`: the checkpoint's training step; `val WGA`/`val BCA`: the "
+              "validation figures it was selected on (at the runs' training tau).", ""]
+    for checkpoint, document in documents.items():
+        lines += results_section(document, checkpoint, relative_eval)
+        stem = f"{checkpoint}_{args.split}"
+        lines += [f"![error rate against tissue ratio, `{checkpoint}`]"
+                  f"({relative_eval}/{stem}_error_vs_tissue_ratio.png)", ""]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    temporary.write_text("\n".join(lines))
+    temporary.replace(out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = write_report(args)
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
