@@ -1,0 +1,53 @@
+"""experiments/grid.py: run folder names and validation-only tuning, against brute force."""
+import itertools
+import statistics
+
+import numpy as np
+
+from experiments import grid
+
+
+def _rows(seed_values):
+    """Rows as collect_rows makes them; seed_values: setting -> list of (val WGA, test WGA)."""
+    rows = []
+    for setting, values in seed_values.items():
+        for seed, (val_wga, test_wga) in enumerate(values):
+            rows.append({"family": grid.family(setting), "setting": setting, "seed": seed,
+                         "checkpoint": "best_wga", "step": 100, "tau": "tau=0.1",
+                         "val WGA": val_wga, "test WGA": test_wga,
+                         "val BCA": 0.9, "test BCA": 0.9 - 0.01 * seed})
+    return rows
+
+
+def test_run_names_are_distinct_and_safe():
+    settings = ["erm,lr=0.01", "erm,lr=0.001", "gerne,beta=1,lr=0.01", "gerne,beta=1.5,lr=0.01",
+                "gerne,tau=0.03+0.2"]
+    names = [grid.run_name(s, seed) for s, seed in itertools.product(settings, (0, 1))]
+    assert len(set(names)) == len(names)
+    assert all(set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.+_-")
+               for name in names)
+    assert grid.run_name("gerne,beta=1,lr=0.003", 2) == "gerne_beta1_lr0.003_seed2"
+
+
+def test_tuning_uses_validation_only():
+    rng = np.random.default_rng(0)
+    seed_values = {s: [tuple(rng.uniform(0.3, 0.9, 2)) for _ in range(3)]
+                   for s in ("erm,lr=0.01", "erm,lr=0.03", "gerne,lr=0.01", "gerne,beta=0.5,lr=0.01")}
+    # A setting with the best test figures but the worst validation figures must not be chosen.
+    seed_values["gerne,beta=2,lr=0.1"] = [(0.1, 1.0), (0.1, 1.0), (0.1, 1.0)]
+    summary = grid.tuned_summary(_rows(seed_values), "test")
+    assert [entry["family"] for entry in summary] == ["erm", "gerne"]
+    for entry in summary:
+        candidates = {s: v for s, v in seed_values.items() if grid.family(s) == entry["family"]}
+        best = max(candidates, key=lambda s: statistics.mean(v[0] for v in candidates[s]))
+        assert entry["chosen setting"] == best
+        assert entry["seeds"] == 3
+        test_wga = [v[1] for v in candidates[best]]
+        np.testing.assert_allclose(entry["test WGA mean"], statistics.mean(test_wga))
+        np.testing.assert_allclose(entry["test WGA std"], statistics.stdev(test_wga))
+        np.testing.assert_allclose(entry["test BCA mean"], statistics.mean([0.9, 0.89, 0.88]))
+
+
+def test_one_seed_has_no_standard_deviation():
+    summary = grid.tuned_summary(_rows({"erm,lr=0.01": [(0.5, 0.4)]}), "test")
+    assert np.isnan(summary[0]["test WGA std"]) and summary[0]["test WGA mean"] == 0.4
