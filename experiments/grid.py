@@ -13,8 +13,8 @@ Tuning never looks at the test split: within each method family (the first word 
 `erm`, `resample`, `gerne`) the run settings with the highest mean validation worst-group accuracy
 over the seeds are chosen, and their test figures are reported as mean and standard deviation.
 
-Writes `ROOT/results.md` (every run, then the tuned summary), `ROOT/results.csv` and
-`ROOT/summary.png`; the evaluation JSONs and PNGs go to `ROOT/eval/`.
+Writes `ROOT/results.md` (the tuned summary, then every run), `ROOT/results.csv`,
+`ROOT/summary.json` and `ROOT/summary.png`; the evaluation JSONs and PNGs go to `ROOT/eval/`.
 """
 from __future__ import annotations
 
@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     (root / "results.csv.tmp").replace(root / "results.csv")
+    write_atomic(root / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     command = " ".join(["python experiments/grid.py", *(sys.argv[1:] if argv is None else argv)])
     write_atomic(root / "results.md", "\n".join([
         f"# Grid results (synthetic data), {args.split} split", "", f"Reproduce: `{command}`", "",
