@@ -33,7 +33,6 @@ input depth from the data.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,133 +50,133 @@ _MAX_GROUPS = 32
 
 
 def num_groups_for(features: int, max_groups: int = _MAX_GROUPS) -> int:
-  """Largest group count <= `max_groups` that divides `features` (32 for every standard ResNet)."""
-  return max(g for g in range(1, min(max_groups, features) + 1) if features % g == 0)
+    """Largest group count <= `max_groups` that divides `features` (32 for every standard ResNet)."""
+    return max(g for g in range(1, min(max_groups, features) + 1) if features % g == 0)
 
 
 class StdConv(nn.Conv):
-  """Convolution with a weight-standardised kernel (zero mean, unit variance per output unit).
+    """Convolution with a weight-standardised kernel (zero mean, unit variance per output unit).
 
-  The standardisation is part of the forward pass; the stored kernel stays the raw parameter.
-  Same parameters as `nn.Conv`, so parameter counts match the BatchNorm variant exactly.
-  """
+    The standardisation is part of the forward pass; the stored kernel stays the raw parameter.
+    Same parameters as `nn.Conv`, so parameter counts match the BatchNorm variant exactly.
+    """
 
-  def param(self, name: str, *args, **kwargs):
-    param = super().param(name, *args, **kwargs)
-    if name == "kernel":
-      mean = jnp.mean(param, axis=(0, 1, 2), keepdims=True)
-      var = jnp.var(param, axis=(0, 1, 2), keepdims=True)
-      param = (param - mean) / jnp.sqrt(var + 1e-10)
-    return param
+    def param(self, name: str, *args, **kwargs):
+        param = super().param(name, *args, **kwargs)
+        if name == "kernel":
+            mean = jnp.mean(param, axis=(0, 1, 2), keepdims=True)
+            var = jnp.var(param, axis=(0, 1, 2), keepdims=True)
+            param = (param - mean) / jnp.sqrt(var + 1e-10)
+        return param
 
 
 def _make_norm(norm: str, train: bool, dtype: Any,
                axis_name: str | None) -> Callable[[int, str], nn.Module]:
-  """Returns `make(features, name)` building the norm layer of mode `norm` for that width."""
-  def make(features: int, name: str) -> nn.Module:
-    if norm == "group":
-      return nn.GroupNorm(num_groups=num_groups_for(features), epsilon=_NORM_EPSILON,
-                          dtype=dtype, name=name)
-    return nn.BatchNorm(use_running_average=norm == "frozen" or not train,
-                        momentum=_BN_MOMENTUM, epsilon=_NORM_EPSILON, dtype=dtype,
-                        axis_name=axis_name, name=name)
-  return make
+    """Returns `make(features, name)` building the norm layer of mode `norm` for that width."""
+    def make(features: int, name: str) -> nn.Module:
+        if norm == "group":
+            return nn.GroupNorm(num_groups=num_groups_for(features), epsilon=_NORM_EPSILON,
+                                dtype=dtype, name=name)
+        return nn.BatchNorm(use_running_average=norm == "frozen" or not train,
+                            momentum=_BN_MOMENTUM, epsilon=_NORM_EPSILON, dtype=dtype,
+                            axis_name=axis_name, name=name)
+    return make
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 convs (ResNet-18/34 block); stride on the first."""
+    """Two 3x3 convs (ResNet-18/34 block); stride on the first."""
 
-  features: int
-  strides: int
-  conv: Callable[..., nn.Module]
-  norm: Callable[[int, str], nn.Module]
-  expansion = 1
+    features: int
+    strides: int
+    conv: Callable[..., nn.Module]
+    norm: Callable[[int, str], nn.Module]
+    expansion = 1
 
-  @nn.compact
-  def __call__(self, x):
-    residual = x
-    # torchvision pads every 3x3 conv by 1 on each side; "SAME" would pad (0, 1) at stride 2.
-    y = self.conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv1")(x)
-    y = nn.relu(self.norm(self.features, "bn1")(y))
-    y = self.conv(self.features, (3, 3), padding=1, name="conv2")(y)
-    y = self.norm(self.features, "bn2")(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.features, (1, 1), strides=self.strides,
-                           name="downsample_conv")(residual)
-      residual = self.norm(self.features, "downsample_bn")(residual)
-    return nn.relu(y + residual)
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        # torchvision pads every 3x3 conv by 1 on each side; "SAME" would pad (0, 1) at stride 2.
+        y = self.conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv1")(x)
+        y = nn.relu(self.norm(self.features, "bn1")(y))
+        y = self.conv(self.features, (3, 3), padding=1, name="conv2")(y)
+        y = self.norm(self.features, "bn2")(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.features, (1, 1), strides=self.strides,
+                                 name="downsample_conv")(residual)
+            residual = self.norm(self.features, "downsample_bn")(residual)
+        return nn.relu(y + residual)
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (with the stride) -> 1x1 x4 bottleneck (ResNet-50/101/152 block)."""
+    """1x1 -> 3x3 (with the stride) -> 1x1 x4 bottleneck (ResNet-50/101/152 block)."""
 
-  features: int
-  strides: int
-  conv: Callable[..., nn.Module]
-  norm: Callable[[int, str], nn.Module]
-  expansion = 4
+    features: int
+    strides: int
+    conv: Callable[..., nn.Module]
+    norm: Callable[[int, str], nn.Module]
+    expansion = 4
 
-  @nn.compact
-  def __call__(self, x):
-    residual = x
-    y = self.conv(self.features, (1, 1), name="conv1")(x)
-    y = nn.relu(self.norm(self.features, "bn1")(y))
-    # torchvision pads every 3x3 conv by 1 on each side; "SAME" would pad (0, 1) at stride 2.
-    y = self.conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv2")(y)
-    y = nn.relu(self.norm(self.features, "bn2")(y))
-    y = self.conv(self.features * self.expansion, (1, 1), name="conv3")(y)
-    y = self.norm(self.features * self.expansion, "bn3")(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.features * self.expansion, (1, 1), strides=self.strides,
-                           name="downsample_conv")(residual)
-      residual = self.norm(self.features * self.expansion, "downsample_bn")(residual)
-    return nn.relu(y + residual)
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.features, (1, 1), name="conv1")(x)
+        y = nn.relu(self.norm(self.features, "bn1")(y))
+        # torchvision pads every 3x3 conv by 1 on each side; "SAME" would pad (0, 1) at stride 2.
+        y = self.conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv2")(y)
+        y = nn.relu(self.norm(self.features, "bn2")(y))
+        y = self.conv(self.features * self.expansion, (1, 1), name="conv3")(y)
+        y = self.norm(self.features * self.expansion, "bn3")(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.features * self.expansion, (1, 1), strides=self.strides,
+                                 name="downsample_conv")(residual)
+            residual = self.norm(self.features * self.expansion, "downsample_bn")(residual)
+        return nn.relu(y + residual)
 
 
 class ResNet(nn.Module):
-  """torchvision-layout ResNet. Call as `model.apply(variables, images, train=...)`.
+    """torchvision-layout ResNet. Call as `model.apply(variables, images, train=...)`.
 
-  Attributes:
-    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
-    block_cls: `BasicBlock` or `Bottleneck`.
-    num_classes: number of output logits.
-    norm: one of `NORM_MODES` (see the module docstring).
-    num_filters: width of the first stage (64 in torchvision); stage i has `num_filters * 2**i`.
-    dtype: compute dtype (parameters are always float32).
-    batch_norm_axis_name: mapped axis over which train-mode BatchNorm averages its statistics
-      (set by the sharded train step on its copy of the model; None for ordinary use).
-  """
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      block_cls: `BasicBlock` or `Bottleneck`.
+      num_classes: number of output logits.
+      norm: one of `NORM_MODES` (see the module docstring).
+      num_filters: width of the first stage (64 in torchvision); stage i has `num_filters * 2**i`.
+      dtype: compute dtype (parameters are always float32).
+      batch_norm_axis_name: mapped axis over which train-mode BatchNorm averages its statistics
+        (set by the sharded train step on its copy of the model; None for ordinary use).
+    """
 
-  stage_sizes: Sequence[int]
-  block_cls: type[nn.Module]
-  num_classes: int
-  norm: str = "group"
-  num_filters: int = 64
-  dtype: Any = jnp.float32
-  batch_norm_axis_name: str | None = None
+    stage_sizes: Sequence[int]
+    block_cls: type[nn.Module]
+    num_classes: int
+    norm: str = "group"
+    num_filters: int = 64
+    dtype: Any = jnp.float32
+    batch_norm_axis_name: str | None = None
 
-  @nn.compact
-  def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    if self.norm not in NORM_MODES:
-      raise ValueError(f"norm must be one of {NORM_MODES}, got {self.norm!r}")
-    if images.ndim != 4:
-      raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-    conv_cls = StdConv if self.norm == "group" else nn.Conv
-    conv = functools.partial(conv_cls, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                             padding="SAME")
-    norm = _make_norm(self.norm, train, self.dtype, self.batch_norm_axis_name)
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        if self.norm not in NORM_MODES:
+            raise ValueError(f"norm must be one of {NORM_MODES}, got {self.norm!r}")
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+        conv_cls = StdConv if self.norm == "group" else nn.Conv
+        conv = functools.partial(conv_cls, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                 padding="SAME")
+        norm = _make_norm(self.norm, train, self.dtype, self.batch_norm_axis_name)
 
-    x = conv(self.num_filters, (7, 7), strides=2, padding=[(3, 3), (3, 3)], name="conv1")(images)
-    x = nn.relu(norm(self.num_filters, "bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
-    for stage, num_blocks in enumerate(self.stage_sizes):
-      for block in range(num_blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = self.block_cls(features=self.num_filters * 2**stage, strides=strides, conv=conv,
-                           norm=norm, name=f"layer{stage + 1}_{block}")(x)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(x)
-    return x.astype(jnp.float32)
+        x = conv(self.num_filters, (7, 7), strides=2, padding=[(3, 3), (3, 3)], name="conv1")(images)
+        x = nn.relu(norm(self.num_filters, "bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for block in range(num_blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = self.block_cls(features=self.num_filters * 2**stage, strides=strides, conv=conv,
+                                   norm=norm, name=f"layer{stage + 1}_{block}")(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(x)
+        return x.astype(jnp.float32)
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
@@ -200,11 +199,11 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 
 def create_model(name: str, *, num_classes: int, norm: str = "group",
                  dtype: Any = jnp.float32) -> ResNet:
-  """Builds a model of `MODELS` by name, e.g. `create_model("resnet50", num_classes=2)`."""
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-  if norm not in NORM_MODES:
-    raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")
-  if num_classes < 1:
-    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-  return MODELS[name](num_classes=num_classes, norm=norm, dtype=jnp.dtype(dtype))
+    """Builds a model of `MODELS` by name, e.g. `create_model("resnet50", num_classes=2)`."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if norm not in NORM_MODES:
+        raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return MODELS[name](num_classes=num_classes, norm=norm, dtype=jnp.dtype(dtype))

@@ -108,7 +108,7 @@ def test_erm_and_evaluate_report_match_brute_force(data_dir, tmp_path, capsys):
     assert evaluate.main(["--workdir", str(workdir), "--tau", "0.1", "0.2", "--checkpoint", "latest"]) == 0
     document = json.loads((workdir / "eval" / "latest_test.json").read_text())
     rows = [line.split(",") for line in (pathlib.Path(data_dir) / "patches.csv").read_text().splitlines()]
-    header, rows = rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
+    rows = [dict(zip(rows[0], r)) for r in rows[1:]]
     test_rows = [r for r in rows if r["split"] == "test"]
     for tau in (0.1, 0.2):
         report = document["results"][f"tau={tau:g}"]

@@ -17,275 +17,275 @@ LR, BETA = 0.1, 1.0
 
 
 def _model(norm, dtype=jnp.float32):
-  """A one-block ResNet: the smallest model with every kind of layer the step handles (fast to
-  compile; the full family is tested in test_models.py)."""
-  return models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4,
-                       num_classes=NUM_CLASSES, norm=norm, dtype=dtype)
+    """A one-block ResNet: the smallest model with every kind of layer the step handles (fast to
+    compile; the full family is tested in test_models.py)."""
+    return models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4,
+                         num_classes=NUM_CLASSES, norm=norm, dtype=dtype)
 
 
 def _paired_batch(seed=0, offset=2.0):
-  """Two batches with different means (the less-biased one is shifted by `offset`)."""
-  rng = np.random.default_rng(seed)
-  images = rng.normal(size=(2, N, SIZE, SIZE, CHANNELS)).astype(np.float32)
-  images[1] += offset
-  return {"image": images,
-          "label": rng.integers(0, NUM_CLASSES, size=(2, N)).astype(np.int32),
-          "group": rng.integers(0, 4, size=(2, N)).astype(np.int32)}
+    """Two batches with different means (the less-biased one is shifted by `offset`)."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(2, N, SIZE, SIZE, CHANNELS)).astype(np.float32)
+    images[1] += offset
+    return {"image": images,
+            "label": rng.integers(0, NUM_CLASSES, size=(2, N)).astype(np.int32),
+            "group": rng.integers(0, 4, size=(2, N)).astype(np.int32)}
 
 
 def _reference_loss(logits, labels):
-  """Mean cross-entropy / K, written out independently of the step's loss."""
-  log_probs = jax.nn.log_softmax(logits)
-  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1)) / NUM_CLASSES
+    """Mean cross-entropy / K, written out independently of the step's loss."""
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1)) / NUM_CLASSES
 
 
 def _reference_logits(model, params, batch_stats, images):
-  """Train-mode logits [2, N, K] for the model's norm mode from separate `model.apply` calls."""
-  variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-  if model.norm == "shared":  # one train-mode pass over the concatenation
-    logits = model.apply(variables, jnp.concatenate(images), train=True,
-                         mutable=["batch_stats"])[0]
-    return logits.reshape(2, N, NUM_CLASSES)
-  if model.norm == "separate":  # each batch alone through train-mode BatchNorm
-    apply = lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
-  else:
-    apply = lambda x: model.apply(variables, x, train=True)
-  return jnp.stack([apply(images[0]), apply(images[1])])
+    """Train-mode logits [2, N, K] for the model's norm mode from separate `model.apply` calls."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    if model.norm == "shared":  # one train-mode pass over the concatenation
+        logits = model.apply(variables, jnp.concatenate(images), train=True,
+                             mutable=["batch_stats"])[0]
+        return logits.reshape(2, N, NUM_CLASSES)
+    if model.norm == "separate":  # each batch alone through train-mode BatchNorm
+        apply = lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    else:
+        apply = lambda x: model.apply(variables, x, train=True)
+    return jnp.stack([apply(images[0]), apply(images[1])])
 
 
 def _make_reference(model, batch_stats, batch):
-  """Jitted params -> losses (L_b, L_lb), logits, g_b, g_lb and the gradient of the combined loss
-  (1 + BETA) L_lb - BETA L_b, each by its own jax.grad."""
-  images, labels = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
+    """Jitted params -> losses (L_b, L_lb), logits, g_b, g_lb and the gradient of the combined loss
+    (1 + BETA) L_lb - BETA L_b, each by its own jax.grad."""
+    images, labels = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
 
-  def losses(params):
-    logits = _reference_logits(model, params, batch_stats, images)
-    return _reference_loss(logits[0], labels[0]), _reference_loss(logits[1], labels[1])
+    def losses(params):
+        logits = _reference_logits(model, params, batch_stats, images)
+        return _reference_loss(logits[0], labels[0]), _reference_loss(logits[1], labels[1])
 
-  @jax.jit
-  def reference(params):
-    return dict(
-        losses=losses(params), logits=_reference_logits(model, params, batch_stats, images),
-        # jacrev: g_b and g_lb from one reverse pass vmapped over the two outputs.
-        **dict(zip(("grad_b", "grad_lb"), jax.jacrev(losses)(params))),
-        grad_combined=jax.grad(lambda p: (1 + BETA) * losses(p)[1] - BETA * losses(p)[0])(params))
-  return reference
+    @jax.jit
+    def reference(params):
+        return dict(
+            losses=losses(params), logits=_reference_logits(model, params, batch_stats, images),
+            # jacrev: g_b and g_lb from one reverse pass vmapped over the two outputs.
+            **dict(zip(("grad_b", "grad_lb"), jax.jacrev(losses)(params))),
+            grad_combined=jax.grad(lambda p: (1 + BETA) * losses(p)[1] - BETA * losses(p)[0])(params))
+    return reference
 
 
 @functools.cache
 def _initial_state():
-  """One initialisation shared by all modes (BatchNorm and GroupNorm have the same parameters)."""
-  model = _model("frozen")
-  return ts.create_train_state(jax.random.key(0), model, (1, SIZE, SIZE, CHANNELS),
-                               ts.make_optimizer(LR, momentum=0.0, beta=BETA))
+    """One initialisation shared by all modes (BatchNorm and GroupNorm have the same parameters)."""
+    model = _model("frozen")
+    return ts.create_train_state(jax.random.key(0), model, (1, SIZE, SIZE, CHANNELS),
+                                 ts.make_optimizer(LR, momentum=0.0, beta=BETA))
 
 
 def _state_for(model, tx):
-  initial = _initial_state()
-  batch_stats = initial.batch_stats if model.norm in models.BATCH_NORM_MODES else {}
-  return ts.TrainState.create(apply_fn=model.apply, params=initial.params,
-                              batch_stats=batch_stats, tx=tx)
+    initial = _initial_state()
+    batch_stats = initial.batch_stats if model.norm in models.BATCH_NORM_MODES else {}
+    return ts.TrainState.create(apply_fn=model.apply, params=initial.params,
+                                batch_stats=batch_stats, tx=tx)
 
 
 @functools.cache
 def _run(norm):
-  """One default-path and one folded step from the same state, plus independent references."""
-  model = _model(norm)
-  batch = _paired_batch()
-  state = _state_for(model, ts.make_optimizer(LR, momentum=0.0, beta=BETA))
-  step = ts.make_train_step(model, learning_rate=LR, beta=BETA)
-  new_state, metrics = step(state, batch)
-  plain_sgd = ts.make_optimizer(LR, momentum=0.0)
-  folded = ts.make_train_step(model, learning_rate=LR, beta=BETA, fold_beta_into_loss=True)
-  new_folded_state, folded_metrics = folded(
-      state.replace(tx=plain_sgd, opt_state=plain_sgd.init(state.params)), batch)
-  reference = _make_reference(model, state.batch_stats, batch)
-  return dict(model=model, batch=batch, state=state, new_state=new_state, metrics=metrics,
-              new_folded_state=new_folded_state, folded_metrics=folded_metrics,
-              reference=reference, **reference(state.params))
+    """One default-path and one folded step from the same state, plus independent references."""
+    model = _model(norm)
+    batch = _paired_batch()
+    state = _state_for(model, ts.make_optimizer(LR, momentum=0.0, beta=BETA))
+    step = ts.make_train_step(model, learning_rate=LR, beta=BETA)
+    new_state, metrics = step(state, batch)
+    plain_sgd = ts.make_optimizer(LR, momentum=0.0)
+    folded = ts.make_train_step(model, learning_rate=LR, beta=BETA, fold_beta_into_loss=True)
+    new_folded_state, folded_metrics = folded(
+        state.replace(tx=plain_sgd, opt_state=plain_sgd.init(state.params)), batch)
+    reference = _make_reference(model, state.batch_stats, batch)
+    return dict(model=model, batch=batch, state=state, new_state=new_state, metrics=metrics,
+                new_folded_state=new_folded_state, folded_metrics=folded_metrics,
+                reference=reference, **reference(state.params))
 
 
 def _assert_trees_close(a, b, rtol=1e-4, atol=1e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def _global_norm(tree):
-  return np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    return np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
 
 
 @pytest.mark.parametrize("norm", models.NORM_MODES)
 def test_step_applies_gradient_of_combined_loss(norm):
-  r = _run(norm)
-  expected = jax.tree.map(lambda p, g: p - LR * g, r["state"].params, r["grad_combined"])
-  _assert_trees_close(r["new_state"].params, expected)
-  assert int(r["new_state"].step) == 1
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(r["new_state"].params))
+    r = _run(norm)
+    expected = jax.tree.map(lambda p, g: p - LR * g, r["state"].params, r["grad_combined"])
+    _assert_trees_close(r["new_state"].params, expected)
+    assert int(r["new_state"].step) == 1
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(r["new_state"].params))
 
 
 @pytest.mark.parametrize("norm", models.NORM_MODES)
 def test_metrics_match_independent_per_batch_gradients(norm):
-  r = _run(norm)
-  m, batch = r["metrics"], r["batch"]
-  np.testing.assert_allclose(m["loss_biased"], r["losses"][0], rtol=1e-5)
-  np.testing.assert_allclose(m["loss_less_biased"], r["losses"][1], rtol=1e-5)
-  norm_b, norm_lb = _global_norm(r["grad_b"]), _global_norm(r["grad_lb"])
-  dot = sum(np.sum(np.asarray(x, np.float64) * np.asarray(y)) for x, y in
-            zip(jax.tree.leaves(r["grad_b"]), jax.tree.leaves(r["grad_lb"])))
-  np.testing.assert_allclose(m["grad_norm_biased"], norm_b, rtol=1e-4)
-  np.testing.assert_allclose(m["grad_norm_less_biased"], norm_lb, rtol=1e-4)
-  np.testing.assert_allclose(m["grad_cosine"], dot / (norm_b * norm_lb), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(m["grad_norm"], _global_norm(r["grad_combined"]), rtol=1e-4)
-  want = (np.argmax(r["logits"], -1) == batch["label"]).mean(axis=1)
-  np.testing.assert_allclose([m["accuracy_biased"], m["accuracy_less_biased"]], want)
-  assert float(m["learning_rate"]) == pytest.approx(LR) and float(m["beta"]) == BETA
+    r = _run(norm)
+    m, batch = r["metrics"], r["batch"]
+    np.testing.assert_allclose(m["loss_biased"], r["losses"][0], rtol=1e-5)
+    np.testing.assert_allclose(m["loss_less_biased"], r["losses"][1], rtol=1e-5)
+    norm_b, norm_lb = _global_norm(r["grad_b"]), _global_norm(r["grad_lb"])
+    dot = sum(np.sum(np.asarray(x, np.float64) * np.asarray(y)) for x, y in
+              zip(jax.tree.leaves(r["grad_b"]), jax.tree.leaves(r["grad_lb"])))
+    np.testing.assert_allclose(m["grad_norm_biased"], norm_b, rtol=1e-4)
+    np.testing.assert_allclose(m["grad_norm_less_biased"], norm_lb, rtol=1e-4)
+    np.testing.assert_allclose(m["grad_cosine"], dot / (norm_b * norm_lb), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m["grad_norm"], _global_norm(r["grad_combined"]), rtol=1e-4)
+    want = (np.argmax(r["logits"], -1) == batch["label"]).mean(axis=1)
+    np.testing.assert_allclose([m["accuracy_biased"], m["accuracy_less_biased"]], want)
+    assert float(m["learning_rate"]) == pytest.approx(LR) and float(m["beta"]) == BETA
 
 
 @pytest.mark.parametrize("norm", models.NORM_MODES)
 def test_folded_fast_path_equals_default_path(norm):
-  r = _run(norm)
-  _assert_trees_close(r["new_folded_state"].params, r["new_state"].params)
-  _assert_trees_close(r["new_folded_state"].batch_stats, r["new_state"].batch_stats)
-  for key in ("loss_biased", "loss_less_biased", "accuracy_biased", "accuracy_less_biased",
-              "grad_norm"):
-    np.testing.assert_allclose(r["folded_metrics"][key], r["metrics"][key], rtol=1e-4)
-  assert np.isnan(r["folded_metrics"]["grad_cosine"])
+    r = _run(norm)
+    _assert_trees_close(r["new_folded_state"].params, r["new_state"].params)
+    _assert_trees_close(r["new_folded_state"].batch_stats, r["new_state"].batch_stats)
+    for key in ("loss_biased", "loss_less_biased", "accuracy_biased", "accuracy_less_biased",
+                "grad_norm"):
+        np.testing.assert_allclose(r["folded_metrics"][key], r["metrics"][key], rtol=1e-4)
+    assert np.isnan(r["folded_metrics"]["grad_cosine"])
 
 
 def _first_bn_input(params, images):
-  """The stem conv output that the first BatchNorm (`bn1`) normalises, via a plain Conv."""
-  conv = jax.jit(lambda x: jax.lax.conv_general_dilated(
-      x, params["conv1"]["kernel"], (2, 2), [(3, 3), (3, 3)],
-      dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  return np.asarray(conv(images), np.float64)
+    """The stem conv output that the first BatchNorm (`bn1`) normalises, via a plain Conv."""
+    conv = jax.jit(lambda x: jax.lax.conv_general_dilated(
+        x, params["conv1"]["kernel"], (2, 2), [(3, 3), (3, 3)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return np.asarray(conv(images), np.float64)
 
 
 def test_frozen_leaves_batch_stats_unchanged():
-  r = _run("frozen")
-  _assert_trees_close(r["new_state"].batch_stats, r["state"].batch_stats, rtol=0, atol=0)
+    r = _run("frozen")
+    _assert_trees_close(r["new_state"].batch_stats, r["state"].batch_stats, rtol=0, atol=0)
 
 
 def test_shared_updates_running_statistics_once_from_both_batches():
-  r = _run("shared")
-  x = _first_bn_input(r["state"].params, np.concatenate(r["batch"]["image"]))
-  old = r["state"].batch_stats["bn1"]
-  new = r["new_state"].batch_stats["bn1"]
-  np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * x.mean(axis=(0, 1, 2)),
-                             rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * x.var(axis=(0, 1, 2)),
-                             rtol=1e-4, atol=1e-5)
+    r = _run("shared")
+    x = _first_bn_input(r["state"].params, np.concatenate(r["batch"]["image"]))
+    old = r["state"].batch_stats["bn1"]
+    new = r["new_state"].batch_stats["bn1"]
+    np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * x.mean(axis=(0, 1, 2)),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * x.var(axis=(0, 1, 2)),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_separate_normalises_each_batch_by_its_own_statistics():
-  r, shared = _run("separate"), _run("shared")
-  params = r["state"].params
-  x = [_first_bn_input(params, images) for images in r["batch"]["image"]]
-  old, new = r["state"].batch_stats["bn1"], r["new_state"].batch_stats["bn1"]
-  # Running statistics: one update with the mean of the two batches' means and variances.
-  mean_of_means = (x[0].mean(axis=(0, 1, 2)) + x[1].mean(axis=(0, 1, 2))) / 2
-  mean_of_vars = (x[0].var(axis=(0, 1, 2)) + x[1].var(axis=(0, 1, 2))) / 2
-  np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * mean_of_means, rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * mean_of_vars, rtol=1e-4,
-                             atol=1e-5)
-  # The batches have different means, so pooled (shared) and per-batch statistics differ ...
-  assert np.max(np.abs(new["var"] - shared["new_state"].batch_stats["bn1"]["var"])) > 1e-3
-  # ... and so do the losses of the same samples under the two modes.
-  assert abs(float(r["metrics"]["loss_biased"]) - float(shared["metrics"]["loss_biased"])) > 1e-4
+    r, shared = _run("separate"), _run("shared")
+    params = r["state"].params
+    x = [_first_bn_input(params, images) for images in r["batch"]["image"]]
+    old, new = r["state"].batch_stats["bn1"], r["new_state"].batch_stats["bn1"]
+    # Running statistics: one update with the mean of the two batches' means and variances.
+    mean_of_means = (x[0].mean(axis=(0, 1, 2)) + x[1].mean(axis=(0, 1, 2))) / 2
+    mean_of_vars = (x[0].var(axis=(0, 1, 2)) + x[1].var(axis=(0, 1, 2))) / 2
+    np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * mean_of_means, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * mean_of_vars, rtol=1e-4,
+                               atol=1e-5)
+    # The batches have different means, so pooled (shared) and per-batch statistics differ ...
+    assert np.max(np.abs(new["var"] - shared["new_state"].batch_stats["bn1"]["var"])) > 1e-3
+    # ... and so do the losses of the same samples under the two modes.
+    assert abs(float(r["metrics"]["loss_biased"]) - float(shared["metrics"]["loss_biased"])) > 1e-4
 
 
 def test_single_batch_erm_path():
-  r = _run("shared")
-  model, batch = r["model"], r["batch"]
-  images, labels = np.concatenate(batch["image"]), np.concatenate(batch["label"])
-  single = {key: value.reshape(1, 2 * N, *value.shape[2:]) for key, value in batch.items()}
-  state = r["state"].replace(tx=ts.make_optimizer(LR, momentum=0.0),
-                             opt_state=ts.make_optimizer(LR, momentum=0.0).init(r["state"].params))
-  new_state, metrics = ts.make_train_step(model, learning_rate=LR)(state, single)
+    r = _run("shared")
+    model, batch = r["model"], r["batch"]
+    images, labels = np.concatenate(batch["image"]), np.concatenate(batch["label"])
+    single = {key: value.reshape(1, 2 * N, *value.shape[2:]) for key, value in batch.items()}
+    state = r["state"].replace(tx=ts.make_optimizer(LR, momentum=0.0),
+                               opt_state=ts.make_optimizer(LR, momentum=0.0).init(r["state"].params))
+    new_state, metrics = ts.make_train_step(model, learning_rate=LR)(state, single)
 
-  def loss(params):
-    variables = {"params": params, **({"batch_stats": state.batch_stats}
-                                      if state.batch_stats else {})}
-    logits = model.apply(variables, images, train=True, mutable=["batch_stats"])[0]
-    return _reference_loss(logits, labels)
+    def loss(params):
+        variables = {"params": params, **({"batch_stats": state.batch_stats}
+                                          if state.batch_stats else {})}
+        logits = model.apply(variables, images, train=True, mutable=["batch_stats"])[0]
+        return _reference_loss(logits, labels)
 
-  value, grad = jax.jit(jax.value_and_grad(loss))(state.params)
-  _assert_trees_close(new_state.params, jax.tree.map(lambda p, g: p - LR * g, state.params, grad))
-  np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
-  assert set(metrics) == {"loss", "accuracy", "grad_norm", "learning_rate"}
+    value, grad = jax.jit(jax.value_and_grad(loss))(state.params)
+    _assert_trees_close(new_state.params, jax.tree.map(lambda p, g: p - LR * g, state.params, grad))
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+    assert set(metrics) == {"loss", "accuracy", "grad_norm", "learning_rate"}
 
 
 def test_erm_resampling_and_schedules_are_configurations_of_the_step():
-  """A beta schedule -1, 0, BETA: ERM (g_b), resampling (g_lb), then GERNE, each step checked
-  against the independent gradients at its own starting parameters."""
-  r = _run("group")
-  beta_schedule = optax.join_schedules(
-      [optax.constant_schedule(b) for b in (-1.0, 0.0, BETA)], boundaries=[1, 2])
-  lr_schedule = optax.linear_schedule(0.2, 0.1, transition_steps=2)
-  tx = ts.make_optimizer(lr_schedule, momentum=0.0, beta=beta_schedule)
-  state = r["state"].replace(tx=tx, opt_state=tx.init(r["state"].params))
-  step = ts.make_train_step(r["model"], learning_rate=lr_schedule, beta=beta_schedule)
-  for t, (beta, expected_grad) in enumerate([(-1.0, "grad_b"), (0.0, "grad_lb"),
-                                             (BETA, "grad_combined")]):
-    lr = 0.2 - 0.1 * t / 2
-    reference = r["reference"](state.params)
-    new_state, metrics = step(state, r["batch"])
-    assert float(metrics["beta"]) == pytest.approx(beta)
-    assert float(metrics["learning_rate"]) == pytest.approx(lr)
-    _assert_trees_close(new_state.params, jax.tree.map(lambda p, g: p - lr * g, state.params,
-                                                       reference[expected_grad]))
-    state = new_state
+    """A beta schedule -1, 0, BETA: ERM (g_b), resampling (g_lb), then GERNE, each step checked
+    against the independent gradients at its own starting parameters."""
+    r = _run("group")
+    beta_schedule = optax.join_schedules(
+        [optax.constant_schedule(b) for b in (-1.0, 0.0, BETA)], boundaries=[1, 2])
+    lr_schedule = optax.linear_schedule(0.2, 0.1, transition_steps=2)
+    tx = ts.make_optimizer(lr_schedule, momentum=0.0, beta=beta_schedule)
+    state = r["state"].replace(tx=tx, opt_state=tx.init(r["state"].params))
+    step = ts.make_train_step(r["model"], learning_rate=lr_schedule, beta=beta_schedule)
+    for t, (beta, expected_grad) in enumerate([(-1.0, "grad_b"), (0.0, "grad_lb"),
+                                               (BETA, "grad_combined")]):
+        lr = 0.2 - 0.1 * t / 2
+        reference = r["reference"](state.params)
+        new_state, metrics = step(state, r["batch"])
+        assert float(metrics["beta"]) == pytest.approx(beta)
+        assert float(metrics["learning_rate"]) == pytest.approx(lr)
+        _assert_trees_close(new_state.params, jax.tree.map(lambda p, g: p - lr * g, state.params,
+                                                           reference[expected_grad]))
+        state = new_state
 
 
 def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
-  model = _model("group", jnp.bfloat16)
-  state = _state_for(model, ts.make_optimizer(LR, beta=BETA))
-  new_state, metrics = ts.make_train_step(model, learning_rate=LR, beta=BETA)(
-      state, _paired_batch())
-  for tree in (new_state.params, new_state.opt_state):
-    assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))
-  assert np.isfinite(float(metrics["grad_norm"]))
-  assert ts.eval_step(new_state, _paired_batch()["image"][0]).dtype == jnp.float32
+    model = _model("group", jnp.bfloat16)
+    state = _state_for(model, ts.make_optimizer(LR, beta=BETA))
+    new_state, metrics = ts.make_train_step(model, learning_rate=LR, beta=BETA)(
+        state, _paired_batch())
+    for tree in (new_state.params, new_state.opt_state):
+        assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))
+    assert np.isfinite(float(metrics["grad_norm"]))
+    assert ts.eval_step(new_state, _paired_batch()["image"][0]).dtype == jnp.float32
 
 
 def test_eval_step_is_inference_mode():
-  r = _run("shared")
-  state, images = r["new_state"], r["batch"]["image"][0]
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  np.testing.assert_allclose(ts.eval_step(state, images),
-                             jax.jit(r["model"].apply)(variables, images), rtol=1e-5, atol=1e-6)
+    r = _run("shared")
+    state, images = r["new_state"], r["batch"]["image"][0]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    np.testing.assert_allclose(ts.eval_step(state, images),
+                               jax.jit(r["model"].apply)(variables, images), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_are_rejected():
-  r = _run("group")
-  folded = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA, fold_beta_into_loss=True)
-  with pytest.raises(ValueError, match="without extrapolate"):
-    folded(r["state"], r["batch"])  # state's optimiser still starts with extrapolate
-  step = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA)
-  with pytest.raises(ValueError, match=r"\[2, N, H, W, C\]"):
-    step(r["state"], {**r["batch"], "image": r["batch"]["image"][0]})
-  with pytest.raises(ValueError, match="batch\\['label'\\]"):
-    step(r["state"], {**r["batch"], "label": r["batch"]["label"][:, :2]})
-  mesh = ts.make_mesh(1)
-  with pytest.raises(ValueError, match="num_devices"):
-    ts.make_mesh(len(jax.devices()) + 1)
-  assert ts.shard_batch(r["batch"], mesh)["image"].shape == r["batch"]["image"].shape
+    r = _run("group")
+    folded = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA, fold_beta_into_loss=True)
+    with pytest.raises(ValueError, match="without extrapolate"):
+        folded(r["state"], r["batch"])  # state's optimiser still starts with extrapolate
+    step = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA)
+    with pytest.raises(ValueError, match=r"\[2, N, H, W, C\]"):
+        step(r["state"], {**r["batch"], "image": r["batch"]["image"][0]})
+    with pytest.raises(ValueError, match="batch\\['label'\\]"):
+        step(r["state"], {**r["batch"], "label": r["batch"]["label"][:, :2]})
+    mesh = ts.make_mesh(1)
+    with pytest.raises(ValueError, match="num_devices"):
+        ts.make_mesh(len(jax.devices()) + 1)
+    assert ts.shard_batch(r["batch"], mesh)["image"].shape == r["batch"]["image"].shape
 
 
 def test_one_device_mesh_matches_unsharded_step():
-  r = _run("shared")
-  mesh = ts.make_mesh(1)
-  step = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA, mesh=mesh)
-  new_state, _ = step(ts.replicate(r["state"], mesh), ts.shard_batch(r["batch"], mesh))
-  _assert_trees_close(new_state.params, r["new_state"].params, rtol=1e-6, atol=1e-7)
+    r = _run("shared")
+    mesh = ts.make_mesh(1)
+    step = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA, mesh=mesh)
+    new_state, _ = step(ts.replicate(r["state"], mesh), ts.shard_batch(r["batch"], mesh))
+    _assert_trees_close(new_state.params, r["new_state"].params, rtol=1e-6, atol=1e-7)
 
 
 def test_create_train_state_for_group_norm_has_no_batch_stats():
-  model = _model("group")
-  tx = ts.make_optimizer(LR, beta=BETA, weight_decay=0.01)
-  state = jax.eval_shape(
-      lambda key: ts.create_train_state(key, model, (2, SIZE, SIZE, 5), tx), jax.random.key(0))
-  assert state.batch_stats == {} and int(state.step.size) == 1
-  assert state.params["conv1"]["kernel"].shape == (7, 7, 5, 4)
-  with pytest.raises(ValueError, match="input_shape"):
-    ts.create_train_state(jax.random.key(0), model, (SIZE, SIZE, 5), tx)
+    model = _model("group")
+    tx = ts.make_optimizer(LR, beta=BETA, weight_decay=0.01)
+    state = jax.eval_shape(
+        lambda key: ts.create_train_state(key, model, (2, SIZE, SIZE, 5), tx), jax.random.key(0))
+    assert state.batch_stats == {} and int(state.step.size) == 1
+    assert state.params["conv1"]["kernel"].shape == (7, 7, 5, 4)
+    with pytest.raises(ValueError, match="input_shape"):
+        ts.create_train_state(jax.random.key(0), model, (SIZE, SIZE, 5), tx)

@@ -59,21 +59,21 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def sharded_vs_single():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  completed = subprocess.run([sys.executable, "-c", _SCRIPT, *NORMS], env=env,
-                             capture_output=True, text=True)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  return json.loads(completed.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    completed = subprocess.run([sys.executable, "-c", _SCRIPT, *NORMS], env=env,
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_four_device_step_equals_single_device_step(sharded_vs_single, norm):
-  result = sharded_vs_single[norm]
-  assert result["batch_devices"] == 4
-  assert result["image_shard_shape"] == [2, 2, 16, 16, 3]  # N split 4 ways, pairs kept together
-  assert result["params_replicated"]
-  assert result["all_gathers"] == 0  # truly data parallel: no device gathers the whole batch
-  assert result["params"] < 1e-5
-  assert result["update"] < 1e-4  # the step itself, not just the (mostly unchanged) parameters
-  assert result["batch_stats"] < 1e-5
+    result = sharded_vs_single[norm]
+    assert result["batch_devices"] == 4
+    assert result["image_shard_shape"] == [2, 2, 16, 16, 3]  # N split 4 ways, pairs kept together
+    assert result["params_replicated"]
+    assert result["all_gathers"] == 0  # truly data parallel: no device gathers the whole batch
+    assert result["params"] < 1e-5
+    assert result["update"] < 1e-4  # the step itself, not just the (mostly unchanged) parameters
+    assert result["batch_stats"] < 1e-5
