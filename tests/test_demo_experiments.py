@@ -3,19 +3,22 @@ import itertools
 import statistics
 
 import numpy as np
+import pytest
 
 from experiments import grid
 
 
-def _rows(seed_values):
-    """Rows as collect_rows makes them; seed_values: setting -> list of (val WGA, test WGA)."""
+def _rows(seed_values, checkpoint="best_wga"):
+    """Rows as collect_rows makes them; seed_values: setting -> list of (val, test) of the checkpoint's
+    metric (WGA for best_wga, BCA for best_bca); the other metric is constant over settings."""
+    metric, other = ("WGA", "BCA") if checkpoint == "best_wga" else ("BCA", "WGA")
     rows = []
     for setting, values in seed_values.items():
-        for seed, (val_wga, test_wga) in enumerate(values):
+        for seed, (val, test) in enumerate(values):
             rows.append({"family": grid.family(setting), "setting": setting, "seed": seed,
-                         "checkpoint": "best_wga", "step": 100, "tau": "tau=0.1",
-                         "val WGA": val_wga, "test WGA": test_wga,
-                         "val BCA": 0.9, "test BCA": 0.9 - 0.01 * seed})
+                         "checkpoint": checkpoint, "step": 100, "tau": "tau=0.1",
+                         f"val {metric}": val, f"test {metric}": test,
+                         f"val {other}": 0.9, f"test {other}": 0.9 - 0.01 * seed})
     return rows
 
 
@@ -29,23 +32,26 @@ def test_run_names_are_distinct_and_safe():
     assert grid.run_name("gerne,beta=1,lr=0.003", 2) == "gerne_beta1_lr0.003_seed2"
 
 
-def test_tuning_uses_validation_only():
+@pytest.mark.parametrize("checkpoint", ["best_wga", "best_bca"])
+def test_tuning_uses_validation_only(checkpoint):
+    metric, other = ("WGA", "BCA") if checkpoint == "best_wga" else ("BCA", "WGA")
     rng = np.random.default_rng(0)
     seed_values = {s: [tuple(rng.uniform(0.3, 0.9, 2)) for _ in range(3)]
                    for s in ("erm,lr=0.01", "erm,lr=0.03", "gerne,lr=0.01", "gerne,beta=0.5,lr=0.01")}
     # A setting with the best test figures but the worst validation figures must not be chosen.
     seed_values["gerne,beta=2,lr=0.1"] = [(0.1, 1.0), (0.1, 1.0), (0.1, 1.0)]
-    summary = grid.tuned_summary(_rows(seed_values), "test")
+    summary = grid.tuned_summary(_rows(seed_values, checkpoint), "test")
     assert [entry["family"] for entry in summary] == ["erm", "gerne"]
     for entry in summary:
         candidates = {s: v for s, v in seed_values.items() if grid.family(s) == entry["family"]}
         best = max(candidates, key=lambda s: statistics.mean(v[0] for v in candidates[s]))
         assert entry["chosen setting"] == best
         assert entry["seeds"] == 3
-        test_wga = [v[1] for v in candidates[best]]
-        np.testing.assert_allclose(entry["test WGA mean"], statistics.mean(test_wga))
-        np.testing.assert_allclose(entry["test WGA std"], statistics.stdev(test_wga))
-        np.testing.assert_allclose(entry["test BCA mean"], statistics.mean([0.9, 0.89, 0.88]))
+        assert entry["tuned on"] == f"val {metric}"
+        test = [v[1] for v in candidates[best]]
+        np.testing.assert_allclose(entry[f"test {metric} mean"], statistics.mean(test))
+        np.testing.assert_allclose(entry[f"test {metric} std"], statistics.stdev(test))
+        np.testing.assert_allclose(entry[f"test {other} mean"], statistics.mean([0.9, 0.89, 0.88]))
 
 
 def test_one_seed_has_no_standard_deviation():
