@@ -166,20 +166,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 f"(allowed up to beta_max = {plan.beta_max:.4g}).")
         state, step = new_state, step + 1
         progress.update(1)
-        if step % config.training.log_every == 0 or step == config.training.steps:
+        logs_now = step % config.training.log_every == 0 or step == config.training.steps
+        if logs_now:  # the rate covers training steps only, not the evaluation below
             rate = config.training.log_every * patch_count(batch) / (time.perf_counter() - tic)
-            tic = time.perf_counter()
-            log(step, "train", {**step_metrics, "images_per_second": rate})
-            postfix = {"loss": f"{float(loss):.4f}"}
-            if last_report:
-                postfix["val_wga"] = f"{last_report['worst_group_accuracy']:.3f}"
-            progress.set_postfix(postfix)
         if step % config.training.eval_every == 0 or step == config.training.steps:
             last_report = evaluate(step)
             improved = ckpt.update_best(step, state, meta(step, last_report))
             progress.write(f"step {step}: validation WGA {last_report['worst_group_accuracy']:.4f}, "
                            f"BCA {last_report['balanced_class_accuracy']:.4f}"
                            + (f" (new {', '.join(improved)})" if improved else ""))
+        if logs_now:
+            log(step, "train", {**step_metrics, "images_per_second": rate})
+            postfix = {"loss": f"{float(loss):.4f}"}
+            if last_report:
+                postfix["val_wga"] = f"{last_report['worst_group_accuracy']:.3f}"
+            progress.set_postfix(postfix)
+            tic = time.perf_counter()
         if (step % config.training.checkpoint_every == 0 or step == config.training.steps
                 or stop_requested):
             ckpt.save_latest(step, state, meta(step, last_report))
