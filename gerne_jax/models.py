@@ -83,13 +83,30 @@ def _make_norm(norm: str, train: bool, dtype: Any,
     return make
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34 block); stride on the first."""
+def _add_shortcut(block: nn.Module, residual: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+    """relu(y + shortcut): identity, or a strided 1x1 conv + norm where the shape changes.
+
+    Called from a block's compact `__call__`, so the projection's layers belong to that block.
+    """
+    if residual.shape != y.shape:
+        features = y.shape[-1]
+        residual = block.conv(features, (1, 1), strides=block.strides, name="downsample_conv")(residual)
+        residual = block.norm(features, "downsample_bn")(residual)
+    return nn.relu(y + residual)
+
+
+class _ResidualBlock(nn.Module):
+    """What every block takes: its width, stride, and the conv / norm factories of the network."""
 
     features: int
     strides: int
     conv: Callable[..., nn.Module]
     norm: Callable[[int, str], nn.Module]
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 convs (ResNet-18/34 block); stride on the first."""
+
     expansion = 1
 
     @nn.compact
@@ -100,20 +117,12 @@ class BasicBlock(nn.Module):
         y = nn.relu(self.norm(self.features, "bn1")(y))
         y = self.conv(self.features, (3, 3), padding=1, name="conv2")(y)
         y = self.norm(self.features, "bn2")(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.features, (1, 1), strides=self.strides,
-                                 name="downsample_conv")(residual)
-            residual = self.norm(self.features, "downsample_bn")(residual)
-        return nn.relu(y + residual)
+        return _add_shortcut(self, residual, y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (with the stride) -> 1x1 x4 bottleneck (ResNet-50/101/152 block)."""
 
-    features: int
-    strides: int
-    conv: Callable[..., nn.Module]
-    norm: Callable[[int, str], nn.Module]
     expansion = 4
 
     @nn.compact
@@ -126,11 +135,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(self.norm(self.features, "bn2")(y))
         y = self.conv(self.features * self.expansion, (1, 1), name="conv3")(y)
         y = self.norm(self.features * self.expansion, "bn3")(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.features * self.expansion, (1, 1), strides=self.strides,
-                                 name="downsample_conv")(residual)
-            residual = self.norm(self.features * self.expansion, "downsample_bn")(residual)
-        return nn.relu(y + residual)
+        return _add_shortcut(self, residual, y)
 
 
 class ResNet(nn.Module):
