@@ -193,7 +193,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.close()
     metrics_file.close()
     if stop_requested:
-        sys.exit(128 + signal.SIGTERM)
+        # Everything is saved and closed. Skip interpreter teardown: the tf.data iterator's destructor
+        # can wait for a worker thread that waits for the GIL, which hung runs after SIGTERM.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGTERM)
     return state
 
 

@@ -9,24 +9,31 @@ appended to every run, `seed=S` to each seed's copy. Every run trains in `ROOT/<
 `evaluate.py --compare` evaluates all of them on the test split with their `best_wga` and their
 `best_bca` checkpoints (both chosen on the validation split).
 
+Several grid.py processes given the same ROOT share the work: a run being trained holds a lock on
+its folder (released by the OS if the process dies), the others skip it and, before evaluating,
+wait for it to finish. Start one per device or, on CPU, two to overlap start-up and evaluation.
+
 Tuning never looks at the test split: within each method family (the first word of the run:
 `erm`, `resample`, `gerne`) the run settings with the highest mean validation worst-group accuracy
 over the seeds are chosen (for the `best_bca` checkpoints: the highest validation balanced class
 accuracy), and their test figures are reported as mean and standard deviation.
 
 Writes `ROOT/results.md` (the tuned summary, then every run), `ROOT/results.csv`,
-`ROOT/summary.json` and `ROOT/summary.png`; the evaluation JSONs and PNGs go to `ROOT/eval/`.
+`ROOT/summary.json` and `ROOT/summary.png`; the evaluation JSONs and PNGs go to `ROOT/eval/`
+(`--out DIR` writes these to DIR instead, so several summaries can share one ROOT of runs).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import json
 import pathlib
 import re
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -46,6 +53,7 @@ METRICS = (("WGA", "worst_group_accuracy"), ("BCA", "balanced_class_accuracy"))
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="folder for the runs and the results")
+    parser.add_argument("--out", default=None, help="folder for the results and evaluations (default: ROOT)")
     parser.add_argument("--runs", nargs="+", required=True, help="configs/demo.py arguments, one per setting")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", default="", help="presets appended to every run, e.g. steps=1500,tau=0.2")
@@ -73,6 +81,48 @@ def is_finished(workdir: pathlib.Path) -> bool:
     steps = experiment.load_config(workdir).training.steps
     return any(row["split"] == "validation" and row["step"] == steps
                for row in map(json.loads, filter(str.strip, metrics.read_text().splitlines())))
+
+
+@contextlib.contextmanager
+def claim(workdir: pathlib.Path, wait: bool = False) -> Iterator[bool]:
+    """Holds an exclusive lock on `workdir` while it trains; yields False if another process holds it.
+
+    `flock` locks die with their process, so a killed grid.py never leaves a run claimed.
+    With `wait`, blocks until the other process is done and then yields True.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".grid.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def train_all(config: str, settings: Sequence[str], extra: str, seeds: Sequence[int], root: pathlib.Path) -> None:
+    """Trains every unfinished run, skipping those another grid.py is training, then waits for those."""
+    pending = []
+    for setting in settings:
+        for seed in seeds:
+            workdir = root / run_name(setting, seed)
+            if is_finished(workdir):
+                print(f">>> {workdir.name}: finished, skipped", flush=True)
+                continue
+            with claim(workdir) as mine:
+                if mine and not is_finished(workdir):  # another process may have finished it meanwhile
+                    train(config, setting, extra, seed, workdir)
+                elif not mine:
+                    print(f">>> {workdir.name}: being trained by another process", flush=True)
+                    pending.append(workdir)
+    for workdir in pending:
+        with claim(workdir, wait=True):
+            if not is_finished(workdir):
+                raise SystemExit(f"error: {workdir} was not finished by the process that trained it; "
+                                 "run grid.py again to resume it")
 
 
 def train(config: str, setting: str, extra: str, seed: int, workdir: pathlib.Path) -> None:
@@ -180,31 +230,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(workdirs)) != len(workdirs):
         raise SystemExit(f"error: --runs {args.runs} give duplicate run folders")
     if not args.skip_training:
-        for setting in args.runs:
-            for seed in args.seeds:
-                workdir = root / run_name(setting, seed)
-                if is_finished(workdir):
-                    print(f">>> {workdir.name}: finished, skipped", flush=True)
-                else:
-                    train(args.config, setting, args.set, seed, workdir)
+        train_all(args.config, args.runs, args.set, args.seeds, root)
 
-    documents = {checkpoint: evaluate(workdirs, checkpoint, args.split, root / "eval") for checkpoint in CHECKPOINTS}
+    out = pathlib.Path(args.out) if args.out else root
+    out.mkdir(parents=True, exist_ok=True)
+    documents = {checkpoint: evaluate(workdirs, checkpoint, args.split, out / "eval") for checkpoint in CHECKPOINTS}
     rows = collect_rows(args.runs, args.seeds, documents)
     summary = tuned_summary(rows, args.split)
-    plot_summary(summary, args.split, root / "summary.png")
-    with open(root / "results.csv.tmp", "w", newline="") as f:
+    plot_summary(summary, args.split, out / "summary.png")
+    with open(out / "results.csv.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (root / "results.csv.tmp").replace(root / "results.csv")
-    write_atomic(root / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
+    (out / "results.csv.tmp").replace(out / "results.csv")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     command = " ".join(["python experiments/grid.py", *(sys.argv[1:] if argv is None else argv)])
-    write_atomic(root / "results.md", "\n".join([
+    write_atomic(out / "results.md", "\n".join([
         f"# Grid results (synthetic data), {args.split} split", "", f"Reproduce: `{command}`", "",
         "## Tuned on the validation split per method family (mean, std over seeds)", "",
         markdown_table(summary), "", "![summary](summary.png)", "",
         "## Every run", "", markdown_table(rows), ""]))
-    print(f"\n{markdown_table(summary)}\n\nwrote {root / 'results.md'}, results.csv, summary.png")
+    print(f"\n{markdown_table(summary)}\n\nwrote {out / 'results.md'}, results.csv, summary.png")
     return 0
 
 

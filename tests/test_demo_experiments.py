@@ -1,11 +1,14 @@
-"""experiments/grid.py: run folder names and validation-only tuning, against brute force."""
+"""experiments/grid.py and reproduce.py: run folder names, validation-only tuning, shared training."""
 import itertools
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from experiments import grid
+from configs import demo as demo_config
+from experiments import grid, reproduce
 
 
 def _rows(seed_values, checkpoint="best_wga"):
@@ -57,3 +60,34 @@ def test_tuning_uses_validation_only(checkpoint):
 def test_one_seed_has_no_standard_deviation():
     summary = grid.tuned_summary(_rows({"erm,lr=0.01": [(0.5, 0.4)]}), "test")
     assert np.isnan(summary[0]["test WGA std"]) and summary[0]["test WGA mean"] == 0.4
+
+
+def test_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path):
+    workdir = tmp_path / "run_seed0"
+    with grid.claim(workdir) as first:
+        with grid.claim(workdir) as second:  # another open file description: a second process's view
+            assert first and not second
+    with grid.claim(workdir) as again:
+        assert again
+    # A process killed while holding the claim (no clean-up code runs) leaves the run free.
+    code = ("import os, pathlib; from experiments import grid\n"
+            f"with grid.claim(pathlib.Path({str(workdir)!r})) as mine:\n"
+            "    assert mine\n    os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=grid.REPO)
+    with grid.claim(workdir) as after_death:
+        assert after_death
+
+
+def test_reproduce_settings_keep_the_family_and_replace_presets():
+    assert reproduce.with_presets("gerne,c=0.5,beta=1,lr=0.03", lr="0.1", norm="shared") == \
+        "gerne,c=0.5,beta=1,lr=0.1,norm=shared"
+    assert reproduce.normalisation_settings("gerne,c=1,beta=0.5,lr=0.01") == \
+        ["gerne,c=1,beta=0.5,lr=0.01,norm=shared", "gerne,c=1,beta=0.5,lr=0.03,norm=shared"]
+    assert reproduce.normalisation_settings("erm,lr=0.1") == \
+        ["erm,lr=0.03,norm=shared", "erm,lr=0.1,norm=shared", "erm,lr=0.3,norm=shared"]
+    # Every tuning setting is a valid configs/demo.py argument and names a distinct run folder.
+    names = {grid.run_name(setting, 0) for setting in reproduce.TUNING_SETTINGS}
+    assert len(names) == len(reproduce.TUNING_SETTINGS)
+    for setting in reproduce.TUNING_SETTINGS:
+        config = demo_config.get_config(setting)
+        assert config.optimizer.learning_rate == float(reproduce.presets(setting)["lr"])

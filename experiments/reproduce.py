@@ -1,0 +1,138 @@
+"""Reproduces the README's results on the synthetic slides, from data to tables, tuning on validation only.
+
+  python -m experiments.reproduce --root runs/exp        # or `make experiments`: 1.5-2 hours on 2 CPU cores
+
+Steps (all resumable: finished runs are skipped, interrupted ones resume):
+1. data: `--slides` synthetic slides (`--size` pixels, `--data-seed`), 64-pixel patches in ROOT/data.
+2. tuning, seed 0, tau 0.1 (`ROOT/tuning/`): the learning rate of ERM and of resampling (c = 1,
+   beta = 0), and (c, beta, learning rate) of GERNE, all with GroupNorm; then, at each family's chosen
+   setting and the learning rates next to it, BatchNorm with statistics shared by the paired batches
+   (the normalisation a model trained from scratch can use with GERNE, SPEC section 3). Each family's
+   setting is chosen on validation WGA (for the `best_wga` rule) and on validation BCA (`best_bca`).
+3. seeds (`ROOT/seeds/`): every setting chosen in step 2, under either rule, trained with seeds 0, 1 and
+   2; each rule then picks, per family, the candidate with the best mean validation figure over the
+   seeds and reports its test mean and standard deviation (experiment 3).
+4. tau sweep (`ROOT/tau/`, experiment 2): each family's WGA-chosen setting trained at tau 0.03, 0.1 and
+   0.2 (seed 0); group sizes and test WGA per tau.
+5. error against tissue ratio (`ROOT/error_vs_tissue_ratio/`, experiment 1) for the tuned ERM and
+   GERNE runs of seed 0.
+
+All runs live in ROOT/runs; the summaries of steps 2 and 3 are `experiments/grid.py` outputs.
+Several processes on the same ROOT share the training (see grid.py), e.g. two on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from experiments import error_vs_tissue_ratio, grid, tau_sweep
+
+LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)
+GERNE_LEARNING_RATES = (0.01, 0.03, 0.1)
+GERNE_C_BETA = ((0.5, 0.5), (0.5, 1.0), (0.5, 2.0), (1.0, 0.5), (1.0, 1.0))
+TUNING_SETTINGS = (
+    [f"erm,lr={lr:g}" for lr in LEARNING_RATES]
+    + [f"resample,lr={lr:g}" for lr in LEARNING_RATES]
+    + [f"gerne,c={c:g},beta={beta:g},lr={lr:g}" for c, beta in GERNE_C_BETA for lr in GERNE_LEARNING_RATES])
+TUNING_SEED = 0
+SEEDS = (0, 1, 2)
+TAUS = (0.03, 0.1, 0.2)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--slides", type=int, default=36)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--data-seed", type=int, default=1)
+    parser.add_argument("--set", default="", help="presets appended to every run, e.g. steps=300 for a dry run")
+    parser.add_argument("--data-only", action="store_true", help="stop after step 1")
+    return parser.parse_args(argv)
+
+
+def presets(setting: str) -> dict[str, str]:
+    """`gerne,c=0.5,lr=0.03` -> {"c": "0.5", "lr": "0.03"} (the family is `grid.family`)."""
+    return dict(item.split("=", 1) for item in setting.split(",")[1:])
+
+
+def with_presets(setting: str, **changes: str) -> str:
+    """The setting with some presets replaced or added, keeping their order."""
+    return ",".join([grid.family(setting), *(f"{k}={v}" for k, v in {**presets(setting), **changes}.items())])
+
+
+def normalisation_settings(setting: str) -> list[str]:
+    """BatchNorm with shared statistics at the setting's learning rate and the grid's neighbours of it."""
+    rates = GERNE_LEARNING_RATES if grid.family(setting) == "gerne" else LEARNING_RATES
+    index = rates.index(float(presets(setting)["lr"]))
+    return [with_presets(setting, lr=f"{lr:g}", norm="shared") for lr in rates[max(index - 1, 0):index + 2]]
+
+
+def chosen_settings(out: pathlib.Path) -> dict[str, list[str]]:
+    """Per checkpoint rule, the settings grid.py chose (one per family) in `out/summary.json`."""
+    chosen: dict[str, list[str]] = {}
+    for entry in json.loads((out / "summary.json").read_text()):
+        chosen.setdefault(entry["checkpoint"], []).append(entry["chosen setting"])
+    return chosen
+
+
+def make_data(root: pathlib.Path, args: argparse.Namespace) -> pathlib.Path:
+    data = root / "data"
+    commands = []
+    if not (root / "slides" / "manifest.csv").is_file():
+        commands.append(["synthetic", "--out", str(root / "slides"), "--slides", str(args.slides),
+                         "--size", str(args.size), "--seed", str(args.data_seed)])
+    if not (data / "metadata.json").is_file():
+        commands += [["tile", "--manifest", str(root / "slides" / "manifest.csv"), "--out", str(data),
+                      "--patch-size", "64", "--workers", "2"],
+                     ["stats", "--data-dir", str(data), "--tau", *map(str, TAUS)]]
+    for command in commands:
+        subprocess.run([sys.executable, "-m", "data_pipeline", *command], check=True, cwd=grid.REPO)
+    return data
+
+
+def run_grid(runs: pathlib.Path, out: pathlib.Path, settings: Sequence[str], seeds: Sequence[int],
+             extra: str) -> None:
+    argv = ["--root", str(runs), "--out", str(out), "--seeds", *map(str, seeds), "--set", extra,
+            "--runs", *settings]
+    if grid.main(argv) != 0:
+        raise SystemExit(f"error: experiments/grid.py {' '.join(argv)} failed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = pathlib.Path(args.root)
+    data = make_data(root, args)
+    if args.data_only:
+        return 0
+    extra = ",".join(filter(None, [f"data_dir={data}", args.set]))
+    runs = root / "runs"
+
+    # Step 2: tuning on seed 0, GroupNorm first, then the normalisation around each family's choice.
+    run_grid(runs, root / "tuning", TUNING_SETTINGS, [TUNING_SEED], extra)
+    by_wga = chosen_settings(root / "tuning")["best_wga"]
+    tuning = list(dict.fromkeys([*TUNING_SETTINGS, *(s for c in by_wga for s in normalisation_settings(c))]))
+    run_grid(runs, root / "tuning", tuning, [TUNING_SEED], extra)
+
+    # Step 3: the chosen settings of both rules over three seeds (experiment 3).
+    chosen = chosen_settings(root / "tuning")
+    candidates = list(dict.fromkeys(chosen["best_wga"] + chosen["best_bca"]))
+    run_grid(runs, root / "seeds", candidates, SEEDS, extra)
+
+    # Step 4: tau sweep with the WGA-chosen settings (experiment 2).
+    by_wga = chosen_settings(root / "seeds")["best_wga"]
+    tau_argv = ["--root", str(root / "tau"), "--tau", *map(str, TAUS), "--seeds", str(TUNING_SEED),
+                "--set", extra, "--runs", *by_wga]
+    if tau_sweep.main(tau_argv) != 0:
+        raise SystemExit(f"error: experiments/tau_sweep.py {' '.join(tau_argv)} failed")
+
+    # Step 5: where ERM and GERNE fail, by tissue ratio (experiment 1).
+    figure_runs = [str(runs / grid.run_name(s, TUNING_SEED)) for s in by_wga if grid.family(s) != "resample"]
+    return error_vs_tissue_ratio.main(["--runs", *figure_runs, "--out", str(root / "error_vs_tissue_ratio")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
