@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from gerne_jax import checkpoints, evaluation, experiment, input_pipeline, reports, train_step  # noqa: E402
+from gerne_jax import checkpoints, evaluation, experiment, files, input_pipeline, reports, train_step  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,9 +122,7 @@ def _unique_names(workdirs: list[pathlib.Path]) -> list[str]:
 
 
 def _write_json(path: pathlib.Path, document: Any) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(document, indent=2, allow_nan=True))
-    temporary.replace(path)
+    files.write_text_atomic(path, json.dumps(document, indent=2, allow_nan=True))
 
 
 if __name__ == "__main__":

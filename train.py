@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tensorboard.summary import Writer
 
-from gerne_jax import checkpoints, evaluation, experiment, groups, input_pipeline, train_step
+from gerne_jax import checkpoints, evaluation, experiment, files, groups, input_pipeline, train_step
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (`:arg` for presets).",
@@ -218,9 +218,7 @@ def open_metrics_log(path: pathlib.Path, start_step: int):
     if path.exists():
         kept = [line for line in path.read_text().splitlines(keepends=True)
                 if line.strip() and json.loads(line)["step"] <= start_step]
-        temporary = path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(kept))
-        temporary.replace(path)
+        files.write_text_atomic(path, "".join(kept))
     return path.open("a")
 
 

@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 from matplotlib.collections import PatchCollection  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from gerne_jax import reports  # noqa: E402
+
 LABEL_COLOURS = {0: "#00e5ff", 1: "#ff1744"}  # non-tumour cyan, tumour red
 TISSUE_COLOUR = "#ffffff"
 TUMOUR_COLOUR = "#ff00ff"
@@ -79,7 +81,4 @@ def save_qc_png(
                    "tissue white, tumour magenta", fontsize=9)
     axis.set_axis_off()
     figure.tight_layout()
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    figure.savefig(tmp, format="png")
-    plt.close(figure)
-    os.replace(tmp, path)
+    reports.save_figure(figure, path)

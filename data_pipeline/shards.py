@@ -26,6 +26,8 @@ import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordWriter
 from tensorflow_datasets.core import example_serializer
 
+from gerne_jax import files
+
 DATASET_NAME = "gerne_patches"
 SPLITS = ("train", "validation", "test")
 LABEL_NAMES = ("non_tumour", "tumour")
@@ -196,37 +198,20 @@ class ShardPart:
     moments: ChannelMoments             # over every pixel of every record of the file
 
 
-def temporary_path(path: pathlib.Path) -> pathlib.Path:
-    """A sibling name unique to this process, for write-then-rename."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary name and a rename."""
-    tmp = temporary_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_array_record(path: pathlib.Path, records: Iterable[bytes]) -> int:
     """Writes `records` to the array_record file `path` (via a temporary name); returns the count.
 
     A failure midway removes the temporary file, so `path` is either complete or absent.
     """
-    path = pathlib.Path(path)
-    tmp = temporary_path(path)
     count = 0
-    writer = ArrayRecordWriter(os.fspath(tmp), ARRAY_RECORD_OPTIONS)
-    try:
-        for record in records:
-            writer.write(record)
-            count += 1
-        writer.close()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    with files.atomic_write(path) as tmp:
+        writer = ArrayRecordWriter(os.fspath(tmp), ARRAY_RECORD_OPTIONS)
+        try:
+            for record in records:
+                writer.write(record)
+                count += 1
+        finally:
+            writer.close()
     return count
 
 

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_pipeline.shards import CSV_COLUMNS, LABEL_NAMES, SPLITS  # noqa: E402
+from gerne_jax import reports  # noqa: E402
 from gerne_jax.groups import attribute_from_tissue_ratio, group_counts  # noqa: E402
 
 PATCHES_CSV = "patches.csv"
@@ -93,11 +94,7 @@ def plot_tissue_ratio(table: dict[str, np.ndarray], taus: Sequence[float], path:
     axes[0][0].set_ylabel("patches (log)")
     figure.suptitle("tissue ratio per class; dashed: tau = " + ", ".join(f"{t:g}" for t in taus), fontsize=10)
     figure.tight_layout()
-    path = pathlib.Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    figure.savefig(tmp, format="png")
-    plt.close(figure)
-    os.replace(tmp, path)
+    reports.save_figure(figure, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,8 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from gerne_jax import files
+
 CHANNEL_NAMES = ("CARS", "TPEF", "SHG")
 TILE = 256  # TIFF tile side and rendering unit (tifffile needs a multiple of 16)
 MIN_SIZE = 256
@@ -456,11 +458,10 @@ def _write_tiff(path: pathlib.Path, tiles: Iterator[np.ndarray | bytes], shape: 
     """Tiled deflate TIFF from an iterator of tiles (arrays, or deflate-compressed bytes), written
     to a temp name then renamed."""
     metadata = {"axes": "YXS", "channel_names": list(channel_names)} if channel_names else {"axes": "YX"}
-    partial = path.with_name(f".{path.name}.partial")
-    tifffile.imwrite(partial, data=tiles, shape=shape, dtype=dtype, tile=(TILE, TILE),
-                     photometric="minisblack", planarconfig="contig" if channel_names else None,
-                     compression="zlib", compressionargs={"level": DEFLATE_LEVEL}, metadata=metadata)
-    os.replace(partial, path)
+    with files.atomic_write(path) as partial:
+        tifffile.imwrite(partial, data=tiles, shape=shape, dtype=dtype, tile=(TILE, TILE),
+                         photometric="minisblack", planarconfig="contig" if channel_names else None,
+                         compression="zlib", compressionargs={"level": DEFLATE_LEVEL}, metadata=metadata)
 
 
 def write_slide(layout: SlideLayout, seed: int, slide_index: int, image_path: pathlib.Path,
@@ -530,20 +531,18 @@ def generate(out_dir: str | os.PathLike, num_slides: int, size: int, seed: int =
     with tqdm(total=total_tiles, desc="synthetic tiles", unit="tile", disable=not show_progress) as bar:
         for index, (layout, split) in enumerate(zip(layouts, splits)):
             slide_id = f"slide_{index:03d}"
-            files = {"image": f"{slide_id}.tif", "mask": f"{slide_id}_tumour.tif"}
+            slide_files = {"image": f"{slide_id}.tif", "mask": f"{slide_id}_tumour.tif"}
             if write_tissue_masks:
-                files["tissue_mask"] = f"{slide_id}_tissue.tif"
-            write_slide(layout, seed, index, out / files["image"], out / files["mask"],
-                        out / files["tissue_mask"] if write_tissue_masks else None, progress=bar)
-            rows.append({"slide_id": slide_id, **files, "patient_id": f"patient_{index:03d}",
+                slide_files["tissue_mask"] = f"{slide_id}_tissue.tif"
+            write_slide(layout, seed, index, out / slide_files["image"], out / slide_files["mask"],
+                        out / slide_files["tissue_mask"] if write_tissue_masks else None, progress=bar)
+            rows.append({"slide_id": slide_id, **slide_files, "patient_id": f"patient_{index:03d}",
                          "split": split, "channel_names": ";".join(CHANNEL_NAMES)})
     manifest = out / "manifest.csv"
-    partial = out / ".manifest.csv.partial"
-    with open(partial, "w", newline="") as f:
+    with files.atomic_write(manifest) as partial, open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, manifest)
     return manifest
 
 

@@ -50,6 +50,7 @@ from tqdm import tqdm
 from data_pipeline import qc, shards
 from data_pipeline.slides import SlideError, SlideReader, SlideSpec, read_manifest
 from data_pipeline.tissue import detect_tissue
+from gerne_jax import files
 
 WORK_DIR = ".work"
 QC_DIR = "qc"
@@ -213,8 +214,8 @@ def slide_paths(data_dir: pathlib.Path, slide_id: str) -> dict[str, pathlib.Path
 
 def fingerprint(spec: SlideSpec, config: TilingConfig) -> dict[str, Any]:
     """Settings and source files (path, size, mtime) a slide's finished output depends on."""
-    files = list(spec.image_files) + [spec.mask_file] + ([spec.tissue_mask_file] if spec.tissue_mask_file else [])
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    source_files = list(spec.image_files) + [spec.mask_file] + ([spec.tissue_mask_file] if spec.tissue_mask_file else [])
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in source_files]
     return {"version": SIDECAR_VERSION, "config": dataclasses.asdict(config), "files": stats,
             "patient_id": spec.patient_id or "", "channel_names": list(spec.channel_names or [])}
 
@@ -306,7 +307,7 @@ def tile_slide(
     sidecar = {"slide_id": spec.slide_id, "fingerprint": fingerprint(spec, config),
                "format": dataclasses.asdict(found), "tissue_factor": factor, "shape": [height, width],
                "rows": rows, "moments": statistics.moments().to_json()}
-    shards.write_text_atomic(paths["sidecar"], json.dumps(sidecar))
+    files.write_text_atomic(paths["sidecar"], json.dumps(sidecar))
     return sidecar
 
 
@@ -529,7 +530,7 @@ def _publish(data_dir: pathlib.Path, sidecars: Mapping[str, dict[str, Any]], spl
 
 def _write_report(data_dir: pathlib.Path, report: Mapping[str, Any], config: TilingConfig) -> None:
     content = {"config": dataclasses.asdict(config), "slides": dict(sorted(report.items()))}
-    shards.write_text_atomic(data_dir / REPORT_FILE, json.dumps(content, indent=2))
+    files.write_text_atomic(data_dir / REPORT_FILE, json.dumps(content, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------

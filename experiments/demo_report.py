@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from data_pipeline import stats  # noqa: E402
-from gerne_jax import reports  # noqa: E402
+from gerne_jax import files, reports  # noqa: E402
 
 CURVE_METRICS = (("validation WGA", "worst_group_accuracy"), ("validation BCA", "balanced_class_accuracy"))
 CONFIG_COLUMNS = (("method", "method.name"), ("c", "method.c"), ("beta", "method.beta"),
@@ -69,7 +69,7 @@ def plot_validation_curves(logs: Mapping[str, list[dict[str, Any]]], path: pathl
         axis.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    reports._save(fig, path)  # noqa: SLF001 - the project's write-then-rename PNG saver
+    reports.save_figure(fig, path)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -157,9 +157,7 @@ def write_report(args: argparse.Namespace) -> pathlib.Path:
                   f"({relative_eval}/{stem}_error_vs_tissue_ratio.png)", ""]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
-    temporary.write_text("\n".join(lines))
-    temporary.replace(out)
+    files.write_text_atomic(out, "\n".join(lines))
     return out
 
 

@@ -19,7 +19,7 @@ from absl import logging as absl_logging
 
 import evaluate
 from experiments import grid
-from gerne_jax import reports
+from gerne_jax import files, reports
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reports.plot_error_by_tissue_ratio({name: value[:3] for name, value in outputs.items()},
                                        out / "error_vs_tissue_ratio.png", taus=args.tau)
-    grid.write_atomic(out / "results.json", json.dumps(document, indent=2, allow_nan=True))
+    files.write_text_atomic(out / "results.json", json.dumps(document, indent=2, allow_nan=True))
     command = " ".join(["python -m experiments.error_vs_tissue_ratio", *(sys.argv[1:] if argv is None else argv)])
-    grid.write_atomic(out / "results.md", "\n".join([
+    files.write_text_atomic(out / "results.md", "\n".join([
         f"# Error rate against tissue ratio per class (synthetic data), {args.split} split", "",
         f"Reproduce: `{command}`", "", f"Checkpoint `{args.checkpoint}` of each run (chosen on validation); "
         "the last bin includes tissue ratio 1.", "", grid.markdown_table(rows), "",

@@ -42,7 +42,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gerne_jax import experiment, reports  # noqa: E402
+from gerne_jax import experiment, files, reports  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Each checkpoint rule and the validation metric that also picks the hyperparameters under it.
@@ -202,7 +202,7 @@ def plot_summary(summary: Sequence[Mapping[str, Any]], split: str, path: pathlib
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    reports._save(fig, path)  # noqa: SLF001 - the project's write-then-rename PNG saver
+    reports.save_figure(fig, path)
 
 
 def _format(value: Any) -> str:
@@ -214,12 +214,6 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_format(row[key]) for key in header) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,14 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = collect_rows(args.runs, args.seeds, documents)
     summary = tuned_summary(rows, args.split)
     plot_summary(summary, args.split, out / "summary.png")
-    with open(out / "results.csv.tmp", "w", newline="") as f:
+    with files.atomic_write(out / "results.csv") as temporary, open(temporary, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.csv.tmp").replace(out / "results.csv")
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
+    files.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     command = " ".join(["python experiments/grid.py", *(sys.argv[1:] if argv is None else argv)])
-    write_atomic(out / "results.md", "\n".join([
+    files.write_text_atomic(out / "results.md", "\n".join([
         f"# Grid results (synthetic data), {args.split} split", "", f"Reproduce: `{command}`", "",
         "## Tuned on the validation split per method family (mean, std over seeds)", "",
         markdown_table(summary), "", "![summary](summary.png)", "",

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from data_pipeline import stats  # noqa: E402
 from experiments import grid  # noqa: E402
-from gerne_jax import experiment, reports  # noqa: E402
+from gerne_jax import experiment, files, reports  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -78,10 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     axis.grid(alpha=0.3)
     axis.legend()
     fig.tight_layout()
-    reports._save(fig, root / "wga_vs_tau.png")  # noqa: SLF001 - the project's write-then-rename PNG saver
+    reports.save_figure(fig, root / "wga_vs_tau.png")
 
     command = " ".join(["python -m experiments.tau_sweep", *(sys.argv[1:] if argv is None else argv)])
-    grid.write_atomic(root / "results.md", "\n".join([
+    files.write_text_atomic(root / "results.md", "\n".join([
         "# WGA against the tissue-ratio threshold tau (synthetic data), test split", "",
         f"Reproduce: `{command}`", "", "Each family tuned on validation WGA at its tau; mean ± std over seeds "
         "(nan with one seed). Every run: `tau<tau>/results.md`.", "",

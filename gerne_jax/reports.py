@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gerne_jax import files  # noqa: E402
+
 CLASS_NAMES = ("non_tumour", "tumour")
 SUMMARY_METRICS = (("WGA", "worst_group_accuracy"), ("GBA", "group_balanced_accuracy"),
                    ("BCA", "balanced_class_accuracy"), ("avg acc", "average_accuracy"),
@@ -81,7 +83,7 @@ def plot_error_by_tissue_ratio(runs: Mapping[str, tuple[np.ndarray, np.ndarray, 
     axes[0].set_ylabel("error rate")
     axes[0].legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_group_accuracy(reports: Mapping[str, Mapping[str, Any]], path: str | pathlib.Path,
@@ -104,13 +106,13 @@ def plot_group_accuracy(reports: Mapping[str, Mapping[str, Any]], path: str | pa
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: Any, path: str | pathlib.Path) -> None:
+def save_figure(fig: Any, path: str | pathlib.Path) -> None:
+    """Writes `fig` as PNG to `path` (whole or not at all) and closes it."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(temporary, dpi=110)
+    with files.atomic_write(path) as temporary:
+        fig.savefig(temporary, dpi=110, format="png")
     plt.close(fig)
-    temporary.replace(path)
