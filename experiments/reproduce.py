@@ -18,11 +18,14 @@ Steps (all resumable: finished runs are skipped, interrupted ones resume):
    GERNE runs of seed 0.
 
 All runs live in ROOT/runs; the summaries of steps 2 and 3 are `experiments/grid.py` outputs.
+ROOT/results.md gathers them: experiment 3's table, the differences the papers' claims are about,
+the grid searched, and links to every other table and PNG (`--report-only` rewrites just that file).
 Several processes on the same ROOT share the training (see grid.py), e.g. two on 2 CPU cores.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import pathlib
 import subprocess
@@ -30,6 +33,7 @@ import sys
 from collections.abc import Sequence
 
 from experiments import error_vs_tissue_ratio, grid, tau_sweep
+from gerne_jax import files
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)
 GERNE_LEARNING_RATES = (0.01, 0.03, 0.1)
@@ -51,6 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-seed", type=int, default=1)
     parser.add_argument("--set", default="", help="presets appended to every run, e.g. steps=300 for a dry run")
     parser.add_argument("--data-only", action="store_true", help="stop after step 1")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite ROOT/results.md")
     return parser.parse_args(argv)
 
 
@@ -79,6 +84,61 @@ def chosen_settings(out: pathlib.Path) -> dict[str, list[str]]:
     return chosen
 
 
+def _mean_std(entry: dict, name: str) -> str:
+    return f"{entry[name + ' mean']:.3f} ± {entry[name + ' std']:.3f}"
+
+
+def write_report(root: pathlib.Path) -> pathlib.Path:
+    """ROOT/results.md from the outputs of steps 2-5."""
+    summary = json.loads((root / "seeds" / "summary.json").read_text())
+    table = [{"method": e["family"], "checkpoint and setting chosen on": e["tuned on"],
+              "chosen setting": e["chosen setting"], "seeds": e["seeds"], "test WGA": _mean_std(e, "test WGA"),
+              "test BCA": _mean_std(e, "test BCA"), "val WGA": _mean_std(e, "val WGA"),
+              "val BCA": _mean_std(e, "val BCA")} for e in summary]
+    by_wga = {e["family"]: e for e in summary if e["checkpoint"] == "best_wga"}
+    by_bca = {e["family"]: e for e in summary if e["checkpoint"] == "best_bca"}
+
+    def points(a: dict, a_metric: str, b: dict, b_metric: str) -> str:
+        return f"{100 * (a[f'test {a_metric} mean'] - b[f'test {b_metric} mean']):+.1f}"
+
+    differences = [f"- ERM: test BCA - test WGA = {points(by_wga['erm'], 'BCA', by_wga['erm'], 'WGA')} points."]
+    for name in ("resample", "gerne"):
+        if name in by_wga:
+            differences.append(
+                f"- {name} - ERM (both chosen on validation WGA): WGA {points(by_wga[name], 'WGA', by_wga['erm'], 'WGA')}"
+                f" points, BCA {points(by_wga[name], 'BCA', by_wga['erm'], 'BCA')} points.")
+    for name in by_bca:
+        differences.append(f"- {name}, chosen on validation BCA instead of WGA: test WGA "
+                           f"{points(by_bca[name], 'WGA', by_wga[name], 'WGA')} points, test BCA "
+                           f"{points(by_bca[name], 'BCA', by_wga[name], 'BCA')} points.")
+    tuned = json.loads((root / "tuning" / "summary.json").read_text())
+    searched = sorted({row["setting"] for row in _csv_rows(root / "tuning" / "results.csv")})
+    lines = [
+        "# Results on the built-in synthetic slides (not the papers' microscopy data)", "",
+        "Reproduce: `make experiments` (`python -m experiments.reproduce --root ROOT`). Test split, tau = 0.1, "
+        "mean ± standard deviation over seeds 0, 1, 2. Hyperparameters and checkpoints are chosen on the "
+        "validation split only: on validation WGA (rows `val WGA`) or on validation BCA (rows `val BCA`).", "",
+        grid.markdown_table(table), "", "![test WGA and BCA](seeds/summary.png)", "",
+        "## Differences", "", *differences, "",
+        "## Grid searched (seed 0; then the chosen settings over 3 seeds)", "",
+        f"{len(searched)} settings: " + ", ".join(f"`{s}`" for s in searched) + ".", "",
+        "Chosen on seed 0: " + "; ".join(f"{e['family']} by {e['tuned on']}: `{e['chosen setting']}`"
+                                         for e in tuned) + ".", "",
+        "Every run's figures: [tuning/results.md](tuning/results.md), [seeds/results.md](seeds/results.md).", "",
+        "## Experiment 2: tau", "", "[tau/results.md](tau/results.md)", "", "![WGA against tau](tau/wga_vs_tau.png)", "",
+        "## Experiment 1: error rate against tissue ratio", "",
+        "[error_vs_tissue_ratio/results.md](error_vs_tissue_ratio/results.md)", "",
+        "![error rate against tissue ratio](error_vs_tissue_ratio/error_vs_tissue_ratio.png)", ""]
+    files.write_text_atomic(root / "results.md", "\n".join(lines))
+    print("\n".join(lines[:8] + differences))
+    return root / "results.md"
+
+
+def _csv_rows(path: pathlib.Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def make_data(root: pathlib.Path, args: argparse.Namespace) -> pathlib.Path:
     data = root / "data"
     commands = []
@@ -105,6 +165,9 @@ def run_grid(runs: pathlib.Path, out: pathlib.Path, settings: Sequence[str], see
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     root = pathlib.Path(args.root)
+    if args.report_only:
+        write_report(root)
+        return 0
     data = make_data(root, args)
     if args.data_only:
         return 0
@@ -131,7 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Step 5: where ERM and GERNE fail, by tissue ratio (experiment 1).
     figure_runs = [str(runs / grid.run_name(s, TUNING_SEED)) for s in by_wga if grid.family(s) != "resample"]
-    return error_vs_tissue_ratio.main(["--runs", *figure_runs, "--out", str(root / "error_vs_tissue_ratio")])
+    if error_vs_tissue_ratio.main(["--runs", *figure_runs, "--out", str(root / "error_vs_tissue_ratio")]) != 0:
+        return 1
+    write_report(root)
+    return 0
 
 
 if __name__ == "__main__":

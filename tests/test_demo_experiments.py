@@ -91,3 +91,40 @@ def test_reproduce_settings_keep_the_family_and_replace_presets():
     for setting in reproduce.TUNING_SETTINGS:
         config = demo_config.get_config(setting)
         assert config.optimizer.learning_rate == float(reproduce.presets(setting)["lr"])
+
+
+def test_reproduce_report_states_the_differences_of_the_tuned_means(tmp_path):
+    import csv
+    import json
+    import re
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for checkpoint in ("best_wga", "best_bca"):
+        for setting in ("erm,lr=0.1", "resample,lr=0.03", "gerne,c=0.5,beta=1,lr=0.03"):
+            for seed in range(3):
+                wga, bca = rng.uniform(0.5, 0.9), rng.uniform(0.85, 0.99)
+                rows.append({"family": grid.family(setting), "setting": setting, "seed": seed,
+                             "checkpoint": checkpoint, "step": 100, "tau": "tau=0.1", "val WGA": wga + 0.01,
+                             "test WGA": wga, "val BCA": bca + 0.01, "test BCA": bca})
+    summary = grid.tuned_summary(rows, "test")
+    for folder in ("seeds", "tuning"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "summary.json").write_text(json.dumps(summary))
+    with open(tmp_path / "tuning" / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = reproduce.write_report(tmp_path).read_text()
+
+    def test_mean(family, checkpoint, metric):
+        return statistics.mean(r[f"test {metric}"] for r in rows
+                               if r["family"] == family and r["checkpoint"] == checkpoint)
+
+    gap = float(re.search(r"ERM: test BCA - test WGA = ([+-][\d.]+) points", text).group(1))
+    assert gap == pytest.approx(100 * (test_mean("erm", "best_wga", "BCA") - test_mean("erm", "best_wga", "WGA")), abs=0.051)
+    wga, bca = map(float, re.search(r"gerne - ERM \(both chosen on validation WGA\): WGA ([+-][\d.]+) points, "
+                                    r"BCA ([+-][\d.]+) points", text).groups())
+    assert wga == pytest.approx(100 * (test_mean("gerne", "best_wga", "WGA") - test_mean("erm", "best_wga", "WGA")), abs=0.051)
+    assert bca == pytest.approx(100 * (test_mean("gerne", "best_wga", "BCA") - test_mean("erm", "best_wga", "BCA")), abs=0.051)
+    assert "3 settings" in text and "`gerne,c=0.5,beta=1,lr=0.03`" in text
