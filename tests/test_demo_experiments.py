@@ -1,5 +1,8 @@
 """experiments/grid.py and reproduce.py: run folder names, validation-only tuning, shared training."""
+import csv
 import itertools
+import json
+import re
 import statistics
 import subprocess
 import sys
@@ -94,10 +97,6 @@ def test_reproduce_settings_keep_the_family_and_replace_presets():
 
 
 def test_reproduce_report_states_the_differences_of_the_tuned_means(tmp_path):
-    import csv
-    import json
-    import re
-
     rng = np.random.default_rng(1)
     rows = []
     for checkpoint in ("best_wga", "best_bca"):
