@@ -35,13 +35,12 @@ from collections.abc import Sequence
 from experiments import error_vs_tissue_ratio, grid, tau_sweep
 from gerne_jax import files
 
-LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)
-GERNE_LEARNING_RATES = (0.01, 0.03, 0.1)
+LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)  # the same grid for every method
 GERNE_C_BETA = ((0.5, 0.5), (0.5, 1.0), (0.5, 2.0), (1.0, 0.5), (1.0, 1.0))
 TUNING_SETTINGS = (
     [f"erm,lr={lr:g}" for lr in LEARNING_RATES]
     + [f"resample,lr={lr:g}" for lr in LEARNING_RATES]
-    + [f"gerne,c={c:g},beta={beta:g},lr={lr:g}" for c, beta in GERNE_C_BETA for lr in GERNE_LEARNING_RATES])
+    + [f"gerne,c={c:g},beta={beta:g},lr={lr:g}" for c, beta in GERNE_C_BETA for lr in LEARNING_RATES])
 TUNING_SEED = 0
 SEEDS = (0, 1, 2)
 TAUS = (0.03, 0.1, 0.2)
@@ -71,9 +70,9 @@ def with_presets(setting: str, **changes: str) -> str:
 
 def normalisation_settings(setting: str) -> list[str]:
     """BatchNorm with shared statistics at the setting's learning rate and the grid's neighbours of it."""
-    rates = GERNE_LEARNING_RATES if grid.family(setting) == "gerne" else LEARNING_RATES
-    index = rates.index(float(presets(setting)["lr"]))
-    return [with_presets(setting, lr=f"{lr:g}", norm="shared") for lr in rates[max(index - 1, 0):index + 2]]
+    index = LEARNING_RATES.index(float(presets(setting)["lr"]))
+    return [with_presets(setting, lr=f"{lr:g}", norm="shared")
+            for lr in LEARNING_RATES[max(index - 1, 0):index + 2]]
 
 
 def chosen_settings(out: pathlib.Path) -> dict[str, list[str]]:
