@@ -5,7 +5,8 @@
 Steps (all resumable: finished runs are skipped, interrupted ones resume):
 1. data: `--slides` synthetic slides (`--size` pixels, `--data-seed`), 64-pixel patches in ROOT/data.
 2. tuning, seed 0, tau 0.1 (`ROOT/tuning/`): the learning rate of ERM and of resampling (c = 1,
-   beta = 0), and (c, beta, learning rate) of GERNE, all with GroupNorm; then, at each family's chosen
+   beta = 0), and (c, beta, learning rate) of GERNE, all with GroupNorm (a setting chosen at the top
+   learning rate is also tried at the next rung of the ladder); then, at each family's chosen
    setting and the learning rates next to it, BatchNorm with statistics shared by the paired batches
    (the normalisation a model trained from scratch can use with GERNE, SPEC section 3). Each family's
    setting is chosen on validation WGA (for the `best_wga` rule) and on validation BCA (`best_bca`).
@@ -36,6 +37,7 @@ from experiments import error_vs_tissue_ratio, grid, tau_sweep
 from gerne_jax import files
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)  # the same grid for every method
+LEARNING_RATE_LADDER = (*LEARNING_RATES, 1.0)  # a choice at the grid's top also tries the next rung
 GERNE_C_BETA = ((0.5, 0.5), (0.5, 1.0), (0.5, 2.0), (1.0, 0.5), (1.0, 1.0))
 TUNING_SETTINGS = (
     [f"erm,lr={lr:g}" for lr in LEARNING_RATES]
@@ -68,11 +70,18 @@ def with_presets(setting: str, **changes: str) -> str:
     return ",".join([grid.family(setting), *(f"{k}={v}" for k, v in {**presets(setting), **changes}.items())])
 
 
+def upward_settings(setting: str) -> list[str]:
+    """The setting at the ladder's next learning rate if it sits at the grid's top, else nothing."""
+    if float(presets(setting)["lr"]) != LEARNING_RATES[-1]:
+        return []
+    return [with_presets(setting, lr=f"{LEARNING_RATE_LADDER[len(LEARNING_RATES)]:g}")]
+
+
 def normalisation_settings(setting: str) -> list[str]:
-    """BatchNorm with shared statistics at the setting's learning rate and the grid's neighbours of it."""
-    index = LEARNING_RATES.index(float(presets(setting)["lr"]))
+    """BatchNorm with shared statistics at the setting's learning rate and the ladder's neighbours of it."""
+    index = LEARNING_RATE_LADDER.index(float(presets(setting)["lr"]))
     return [with_presets(setting, lr=f"{lr:g}", norm="shared")
-            for lr in LEARNING_RATES[max(index - 1, 0):index + 2]]
+            for lr in LEARNING_RATE_LADDER[max(index - 1, 0):index + 2]]
 
 
 def chosen_settings(out: pathlib.Path) -> dict[str, list[str]]:
@@ -173,10 +182,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = ",".join(filter(None, [f"data_dir={data}", args.set]))
     runs = root / "runs"
 
-    # Step 2: tuning on seed 0, GroupNorm first, then the normalisation around each family's choice.
+    # Step 2: tuning on seed 0 with GroupNorm (one more learning rate for a choice at the grid's
+    # top), then the normalisation around each family's choice.
     run_grid(runs, root / "tuning", TUNING_SETTINGS, [TUNING_SEED], extra)
+    chosen = chosen_settings(root / "tuning")
+    upward = [s for rule in chosen.values() for c in rule for s in upward_settings(c)]
+    tuning = list(dict.fromkeys([*TUNING_SETTINGS, *upward]))
+    if upward:
+        run_grid(runs, root / "tuning", tuning, [TUNING_SEED], extra)
     by_wga = chosen_settings(root / "tuning")["best_wga"]
-    tuning = list(dict.fromkeys([*TUNING_SETTINGS, *(s for c in by_wga for s in normalisation_settings(c))]))
+    tuning = list(dict.fromkeys([*tuning, *(s for c in by_wga for s in normalisation_settings(c))]))
     run_grid(runs, root / "tuning", tuning, [TUNING_SEED], extra)
 
     # Step 3: the chosen settings of both rules over three seeds (experiment 3).

@@ -86,8 +86,10 @@ def test_reproduce_settings_keep_the_family_and_replace_presets():
         "gerne,c=0.5,beta=1,lr=0.1,norm=shared"
     assert reproduce.normalisation_settings("gerne,c=1,beta=0.5,lr=0.01") == \
         ["gerne,c=1,beta=0.5,lr=0.01,norm=shared", "gerne,c=1,beta=0.5,lr=0.03,norm=shared"]
-    assert reproduce.normalisation_settings("resample,lr=0.3") == \
-        ["resample,lr=0.1,norm=shared", "resample,lr=0.3,norm=shared"]
+    assert reproduce.normalisation_settings("resample,lr=1") == \
+        ["resample,lr=0.3,norm=shared", "resample,lr=1,norm=shared"]
+    assert reproduce.upward_settings("gerne,c=0.5,beta=0.5,lr=0.3") == ["gerne,c=0.5,beta=0.5,lr=1"]
+    assert reproduce.upward_settings("erm,lr=0.1") == []
     assert reproduce.normalisation_settings("erm,lr=0.1") == \
         ["erm,lr=0.03,norm=shared", "erm,lr=0.1,norm=shared", "erm,lr=0.3,norm=shared"]
     # Every tuning setting is a valid configs/demo.py argument and names a distinct run folder.
