@@ -11,7 +11,9 @@ appended to every run, `seed=S` to each seed's copy. Every run trains in `ROOT/<
 
 Several grid.py processes given the same ROOT share the work: a run being trained holds a lock on
 its folder (released by the OS if the process dies), the others skip it and, before evaluating,
-wait for it to finish. Start one per device or, on CPU, two to overlap start-up and evaluation.
+wait for it to finish; one of them evaluates, the others reuse its results (`OUT/evaluated.json`
+records the run states they come from, so a finished grid is not evaluated again). Start one
+process per device or, on CPU, two to overlap start-up and evaluation.
 
 Tuning never looks at the test split: within each method family (the first word of the run:
 `erm`, `resample`, `gerne`) the run settings with the highest mean validation worst-group accuracy
@@ -47,6 +49,7 @@ from gerne_jax import experiment, files, reports  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Each checkpoint rule and the validation metric that also picks the hyperparameters under it.
 CHECKPOINTS = {"best_wga": "val WGA", "best_bca": "val BCA"}
+STAMP_FILE = "evaluated.json"  # in the results folder: the run states its results were computed from
 METRICS = (("WGA", "worst_group_accuracy"), ("BCA", "balanced_class_accuracy"))
 
 
@@ -227,7 +230,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_all(args.config, args.runs, args.set, args.seeds, root)
 
     out = pathlib.Path(args.out) if args.out else root
-    out.mkdir(parents=True, exist_ok=True)
+    with claim(out, wait=True):  # one process evaluates; others sharing `out` wait, then reuse its results
+        stamp = evaluation_stamp(workdirs, args.split)
+        if (out / STAMP_FILE).is_file() and json.loads((out / STAMP_FILE).read_text()) == stamp:
+            print(f"\n{(out / 'results.md').read_text()}\nthe results in {out} are up to date with the runs; reused")
+            return 0
+        summarise(args, argv, workdirs, out)
+        files.write_text_atomic(out / STAMP_FILE, json.dumps(stamp))
+    return 0
+
+
+def evaluation_stamp(workdirs: Sequence[pathlib.Path], split: str) -> dict[str, Any]:
+    """What the results depend on: the split and each run's state (its metrics.jsonl changes whenever
+    a checkpoint does)."""
+    return {"split": split, "runs": {str(w): (w / "metrics.jsonl").stat().st_mtime_ns for w in workdirs}}
+
+
+def summarise(args: argparse.Namespace, argv: Sequence[str] | None, workdirs: Sequence[pathlib.Path],
+              out: pathlib.Path) -> None:
+    """Evaluates every run's checkpoints on the split, tunes per family and writes the results to `out`."""
     documents = {checkpoint: evaluate(workdirs, checkpoint, args.split, out / "eval") for checkpoint in CHECKPOINTS}
     rows = collect_rows(args.runs, args.seeds, documents)
     summary = tuned_summary(rows, args.split)
@@ -244,7 +265,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         markdown_table(summary), "", "![summary](summary.png)", "",
         "## Every run", "", markdown_table(rows), ""]))
     print(f"\n{markdown_table(summary)}\n\nwrote {out / 'results.md'}, results.csv, summary.png")
-    return 0
 
 
 if __name__ == "__main__":

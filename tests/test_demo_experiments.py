@@ -2,6 +2,7 @@
 import csv
 import itertools
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -131,3 +132,16 @@ def test_reproduce_report_states_the_differences_of_the_tuned_means(tmp_path):
     assert wga == pytest.approx(100 * (test_mean("gerne", "best_wga", "WGA") - test_mean("erm", "best_wga", "WGA")), abs=0.051)
     assert bca == pytest.approx(100 * (test_mean("gerne", "best_wga", "BCA") - test_mean("erm", "best_wga", "BCA")), abs=0.051)
     assert "3 settings" in text and "`gerne,c=0.5,beta=1,lr=0.03`" in text
+
+
+def test_evaluation_stamp_changes_with_any_run_and_the_split(tmp_path):
+    workdirs = [tmp_path / "erm_lr0.1_seed0", tmp_path / "gerne_lr0.1_seed0"]
+    for workdir in workdirs:
+        workdir.mkdir()
+        (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+    stamp = json.loads(json.dumps(grid.evaluation_stamp(workdirs, "test")))  # as stored and read back
+    assert grid.evaluation_stamp(workdirs, "test") == stamp
+    assert grid.evaluation_stamp(workdirs, "validation") != stamp
+    assert grid.evaluation_stamp(workdirs[:1], "test") != stamp
+    os.utime(workdirs[1] / "metrics.jsonl", ns=(1, 1))  # a run that trained on
+    assert grid.evaluation_stamp(workdirs, "test") != stamp
