@@ -10,12 +10,15 @@ folds beta into its loss: the same update as the two-gradient path at the cost o
 """
 from configs import default
 
-# Learning rate (and GERNE's beta) per method: the best validation WGA of a one-seed grid on the demo
-# data (experiments/grid.py; lr 0.003-0.1, beta 0.5 and 1, c = 0.5; see the README's results).
+# Learning rate (and GERNE's c and beta) per method: the GroupNorm settings with the best validation
+# WGA in the tuning step of `make experiments` (experiments/reproduce.py, seed 0; see the README's
+# results). Its final choice for resampling and GERNE uses `norm=shared`; the demo keeps GroupNorm for
+# all three. Every setting of that grid names its learning rate (and c, beta), so these defaults do
+# not change what it trains.
 METHOD_OVERRIDES = {
-    "gerne": {"method.name": "gerne", "method.beta": 0.5, "method.c": 0.5, "optimizer.learning_rate": 0.03},
+    "gerne": {"method.name": "gerne", "method.beta": 0.5, "method.c": 0.5, "optimizer.learning_rate": 0.3},
     "erm": {"method.name": "erm", "method.beta": -1.0, "optimizer.learning_rate": 0.1},
-    "resample": {"method.name": "gerne", "method.c": 1.0, "method.beta": 0.0, "optimizer.learning_rate": 0.03},
+    "resample": {"method.name": "gerne", "method.c": 1.0, "method.beta": 0.0, "optimizer.learning_rate": 0.1},
 }
 
 
