@@ -3,8 +3,8 @@
   python experiments/grid.py --root runs/grid --seeds 0 1 2 --set steps=1500 \
       --runs erm,lr=0.01 erm,lr=0.03 resample,lr=0.01 gerne,beta=1,lr=0.003 gerne,beta=0.5,lr=0.01
 
-Each `--runs` item is a `configs/demo.py` argument (method, then presets); `--set` presets are
-appended to every run, `seed=S` to each seed's copy. Every run trains in `ROOT/<run>_seed<S>`
+Each `--runs` item is a `configs/demo.py` argument (method, then presets); `--set` presets apply
+to every run (a run's own presets win where both set a key), `seed=S` to each seed's copy. Every run trains in `ROOT/<run>_seed<S>`
 (finished runs are skipped, interrupted ones resume: train.py resumes a workdir), then
 `evaluate.py --compare` evaluates all of them on the test split with their `best_wga` and their
 `best_bca` checkpoints (both chosen on the validation split).
@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="folder for the results and evaluations (default: ROOT)")
     parser.add_argument("--runs", nargs="+", required=True, help="configs/demo.py arguments, one per setting")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--set", default="", help="presets appended to every run, e.g. steps=1500,tau=0.2")
+    parser.add_argument("--set", default="", help="presets for every run, e.g. steps=1500,tau=0.2 (a run's own presets win)")
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.py"))
     parser.add_argument("--split", default="test", choices=("validation", "test"))
     parser.add_argument("--skip-training", action="store_true", help="only evaluate and summarise")
@@ -128,8 +128,15 @@ def train_all(config: str, settings: Sequence[str], extra: str, seeds: Sequence[
                                  "run grid.py again to resume it")
 
 
+def run_presets(setting: str, extra: str, seed: int) -> str:
+    """The config argument of one run: the method, the `--set` presets, the setting's own (which win
+    over `--set` for a key both give: later presets override earlier ones), then the seed."""
+    method, _, own = setting.partition(",")
+    return ",".join(filter(None, [method, extra, own, f"seed={seed}"]))
+
+
 def train(config: str, setting: str, extra: str, seed: int, workdir: pathlib.Path) -> None:
-    presets = ",".join(filter(None, [setting, extra, f"seed={seed}"]))
+    presets = run_presets(setting, extra, seed)
     command = [sys.executable, str(REPO / "train.py"), "--config", f"{config}:{presets}",
                "--workdir", str(workdir)]
     print(f"\n>>> {workdir.name}: {' '.join(command[1:])}", flush=True)

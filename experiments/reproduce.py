@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = make_data(root, args)
     if args.data_only:
         return 0
-    extra = ",".join(filter(None, [f"data_dir={data}", args.set]))
+    # GroupNorm unless a setting says otherwise, whatever configs/demo.py's per-method defaults are.
+    extra = ",".join(filter(None, [f"data_dir={data}", "norm=group", args.set]))
     runs = root / "runs"
 
     # Step 2: tuning on seed 0 with GroupNorm (one more learning rate for a choice at the grid's

@@ -145,3 +145,14 @@ def test_evaluation_stamp_changes_with_any_run_and_the_split(tmp_path):
     assert grid.evaluation_stamp(workdirs[:1], "test") != stamp
     os.utime(workdirs[1] / "metrics.jsonl", ns=(1, 1))  # a run that trained on
     assert grid.evaluation_stamp(workdirs, "test") != stamp
+
+
+def test_a_runs_own_presets_win_over_the_common_ones():
+    common = "data_dir=/data/x,norm=group,steps=20"
+    shared = demo_config.get_config(grid.run_presets("gerne,c=1,beta=0,lr=0.03,norm=shared", common, 2))
+    assert (shared.model.norm, shared.method.c, shared.method.beta) == ("shared", 1.0, 0.0)
+    assert (shared.optimizer.learning_rate, shared.training.seed) == (0.03, 2)
+    assert (shared.data.dir, shared.training.steps) == ("/data/x", 20)
+    plain = demo_config.get_config(grid.run_presets("resample,lr=0.1", common, 0))
+    assert plain.model.norm == "group"  # from --set, over configs/demo.py's default for resampling
+    assert demo_config.get_config("resample").model.norm == "shared"
