@@ -4,10 +4,10 @@
       --runs erm,lr=0.01 erm,lr=0.03 resample,lr=0.01 gerne,beta=1,lr=0.003 gerne,beta=0.5,lr=0.01
 
 Each `--runs` item is a `configs/demo.py` argument (method, then presets); `--set` presets apply
-to every run (a run's own presets win where both set a key), `seed=S` to each seed's copy. Every run trains in `ROOT/<run>_seed<S>`
-(finished runs are skipped, interrupted ones resume: train.py resumes a workdir), then
-`evaluate.py --compare` evaluates all of them on the test split with their `best_wga` and their
-`best_bca` checkpoints (both chosen on the validation split).
+to every run (a run's own presets win where both set a key), `seed=S` to each seed's copy. Every
+run trains in `ROOT/<run>_seed<S>` (finished runs are skipped, interrupted ones resume: train.py
+resumes a workdir), then `evaluate.py --compare` evaluates all of them on the test split with their
+`best_wga` and their `best_bca` checkpoints (both chosen on the validation split).
 
 Several grid.py processes given the same ROOT share the work: a run being trained holds a lock on
 its folder (released by the OS if the process dies), the others skip it and, before evaluating,
@@ -90,8 +90,9 @@ def is_finished(workdir: pathlib.Path) -> bool:
 def claim(workdir: pathlib.Path, wait: bool = False) -> Iterator[bool]:
     """Holds an exclusive lock on `workdir` while it trains; yields False if another process holds it.
 
-    `flock` locks die with their process, so a killed grid.py never leaves a run claimed.
-    With `wait`, blocks until the other process is done and then yields True.
+    The lock goes with the file's closing, and `flock` locks die with their process, so a killed
+    grid.py never leaves a run claimed. With `wait`, blocks until the other process is done and then
+    yields True.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / ".grid.lock", "w") as lock:
@@ -100,10 +101,7 @@ def claim(workdir: pathlib.Path, wait: bool = False) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield True
 
 
 def train_all(config: str, settings: Sequence[str], extra: str, seeds: Sequence[int], root: pathlib.Path) -> None:
