@@ -1,4 +1,4 @@
-"""Result files written whole or not at all: to a temporary sibling name, then renamed into place.
+"""Result files (text, PNG figures) written whole or not at all: to a temporary sibling name, then renamed into place.
 
 The temporary name holds the process id, so processes that write the same result at the same time
 (two `experiments/grid.py` sharing a root, tiling workers) never rename each other's partial file.
@@ -9,6 +9,7 @@ import contextlib
 import os
 import pathlib
 from collections.abc import Iterator
+from typing import Any
 
 
 def temporary_path(path: str | os.PathLike) -> pathlib.Path:
@@ -31,3 +32,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as temporary:
         temporary.write_text(text)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Writes a matplotlib figure as PNG to `path` (whole or not at all) and closes it."""
+    import matplotlib.pyplot as plt  # here, so that modules writing no figure need no matplotlib
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as temporary:
+        fig.savefig(temporary, dpi=110, format="png")
+    plt.close(fig)

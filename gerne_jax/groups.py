@@ -19,59 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gerne_jax.dataset import largest_remainder
+
 EMPTY_GROUP_POLICIES = ("error", "drop")
-
-
-def attribute_from_tissue_ratio(tissue_ratio: np.ndarray, taus: Sequence[float]) -> np.ndarray:
-    """Bins tissue ratios by thresholds: `a = #{tau in taus : r >= tau}`, int32 in `[0, len(taus)]`.
-
-    With one threshold this is SPEC's `a = 1[r >= tau]`.
-    """
-    taus = np.asarray(taus, dtype=np.float64)
-    if taus.ndim != 1 or taus.size == 0:
-        raise ValueError(f"taus must be a non-empty list of thresholds, got {taus.tolist()!r}")
-    if not np.all(np.isfinite(taus)) or np.any(np.diff(taus) <= 0):
-        raise ValueError(f"taus must be finite and strictly increasing, got {taus.tolist()!r}")
-    tissue_ratio = np.asarray(tissue_ratio, dtype=np.float64)
-    if not np.all(np.isfinite(tissue_ratio)):
-        raise ValueError("tissue_ratio holds NaN or infinite values")
-    return np.searchsorted(taus, tissue_ratio, side="right").astype(np.int32)
-
-
-def tissue_bin_names(taus: Sequence[float]) -> tuple[str, ...]:
-    """Readable names of the bins made by `attribute_from_tissue_ratio`."""
-    edges = [f"{tau:g}" for tau in taus]
-    return (f"r < {edges[0]}",
-            *(f"{low} <= r < {high}" for low, high in zip(edges[:-1], edges[1:])),
-            f"r >= {edges[-1]}")
-
-
-def _check_codes(values: np.ndarray, count: int, what: str) -> np.ndarray:
-    """Integer codes in [0, count) as int64, or a ValueError naming the first bad example."""
-    values = np.asarray(values)
-    if values.ndim != 1:
-        raise ValueError(f"{what} must hold one integer per example, got shape {values.shape}")
-    if values.size and not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"{what} must be integers, got dtype {values.dtype}")
-    bad = np.flatnonzero((values < 0) | (values >= count))
-    if bad.size:
-        raise ValueError(f"{what} must lie in [0, {count - 1}]; example {bad[0]} has {values[bad[0]]}")
-    return values.astype(np.int64)
-
-
-def group_ids(label: np.ndarray, attribute: np.ndarray, num_classes: int, num_attributes: int) -> np.ndarray:
-    """Group id `g = y * A + a` of every example, int32 in `[0, K * A)`."""
-    label = _check_codes(label, num_classes, "label")
-    attribute = _check_codes(attribute, num_attributes, "attribute")
-    if label.shape != attribute.shape:
-        raise ValueError(f"label ({label.size}) and attribute ({attribute.size}) differ in length")
-    return (label * num_attributes + attribute).astype(np.int32)
-
-
-def group_counts(label: np.ndarray, attribute: np.ndarray, num_classes: int, num_attributes: int) -> np.ndarray:
-    """Examples per group, int64 `[K, A]`."""
-    ids = group_ids(label, attribute, num_classes, num_attributes)
-    return np.bincount(ids, minlength=num_classes * num_attributes).reshape(num_classes, num_attributes)
 
 
 def alpha_table(counts: np.ndarray) -> np.ndarray:
@@ -112,27 +62,6 @@ def beta_max(alpha: np.ndarray, c: float, targets: np.ndarray | None = None) -> 
     if not np.any(above):
         return float("inf")
     return float(np.min(alpha[above] / (c * (alpha[above] - targets[above])) - 1.0))
-
-
-def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
-    """Rounds each row of `shares * total` to non-negative integers that sum exactly to `total`.
-
-    Hamilton's method: floor every quota, then give the missing units to the largest remainders (ties go
-    to the lower column). Rows are normalised to sum 1 first. Among all integer rows summing to `total`
-    this minimises the distance to the quotas.
-    """
-    shares = np.atleast_2d(np.asarray(shares, dtype=np.float64))
-    if not np.all(np.isfinite(shares)) or np.any(shares < 0):
-        raise ValueError(f"shares must be finite and non-negative, got {shares.tolist()}")
-    row_sums = shares.sum(axis=1, keepdims=True)
-    if np.any(row_sums <= 0):
-        raise ValueError(f"every row of shares needs a positive sum, got {shares.tolist()}")
-    quotas = shares / row_sums * total
-    counts = np.floor(quotas).astype(np.int64)
-    order = np.argsort(counts - quotas, axis=1, kind="stable")  # largest remainder first
-    for row, missing in enumerate(total - counts.sum(axis=1)):
-        counts[row, order[row, :missing]] += 1
-    return counts
 
 
 def overlap_window_sizes(biased_counts: np.ndarray, less_biased_counts: np.ndarray, corr: float) -> np.ndarray:

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gerne_jax import files  # noqa: E402
+from gerne_jax.dataset import CLASS_NAMES  # noqa: E402
 
-CLASS_NAMES = ("non_tumour", "tumour")
 SUMMARY_METRICS = (("WGA", "worst_group_accuracy"), ("GBA", "group_balanced_accuracy"),
                    ("BCA", "balanced_class_accuracy"), ("avg acc", "average_accuracy"),
                    ("worst class", "worst_class_accuracy"), ("AUROC", "auroc"))
@@ -83,7 +83,7 @@ def plot_error_by_tissue_ratio(runs: Mapping[str, tuple[np.ndarray, np.ndarray, 
     axes[0].set_ylabel("error rate")
     axes[0].legend()
     fig.tight_layout()
-    save_figure(fig, path)
+    files.save_figure(fig, path)
 
 
 def plot_group_accuracy(reports: Mapping[str, Mapping[str, Any]], path: str | pathlib.Path,
@@ -106,13 +106,4 @@ def plot_group_accuracy(reports: Mapping[str, Mapping[str, Any]], path: str | pa
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: str | pathlib.Path) -> None:
-    """Writes `fig` as PNG to `path` (whole or not at all) and closes it."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_write(path) as temporary:
-        fig.savefig(temporary, dpi=110, format="png")
-    plt.close(fig)
+    files.save_figure(fig, path)
