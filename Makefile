@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/python -m data_pipeline synthetic --out $(DEMO_DIR)/slides --slides 12 --size 2048 --seed 0
 	$(BIN)/python -m data_pipeline tile --manifest $(DEMO_DIR)/slides/manifest.csv --out $(DEMO_DIR)/data --patch-size 64 --workers 2
 	$(BIN)/python -m data_pipeline stats --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS)
-	$(BIN)/python train.py --config configs/demo.py:erm,data_dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/erm
-	$(BIN)/python train.py --config configs/demo.py:gerne,data_dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/gerne
+	$(BIN)/python train.py --config configs/demo.py:erm --config.data.dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/erm
+	$(BIN)/python train.py --config configs/demo.py:gerne --config.data.dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/gerne
 	for checkpoint in best_wga best_bca; do \
 	  $(BIN)/python evaluate.py --compare $(DEMO_DIR)/erm $(DEMO_DIR)/gerne --checkpoint $$checkpoint \
 	    --split test --tau $(DEMO_TAUS) --out $(DEMO_DIR)/eval || exit 1; done

@@ -1,76 +1,195 @@
-"""Evaluators: class probabilities of a whole split, and SPEC section 4 metrics per tau.
+"""Evaluation: class probabilities of a whole split and the per-tau reports of docs/design.md §5.
 
-Groups are computed here, at evaluation time, from each example's tissue ratio (or any integer
-attribute), so a checkpoint can be evaluated for any tau without retraining.
+Groups are computed here, at evaluation time, from each example's tissue ratio, so a checkpoint can be
+evaluated for any tau without retraining. One `Evaluator` serves the training loop (validation) and
+`evaluate.py` (any split, any checkpoint, through `evaluate_run`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gerne_jax import groups, input_pipeline, metrics, train_step
+from gerne_jax import checkpoints, dataset, experiment, files, input_pipeline, metrics, reports, run_log, sharding
+from gerne_jax.train_state import TrainState
+
+Report = dict[str, Any]
 
 
-def make_predict_fn(mesh: Mesh) -> Callable[[Any, Mapping[str, np.ndarray]], np.ndarray]:
-    """`predict(state, batch) -> probabilities [n, K]` of a process-local eval batch, sharded on N."""
-
-    @jax.jit
-    def probabilities(state, images):
-        return jax.nn.softmax(train_step.eval_step(state, images).astype(np.float32), axis=-1)
-
-    def predict(state, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-        images = train_step.shard_batch({"image": batch["image"]}, mesh, batch_axis=0)["image"]
-        return np.asarray(multihost_utils.process_allgather(
-            probabilities(state, images), tiled=True))
-
-    return predict
-
-
-def predict_split(state: Any, split: Mapping[str, Any], *, predict: Callable, batch_size: int,
-                  channel_mean: Sequence[float], channel_std: Sequence[float],
-                  desc: str = "evaluating") -> np.ndarray:
-    """Class probabilities `[M, K]` of every example of a split (`input_pipeline.load_split` output)."""
-    dataset = input_pipeline.eval_dataset(split["image"], split["label"], batch_size=batch_size,
-                                          channel_mean=channel_mean, channel_std=channel_std)
-    num_examples = len(split["label"])
-    outputs: list[np.ndarray] = []
-    batches: Iterator = dataset.as_numpy_iterator()
-    for batch in tqdm.tqdm(batches, total=-(-num_examples // batch_size), desc=desc, leave=False,
-                           unit="batch"):
-        outputs.append(predict(state, batch))
-    # Global batches in index order; padding sits at the very end.
-    return np.concatenate(outputs)[:num_examples]
-
-
-def report_per_tau(probabilities: np.ndarray, label: np.ndarray, tissue_ratio: np.ndarray,
-                   taus_list: Sequence[Sequence[float]]) -> dict[str, dict[str, Any]]:
-    """`metrics.classification_report` for each tuple of thresholds, keyed like `"tau=0.1"`."""
-    reports = {}
-    for taus in taus_list:
-        taus = tuple(float(t) for t in taus)
-        attribute = groups.attribute_from_tissue_ratio(tissue_ratio, taus)
-        report = metrics.classification_report(label, probabilities, attribute, num_attributes=len(taus) + 1)
-        report["bin_names"] = list(groups.tissue_bin_names(taus))
-        reports[tau_key(taus)] = report
-    return reports
+@jax.jit
+def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
+    """Inference-mode class probabilities [N, K] (float32) of images [N, H, W, C]."""
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    logits = state.apply_fn(variables, images, train=False)
+    return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
 
 def tau_key(taus: Sequence[float]) -> str:
     return "tau=" + "+".join(f"{t:g}" for t in taus)
 
 
-def scalar_metrics(report: Mapping[str, Any], class_names: Sequence[str]) -> dict[str, float]:
+def report_per_tau(probabilities: np.ndarray, label: np.ndarray, tissue_ratio: np.ndarray,
+                   taus_list: Sequence[Sequence[float]]) -> dict[str, Report]:
+    """`metrics.classification_report` for each tuple of thresholds, keyed like `"tau=0.1"`."""
+    reports_by_tau = {}
+    for taus in taus_list:
+        taus = tuple(float(t) for t in taus)
+        attribute = dataset.attribute_from_tissue_ratio(tissue_ratio, taus)
+        report = metrics.classification_report(label, probabilities, attribute, num_attributes=len(taus) + 1)
+        report["bin_names"] = list(dataset.tissue_bin_names(taus))
+        reports_by_tau[tau_key(taus)] = report
+    return reports_by_tau
+
+
+def scalar_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """The report's scalars plus one `group_accuracy/<class>, <bin>` entry per non-empty group."""
     scalars = {key: float(value) for key, value in report.items() if np.ndim(value) == 0
                and isinstance(value, (int, float, np.number))}
     for y, (counts, accuracies) in enumerate(zip(report["group_count"], report["group_accuracy"])):
         for bin_name, count, accuracy in zip(report["bin_names"], counts, accuracies):
             if count:
-                scalars[f"group_accuracy/{class_names[y]}, {bin_name}"] = float(accuracy)
+                scalars[f"group_accuracy/{dataset.CLASS_NAMES[y]}, {bin_name}"] = float(accuracy)
     return scalars
+
+
+class Evaluator:
+    """Predicts every example of one split and reports the metrics for each tuple of thresholds.
+
+    Args:
+      split: `input_pipeline.load_split` output (images, labels, tissue ratios).
+      taus_list: one report per tuple of thresholds (`[(0.1,), (0.03, 0.1)]`).
+      batch_size: global evaluation batch size.
+      mesh: the devices; batches are sharded over them.
+      channel_mean, channel_std: the DATA_DIR's normalisation (its metadata).
+      name: shown on the progress bar.
+    """
+
+    def __init__(self, split: Mapping[str, Any], *, taus_list: Sequence[Sequence[float]], batch_size: int,
+                 mesh: Mesh, channel_mean: Sequence[float], channel_std: Sequence[float],
+                 name: str = "evaluating"):
+        self.split = split
+        self.taus_list = [tuple(taus) for taus in taus_list]
+        self.batch_size = batch_size
+        self.mesh = mesh
+        self.channel_mean, self.channel_std = channel_mean, channel_std
+        self.name = name
+
+    def predict(self, state: TrainState) -> np.ndarray:
+        """Class probabilities `[M, K]` of every example, in index order."""
+        batches = input_pipeline.eval_dataset(self.split["image"], batch_size=self.batch_size,
+                                              channel_mean=self.channel_mean, channel_std=self.channel_std)
+        num_examples = len(self.split["label"])
+        outputs = []
+        for batch in tqdm.tqdm(batches.as_numpy_iterator(), total=-(-num_examples // self.batch_size),
+                               desc=self.name, leave=False, unit="batch",
+                               disable=jax.process_index() != 0):
+            images = sharding.shard_batch(batch, self.mesh, batch_axis=0)["image"]
+            outputs.append(np.asarray(multihost_utils.process_allgather(eval_step(state, images), tiled=True)))
+        # Global batches in index order; the padding sits at the very end.
+        return np.concatenate(outputs)[:num_examples]
+
+    def report(self, probabilities: np.ndarray) -> dict[str, Report]:
+        return report_per_tau(probabilities, self.split["label"], self.split["tissue_ratio"], self.taus_list)
+
+    def run(self, state: TrainState) -> dict[str, Report]:
+        return self.report(self.predict(state))
+
+
+@dataclasses.dataclass
+class RunEvaluation:
+    """A run's checkpoint evaluated on one split."""
+
+    workdir: pathlib.Path
+    checkpoint: str
+    checkpoint_meta: dict[str, Any]   # step, config, the validation metrics it was chosen on
+    split_name: str
+    split: Mapping[str, Any]
+    probabilities: np.ndarray
+    taus_list: list[tuple[float, ...]]
+    reports: dict[str, Report]        # tau key -> report
+
+
+def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split_name: str = "test", *,
+                 data_dir: str | None = None, taus_list: Sequence[Sequence[float]] | None = None,
+                 split_cache: dict[str, Any] | None = None) -> RunEvaluation:
+    """Restores a run's checkpoint and evaluates it on a split of its DATA_DIR (or `data_dir`).
+
+    `taus_list` defaults to the run's own thresholds. `split_cache` (a dict kept by the caller) lets
+    several runs on the same data load the split once.
+    """
+    workdir = pathlib.Path(workdir)
+    config = run_log.read_config(workdir)
+    data_dir = data_dir or config.data.dir
+    split_cache = {} if split_cache is None else split_cache
+    if (data_dir, split_name) not in split_cache:
+        split_cache[data_dir, split_name] = (dataset.read_metadata(data_dir), input_pipeline.load_split(
+            data_dir, split_name, in_memory=config.data.in_memory))
+    metadata, split = split_cache[data_dir, split_name]
+    mesh = sharding.make_mesh(config.mesh.num_devices or None)
+    model = experiment.create_model(config)
+    target = experiment.initial_state(config, model, tuple(split["image"].shape[1:]), mesh)
+    run_checkpoints = checkpoints.RunCheckpoints(workdir, read_only=True)
+    try:
+        state, meta = run_checkpoints.restore(checkpoint, target)
+    except checkpoints.CheckpointError as error:
+        raise checkpoints.CheckpointError(
+            f"{error}\n(does the run's config match the data in {data_dir}? patches there are "
+            f"{tuple(split['image'].shape[1:])}, model {config.model.name})") from None
+    finally:
+        run_checkpoints.close()
+    evaluator = Evaluator(split, taus_list=taus_list or [tuple(config.data.taus)],
+                          batch_size=config.data.eval_batch_size, mesh=mesh,
+                          channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],
+                          name=f"{workdir.name} {split_name}")
+    probabilities = evaluator.predict(state)
+    return RunEvaluation(workdir=workdir, checkpoint=checkpoint, checkpoint_meta=meta, split_name=split_name,
+                         split=split, probabilities=probabilities, taus_list=evaluator.taus_list,
+                         reports=evaluator.report(probabilities))
+
+
+def run_names(workdirs: Sequence[str | os.PathLike]) -> list[str]:
+    """Short distinct names of runs: their folder names, or whole paths where those clash."""
+    paths = [pathlib.Path(w) for w in workdirs]
+    names = [p.name or str(p) for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def write_results(evaluations: Mapping[str, RunEvaluation], out: str | os.PathLike,
+                  keyed_by_run: bool = True) -> pathlib.Path:
+    """Writes `<checkpoint>_<split>.json` and the PNGs into `out`; returns the JSON's path.
+
+    The JSON maps run names to their results (`keyed_by_run`) or, for one run, is its results. PNGs:
+    per-group accuracies of every run per tau, and the error rate against tissue ratio.
+    """
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(evaluations.values()))
+    stem = f"{first.checkpoint}_{first.split_name}"
+    for key in first.reports:
+        reports.plot_group_accuracy({name: e.reports[key] for name, e in evaluations.items()},
+                                    out / f"{stem}_groups_{key}.png")
+    taus = sorted({t for e in evaluations.values() for taus in e.taus_list for t in taus})
+    reports.plot_error_by_tissue_ratio(
+        {name: (e.split["label"], e.probabilities, e.split["tissue_ratio"]) for name, e in evaluations.items()},
+        out / f"{stem}_error_vs_tissue_ratio.png", taus=taus)
+    document = {name: {"workdir": str(e.workdir), "checkpoint": e.checkpoint,
+                       "checkpoint_step": e.checkpoint_meta["step"],
+                       "selected_on_validation": e.checkpoint_meta["metrics"],
+                       "split": e.split_name, "results": e.reports}
+                for name, e in evaluations.items()}
+    if not keyed_by_run:
+        (document,) = document.values()
+    path = out / f"{stem}.json"
+    files.write_text_atomic(path, json.dumps(document, indent=2, allow_nan=True))
+    return path

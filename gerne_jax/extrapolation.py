@@ -1,82 +1,82 @@
-"""GERNE's gradient extrapolation as an optax transformation (SPEC 3 and 5)."""
+"""GERNE's gradient extrapolation as an optax transformation, and the optimiser built around it.
 
+The method is described in docs/design.md §3.
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
-BIASED, LESS_BIASED = 0, 1  # positions of the two batches on the stacked leading axis
 
-
-class ExtrapolateState(NamedTuple):
-    """State of `extrapolate`: how many updates have been made (the argument of a beta schedule)."""
-
-    count: jax.Array  # int32 scalar
-
-
-def extrapolate(beta: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+def extrapolate(beta: float | jnp.ndarray) -> optax.GradientTransformationExtraArgs:
     r"""Extrapolates from the biased past the less-biased gradient.
 
-    `update` receives the two per-batch gradients stacked on a new leading axis of size 2, index 0
-    the biased batch's gradient :math:`g_b`, index 1 the less-biased batch's :math:`g_{lb}`, and
-    returns gradients of the ordinary (unstacked) parameter shapes:
+    `update(updates, state, params, biased_updates=g_b)` takes the less-biased batch's gradient
+    :math:`g_{lb}` as `updates` and the biased batch's :math:`g_b` as the extra argument, and returns
+    updates shaped like its input:
 
     .. math::
-      g_{ext} = g_{lb} + \beta_t \, (g_{lb} - g_b)
-              = \nabla_\theta \left[ (1 + \beta_t) L_{lb} - \beta_t L_b \right],
+      g_{ext} = g_{lb} + \beta \, (g_{lb} - g_b)
+              = \nabla_\theta \left[ (1 + \beta) L_{lb} - \beta L_b \right].
 
-    with :math:`\beta_t` = `beta` or `beta(t)` for a schedule, `t` the number of earlier updates.
-    `beta = -1` gives :math:`g_b` (ERM on the biased batch), `beta = 0` gives :math:`g_{lb}`
-    (group resampling when the less-biased batch has c = 1). Because the stacked axis is gone after
-    this transformation, it must come first in a chain, e.g.
-    `optax.chain(extrapolate(beta), optax.add_decayed_weights(wd), optax.sgd(lr, momentum))`.
+    `beta = -1` gives :math:`g_b` (ERM on the biased batch), `beta = 0` gives :math:`g_{lb}` (group
+    resampling when the less-biased batch has c = 1). Without `biased_updates` the updates pass
+    unchanged: a gradient that is already extrapolated (the folded path) or a single batch's (ERM).
+    Stateless; for a schedule of beta wrap the optimiser in `optax.inject_hyperparams`, as
+    `gerne_sgd` does.
 
-    Contract: `init(params)` takes the ordinary parameters; `update(stacked_grads, state, params)`
-    takes gradients whose every leaf has shape `(2, *param.shape)`. When `params` is given the
-    shapes are checked against it (a clear error instead of a silent broadcast).
+    Because the biased gradient arrives as an extra argument, transformations that see only `updates`
+    must come after this one: `optax.clip_by_global_norm` clips the extrapolated gradient, and
+    `optax.MultiSteps` accumulates it when it wraps the links after `extrapolate` (wrapped around
+    `extrapolate` itself it would pair the mean of the less-biased gradients with the last biased one).
 
     Args:
-      beta: the extrapolation factor, a float or an optax schedule (step count -> beta).
-        SPEC 3 gives the range [-1, beta_max] (`gerne_jax.groups` computes beta_max).
-
-    Returns:
-      An `optax.GradientTransformation`.
+      beta: the extrapolation factor, in `[-1, beta_max]` (`gerne_jax.groups.beta_max`).
     """
 
-    def init_fn(params: optax.Params) -> ExtrapolateState:
+    def init_fn(params: optax.Params) -> optax.EmptyState:
         del params
-        return ExtrapolateState(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
 
-    def update_fn(stacked_grads: optax.Updates, state: ExtrapolateState,
-                  params: optax.Params | None = None) -> tuple[optax.Updates, ExtrapolateState]:
-        _check_stacked(stacked_grads, params)
-        beta_t = beta(state.count) if callable(beta) else beta
+    def update_fn(updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None,
+                  *, biased_updates: optax.Updates | None = None,
+                  **extra_args: Any) -> tuple[optax.Updates, optax.EmptyState]:
+        del params, extra_args
+        if biased_updates is None:
+            return updates, state
+        difference = optax.tree.sub(updates, biased_updates)
+        return optax.tree.add_scale(updates, beta, difference), state
 
-        def combine(stacked: jax.Array) -> jax.Array:
-            g_b, g_lb = stacked[BIASED], stacked[LESS_BIASED]
-            return g_lb + jnp.asarray(beta_t, stacked.dtype) * (g_lb - g_b)
-
-        updates = jax.tree.map(combine, stacked_grads)
-        return updates, ExtrapolateState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_stacked(stacked_grads: optax.Updates, params: optax.Params | None) -> None:
-    """Raises ValueError unless every gradient leaf is a stacked pair (of its parameter's shape)."""
-    paths_and_leaves = jax.tree_util.tree_leaves_with_path(stacked_grads)
-    param_leaves = [None] * len(paths_and_leaves) if params is None else jax.tree.leaves(params)
-    if len(param_leaves) != len(paths_and_leaves):
-        raise ValueError(f"extrapolate: the gradients have {len(paths_and_leaves)} leaves but params "
-                         f"have {len(param_leaves)}")
-    for (path, grad), param in zip(paths_and_leaves, param_leaves):
-        expected = None if param is None else (2, *jnp.shape(param))
-        if jnp.ndim(grad) < 1 or jnp.shape(grad)[0] != 2 or (expected and jnp.shape(grad) != expected):
-            raise ValueError(
-                f"extrapolate expects per-batch gradients stacked on a leading axis of size 2 "
-                f"(0 = biased, 1 = less-biased); leaf {jax.tree_util.keystr(path)} has shape "
-                f"{jnp.shape(grad)}" + (f", expected {expected}" if expected else "") +
-                ". A single (unstacked) gradient needs an optimiser without extrapolate.")
+def gerne_sgd(learning_rate: float | jnp.ndarray, beta: float | jnp.ndarray, momentum: float = 0.9,
+              weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
+    """`extrapolate(beta)`, coupled weight decay, SGD with momentum: the official GERNE optimiser.
+
+    Build it with `optax.inject_hyperparams(gerne_sgd)(learning_rate=..., beta=..., ...)` so that
+    schedules of both are evaluated at the update count and read back from `state.hyperparams`.
+    """
+    links = [extrapolate(beta)]
+    if weight_decay:
+        links.append(optax.add_decayed_weights(weight_decay))
+    links.append(optax.sgd(learning_rate, momentum=momentum or None))
+    return optax.chain(*links)
+
+
+def make_optimizer(learning_rate: optax.ScalarOrSchedule, beta: optax.ScalarOrSchedule, *,
+                   momentum: float = 0.9, weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
+    """`gerne_sgd` with `learning_rate` and `beta` (floats or schedules) injected as hyperparameters.
+
+    Every training method uses this one optimiser: the two-gradient GERNE step passes `biased_updates`,
+    the folded step and single-batch methods pass one gradient.
+    """
+    return optax.inject_hyperparams(gerne_sgd, static_args=("momentum", "weight_decay"))(
+        learning_rate=learning_rate, beta=beta, momentum=momentum, weight_decay=weight_decay)
+
+
+def hyperparameters(opt_state: Any) -> dict[str, jnp.ndarray]:
+    """The `learning_rate` and `beta` the last update used, read from a `make_optimizer` state."""
+    return {name: opt_state.hyperparams[name] for name in ("learning_rate", "beta")}

@@ -22,6 +22,7 @@ import numpy as np
 from gerne_jax.dataset import largest_remainder
 
 EMPTY_GROUP_POLICIES = ("error", "drop")
+BIASED, LESS_BIASED = 0, 1  # the two batches of a step, on the leading axis of a paired batch
 
 
 def alpha_table(counts: np.ndarray) -> np.ndarray:

@@ -1,12 +1,14 @@
-"""tf.data input pipeline: paired GERNE training batches and padded evaluation batches.
+"""tf.data input pipeline: training batches of a sampling plan, and padded evaluation batches.
 
 The only `gerne_jax` module that imports TensorFlow. Examples are read by index, either from in-memory
 numpy arrays or from a DATA_DIR's array_record shards (`load_split(..., in_memory=False)`), so every
 step's batch is a pure function of (seed, step) and training resumes exactly at any `start_step`.
 
-Training (`train_dataset`) yields `{image [2, n, P, P, C] float32, label [2, n] int32, group [2, n] int32}`
-per step, index 0 the biased and 1 the less-biased batch, `n = N / process_count` this process's
-contiguous share of the global batch `N = K * A * B`; `group = label * A + attribute`.
+Training (`train_dataset`) yields `{image [R, n, P, P, C] float32, label [R, n] int32}` per step, with
+`R` the rows asked for: both batches of GERNE's pair (row 0 biased, row 1 less-biased) or the biased
+batch alone (ERM). `n = N / process_count` is this process's contiguous share of the global batch
+`N = K * A * B`. The indices are always drawn for the pair, so the biased batch of step t is the same
+whichever rows are loaded: ERM and GERNE runs with one seed see the same biased batches.
 
 Sampling within a group (the official `corr` overlap, generalised): a group with biased count `n_b` and
 less-biased count `n_lb` (`groups.BatchPlan`) draws a window of `w = rint(n_b + n_lb - corr * min(n_b,
@@ -16,15 +18,13 @@ batch its `n_lb` items with replacement from the last `n_lb`. A group with fewer
 the window with successive random permutations of all its members, so items repeat as evenly as
 possible. Each batch is then shuffled, so a process's slice is not one group.
 
-Evaluation (`eval_dataset`) yields every example of a split exactly once, in index order, in batches of
-a fixed size padded at the end: `{image, label, index, valid}` plus any per-example fields given
-(tissue ratio, attribute), with `index = -1` and `valid = False` on padding.
+Evaluation (`eval_dataset`) yields every example of a split exactly once, in index order, as `{image}`
+batches of a fixed size whose last one is zero-padded; the caller keeps the first M predictions.
 """
 from __future__ import annotations
 
-import csv
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
@@ -33,12 +33,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
-from gerne_jax import groups
-
-PATCHES_CSV = "patches.csv"
-_PATCH_FIELDS = {"slide_id": str, "patient_id": str, "x": np.int64, "y": np.int64, "label": np.int32,
-                 "tumor_fraction": np.float32, "tissue_ratio": np.float32}
-
+from gerne_jax import dataset, groups
+from gerne_jax.groups import BIASED, LESS_BIASED
 
 class ImageSource(Protocol):
     """What the pipelines need of a split's images: a numpy array `[M, P, P, C]` or `PatchImages`."""
@@ -76,51 +72,25 @@ class PatchImages:
         return images[inverse.reshape(indices.shape)]
 
 
-def read_metadata(data_dir: str | pathlib.Path) -> dict[str, Any]:
-    """`builder.info.metadata` of a DATA_DIR (channel names, mean, std, patch size, ...) as a dict."""
-    return dict(tfds.builder_from_directory(str(data_dir)).info.metadata or {})
-
-
-def _read_patch_rows(data_dir: pathlib.Path, split: str) -> dict[str, np.ndarray]:
-    """The rows of one split of `patches.csv` as arrays in index order."""
-    path = data_dir / PATCHES_CSV
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; DATA_DIR must be written by `python -m data_pipeline tile`")
-    columns: dict[str, list[str]] = {name: [] for name in ("index", *_PATCH_FIELDS)}
-    with path.open(newline="") as file:
-        reader = csv.DictReader(file)
-        missing = {"split", *columns} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} lacks the columns {sorted(missing)}")
-        for row in reader:
-            if row["split"] == split:
-                for name, values in columns.items():
-                    values.append(row[name])
-    index = np.asarray(columns.pop("index"), dtype=np.int64)
-    order = np.argsort(index, kind="stable")
-    if not np.array_equal(index[order], np.arange(index.size)):
-        raise ValueError(f"{path}: the indices of split {split!r} are not 0..{index.size - 1} without gaps")
-    return {name: np.asarray(values, dtype=_PATCH_FIELDS[name])[order] for name, values in columns.items()}
-
-
 def load_split(data_dir: str | pathlib.Path, split: str, in_memory: bool = True,
                chunk: int = 1024) -> dict[str, Any]:
-    """One split of a DATA_DIR: `image` plus `label`, `tissue_ratio`, `tumor_fraction`, `slide_id`,
-    `patient_id`, `x`, `y` as numpy arrays in index order (the fields come from `patches.csv`).
+    """One split of a DATA_DIR: `image` plus the patch fields of `dataset.PATCH_FIELDS` (label, tissue
+    ratio, ...) as numpy arrays in index order (the fields come from `patches.csv`).
 
     With `in_memory=True`, `image` is a numpy array `[M, P, P, C]` in the source dtype (and the labels
     decoded from the shards are checked against `patches.csv`); otherwise it is a `PatchImages` that
     reads the shards by index, for splits that do not fit in RAM.
     """
     data_dir = pathlib.Path(data_dir)
+    dataset.read_metadata(data_dir)  # a clear error for a folder that is not a dataset
     builder = tfds.builder_from_directory(str(data_dir))
     if split not in builder.info.splits:
         raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}")
-    fields = _read_patch_rows(data_dir, split)
+    fields = dataset.read_patch_table(data_dir, split)
     images = PatchImages(builder, split)
     if len(images) != fields["label"].size:
         raise ValueError(f"{data_dir}: split {split!r} has {len(images)} examples in its shards but "
-                         f"{fields['label'].size} rows in {PATCHES_CSV}")
+                         f"{fields['label'].size} rows in {dataset.PATCHES_CSV}")
     if in_memory:
         array = np.empty(images.shape, images.dtype)
         for start in tqdm.trange(0, len(images), chunk, desc=f"loading {split}", unit_scale=chunk,
@@ -130,7 +100,7 @@ def load_split(data_dir: str | pathlib.Path, split: str, in_memory: bool = True,
                 if example["label"] != fields["label"][start + offset]:
                     raise ValueError(f"{data_dir}: example {start + offset} of split {split!r} has label "
                                      f"{example['label']} in the shards but "
-                                     f"{fields['label'][start + offset]} in {PATCHES_CSV}")
+                                     f"{fields['label'][start + offset]} in {dataset.PATCHES_CSV}")
                 array[start + offset] = example["image"]
         images = array
     return {"image": images, **fields}
@@ -140,18 +110,17 @@ class PairedIndexSampler:
     """Global example indices of both batches of a step, `[2, N]`, a pure function of (seed, step).
 
     Row 0 is the biased batch, row 1 the less-biased one, each drawn group by group as the module
-    docstring describes and then shuffled. `group` holds every example's group id `y * A + a`.
+    docstring describes and then shuffled.
     """
 
     def __init__(self, plan: groups.BatchPlan, label: np.ndarray, attribute: np.ndarray, seed: int):
-        ids = groups.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
+        ids = dataset.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
         counts = np.bincount(ids, minlength=plan.biased_counts.size).reshape(plan.biased_counts.shape)
         if not np.array_equal(counts, plan.group_counts):
             raise ValueError(f"the plan was made for group counts {plan.group_counts.tolist()} but these "
                              f"labels and attributes give {counts.tolist()}")
         if int(seed) != seed or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.group = ids
         order = np.argsort(ids, kind="stable")
         self._members = np.split(order, np.cumsum(counts.ravel())[:-1])
         self._plan = plan
@@ -235,16 +204,18 @@ def _image_shape(images: ImageSource) -> tuple[int, int, int]:
 
 def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray, plan: groups.BatchPlan, *,
                   seed: int, channel_mean: Sequence[float], channel_std: Sequence[float], start_step: int = 0,
-                  flips: bool = False, rotations: bool = False, process_index: int | None = None,
-                  process_count: int | None = None) -> tf.data.Dataset:
-    """The endless stream of paired batches; its i-th element is step `start_step + i`.
+                  rows: Sequence[int] = (BIASED, LESS_BIASED), flips: bool = False, rotations: bool = False,
+                  process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+    """The endless stream of training batches; its i-th element is step `start_step + i`.
 
     Args:
       images: `[M, P, P, C]` numpy array or `PatchImages`, any dtype (normalised here).
-      label, attribute: `[M]` integers; the plan must have been made from these (`groups.group_counts`).
+      label, attribute: `[M]` integers; the plan must have been made from these (`dataset.group_counts`).
       plan: `groups.make_batch_plan(...)`.
       seed: step t's indices and augmentations depend only on (seed, t).
       channel_mean, channel_std: per-channel normalisation, in the images' units.
+      rows: which of the pair to load, in this order: `(BIASED, LESS_BIASED)` for GERNE, `(BIASED,)` for
+        ERM. Only these images are read; the draws are the pair's whatever the rows.
       flips, rotations: random flips and 90-degree rotations per image (off by default, as in the papers).
       process_index, process_count: this process's share (defaults from jax); the global plan is the same
         on every process.
@@ -255,85 +226,63 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
     if images.shape[0] != label.size:
         raise ValueError(f"{images.shape[0]} images but {label.size} labels")
     sampler = PairedIndexSampler(plan, label, attribute, seed)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or not 1 <= rows.size <= 2 or not np.isin(rows, (BIASED, LESS_BIASED)).all():
+        raise ValueError(f"rows must name one or both of the pair (0 biased, 1 less-biased), got {rows.tolist()}")
     label = label.astype(np.int32)
     share = process_slice(plan.batch_size, process_index, process_count)
     local = share.stop - share.start
     image_shape = _image_shape(images)
     normalise = _normaliser(channel_mean, channel_std, image_shape[-1])
 
-    def load(step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def load(step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rng = sampler.rng(int(step))
         indices = sampler.draw(rng)
         turns = rng.integers(0, 4, size=indices.shape) if rotations else np.zeros(indices.shape, np.int64)
         mirror = rng.integers(0, 2, size=(*indices.shape, 2)) if flips else np.zeros((*indices.shape, 2), bool)
-        indices, turns, mirror = indices[:, share], turns[:, share], mirror[:, share]
+        indices, turns, mirror = indices[rows, share], turns[rows, share], mirror[rows, share]
         batch = images[indices.ravel()]
         if flips or rotations:
             batch = _dihedral(batch, turns.ravel(), mirror.reshape(-1, 2))
-        return batch.reshape(2, local, *image_shape), label[indices], sampler.group[indices]
+        return batch.reshape(rows.size, local, *image_shape), label[indices]
 
     def to_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
-        image, batch_label, batch_group = tf.numpy_function(
-            load, [step], [tf.as_dtype(images.dtype), tf.int32, tf.int32], stateful=False)
-        return {"image": tf.ensure_shape(normalise(image), (2, local, *image_shape)),
-                "label": tf.ensure_shape(batch_label, (2, local)),
-                "group": tf.ensure_shape(batch_group, (2, local))}
+        image, batch_label = tf.numpy_function(
+            load, [step], [tf.as_dtype(images.dtype), tf.int32], stateful=False)
+        return {"image": tf.ensure_shape(normalise(image), (rows.size, local, *image_shape)),
+                "label": tf.ensure_shape(batch_label, (rows.size, local))}
 
-    dataset = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
-    dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    batches = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
+    batches = batches.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(images: ImageSource, label: np.ndarray, *, batch_size: int, channel_mean: Sequence[float],
-                 channel_std: Sequence[float], fields: Mapping[str, np.ndarray] | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
-    """Every example once, in index order, as `ceil(M / batch_size)` global batches padded at the end.
+def eval_dataset(images: ImageSource, *, batch_size: int, channel_mean: Sequence[float],
+                 channel_std: Sequence[float], process_index: int | None = None,
+                 process_count: int | None = None) -> tf.data.Dataset:
+    """Every image once, in index order, as `ceil(M / batch_size)` global batches zero-padded at the end.
 
-    Each element holds this process's contiguous share of a global batch: `image [n, P, P, C]` float32,
-    `label [n]` int32, `index [n]` int64 (-1 on padding), `valid [n]` bool and each of `fields` (numeric
-    per-example arrays such as `tissue_ratio` or `attribute`, zero on padding).
+    Each element is `{"image": [n, P, P, C] float32}`, this process's contiguous share of a global batch.
     """
-    label = np.asarray(label, dtype=np.int32)
-    fields = {name: np.asarray(values) for name, values in (fields or {}).items()}
-    reserved = {"image", "label", "index", "valid"} & set(fields)
-    if reserved:
-        raise ValueError(f"fields may not be named {sorted(reserved)}")
-    for name, values in fields.items():
-        if values.shape != label.shape or values.dtype.kind not in "biuf":
-            raise ValueError(f"field {name!r} must be a numeric array of {label.size} values, got "
-                             f"{values.dtype} {values.shape}")
-    if images.shape[0] != label.size:
-        raise ValueError(f"{images.shape[0]} images but {label.size} labels")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    num_examples = images.shape[0]
     share = process_slice(batch_size, process_index, process_count)
     local = share.stop - share.start
     image_shape = _image_shape(images)
     normalise = _normaliser(channel_mean, channel_std, image_shape[-1])
-    num_batches = -(-label.size // batch_size)
-    names = ("label", "index", "valid", *fields)
-    columns = {"label": label, "index": np.arange(label.size, dtype=np.int64),
-               "valid": np.ones(label.size, bool), **fields}
 
-    def load(batch: np.ndarray) -> list[np.ndarray]:
+    def load(batch: np.ndarray) -> np.ndarray:
         indices = np.arange(int(batch) * batch_size, (int(batch) + 1) * batch_size)[share]
-        present = indices[indices < label.size]
+        present = indices[indices < num_examples]
         image = np.zeros((local, *image_shape), images.dtype)
         image[:present.size] = images[present]
-        out = [image]
-        for name in names:
-            padded = np.zeros(local, columns[name].dtype) if name != "index" else np.full(local, -1, np.int64)
-            padded[:present.size] = columns[name][present]
-            out.append(padded)
-        return out
+        return image
 
     def to_batch(batch: tf.Tensor) -> dict[str, tf.Tensor]:
-        outputs = tf.numpy_function(load, [batch], [tf.as_dtype(images.dtype)]
-                                    + [tf.as_dtype(columns[name].dtype) for name in names], stateful=False)
-        element = {"image": tf.ensure_shape(normalise(outputs[0]), (local, *image_shape))}
-        element.update({name: tf.ensure_shape(value, (local,)) for name, value in zip(names, outputs[1:])})
-        return element
+        image = tf.numpy_function(load, [batch], tf.as_dtype(images.dtype), stateful=False)
+        return {"image": tf.ensure_shape(normalise(image), (local, *image_shape))}
 
-    dataset = tf.data.Dataset.range(num_batches)
-    dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    batches = tf.data.Dataset.range(-(-num_examples // batch_size))
+    batches = batches.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE)

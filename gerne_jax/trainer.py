@@ -1,0 +1,174 @@
+"""The training loop: data, method, state, then steps with logging, evaluation and checkpoints.
+
+`train_and_evaluate(config, workdir)` writes to the workdir `config.json`, `metrics.jsonl`
+(`gerne_jax.run_log`), TensorBoard event files under `tensorboard/` and orbax checkpoints
+(`checkpoints/latest`, `checkpoints/best_wga`, `checkpoints/best_bca`, ...). Started again on the same
+workdir, it resumes from the latest checkpoint and ends exactly where an uninterrupted run would.
+
+Accelerator-friendly: the state is donated to the jitted step, batches are prefetched to the devices
+two deep, and the step's metrics stay on the device until a log, evaluation or checkpoint step fetches
+them (where the finiteness check runs), so the host never waits for the device in between.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from tensorboard.summary import Writer
+
+from gerne_jax import (checkpoints, dataset, evaluation, experiment, input_pipeline, methods, run_log,
+                       sharding)
+from gerne_jax.train_state import TrainState
+
+log_info = logging.getLogger("train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM arrived; the state of `step` is saved and every file is closed."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by SIGTERM after step {step}")
+        self.step = step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
+    """Trains per `config` in `workdir` (resuming if it holds a run); returns the final train state.
+
+    Raises `TrainingInterrupted` after saving when SIGTERM arrives, `NonFiniteLossError` when the
+    loss stops being finite (the last good checkpoint stays), ValueError for a bad config or data.
+    """
+    workdir = pathlib.Path(workdir)
+    is_main_process = jax.process_index() == 0
+
+    # ------------------------------------------------------------------------------------------
+    # Data and method: validated before anything is written to the workdir.
+    # ------------------------------------------------------------------------------------------
+    metadata = dataset.read_metadata(config.data.dir)
+    train = input_pipeline.load_split(config.data.dir, "train", in_memory=config.data.in_memory)
+    validation = input_pipeline.load_split(config.data.dir, "validation", in_memory=config.data.in_memory)
+    attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
+    method = methods.from_config(config, train["label"], attribute)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_log.write_config(workdir, config)
+    log_info.info("Training split: %d patches. Batch plan (%s):\n%s", len(train["label"]),
+                  method.name, method.describe())
+
+    # ------------------------------------------------------------------------------------------
+    # Model, state and step; resume from the latest checkpoint.
+    # ------------------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh.num_devices or None)
+    model = experiment.create_model(config)
+    state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
+    ckpt = checkpoints.RunCheckpoints(workdir)
+    start_step = ckpt.latest_step() or 0
+    if start_step:
+        state, _ = ckpt.restore(checkpoints.LATEST, state)
+        log_info.info("Resuming from step %d of %s", start_step, workdir)
+    train_step = method.train_step(model, mesh)
+    batches = method.batches(train["image"], train["label"], attribute, channel_mean=metadata["channel_mean"],
+                             channel_std=metadata["channel_std"], start_step=start_step)
+    device_batches = sharding.prefetch_to_mesh(batches.as_numpy_iterator(), mesh, size=2)
+    evaluator = evaluation.Evaluator(validation, taus_list=[tuple(config.data.taus)],
+                                     batch_size=config.data.eval_batch_size, mesh=mesh,
+                                     channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],
+                                     name="validation")
+
+    # ------------------------------------------------------------------------------------------
+    # Logging.
+    # ------------------------------------------------------------------------------------------
+    writer = Writer(str(workdir / "tensorboard")) if is_main_process else None
+    metrics_log = run_log.MetricsLog(workdir, start_step) if is_main_process else None
+
+    def log(step: int, split: str, values: dict[str, Any]) -> None:
+        if metrics_log is None:
+            return
+        for name, value in metrics_log.write(step, split, values).items():
+            writer.add_scalar(f"{split}/{name}", value, step)
+        writer.flush()
+
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # step metrics not yet fetched from the device
+
+    def fetch_checked() -> dict[str, Any] | None:
+        """The pending metrics on the host (the last step's returned); stops at a non-finite loss."""
+        if not pending:
+            return None
+        fetched = jax.device_get(pending)
+        first, last = fetched[0][0], fetched[-1][0]
+        pending.clear()
+        for step, values in fetched:
+            loss = values.get("loss", values.get("loss_less_biased"))
+            if not np.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss {loss} at step {step} (steps {first}-{last} checked together); the "
+                    f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.root}. Lower "
+                    f"optimizer.learning_rate or method.beta (allowed up to beta_max = "
+                    f"{method.plan.beta_max:.4g}).")
+        return fetched[-1][1]
+
+    def meta(step: int, report: dict[str, Any] | None) -> dict[str, Any]:
+        return {"step": step, "config": config.to_dict(), "metrics": report or {},
+                "data_dir": str(pathlib.Path(config.data.dir).absolute())}
+
+    # ------------------------------------------------------------------------------------------
+    # Training loop.
+    # ------------------------------------------------------------------------------------------
+    stop_requested = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+    steps = config.training.steps
+    last_report: dict[str, Any] | None = None
+    progress = tqdm.tqdm(total=steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
+                         disable=not is_main_process)
+    step, tic, steps_timed = start_step, time.perf_counter(), 0
+    try:
+        while step < steps:
+            state, step_metrics = train_step(state, next(device_batches))
+            step += 1
+            steps_timed += 1
+            pending.append((step, step_metrics))
+            progress.update(1)
+            logs_now = step % config.training.log_every == 0 or step == steps
+            evaluates_now = step % config.training.eval_every == 0 or step == steps
+            saves_now = step % config.training.checkpoint_every == 0 or step == steps or stop_requested
+            if not (logs_now or evaluates_now or saves_now):
+                continue
+            last_metrics = fetch_checked()  # waits for the device: the rate below covers finished steps
+            if logs_now:
+                rate = steps_timed * method.examples_per_step / (time.perf_counter() - tic)
+                log(step, "train", {**last_metrics, "images_per_second": rate})
+                postfix = {"loss": f"{last_metrics.get('loss', last_metrics.get('loss_less_biased')):.4f}"}
+                if last_report:
+                    postfix["val_wga"] = f"{last_report['worst_group_accuracy']:.3f}"
+                progress.set_postfix(postfix)
+            if evaluates_now:
+                last_report = evaluator.run(state)[evaluation.tau_key(config.data.taus)]
+                log(step, "validation", evaluation.scalar_metrics(last_report))
+                improved = ckpt.update_best(step, state, meta(step, last_report))
+                progress.write(f"step {step}: validation WGA {last_report['worst_group_accuracy']:.4f}, "
+                               f"BCA {last_report['balanced_class_accuracy']:.4f}"
+                               + (f" (new {', '.join(improved)})" if improved else ""))
+            if saves_now:
+                ckpt.save_latest(step, state, meta(step, last_report))
+            if logs_now or evaluates_now or saves_now:  # images/s excludes evaluation and saving
+                tic, steps_timed = time.perf_counter(), 0
+            if stop_requested:
+                log_info.info("SIGTERM: saved step %d to %s; exiting.", step, ckpt.root)
+                raise TrainingInterrupted(step)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        progress.close()
+        ckpt.close()
+        if metrics_log is not None:
+            metrics_log.close()
+            writer.close()
+    return state
