@@ -31,7 +31,7 @@ def write_data_dir(data_dir: pathlib.Path, num_examples: int, patch_size: int, c
     large = rng.uniform(size=num_examples) < np.where(label == 1, 0.9, 0.2)
     tissue_ratio = np.where(large, rng.uniform(0.1, 1, num_examples), rng.uniform(0.01, 0.1, num_examples))
     train = {"image": rng.integers(0, 256, (num_examples, patch_size, patch_size, channels), dtype=np.uint8),
-             "label": label, "tumor_fraction": label * 0.5, "tissue_ratio": tissue_ratio.astype(np.float32),
+             "label": label, "tumour_fraction": label * 0.5, "tissue_ratio": tissue_ratio.astype(np.float32),
              "slide_id": np.array(["bench"] * num_examples), "patient_id": np.array(["bench"] * num_examples),
              "x": np.arange(num_examples) * patch_size, "y": np.zeros(num_examples, np.int64)}
     shards.write_patch_dataset(data_dir, {"train": train}, channel_names=[f"c{i}" for i in range(channels)])

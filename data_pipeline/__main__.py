@@ -10,7 +10,7 @@ import sys
 
 SUBCOMMANDS = {
     "synthetic": ("data_pipeline.synthetic", "Write built-in synthetic multimodal slides and a manifest."),
-    "tile": ("data_pipeline.tiling", "Tile the slides of a manifest into TFDS patch shards."),
+    "tile": ("data_pipeline.tile_manifest", "Tile the slides of a manifest into TFDS patch shards."),
     "stats": ("data_pipeline.stats", "Group counts per split and tau; tissue-ratio distribution plot."),
 }
 

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.collections import PatchCollection  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from gerne_jax import reports  # noqa: E402
+from gerne_jax import files  # noqa: E402
 
 LABEL_COLOURS = {0: "#00e5ff", 1: "#ff1744"}  # non-tumour cyan, tumour red
 TISSUE_COLOUR = "#ffffff"
@@ -81,4 +81,4 @@ def save_qc_png(
                    "tissue white, tumour magenta", fontsize=9)
     axis.set_axis_off()
     figure.tight_layout()
-    reports.save_figure(figure, path)
+    files.save_figure(figure, path)

@@ -1,19 +1,16 @@
 """TFDS patch shards: serialisation, per-channel moments and the finished DATA_DIR layout.
 
 One module writes every patch dataset, whether the patches come from the tiler (one array_record file
-per slide, written as the slide is scanned) or from in-memory arrays (`write_patch_dataset`).
-The finished layout (see the project contract):
-
-    DATA_DIR/gerne_patches-{split}.array_record-{i:05d}-of-{n:05d}   shards, random access by index
-    DATA_DIR/dataset_info.json, features.json, metadata.json, ...     TFDS metadata (written last)
-    DATA_DIR/patches.csv                                              one row per patch, no pixels
-
+per slide, written as the slide is scanned) or from in-memory arrays (`write_patch_dataset`), in the
+DATA_DIR layout that gerne_jax/dataset.py declares (names, splits, dtypes, patches.csv; docs/design.md §2):
 `tfds.builder_from_directory(DATA_DIR).as_data_source(split)[i]` is row `index == i` of that split in
 patches.csv. Records are serialised deterministically, so the same patches give byte-identical shards.
+
+Patch rows and metadata use the code names (`tumour_fraction`, `min_tumour_pixels`); the shard features,
+patches.csv and metadata.json get the on-disk names through `dataset.on_disk` / `dataset.to_disk_metadata`.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import pathlib
@@ -26,35 +23,27 @@ import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordWriter
 from tensorflow_datasets.core import example_serializer
 
-from gerne_jax import files
+from gerne_jax import dataset, files
 
-DATASET_NAME = "gerne_patches"
-SPLITS = ("train", "validation", "test")
-LABEL_NAMES = ("non_tumour", "tumour")
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 SHARD_SUFFIX = "array_record"
 # 'group_size:1' keeps every record individually addressable (as TFDS writes); zstd level 1 writes
 # about 1.7x faster than the default level 3 at the same size on microscopy patches.
 ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"
-# Fields of a patch row (patches.csv without split and index; also the tiler's sidecar rows).
-ROW_FIELDS = ("slide_id", "patient_id", "x", "y", "label", "tumor_fraction", "tissue_ratio")
-CSV_COLUMNS = ("split", "index") + ROW_FIELDS
-# TFDS writes these next to the shards; dataset_info.json is what makes a folder loadable.
-DATASET_INFO_FILE = "dataset_info.json"
-SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
 
 
 def patch_features(patch_size: int, num_channels: int, dtype: Any) -> tfds.features.FeaturesDict:
-    """The TFDS features of one patch example (pixels stored as raw bytes in the source dtype)."""
+    """The TFDS features of one patch example (pixels stored as raw bytes in the source dtype), under
+    the on-disk names."""
     dtype = np.dtype(dtype)
-    if dtype.type not in SUPPORTED_DTYPES:
+    if dtype.type not in {supported.type for supported in dataset.IMAGE_DTYPES}:  # either byte order
         raise ValueError(f"patch dtype {dtype} is not supported; expected one of "
-                         f"{[np.dtype(t).name for t in SUPPORTED_DTYPES]}")
+                         f"{[supported.name for supported in dataset.IMAGE_DTYPES]}")
     return tfds.features.FeaturesDict({
         "image": tfds.features.Tensor(shape=(patch_size, patch_size, num_channels), dtype=dtype,
                                       encoding=tfds.features.Encoding.BYTES),
-        "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
-        "tumor_fraction": tfds.features.Scalar(dtype=np.float32),
+        "label": tfds.features.ClassLabel(names=list(dataset.CLASS_NAMES)),
+        dataset.on_disk("tumour_fraction"): tfds.features.Scalar(dtype=np.float32),
         "tissue_ratio": tfds.features.Scalar(dtype=np.float32),
         "slide_id": tfds.features.Text(),
         "patient_id": tfds.features.Text(),
@@ -64,7 +53,8 @@ def patch_features(patch_size: int, num_channels: int, dtype: Any) -> tfds.featu
 
 
 class PatchSerializer:
-    """Encodes a patch example dict into deterministic `tf.train.Example` bytes.
+    """Encodes a patch example dict (`image` plus a `dataset.patch_row`, code names) into deterministic
+    `tf.train.Example` bytes under the features' on-disk names.
 
     `FeaturesDict.serialize_example` serialises the proto's feature map in hash order, which differs
     between processes; deterministic serialisation sorts it, so reruns give byte-identical shards.
@@ -75,7 +65,8 @@ class PatchSerializer:
         self._serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
 
     def __call__(self, example: Mapping[str, Any]) -> bytes:
-        encoded = self._features.encode_example(example)
+        on_disk = {dataset.on_disk(name): value for name, value in example.items()}
+        encoded = self._features.encode_example(on_disk)
         return self._serializer.get_tf_example(encoded).SerializeToString(deterministic=True)
 
 
@@ -194,7 +185,7 @@ class ShardPart:
     """One finished array_record file (a slide's, or a whole in-memory split) and its patch rows."""
 
     path: pathlib.Path
-    rows: Sequence[Mapping[str, Any]]   # ROW_FIELDS per record, in record order
+    rows: Sequence[Mapping[str, Any]]   # a `dataset.patch_row` per record, in record order
     moments: ChannelMoments             # over every pixel of every record of the file
 
 
@@ -215,16 +206,8 @@ def write_array_record(path: pathlib.Path, records: Iterable[bytes]) -> int:
     return count
 
 
-def patch_row(slide_id: str, patient_id: str | None, x: int, y: int, label: int,
-              tumor_fraction: float, tissue_ratio: float) -> dict[str, Any]:
-    """One patches.csv row (without split and index), with the float32 values exactly as stored."""
-    return {"slide_id": str(slide_id), "patient_id": str(patient_id or ""), "x": int(x), "y": int(y),
-            "label": int(label), "tumor_fraction": float(np.float32(tumor_fraction)),
-            "tissue_ratio": float(np.float32(tissue_ratio))}
-
-
 def shard_name(split: str, index: int, num_shards: int) -> str:
-    return f"{DATASET_NAME}-{split}.{SHARD_SUFFIX}-{index:05d}-of-{num_shards:05d}"
+    return f"{dataset.DATASET_NAME}-{split}.{SHARD_SUFFIX}-{index:05d}-of-{num_shards:05d}"
 
 
 def _link_or_copy(source: pathlib.Path, target: pathlib.Path) -> None:
@@ -244,15 +227,15 @@ def finalize_dataset(
 
     Shard i of split s is `parts_by_split[s][i]` (callers order them, e.g. by slide id). Parts
     without records and splits without parts are left out (TFDS cannot read an empty shard).
-    `channel_mean` / `channel_std` are added to `metadata` from the train parts' moments.
+    `channel_mean` / `channel_std` are added to `metadata` (code names) from the train parts' moments.
 
     Everything is staged under `data_dir/.work/finalize` and moved in with renames: the old
     dataset_info.json goes first, the new one comes last, so a reader never loads a mix.
     """
     data_dir = pathlib.Path(data_dir)
-    unknown = sorted(set(parts_by_split) - set(SPLITS))
+    unknown = sorted(set(parts_by_split) - set(dataset.SPLITS))
     if unknown:
-        raise ValueError(f"unknown split name(s) {unknown}; expected {list(SPLITS)}")
+        raise ValueError(f"unknown split name(s) {unknown}; expected {list(dataset.SPLITS)}")
     parts_by_split = {split: [p for p in parts if p.rows] for split, parts in parts_by_split.items()}
     parts_by_split = {split: parts for split, parts in parts_by_split.items() if parts}
     if "train" not in parts_by_split:
@@ -266,38 +249,34 @@ def finalize_dataset(
     staging = data_dir / ".work" / "finalize"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    split_infos, csv_rows, sizes = [], [], {}
-    for split in (s for s in SPLITS if s in parts_by_split):
+    split_infos, rows_by_split = [], {}
+    for split in (s for s in dataset.SPLITS if s in parts_by_split):
         parts = parts_by_split[split]
         for i, part in enumerate(parts):
             _link_or_copy(part.path, staging / shard_name(split, i, len(parts)))
         split_infos.append(tfds.core.SplitInfo(
             name=split, shard_lengths=[len(p.rows) for p in parts],
             num_bytes=sum(p.path.stat().st_size for p in parts)))
-        rows = [row for part in parts for row in part.rows]
-        csv_rows.extend({"split": split, "index": index, **row} for index, row in enumerate(rows))
-        sizes[split] = len(rows)
-    with open(staging / "patches.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(csv_rows)
+        rows_by_split[split] = [row for part in parts for row in part.rows]
+    dataset.write_patch_table(staging / dataset.PATCHES_CSV, rows_by_split)
     tfds.folder_dataset.write_metadata(
         data_dir=staging, features=features, split_infos=split_infos,
         filename_template=FILENAME_TEMPLATE, check_data=False,
-        metadata=tfds.core.MetadataDict(metadata))
+        metadata=tfds.core.MetadataDict(dataset.to_disk_metadata(metadata)))
 
-    (data_dir / DATASET_INFO_FILE).unlink(missing_ok=True)
+    (data_dir / dataset.DATASET_INFO_FILE).unlink(missing_ok=True)
     staged = sorted(p.name for p in staging.iterdir())
-    for old in data_dir.glob(f"{DATASET_NAME}-*.{SHARD_SUFFIX}-*"):
+    for old in data_dir.glob(f"{dataset.DATASET_NAME}-*.{SHARD_SUFFIX}-*"):
         if old.name not in staged:
             old.unlink()
     # Shards first, then the tables, dataset_info.json last.
-    order = sorted(staged, key=lambda n: (not n.startswith(DATASET_NAME + "-"), n == DATASET_INFO_FILE))
+    order = sorted(staged, key=lambda n: (not n.startswith(dataset.DATASET_NAME + "-"),
+                                          n == dataset.DATASET_INFO_FILE))
     for name in order:
         os.replace(staging / name, data_dir / name)
     # rename() between two links of one inode (a shard republished unchanged) leaves the source.
     shutil.rmtree(staging)
-    return sizes
+    return {split: len(rows) for split, rows in rows_by_split.items()}
 
 
 def write_patch_dataset(
@@ -308,14 +287,14 @@ def write_patch_dataset(
 ) -> None:
     """Writes in-memory patches as the DATA_DIR layout, through the tiler's code path.
 
-    `splits` maps a split name to fields: image [N, P, P, C] (uint8 / uint16 / float32), label [N],
-    tumor_fraction [N], tissue_ratio [N], slide_id [N], patient_id [N], x [N], y [N].
-    `metadata` adds to / overrides the defaults (stride = P, level 0, level_downsample 1,
-    min_tumor_pixels 1, min_tissue_ratio 0.0); patch_size, source_dtype and the channel statistics
-    always come from the arrays.
+    `splits` maps a split name to fields (code names): image [N, P, P, C] (uint8 / uint16 / float32),
+    and every field of `dataset.PATCH_FIELDS`: label [N], tumour_fraction [N], tissue_ratio [N],
+    slide_id [N], patient_id [N], x [N], y [N]. `metadata` (code names) adds to / overrides the defaults
+    (stride = P, level 0, level_downsample 1, min_tumour_pixels 1, min_tissue_ratio 0.0); patch_size,
+    source_dtype and the channel statistics always come from the arrays.
     """
     data_dir = pathlib.Path(data_dir)
-    fields = ("image",) + ROW_FIELDS
+    fields = ("image", *dataset.PATCH_FIELDS)
     shapes = set()
     for split, arrays in splits.items():
         missing = sorted(set(fields) - set(arrays))
@@ -341,7 +320,8 @@ def write_patch_dataset(
     work.mkdir(parents=True, exist_ok=True)
     parts_by_split = {}
     for split, arrays in splits.items():
-        rows = [patch_row(*(arrays[name][i] for name in ROW_FIELDS)) for i in range(len(arrays["image"]))]
+        rows = [dataset.patch_row(*(arrays[name][i] for name in dataset.PATCH_FIELDS))
+                for i in range(len(arrays["image"]))]
         images = np.asarray(arrays["image"])
         path = work / f"in_memory-{split}.{SHARD_SUFFIX}"
         write_array_record(path, (serialize({"image": images[i], **rows[i]}) for i in range(len(rows))))
@@ -351,7 +331,7 @@ def write_patch_dataset(
         parts_by_split[split] = [ShardPart(path, rows, statistics.moments())]
     full_metadata = {"channel_names": list(channel_names), "patch_size": int(patch_size),
                      "stride": int(patch_size), "level": 0, "level_downsample": 1,
-                     "source_dtype": np.dtype(dtype).name, "min_tumor_pixels": 1,
+                     "source_dtype": np.dtype(dtype).name, "min_tumour_pixels": 1,
                      "min_tissue_ratio": 0.0}
     full_metadata.update(metadata or {})
     full_metadata.update(patch_size=int(patch_size), source_dtype=np.dtype(dtype).name)

@@ -1,9 +1,9 @@
-"""Slide manifest and lazy, region-wise reading of multichannel microscopy slides and their masks.
+"""Lazy, region-wise reading of multichannel microscopy slides and their masks.
 
 A slide is one multichannel TIFF, or one TIFF per channel (modality), plus a tumour mask and an
-optional tissue mask (see `read_manifest` for the CSV). `SlideReader` opens the files with tifffile and
-reads windows through tifffile's zarr store, so only the strips / tiles a window touches are decoded;
-no method ever holds a whole level in memory.
+optional tissue mask (a `SlideSpec`, from `data_pipeline.manifest.read_manifest`). `SlideReader` opens
+the files with tifffile and reads windows through tifffile's zarr store, so only the strips / tiles a
+window touches are decoded; no method ever holds a whole level in memory.
 
 Supported image files: stripped or tiled, uncompressed / deflate / LZW / JPEG / zstd / anything
 tifffile+imagecodecs decode, classic or BigTIFF; samples interleaved (Y, X, C), planar (C, Y, X), or one
@@ -26,8 +26,6 @@ shape an integer factor f smaller than the level's, then pixel (i, j) is `tissue
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
 import math
 import pathlib
 import warnings
@@ -39,142 +37,15 @@ import tifffile
 import zarr
 from PIL import Image
 
-SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
-SPLITS = ("train", "validation", "test")
-MANIFEST_COLUMNS = ("slide_id", "image", "channels", "mask", "tissue_mask", "patient_id", "split",
-                    "channel_names")
+from data_pipeline.manifest import SlideError, SlideSpec
+from gerne_jax import dataset
+
 SPATIAL_AXES = ("Y", "X")
 # Working memory (bytes) one window of a whole-level scan (thumbnail, validate) may take.
 SCAN_BYTES = 64 << 20
 # Errors tifffile, imagecodecs and zarr raise on unreadable or corrupt data.
 _READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, RuntimeError, KeyError, IndexError,
                 EOFError)
-
-
-class SlideError(ValueError):
-    """A problem with one slide's files; the message names the slide, the file and the problem."""
-
-    def __init__(self, slide_id: str, file: str | pathlib.Path | None, problem: str):
-        self.slide_id = slide_id
-        self.file = None if file is None else str(file)
-        self.problem = problem
-        where = f"slide {slide_id!r}" + ("" if file is None else f", file {str(file)!r}")
-        super().__init__(f"{where}: {problem}")
-
-    def __reduce__(self):  # keeps the three fields when sent between worker processes
-        return type(self), (self.slide_id, self.file, self.problem)
-
-
-@dataclasses.dataclass(frozen=True)
-class SlideSpec:
-    """One manifest row: where a slide's image channels and masks are."""
-
-    slide_id: str
-    image_files: tuple[pathlib.Path, ...]  # one multichannel file, or one file per channel
-    mask_file: pathlib.Path
-    tissue_mask_file: pathlib.Path | None = None
-    patient_id: str | None = None
-    split: str | None = None
-    channel_names: tuple[str, ...] | None = None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Manifest
-# ---------------------------------------------------------------------------------------------------
-def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
-    """Reads a slide manifest CSV; relative paths are resolved against the manifest's folder.
-
-    Columns: `slide_id` and `mask` (required), exactly one of `image` / `channels` (`;`-separated) per
-    row, optional `tissue_mask`, `patient_id`, `split` (train / validation / test), `channel_names`
-    (`;`-separated). Raises ValueError for a bad header or empty manifest, SlideError for a bad row
-    (missing file, duplicate id, both or neither image/channels, bad split, bad channel names).
-    """
-    path = pathlib.Path(path)
-    root = path.parent
-    try:
-        handle = open(path, newline="", encoding="utf-8-sig")
-    except OSError as error:
-        raise ValueError(f"manifest {str(path)!r}: cannot open: {error}") from error
-    with handle:
-        rows = csv.DictReader(handle)
-        header = [name.strip() for name in (rows.fieldnames or [])]
-        if not header:
-            raise ValueError(f"manifest {str(path)!r}: no header row")
-        repeated = sorted({name for name in header if header.count(name) > 1})
-        if repeated:
-            raise ValueError(f"manifest {str(path)!r}: repeated column(s) {repeated}")
-        unknown = [name for name in header if name not in MANIFEST_COLUMNS]
-        if unknown:
-            raise ValueError(f"manifest {str(path)!r}: unknown column(s) {unknown}; "
-                             f"allowed: {list(MANIFEST_COLUMNS)}")
-        missing = [name for name in ("slide_id", "mask") if name not in header]
-        if not ("image" in header or "channels" in header):
-            missing.append("image or channels")
-        if missing:
-            raise ValueError(f"manifest {str(path)!r}: missing column(s) {missing}")
-        rows.fieldnames = header
-        specs: list[SlideSpec] = []
-        first_line_of: dict[str, int] = {}
-        for row in rows:
-            line = rows.line_num  # physical line, as an editor shows it
-            if None in row:
-                raise ValueError(f"manifest {str(path)!r}, line {line}: more values than columns")
-            values = {name: (value or "").strip() for name, value in row.items()}
-            spec = _parse_row(values, line, root, path)
-            if spec.slide_id in first_line_of:
-                raise SlideError(spec.slide_id, path, f"duplicate slide_id on lines "
-                                 f"{first_line_of[spec.slide_id]} and {line}")
-            first_line_of[spec.slide_id] = line
-            specs.append(spec)
-    if not specs:
-        raise ValueError(f"manifest {str(path)!r}: no slides")
-    return specs
-
-
-def _parse_row(values: dict[str, str], line: int, root: pathlib.Path,
-               manifest: pathlib.Path) -> SlideSpec:
-    slide_id = values.get("slide_id", "")
-    if not slide_id:
-        raise ValueError(f"manifest {str(manifest)!r}, line {line}: empty slide_id")
-
-    def fail(problem: str, file: pathlib.Path | str = manifest) -> SlideError:
-        return SlideError(slide_id, file, f"{problem} (manifest line {line})")
-
-    def existing_file(text: str) -> pathlib.Path:
-        file = pathlib.Path(text).expanduser()
-        file = file if file.is_absolute() else root / file
-        if not file.is_file():
-            raise fail("file not found", file)
-        return file
-
-    def split_list(column: str) -> list[str]:
-        items = [item.strip() for item in values.get(column, "").split(";")]
-        if any(not item for item in items):
-            raise fail(f"empty entry in {column!r}: {values[column]!r}")
-        return items
-
-    image, channels = values.get("image", ""), values.get("channels", "")
-    if bool(image) == bool(channels):
-        raise fail("exactly one of 'image' and 'channels' must be given, found "
-                   + ("both" if image else "neither"))
-    image_files = (existing_file(image),) if image else tuple(existing_file(f)
-                                                              for f in split_list("channels"))
-    if not values.get("mask"):
-        raise fail("empty 'mask'")
-    mask_file = existing_file(values["mask"])
-    tissue_mask_file = existing_file(values["tissue_mask"]) if values.get("tissue_mask") else None
-    split = values.get("split") or None
-    if split is not None and split not in SPLITS:
-        raise fail(f"bad split {split!r}; expected one of {list(SPLITS)} or empty")
-    channel_names = tuple(split_list("channel_names")) if values.get("channel_names") else None
-    if channel_names is not None:
-        if len(set(channel_names)) != len(channel_names):
-            raise fail(f"duplicate channel names {list(channel_names)}")
-        if channels and len(channel_names) != len(image_files):
-            raise fail(f"{len(channel_names)} channel names for {len(image_files)} channel files")
-    return SlideSpec(slide_id=slide_id, image_files=image_files, mask_file=mask_file,
-                     tissue_mask_file=tissue_mask_file, patient_id=values.get("patient_id") or None,
-                     split=split, channel_names=channel_names)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -539,9 +410,9 @@ class SlideReader:
         sources = [_TiffLevel(tiff, level, self.slide_id, file) for tiff, level, file
                    in zip(self._tiffs, self._pyramid[downsample], self.spec.image_files)]
         for source in sources:
-            if source.dtype not in SUPPORTED_DTYPES:
+            if source.dtype not in dataset.IMAGE_DTYPES:
                 raise SlideError(self.slide_id, source.file, f"unsupported dtype {source.dtype} "
-                                 f"(supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)})")
+                                 f"(supported: {', '.join(str(d) for d in dataset.IMAGE_DTYPES)})")
         first = sources[0]
         for source in sources[1:]:
             if source.shape != first.shape or source.dtype != first.dtype:

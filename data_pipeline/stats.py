@@ -1,14 +1,13 @@
 """`python -m data_pipeline stats`: group counts per split and tau, and the tissue-ratio distribution.
 
-Reads `DATA_DIR/patches.csv` only (no pixels). For each threshold tau the attribute is
-`a = 1[tissue_ratio >= tau]` (SPEC section 2, `gerne_jax.groups.attribute_from_tissue_ratio`) and the
-groups are (label, a); the table gives each group's patches and share of its split. The PNG shows,
+Reads `DATA_DIR/patches.csv` only (no pixels, `dataset.read_patch_table`). For each threshold tau the
+attribute is `a = 1[tissue_ratio >= tau]` (docs/design.md §2, `dataset.attribute_from_tissue_ratio`) and
+the groups are (label, a); the table gives each group's patches and share of its split. The PNG shows,
 per split, the tissue-ratio histogram of each class with the tau lines.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import sys
@@ -20,47 +19,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_pipeline.shards import CSV_COLUMNS, LABEL_NAMES, SPLITS  # noqa: E402
-from gerne_jax import reports  # noqa: E402
-from gerne_jax.groups import attribute_from_tissue_ratio, group_counts  # noqa: E402
+from gerne_jax import dataset, files  # noqa: E402
 
-PATCHES_CSV = "patches.csv"
 PLOT_FILE = "tissue_ratio.png"
 CLASS_COLOURS = ("#1f77b4", "#d62728")
 
 
-def read_patch_table(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """patches.csv as columns: split (str), label (int64), tissue_ratio (float64), the rest as str."""
-    path = pathlib.Path(data_dir) / PATCHES_CSV
-    if not path.is_file():
-        raise ValueError(f"{path}: not found; is {data_dir} a tiled dataset (python -m data_pipeline tile)?")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = sorted(set(CSV_COLUMNS) - set(reader.fieldnames or []))
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}")
-        rows = list(reader)
-    table = {name: np.array([row[name] for row in rows], dtype=str) for name in CSV_COLUMNS}
-    table["label"] = table["label"].astype(np.int64)
-    table["tissue_ratio"] = table["tissue_ratio"].astype(np.float64)
-    return table
-
-
 def split_group_counts(table: dict[str, np.ndarray], tau: float) -> dict[str, np.ndarray]:
-    """Split -> [2, 2] counts indexed (label, a) with a = 1[tissue_ratio >= tau], splits present only."""
+    """Split -> [2, 2] counts indexed (label, a) with a = 1[tissue_ratio >= tau], splits present only.
+
+    `table`: `dataset.read_patch_table(data_dir)` (all splits, with the split column)."""
     counts = {}
-    for split in SPLITS:
+    for split in dataset.SPLITS:
         chosen = table["split"] == split
         if chosen.any():
-            attribute = attribute_from_tissue_ratio(table["tissue_ratio"][chosen], [tau])
-            counts[split] = group_counts(table["label"][chosen], attribute, len(LABEL_NAMES), 2)
+            attribute = dataset.attribute_from_tissue_ratio(table["tissue_ratio"][chosen], [tau])
+            counts[split] = dataset.group_counts(table["label"][chosen], attribute,
+                                                 len(dataset.CLASS_NAMES), 2)
     return counts
 
 
 def format_group_counts(counts: dict[str, np.ndarray], tau: float) -> str:
     """One table: a row per split, a column per group, each cell `count (share of the split %)`."""
-    groups = [(y, a) for y in range(len(LABEL_NAMES)) for a in (0, 1)]
-    names = [f"{LABEL_NAMES[y]}, r {'>=' if a else '<'} {tau:g}" for y, a in groups]
+    groups = [(y, a) for y in range(len(dataset.CLASS_NAMES)) for a in (0, 1)]
+    names = [f"{dataset.CLASS_NAMES[y]}, r {'>=' if a else '<'} {tau:g}" for y, a in groups]
     cells = {split: [f"{c[y, a]} ({100 * c[y, a] / max(c.sum(), 1):.1f}%)" for y, a in groups]
              for split, c in counts.items()}
     widths = [max(len(name), *(len(row[i]) for row in cells.values())) for i, name in enumerate(names)]
@@ -75,13 +57,13 @@ def format_group_counts(counts: dict[str, np.ndarray], tau: float) -> str:
 
 def plot_tissue_ratio(table: dict[str, np.ndarray], taus: Sequence[float], path: str | os.PathLike) -> None:
     """Histogram of tissue ratio per class, one panel per split, tau as dashed lines (PNG)."""
-    splits = [s for s in SPLITS if (table["split"] == s).any()]
+    splits = [s for s in dataset.SPLITS if (table["split"] == s).any()]
     figure, axes = plt.subplots(1, max(len(splits), 1), figsize=(4.5 * max(len(splits), 1), 3.6),
                                 squeeze=False, dpi=120)
     bins = np.linspace(0.0, 1.0, 41)
     for axis, split in zip(axes[0], splits):
         chosen = table["split"] == split
-        for label, (name, colour) in enumerate(zip(LABEL_NAMES, CLASS_COLOURS)):
+        for label, (name, colour) in enumerate(zip(dataset.CLASS_NAMES, CLASS_COLOURS)):
             ratios = table["tissue_ratio"][chosen & (table["label"] == label)]
             axis.hist(ratios, bins=bins, histtype="step", color=colour, linewidth=1.5,
                       label=f"{name} ({ratios.size})")
@@ -94,7 +76,7 @@ def plot_tissue_ratio(table: dict[str, np.ndarray], taus: Sequence[float], path:
     axes[0][0].set_ylabel("patches (log)")
     figure.suptitle("tissue ratio per class; dashed: tau = " + ", ".join(f"{t:g}" for t in taus), fontsize=10)
     figure.tight_layout()
-    reports.save_figure(figure, path)
+    files.save_figure(figure, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        table = read_patch_table(args.data_dir)
+        table = dataset.read_patch_table(args.data_dir)
         for tau in args.tau:
             print(format_group_counts(split_group_counts(table, tau), tau))
             print()

@@ -2,7 +2,7 @@
 
 `python -m data_pipeline synthetic --out DIR --slides N --size PIXELS --seed S` writes, per slide, a
 tiled interleaved (Y, X, 3) uint16 TIFF, a tiled uint8 0/1 tumour mask of the same height and width,
-and `DIR/manifest.csv` in the manifest format of the tiler (relative paths, a deterministic split).
+and `DIR/manifest.csv` in the format of `data_pipeline.manifest` (relative paths, a deterministic split).
 
 How a slide is made:
 - Geometry is a list of shapes (`SlideLayout`), sampled once per slide: two or three large tissue

@@ -2,7 +2,7 @@
 
 A DATA_DIR is written by `python -m data_pipeline tile` (or `data_pipeline.shards.write_patch_dataset`)
 and read by training, evaluation and `data_pipeline stats`. Everything both sides must agree on is
-declared here and nowhere else (docs/design.md, "Data"):
+declared here and nowhere else (docs/design.md §2):
 
     DATA_DIR/gerne_patches-{split}.array_record-{i:05d}-of-{n:05d}   TFDS shards, one example per patch
     DATA_DIR/dataset_info.json, features.json, metadata.json          TFDS metadata (written last)
@@ -183,12 +183,14 @@ def group_counts(label: np.ndarray, attribute: np.ndarray, num_classes: int, num
     return np.bincount(ids, minlength=num_classes * num_attributes).reshape(num_classes, num_attributes)
 
 
-def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+def largest_remainder(shares: np.ndarray, total: int, normalise: bool = True) -> np.ndarray:
     """Rounds each row of `shares * total` to non-negative integers that sum exactly to `total`.
 
     Hamilton's method: floor every quota, then give the missing units to the largest remainders (ties go
-    to the lower column). Rows are normalised to sum 1 first. Among all integer rows summing to `total`
-    this minimises the distance to the quotas. Used for the batch composition and the split sizes.
+    to the lower column). Among all integer rows summing to `total` this minimises the distance to the
+    quotas. Used for the batch composition and the split sizes. Rows are normalised to sum 1 first
+    unless `normalise=False`: split fractions are already shares of 1 (checked to a tolerance), and
+    dividing by their floating-point sum would move exact ties (0.2 + 0.7 + 0.1 < 1 in floats).
     """
     shares = np.atleast_2d(np.asarray(shares, dtype=np.float64))
     if not np.all(np.isfinite(shares)) or np.any(shares < 0):
@@ -196,7 +198,7 @@ def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     row_sums = shares.sum(axis=1, keepdims=True)
     if np.any(row_sums <= 0):
         raise ValueError(f"every row of shares needs a positive sum, got {shares.tolist()}")
-    quotas = shares / row_sums * total
+    quotas = (shares / row_sums if normalise else shares) * total
     counts = np.floor(quotas).astype(np.int64)
     order = np.argsort(counts - quotas, axis=1, kind="stable")  # largest remainder first
     for row, missing in enumerate(total - counts.sum(axis=1)):

@@ -1,6 +1,6 @@
-"""Groups, the alpha table, the beta bound and the per-step batch plan of GERNE (SPEC section 3).
+"""Groups, the alpha table, the beta bound and the per-step batch plan of GERNE (docs/design.md §3).
 
-Pure numpy. The attribute is any integer per example: tissue-ratio bins (`attribute_from_tissue_ratio`),
+Pure numpy. The attribute is any integer per example: tissue-ratio bins (`dataset.attribute_from_tissue_ratio`),
 pseudo-groups, a colour, a scanner id. With K classes and A attribute bins:
 
 - `alpha[y, a] = |X_(y,a)| / |X_y|`, measured on the training split;
@@ -54,7 +54,7 @@ def beta_max(alpha: np.ndarray, c: float, targets: np.ndarray | None = None) -> 
     """Largest beta keeping every `p_ext(a|y) = alpha + c * (beta + 1) * (u - alpha)` non-negative.
 
     `u` is `targets` (default `1 / A`). A group with `alpha > u` needs `beta <= alpha / (c * (alpha - u)) - 1`;
-    the bound is the smallest of these. With `u = 1 / A` this is SPEC's
+    the bound is the smallest of these. With `u = 1 / A` this is docs/design.md §3's
     `alpha_max / (c * (alpha_max - 1/A)) - 1`. It is `inf` when no group lies above its target.
     """
     alpha = np.asarray(alpha, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Classification metrics per group (SPEC section 4), in plain numpy.
+"""Classification metrics per group (docs/design.md §5), in plain numpy.
 
 A group is the pair (class y, attribute bin a). With per-example predictions these functions give
 per-group counts and accuracies and the summaries used for model selection:
@@ -65,7 +65,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 def classification_report(
     labels: np.ndarray, probabilities: np.ndarray, attributes: np.ndarray, num_attributes: int,
 ) -> dict[str, Any]:
-    """All SPEC section 4 metrics from class probabilities [N, K] and attribute bins [N].
+    """All docs/design.md §5 metrics from class probabilities [N, K] and attribute bins [N].
 
     Returns a JSON-friendly dict: the scalar metrics, `class_accuracy` [K] and `group_count` /
     `group_accuracy` [K][A] (NaN for empty groups).

@@ -8,7 +8,7 @@ conv, "ResNet v1.5"), a projection shortcut `downsample_conv` + `downsample_bn` 
 changes, global average pooling and a linear classifier `fc` with bias. Norm layers keep the
 torchvision names `bn*` whatever the normalisation is.
 
-`norm` decides how a norm layer behaves (SPEC 3 and 7 explain why this matters for GERNE):
+`norm` decides how a norm layer behaves (docs/design.md §4 explains why this matters for GERNE):
 
 - "frozen": BatchNorm that always uses its running statistics (never updates them); a sample's
   output does not depend on the rest of the batch. The official GERNE setting with pretrained

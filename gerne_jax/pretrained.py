@@ -24,7 +24,7 @@ with other stems or shortcuts (resnet50d, SE, ...) are rejected with the offendi
 
 Only the BatchNorm modes of `gerne_jax.models` ("frozen", "shared", "separate") can take
 ImageNet BatchNorm weights; "group" (GroupNorm + weight standardisation) is a different network.
-With pretrained weights the default mode is "frozen", as in the official GERNE code (SPEC 3).
+With pretrained weights the default mode is "frozen", as in the official GERNE code (docs/design.md §4).
 
 No TensorFlow here, and no torch unless a `.pth` file is read.
 """

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 from data_pipeline import shards
+from gerne_jax import dataset
 
 
 def random_split(rng: np.random.Generator, n: int, patch: int, channels: int, dtype, slide_prefix: str):
@@ -21,7 +22,7 @@ def random_split(rng: np.random.Generator, n: int, patch: int, channels: int, dt
     return {
         "image": image,
         "label": rng.integers(0, 2, n),
-        "tumor_fraction": rng.random(n).astype(np.float32),
+        "tumour_fraction": rng.random(n).astype(np.float32),
         "tissue_ratio": rng.random(n),
         "slide_id": np.array([f"{slide_prefix}{i % 3}" for i in range(n)]),
         "patient_id": np.array([f"p{slide_prefix}{i % 2}" for i in range(n)]),
@@ -72,8 +73,23 @@ def test_write_patch_dataset_round_trip(tmp_path, dtype):
             assert example["y"] == arrays["y"][i] == int(row["y"])
             assert example["slide_id"].decode() == arrays["slide_id"][i] == row["slide_id"]
             assert example["patient_id"].decode() == arrays["patient_id"][i] == row["patient_id"]
-            for field in ("tumor_fraction", "tissue_ratio"):
-                assert example[field] == np.float32(arrays[field][i]) == np.float32(row[field])
+            for field in ("tumour_fraction", "tissue_ratio"):
+                stored = dataset.on_disk(field)
+                assert example[stored] == np.float32(arrays[field][i]) == np.float32(row[stored])
+
+
+def test_on_disk_names_are_the_first_versions(tmp_path):
+    """DATA_DIRs written before the code said "tumour" stay readable: the files keep "tumor"."""
+    rng = np.random.default_rng(8)
+    shards.write_patch_dataset(tmp_path, {"train": random_split(rng, 2, 4, 1, np.uint8, "a")}, ["gray"],
+                               metadata={"min_tumour_pixels": 3})
+    with open(tmp_path / "patches.csv", newline="") as f:
+        assert next(csv.reader(f)) == ["split", "index", "slide_id", "patient_id", "x", "y", "label",
+                                       "tumor_fraction", "tissue_ratio"]
+    info = tfds.builder_from_directory(os.fspath(tmp_path)).info
+    assert "tumor_fraction" in info.features and "tumour_fraction" not in info.features
+    assert info.metadata["min_tumor_pixels"] == 3 and "min_tumour_pixels" not in info.metadata
+    assert dataset.read_metadata(tmp_path)["min_tumour_pixels"] == 3
 
 
 def test_tf_data_decodes_the_same_records(tmp_path):

@@ -15,7 +15,8 @@ import tifffile
 from PIL import Image
 
 from data_pipeline import slides
-from data_pipeline.slides import SlideError, SlideReader, SlideSpec, read_manifest
+from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
+from data_pipeline.slides import SlideReader
 from tests.tiff_layouts import (LAYOUTS, PLANE_PER_CHANNEL_LAYOUTS, PYRAMID_LAYOUTS, pyramid_levels,
                                 write_layout)
 

@@ -24,7 +24,7 @@ def dataset(tmp_path_factory):
             "label": rng.integers(0, 2, n),
             # multiples of 1/64 (exact in float32), so some ratios sit exactly on a tau
             "tissue_ratio": rng.integers(1, 65, n) / 64,
-            "tumor_fraction": rng.random(n),
+            "tumour_fraction": rng.random(n),
             "slide_id": np.array([f"{split}{i % 4}" for i in range(n)]),
             "patient_id": np.array([""] * n), "x": np.zeros(n, int), "y": np.zeros(n, int)}
     shards.write_patch_dataset(data_dir, splits, ["gray"])
@@ -66,4 +66,4 @@ def test_plot_is_written(dataset, tmp_path, capsys):
 
 def test_missing_dataset_is_named(tmp_path, capsys):
     assert main(["stats", "--data-dir", str(tmp_path)]) == 1
-    assert "patches.csv: not found" in capsys.readouterr().err
+    assert "patches.csv is missing" in capsys.readouterr().err

@@ -132,7 +132,7 @@ def small_set(tmp_path_factory) -> pathlib.Path:
     return out
 
 
-def test_files_follow_contract_and_geometry(small_set):
+def test_files_follow_the_manifest_format_and_geometry(small_set):
     rows = read_manifest_rows(small_set / "manifest.csv")
     with open(small_set / "manifest.csv") as f:
         assert f.readline().strip().split(",") == MANIFEST_COLUMNS[:3] + ["tissue_mask"] + MANIFEST_COLUMNS[3:]

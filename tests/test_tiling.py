@@ -1,6 +1,7 @@
 """Tests of `python -m data_pipeline tile` against a brute-force numpy loop over the full arrays."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -18,10 +19,13 @@ import tifffile
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from PIL import Image
 
-from data_pipeline import qc, tiling
+from data_pipeline import qc, tile_manifest, tiling
 from data_pipeline.__main__ import main
-from data_pipeline.slides import SlideReader, SlideSpec
+from data_pipeline.grid import scan_plan
+from data_pipeline.manifest import SlideSpec
+from data_pipeline.slides import SlideReader
 from data_pipeline.tissue import detect_tissue
+from gerne_jax import dataset
 from tests.tiff_layouts import pyramid_levels, write_layout
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -65,7 +69,7 @@ def write_manifest(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
     return path
 
 
-def brute_force(slide_id, patient_id, image, tumour, tissue_full, P, S, d=1, min_tumor_pixels=1,
+def brute_force(slide_id, patient_id, image, tumour, tissue_full, P, S, d=1, min_tumour_pixels=1,
                 min_tissue_ratio=0.0) -> list[dict]:
     """Every kept patch of one slide in row-major grid order, by plain loops over the full arrays."""
     H, W = tumour.shape
@@ -78,8 +82,8 @@ def brute_force(slide_id, patient_id, image, tumour, tissue_full, P, S, d=1, min
             tumour_pixels = int(tumour[y:y + P, x:x + P].sum())
             ratio = tissue[y:y + P, x:x + P].sum() / (P * P)
             if ratio > min_tissue_ratio:
-                patches.append({"image": image[y:y + P, x:x + P], "label": int(tumour_pixels >= min_tumor_pixels),
-                                "tumor_fraction": np.float32(tumour_pixels / (P * P)),
+                patches.append({"image": image[y:y + P, x:x + P], "label": int(tumour_pixels >= min_tumour_pixels),
+                                "tumour_fraction": np.float32(tumour_pixels / (P * P)),
                                 "tissue_ratio": np.float32(ratio), "x": x * d, "y": y * d,
                                 "slide_id": slide_id, "patient_id": patient_id})
             x += S
@@ -118,8 +122,9 @@ def check_dataset(data_dir: pathlib.Path, expected: dict[str, list[dict]], num_c
             assert int(row["index"]) == i
             for name in ("label", "x", "y"):
                 assert example[name] == truth[name] == int(row[name]) == tf_example[name].numpy(), name
-            for name in ("tumor_fraction", "tissue_ratio"):
-                assert example[name] == truth[name] == np.float32(row[name]) == tf_example[name].numpy(), name
+            for name in ("tumour_fraction", "tissue_ratio"):
+                stored = dataset.on_disk(name)
+                assert example[stored] == truth[name] == np.float32(row[stored]) == tf_example[stored].numpy(), name
             for name in ("slide_id", "patient_id"):
                 assert example[name].decode() == truth[name] == row[name], name
     train = np.stack([p["image"] for p in expected["train"]]).astype(np.float64)
@@ -182,9 +187,9 @@ def test_level0_layouts_match_brute_force(level0, level0_tiled):
     _, _, expected = level0
     assert all(expected.values())
     check_dataset(level0_tiled, expected, 4, np.uint16)
-    meta = tfds.builder_from_directory(os.fspath(level0_tiled)).info.metadata
+    meta = dataset.read_metadata(level0_tiled)
     assert (meta["patch_size"], meta["stride"], meta["level"], meta["level_downsample"]) == (P0, S0, 0, 1)
-    assert (meta["min_tumor_pixels"], meta["min_tissue_ratio"]) == (1, 0.0)
+    assert (meta["min_tumour_pixels"], meta["min_tissue_ratio"]) == (1, 0.0)
     for slide_id in "abc":
         with Image.open(level0_tiled / "qc" / f"{slide_id}.png") as png:
             assert png.format == "PNG" and min(png.size) > 100
@@ -273,21 +278,21 @@ def test_pyramid_level1_with_detected_tissue(tmp_path):
         mask = write_mask(tmp_path / f"{slide_id}_tumour.tif", tumour)
         rows.append({"slide_id": slide_id, "image": files[0].name, "mask": mask.name, "split": split})
         spec = SlideSpec(slide_id, tuple(files), mask)
-        with SlideReader(spec, level=1) as reader:  # the tiler's own detection, by the contract rule
+        with SlideReader(spec, level=1) as reader:  # the tiler's own detection (docs/design.md §2)
             detected = detect_tissue(reader.thumbnail(f))
         level1, tumour1 = pyramid_levels(image, 2)[1], tumour[::2, ::2]
         expected[split] = brute_force(slide_id, "", level1, tumour1, upsample(detected, f, tumour1.shape),
-                                      P, S, d=2, min_tumor_pixels=3, min_tissue_ratio=0.25)
+                                      P, S, d=2, min_tumour_pixels=3, min_tissue_ratio=0.25)
     manifest = write_manifest(tmp_path / "manifest.csv", rows)
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="split 'validation' has no patches"):
         assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P),
-                     "--stride", str(S), "--level", "1", "--tissue-factor", str(f), "--min-tumor-pixels", "3",
+                     "--stride", str(S), "--level", "1", "--tissue-factor", str(f), "--min-tumour-pixels", "3",
                      "--min-tissue-ratio", "0.25"]) == 0
     assert all(expected.values())
     check_dataset(out, expected, 3, np.uint8)
-    meta = tfds.builder_from_directory(os.fspath(out)).info.metadata
-    assert (meta["level"], meta["level_downsample"], meta["min_tumor_pixels"], meta["min_tissue_ratio"]) == (
+    meta = dataset.read_metadata(out)
+    assert (meta["level"], meta["level_downsample"], meta["min_tumour_pixels"], meta["min_tissue_ratio"]) == (
         1, 2, 3, 0.25)
 
 
@@ -421,45 +426,14 @@ def test_manifest_errors_are_named(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Grid arithmetic and splits
+# QC masks and thumbnails; the CLI's flags
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("P, S, W", [(5, 5, 23), (5, 3, 23), (4, 7, 30), (6, 2, 6), (8, 4, 7)])
-def test_window_counts_and_chunks_match_brute_force(P, S, W):
-    band = np.random.default_rng(P * 100 + S).random((P, W)) < 0.3
-    starts = tiling.grid_origins(W, P, S)
-    assert starts.tolist() == [x for x in range(0, W, S) if x + P <= W]
-    np.testing.assert_array_equal(tiling.window_counts(band, starts, P), [band[:, x:x + P].sum() for x in starts])
-    for max_width in (1, P, P + S, 3 * P + 1, 10**6):
-        chunks = tiling.group_windows(starts, P, S, max_width)
-        assert np.concatenate(chunks or [np.zeros(0, np.int64)]).tolist() == starts.tolist()
-        assert all(c[-1] + P - c[0] <= max(max_width, P) for c in chunks)
-
-
-@pytest.mark.parametrize("shape, P, S", [((50, 61), 8, 8), ((50, 61), 8, 5), ((40, 33), 6, 9), ((7, 30), 8, 8)])
-@pytest.mark.parametrize("budget", [1, 8 * 8 * 3, 8 * 30 * 3, 30 * 61 * 3, 10**9])
-def test_scan_plan_visits_every_position_in_row_major_order_within_budget(shape, P, S, budget):
-    plan = tiling.scan_plan(shape, P, S, 3, budget)
-    visited = [(y, x) for ys, xs in plan for y in ys.tolist() for x in xs.tolist()]
-    assert visited == [(y, x) for y in range(0, shape[0] - P + 1, S) for x in range(0, shape[1] - P + 1, S)]
-    for ys, xs in plan:
-        rows, cols = ys[-1] + P - ys[0], xs[-1] + P - xs[0]
-        assert rows * cols * 3 <= budget or (len(ys) == 1 and len(xs) == 1), (ys, xs)
-        assert len(ys) == 1 or S <= P
-
-
-@pytest.mark.parametrize("y, x, h, w", [(3, 5, 17, 11), (0, 0, 24, 20), (16, 13, 9, 9), (21, 2, 1, 1)])
-def test_lowres_window_is_nearest_upsampling(y, x, h, w):
-    lowres = np.random.default_rng(3).random((6, 5)) < 0.5
-    truth = np.array([[lowres[min(i // 4, 5), min(j // 4, 4)] for j in range(x, x + w)] for i in range(y, y + h)])
-    np.testing.assert_array_equal(tiling.lowres_window(lowres, 4, y, x, h, w), truth)
-
-
 def test_qc_rows_collect_every_fth_pixel_of_the_scanned_area():
     rng = np.random.default_rng(4)
     tumour, tissue = rng.random((70, 53)) < 0.5, rng.random((70, 53)) < 0.5
     P, S, f = 8, 6, 3
     qc_tumour, qc_tissue = np.zeros((24, 18), bool), np.zeros((24, 18), bool)
-    for ys, xs in tiling.scan_plan(tumour.shape, P, S, 1, 20 * P):
+    for ys, xs in scan_plan(tumour.shape, P, S, 1, 20 * P):
         y0, x0, h, w = ys[0], xs[0], ys[-1] + P - ys[0], xs[-1] + P - xs[0]
         tiling._record_qc_rows(qc_tissue, qc_tumour, tissue[y0:y0 + h, x0:x0 + w],
                                tumour[y0:y0 + h, x0:x0 + w], y0, x0, f)
@@ -482,39 +456,9 @@ def test_qc_composite_gives_every_channel_a_colour(channels):
     if channels == 3:
         assert lit == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
 
-
-def spec(slide_id, patient=None, split=None):
-    return SlideSpec(slide_id, (pathlib.Path("i.tif"),), pathlib.Path("m.tif"), patient_id=patient, split=split)
-
-
-def test_patient_splits_are_disjoint_seeded_and_follow_fractions():
-    specs = [spec(f"s{i}", f"p{i // 3}" if i < 60 else None) for i in range(90)]  # 20 patients + 30 alone
-    split_of = tiling.assign_splits(specs, (0.6, 0.2, 0.2), seed=0)
-    assert split_of == tiling.assign_splits(specs, (0.6, 0.2, 0.2), seed=0)
-    assert split_of != tiling.assign_splits(specs, (0.6, 0.2, 0.2), seed=1)
-    by_patient = {}
-    for s in specs:
-        by_patient.setdefault(s.patient_id or s.slide_id, set()).add(split_of[s.slide_id])
-    assert all(len(splits) == 1 for splits in by_patient.values())
-    groups = [next(iter(v)) for v in by_patient.values()]
-    assert [groups.count(name) for name in ("train", "validation", "test")] == [30, 10, 10]
-
-
-def test_split_counts_keep_every_split_when_possible():
-    assert tiling.split_counts(3, (0.6, 0.2, 0.2)) == [1, 1, 1]
-    assert tiling.split_counts(2, (0.6, 0.2, 0.2)) == [1, 1, 0]  # 1.2, 0.4, 0.4: remainder to validation
-    assert tiling.split_counts(10, (0.7, 0.3, 0.0)) == [7, 3, 0]
-    assert tiling.split_counts(7, (0.6, 0.2, 0.2)) == [4, 2, 1]  # 4.2, 1.4, 1.4: tie goes to the earlier
-    for n in range(1, 40):
-        assert sum(tiling.split_counts(n, (0.5, 0.3, 0.2))) == n
-
-
-def test_manifest_splits_win_and_must_be_complete():
-    specs = [spec("a", "p", "train"), spec("b", "q", "test")]
-    assert tiling.assign_splits(specs, (0.6, 0.2, 0.2), 0) == {"a": "train", "b": "test"}
-    with pytest.raises(ValueError, match=r"split column is empty for slide\(s\) \['c'\]"):
-        tiling.assign_splits(specs + [spec("c")], (0.6, 0.2, 0.2), 0)
-    with pytest.warns(UserWarning, match="one patient in several splits"):
-        tiling.assign_splits([spec("a", "p", "train"), spec("b", "p", "test")], (0.6, 0.2, 0.2), 0)
-    with pytest.raises(ValueError, match="--split-fractions"):
-        tiling.assign_splits([spec("a")], (0.5, 0.2, 0.2), 0)
+def test_the_first_versions_flag_spelling_still_works():
+    parser = argparse.ArgumentParser()
+    tile_manifest.add_arguments(parser)
+    required = ["--manifest", "m.csv", "--out", "o", "--patch-size", "8"]
+    for flag in ("--min-tumour-pixels", "--min-tumor-pixels"):
+        assert parser.parse_args(required + [flag, "4"]).min_tumour_pixels == 4

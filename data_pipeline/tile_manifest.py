@@ -1,0 +1,294 @@
+"""`python -m data_pipeline tile`: the slides of a manifest -> a DATA_DIR of TFDS patch shards.
+
+The DATA_DIR layout is declared in gerne_jax/dataset.py; the patch definitions are in docs/design.md §2
+and `data_pipeline.tiling`, which tiles one slide. This module runs a whole manifest:
+1. read the manifest, assign splits (`data_pipeline.splits`), and read every slide's header: the
+   dataset format (channels, dtype, level downsample) comes from the first readable slide;
+2. tile the slides not finished yet in worker processes (`--workers`), with progress bars;
+   finished slides (same settings and files) are resumed from their sidecars;
+3. publish the finished files as the TFDS dataset (`shards.finalize_dataset`): per split, slides
+   sorted by id, shard i = slide i.
+
+Errors: a slide's SlideError stops the run before anything of that slide is published (exit 1).
+With `--skip-errors` the other slides finish, failures are listed at the end and in
+`tiling_report.json`, and the exit code is 0 unless every slide failed.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import pathlib
+import queue
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline import shards
+from data_pipeline.grid import THUMBNAIL_SIDE, grid_origins
+from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
+from data_pipeline.slides import SlideReader
+from data_pipeline.splits import assign_splits
+from data_pipeline.tiling import (WORK_DIR, SlideFormat, TilingConfig, config_on_disk, format_mismatch,
+                                  load_finished, slide_format, slide_paths, tile_slide)
+from gerne_jax import dataset, files
+
+REPORT_FILE = "tiling_report.json"
+SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------------------------------
+class _QueueProgress:
+    """Picklable progress callback of a worker process: sends counts to the parent's queue."""
+
+    def __init__(self, progress_queue):
+        self.progress_queue = progress_queue
+
+    def __call__(self, positions: int) -> None:
+        self.progress_queue.put(positions)
+
+
+def _tile_job(spec: SlideSpec, data_dir: pathlib.Path, config: TilingConfig, expected: SlideFormat,
+              progress: Callable[[int], None]) -> dict[str, Any]:
+    """Runs `tile_slide` and turns its failure into a result, so the parent decides what to do."""
+    try:
+        sidecar = tile_slide(spec, data_dir, config, expected, progress)
+    except SlideError as error:
+        return {"slide_id": spec.slide_id, "status": "failed", "error": str(error), "exception": error}
+    except Exception as error:  # noqa: BLE001 - reported, and re-raised without --skip-errors
+        return {"slide_id": spec.slide_id, "status": "failed", "error": f"{type(error).__name__}: {error}",
+                "exception": RuntimeError(f"slide {spec.slide_id!r}: unexpected error\n"
+                                          f"{traceback.format_exc()}")}
+    return {"slide_id": spec.slide_id, "status": "tiled", "sidecar": sidecar}
+
+
+def _run_jobs(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: TilingConfig,
+              expected: SlideFormat, workers: int, total_positions: int, show_progress: bool):
+    """Yields one result per job as slides finish, with progress bars. Closing the generator (the
+    caller stopping on an error) cancels the slides not started yet."""
+    slide_bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not show_progress)
+    patch_bar = tqdm(total=total_positions, desc="grid positions", unit="pos", position=1,
+                     disable=not show_progress, smoothing=0.05)
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            for spec in jobs:
+                result = _tile_job(spec, data_dir, config, expected, patch_bar.update)
+                slide_bar.update()
+                yield result
+            return
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(workers, len(jobs)), mp_context=context) as executor:
+            progress_queue = manager.Queue()
+            pending = set()
+            try:
+                pending = {executor.submit(_tile_job, spec, data_dir, config, expected,
+                                           _QueueProgress(progress_queue)) for spec in jobs}
+                while pending:
+                    done, pending = concurrent.futures.wait(
+                        pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
+                    _drain(progress_queue, patch_bar)
+                    for future in done:
+                        slide_bar.update()
+                        yield future.result()
+            finally:
+                for future in pending:
+                    future.cancel()
+    finally:
+        patch_bar.close()
+        slide_bar.close()
+
+
+def _drain(progress_queue, bar) -> None:
+    while True:
+        try:
+            bar.update(progress_queue.get_nowait())
+        except queue.Empty:
+            return
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------------
+def tile_manifest(
+    manifest: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    config: TilingConfig,
+    *,
+    workers: int = 1,
+    skip_errors: bool = False,
+    split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Tiles every slide of `manifest` into the dataset `data_dir`; returns the report (also written
+    to `tiling_report.json`). Raises SlideError on a bad slide unless `skip_errors`."""
+    data_dir = pathlib.Path(data_dir)
+    specs = read_manifest(manifest)
+    for spec in specs:
+        if not SLIDE_ID_PATTERN.fullmatch(spec.slide_id):
+            raise SlideError(spec.slide_id, manifest, "slide_id is used as a file name: use letters, "
+                             "digits, '.', '_' and '-' (not starting with '.', '_' or '-')")
+    split_of = assign_splits(specs, split_fractions, seed)
+    (data_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
+
+    report: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+
+    def fail(slide_id: str, error: Exception) -> None:
+        failures[slide_id] = str(error)
+        report[slide_id] = {"status": "failed", "split": split_of[slide_id], "error": str(error)}
+        if not skip_errors:
+            _write_report(data_dir, report, config)
+            raise error
+
+    # Header pass: the dataset format (first readable slide) and the grid sizes for the progress bar.
+    expected: SlideFormat | None = None
+    positions: dict[str, int] = {}
+    for spec in specs:
+        try:
+            with SlideReader(spec, level=config.level, downsample=config.downsample,
+                             tumour_ids=config.tumour_ids) as reader:
+                found = slide_format(reader)
+                positions[spec.slide_id] = (len(grid_origins(reader.shape[0], config.patch_size, config.stride))
+                                            * len(grid_origins(reader.shape[1], config.patch_size, config.stride)))
+        except SlideError as error:
+            fail(spec.slide_id, error)
+            continue
+        expected = expected or found
+        if found != expected:
+            fail(spec.slide_id, format_mismatch(spec, found, expected))
+
+    sidecars: dict[str, dict[str, Any]] = {}
+    jobs = []
+    for spec in specs:
+        if spec.slide_id in failures:
+            continue
+        finished = load_finished(data_dir, spec, config)
+        if finished is not None:
+            sidecars[spec.slide_id] = finished
+            report[spec.slide_id] = {"status": "resumed"}
+        else:
+            jobs.append(spec)
+    if sidecars:
+        print(f"resuming: {len(sidecars)} slide(s) already tiled, {len(jobs)} to go")
+    for result in _run_jobs(jobs, data_dir, config, expected, workers,
+                            sum(positions[s.slide_id] for s in jobs), show_progress):
+        if result["status"] == "failed":
+            fail(result["slide_id"], result["exception"])
+        else:
+            sidecars[result["slide_id"]] = result["sidecar"]
+            report[result["slide_id"]] = {"status": "tiled"}
+
+    for slide_id, sidecar in sidecars.items():
+        labels = np.array([r["label"] for r in sidecar["rows"]], np.int64)
+        report[slide_id].update(split=split_of[slide_id], patches=len(labels),
+                                tumour_patches=int(labels.sum()), non_tumour_patches=int((labels == 0).sum()))
+        if not len(labels):
+            height, width = sidecar["shape"]
+            warnings.warn(f"slide {slide_id!r}: no patch kept ({height} x {width} pixels at the tiled "
+                          f"level, patch size {config.patch_size}, tissue ratio must exceed "
+                          f"{config.min_tissue_ratio}); nothing of it is in the dataset", stacklevel=2)
+    if failures:
+        print(f"{len(failures)} slide(s) failed and were skipped:", file=sys.stderr)
+        for message in failures.values():
+            print(f"  {message}", file=sys.stderr)
+    _write_report(data_dir, report, config)
+    if sidecars:
+        _publish(data_dir, sidecars, split_of, config, expected)
+    return {"slides": report, "failed": sorted(failures)}
+
+
+def _publish(data_dir: pathlib.Path, sidecars: Mapping[str, dict[str, Any]], split_of: Mapping[str, str],
+             config: TilingConfig, dataset_format: SlideFormat) -> None:
+    parts_by_split: dict[str, list[shards.ShardPart]] = {split: [] for split in dataset.SPLITS}
+    for slide_id in sorted(sidecars):
+        sidecar = sidecars[slide_id]
+        parts_by_split[split_of[slide_id]].append(shards.ShardPart(
+            slide_paths(data_dir, slide_id)["records"], sidecar["rows"],
+            shards.ChannelMoments.from_json(sidecar["moments"])))
+    for split, parts in parts_by_split.items():
+        if not any(part.rows for part in parts):
+            warnings.warn(f"split {split!r} has no patches; it is left out of the dataset", stacklevel=2)
+    features = shards.patch_features(config.patch_size, dataset_format.num_channels, dataset_format.dtype)
+    metadata = {"channel_names": list(dataset_format.channel_names), "patch_size": config.patch_size,
+                "stride": config.stride, "level": config.level,
+                "level_downsample": dataset_format.level_downsample,
+                "source_dtype": dataset_format.dtype, "min_tumour_pixels": config.min_tumour_pixels,
+                "min_tissue_ratio": config.min_tissue_ratio}
+    sizes = shards.finalize_dataset(data_dir, parts_by_split, features, metadata)
+    print("patches per split: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
+
+
+def _write_report(data_dir: pathlib.Path, report: Mapping[str, Any], config: TilingConfig) -> None:
+    content = {"config": config_on_disk(config), "slides": dict(sorted(report.items()))}
+    files.write_text_atomic(data_dir / REPORT_FILE, json.dumps(content, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, type=pathlib.Path, help="slide manifest CSV")
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="output dataset folder (DATA_DIR)")
+    parser.add_argument("--patch-size", required=True, type=_positive_int, help="patch side P in pixels")
+    parser.add_argument("--stride", type=_positive_int, default=None, help="grid stride S (default P)")
+    parser.add_argument("--level", type=int, default=0, help="pyramid level to tile")
+    parser.add_argument("--downsample", type=_positive_int, default=None,
+                        help="tile at this downsample of level 0 (pyramid level or area mean)")
+    parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
+    parser.add_argument("--skip-errors", action="store_true",
+                        help="skip broken slides and report them (exit 0 unless every slide failed)")
+    parser.add_argument("--min-tumour-pixels", "--min-tumor-pixels", type=_positive_int, default=1,
+                        help="tumour pixels that make a patch label 1 (--min-tumor-pixels: the first "
+                             "version's spelling, still accepted)")
+    parser.add_argument("--min-tissue-ratio", type=float, default=0.0,
+                        help="keep patches whose tissue ratio is above this")
+    parser.add_argument("--tissue-polarity", choices=("auto", "dark", "bright"), default="auto",
+                        help="background of the tissue detection")
+    parser.add_argument("--tissue-factor", type=_positive_int, default=None,
+                        help=f"tissue detection at 1/F of the tiled level (default: the smallest power "
+                             f"of 2 giving a long side <= {THUMBNAIL_SIDE} px)")
+    parser.add_argument("--tumour-ids", type=int, nargs="+", default=None,
+                        help="mask labels that are tumour (for label-map masks)")
+    parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2),
+                        metavar=("TRAIN", "VALIDATION", "TEST"),
+                        help="split by patient with these fractions when the manifest has no split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = TilingConfig(
+            patch_size=args.patch_size, stride=args.stride or args.patch_size, level=args.level,
+            downsample=args.downsample, min_tumour_pixels=args.min_tumour_pixels,
+            min_tissue_ratio=args.min_tissue_ratio, tissue_polarity=args.tissue_polarity,
+            tumour_ids=tuple(args.tumour_ids) if args.tumour_ids else None,
+            tissue_factor=args.tissue_factor)
+        report = tile_manifest(args.manifest, args.out, config, workers=args.workers,
+                               skip_errors=args.skip_errors, split_fractions=args.split_fractions,
+                               seed=args.seed)
+    except (SlideError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if report["failed"] and len(report["failed"]) == len(report["slides"]):
+        print("error: every slide failed", file=sys.stderr)
+        return 1
+    return 0
