@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from data_pipeline import shards
-from gerne_jax import groups, input_pipeline
+from gerne_jax import dataset, groups, input_pipeline
 
 
 def write_data_dir(data_dir: pathlib.Path, num_examples: int, patch_size: int, channels: int) -> None:
@@ -39,8 +39,8 @@ def write_data_dir(data_dir: pathlib.Path, num_examples: int, patch_size: int, c
 
 def paired_patches_per_second(split: dict, metadata: dict, batch_per_group: int, steps: int, tau: float,
                               label: str) -> float:
-    attribute = groups.attribute_from_tissue_ratio(split["tissue_ratio"], [tau])
-    plan = groups.make_batch_plan(groups.group_counts(split["label"], attribute, 2, 2), c=0.5, beta=1.0,
+    attribute = dataset.attribute_from_tissue_ratio(split["tissue_ratio"], [tau])
+    plan = groups.make_batch_plan(dataset.group_counts(split["label"], attribute, 2, 2), c=0.5, beta=1.0,
                                   batch_per_group=batch_per_group)
     batches = input_pipeline.train_dataset(
         split["image"], split["label"], attribute, plan, seed=0, channel_mean=metadata["channel_mean"],
@@ -83,7 +83,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = pathlib.Path(tmp)
             write_data_dir(data_dir, args.examples, patch_size, args.channels)
-            metadata = input_pipeline.read_metadata(data_dir)
+            metadata = dataset.read_metadata(data_dir)
             rates = {}
             for in_memory in (True, False):
                 split = input_pipeline.load_split(data_dir, "train", in_memory=in_memory)

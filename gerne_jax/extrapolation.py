@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -46,10 +47,20 @@ def extrapolate(beta: float | jnp.ndarray) -> optax.GradientTransformationExtraA
         del params, extra_args
         if biased_updates is None:
             return updates, state
+        _check_same_shapes(updates, biased_updates)
         difference = optax.tree.sub(updates, biased_updates)
         return optax.tree.add_scale(updates, beta, difference), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_same_shapes(updates: optax.Updates, biased_updates: optax.Updates) -> None:
+    """A clear error instead of a silent broadcast when the two gradients do not match leaf for leaf."""
+    shapes = jax.tree.map(jnp.shape, updates)
+    biased_shapes = jax.tree.map(jnp.shape, biased_updates)
+    if jax.tree.structure(updates) != jax.tree.structure(biased_updates) or shapes != biased_shapes:
+        raise ValueError("extrapolate: biased_updates must be shaped like updates (one gradient per "
+                         f"parameter); got {biased_shapes} for updates {shapes}")
 
 
 def gerne_sgd(learning_rate: float | jnp.ndarray, beta: float | jnp.ndarray, momentum: float = 0.9,

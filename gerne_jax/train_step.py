@@ -81,7 +81,8 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
     Metrics of a paired batch: `loss_biased`, `loss_less_biased`, `accuracy_biased`,
     `accuracy_less_biased`, `grad_norm_biased`, `grad_norm_less_biased`, `grad_cosine` (the three
     NaN on the folded path), `grad_norm` (of the extrapolated gradient, before weight decay),
-    `learning_rate`, `beta`. Of a single batch: `loss`, `accuracy`, `grad_norm`, `learning_rate`.
+    `learning_rate`, `beta`. Of a single batch: `loss`, `accuracy`, `grad_norm`, `learning_rate`. Both:
+    `param_norm`, the norm of the updated parameters (the loop checks it before saving a state).
     """
     norm = model.norm
     if norm not in NORM_MODES:
@@ -141,7 +142,7 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
             state.params, state.batch_stats, images[0], labels[0])
         state = state.apply_gradients(grads=grads, batch_stats=new_stats)
         return state, {"loss": loss, "accuracy": accuracy(logits, labels[0]),
-                       "grad_norm": optax.tree.norm(grads),
+                       "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
                        "learning_rate": extrapolation.hyperparameters(state.opt_state)["learning_rate"]}
 
     def paired_step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
@@ -172,7 +173,8 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
             "loss_biased": losses[BIASED], "loss_less_biased": losses[LESS_BIASED],
             "accuracy_biased": accuracy(logits[BIASED], labels[BIASED]),
             "accuracy_less_biased": accuracy(logits[LESS_BIASED], labels[LESS_BIASED]),
-            **grad_metrics, **extrapolation.hyperparameters(state.opt_state)}
+            **grad_metrics, "param_norm": optax.tree.norm(state.params),
+            **extrapolation.hyperparameters(state.opt_state)}
         return state, metrics
 
     def local_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:

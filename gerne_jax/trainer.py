@@ -106,12 +106,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         fetched = jax.device_get(pending)
         first, last = fetched[0][0], fetched[-1][0]
         pending.clear()
+        saved = ckpt.latest_step()
+        last_good = (f"the last good checkpoint is step {saved} in {ckpt.root}" if saved
+                     else "no checkpoint was saved before it")
         for step, values in fetched:
+            # The loss is that of the parameters before the step, the norm that of those after it.
             loss = values.get("loss", values.get("loss_less_biased"))
-            if not np.isfinite(loss):
+            if not (np.isfinite(loss) and np.isfinite(values["param_norm"])):
                 raise NonFiniteLossError(
-                    f"non-finite loss {loss} at step {step} (steps {first}-{last} checked together); the "
-                    f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.root}. Lower "
+                    f"non-finite loss {loss} or parameters (norm {values['param_norm']}) at step {step} "
+                    f"(steps {first}-{last} checked together); {last_good}. Lower "
                     f"optimizer.learning_rate or method.beta (allowed up to beta_max = "
                     f"{method.plan.beta_max:.4g}).")
         return fetched[-1][1]

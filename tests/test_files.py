@@ -30,3 +30,18 @@ def test_temporary_names_differ_between_processes(tmp_path):
     mine = files.temporary_path(path)
     assert mine != pathlib.Path(other)
     assert mine.parent == path.parent and mine.name.startswith(path.name) and str(os.getpid()) in mine.name
+
+
+def test_save_figure_writes_a_whole_png_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots()
+    axis.plot([0, 1], [1, 0])
+    path = tmp_path / "plots" / "error.png"  # the folder is created
+    files.save_figure(fig, path)
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert not plt.fignum_exists(fig.number)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["error.png"]

@@ -1,4 +1,8 @@
-"""Tests of gerne_jax.groups against brute-force references and SPEC section 3's formulas."""
+"""Tests of the groups and the batch plan against brute-force references and docs/design.md §3's formulas.
+
+The group definitions (attribute bins, group ids and counts, largest-remainder rounding) live in
+`gerne_jax.dataset`, the alpha table, beta_max and the batch plan in `gerne_jax.groups`.
+"""
 from __future__ import annotations
 
 import itertools
@@ -6,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gerne_jax import groups
+from gerne_jax import dataset, groups
 
 
 def brute_force_rounding(quotas: np.ndarray, total: int) -> np.ndarray:
@@ -23,7 +27,7 @@ def brute_force_rounding(quotas: np.ndarray, total: int) -> np.ndarray:
 
 
 def p_ext(alpha: np.ndarray, c: float, beta: float, targets: np.ndarray) -> np.ndarray:
-    """SPEC's extrapolated sampling weights `alpha + c (beta + 1) (u - alpha)`."""
+    """docs/design.md §3's extrapolated sampling weights `alpha + c (beta + 1) (u - alpha)`."""
     return alpha + c * (beta + 1) * (targets - alpha)
 
 
@@ -32,21 +36,21 @@ def test_attribute_from_tissue_ratio_counts_thresholds_reached():
     taus = [0.03, 0.1, 0.2]
     ratio = np.concatenate([rng.uniform(0, 1, 500), taus, [0.0, 1.0]])
     expected = np.array([sum(r >= tau for tau in taus) for r in ratio])
-    np.testing.assert_array_equal(groups.attribute_from_tissue_ratio(ratio, taus), expected)
-    np.testing.assert_array_equal(groups.attribute_from_tissue_ratio([0.099, 0.1], [0.1]), [0, 1])
+    np.testing.assert_array_equal(dataset.attribute_from_tissue_ratio(ratio, taus), expected)
+    np.testing.assert_array_equal(dataset.attribute_from_tissue_ratio([0.099, 0.1], [0.1]), [0, 1])
 
 
 @pytest.mark.parametrize("taus", [[0.2, 0.1], [0.1, 0.1], [], [np.nan]])
 def test_attribute_from_tissue_ratio_rejects_bad_thresholds(taus):
     with pytest.raises(ValueError, match="taus"):
-        groups.attribute_from_tissue_ratio([0.5], taus)
+        dataset.attribute_from_tissue_ratio([0.5], taus)
 
 
 def test_group_counts_and_alpha_match_loops():
     rng = np.random.default_rng(1)
     label, attribute = rng.integers(0, 3, 400), rng.integers(0, 4, 400)
-    counts = groups.group_counts(label, attribute, 3, 4)
-    ids = groups.group_ids(label, attribute, 3, 4)
+    counts = dataset.group_counts(label, attribute, 3, 4)
+    ids = dataset.group_ids(label, attribute, 3, 4)
     for y in range(3):
         for a in range(4):
             members = (label == y) & (attribute == a)
@@ -57,9 +61,9 @@ def test_group_counts_and_alpha_match_loops():
 
 def test_group_ids_names_the_bad_example():
     with pytest.raises(ValueError, match="attribute must lie in \\[0, 1\\]; example 2 has 2"):
-        groups.group_ids(np.array([0, 1, 1]), np.array([0, 1, 2]), 2, 2)
+        dataset.group_ids(np.array([0, 1, 1]), np.array([0, 1, 2]), 2, 2)
     with pytest.raises(ValueError, match="integers"):
-        groups.group_ids(np.array([0, 1]), np.array([0.0, 1.0]), 2, 2)
+        dataset.group_ids(np.array([0, 1]), np.array([0.0, 1.0]), 2, 2)
 
 
 def test_largest_remainder_matches_brute_force():
@@ -68,20 +72,20 @@ def test_largest_remainder_matches_brute_force():
         bins = int(rng.integers(2, 5))
         total = bins * int(rng.integers(1, 5))
         shares = rng.dirichlet(np.full(bins, 0.5))
-        counts = groups.largest_remainder(shares, total)[0]
+        counts = dataset.largest_remainder(shares, total)[0]
         np.testing.assert_array_equal(counts, brute_force_rounding(shares * total, total))
         assert counts.sum() == total
 
 
 def test_largest_remainder_rows_sum_exactly_with_awkward_shares():
     shares = np.array([[1 / 3, 1 / 3, 1 / 3], [0.1, 0.7, 0.2], [1.0, 0.0, 0.0], [0.3, 0.3, 0.4]])
-    counts = groups.largest_remainder(shares, 10)
+    counts = dataset.largest_remainder(shares, 10)
     np.testing.assert_array_equal(counts.sum(axis=1), 10)
     assert np.all(np.abs(counts - shares * 10) < 1)
     np.testing.assert_array_equal(counts[1:], [[1, 7, 2], [10, 0, 0], [3, 3, 4]])
 
 
-def test_beta_max_spec_example():
+def test_beta_max_design_example():
     alpha = np.array([[0.995] + [0.005 / 9] * 9])
     assert groups.beta_max(alpha, 0.5) == pytest.approx(0.995 / (0.5 * (0.995 - 0.1)) - 1)
     assert groups.beta_max(alpha, 0.5) == pytest.approx(1.22, abs=0.005)
@@ -127,7 +131,7 @@ def test_window_sizes_unequal_counts_share_corr_of_the_smaller():
     np.testing.assert_array_equal(groups.overlap_window_sizes(n_b, n_lb, 1.0), np.maximum(n_b, n_lb))
 
 
-def test_batch_plan_counts_follow_spec_shares():
+def test_batch_plan_counts_follow_design_shares():
     rng = np.random.default_rng(4)
     for _ in range(20):
         counts = rng.integers(1, 1000, size=(2, 3))
@@ -157,7 +161,7 @@ def test_beta_outside_range_prints_alpha_table_and_range():
     upper = 0.95 / (0.5 * (0.95 - 0.5)) - 1
     with pytest.raises(ValueError) as error:
         groups.make_batch_plan(counts, c=0.5, beta=upper + 0.01, batch_per_group=8,
-                               class_names=["non_tumour", "tumour"], bin_names=groups.tissue_bin_names([0.1]))
+                               class_names=["non_tumour", "tumour"], bin_names=dataset.tissue_bin_names([0.1]))
     message = str(error.value)
     assert "beta_max" in message and f"[-1, {upper:.6g}]" in message
     assert "alpha[y, a]" in message and "0.9500 (950)" in message and "r >= 0.1" in message
@@ -210,4 +214,4 @@ def test_rounding_that_makes_a_group_weight_negative_is_refused():
 
 
 def test_tissue_bin_names():
-    assert groups.tissue_bin_names([0.03, 0.1]) == ("r < 0.03", "0.03 <= r < 0.1", "r >= 0.1")
+    assert dataset.tissue_bin_names([0.03, 0.1]) == ("r < 0.03", "0.03 <= r < 0.1", "r >= 0.1")

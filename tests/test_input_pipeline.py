@@ -1,4 +1,5 @@
-"""Tests of gerne_jax.input_pipeline: paired batches per the plan, resume, process shares, eval, DATA_DIR.
+"""Tests of gerne_jax.input_pipeline: paired batches per the plan, the rows a method loads, resume,
+process shares, evaluation batches, DATA_DIR loading (docs/design.md §2 and §7).
 
 Images encode their own example index (every pixel of image i holds i in channel 0), so each test reads
 back which examples a batch holds and checks labels and groups against a brute-force computation.
@@ -10,8 +11,8 @@ import itertools
 import numpy as np
 import pytest
 
-from data_pipeline import shards
-from gerne_jax import groups, input_pipeline
+from configs import tiny
+from gerne_jax import dataset, groups, input_pipeline, methods
 
 TAUS = [0.1]
 
@@ -29,7 +30,7 @@ def make_examples(num_examples: int = 3000, patch_size: int = 2, seed: int = 0):
 
 
 def make_plan(label, attribute, batch_per_group=32, **kwargs):
-    counts = groups.group_counts(label, attribute, 2, 1 + attribute.max())
+    counts = dataset.group_counts(label, attribute, 2, 1 + attribute.max())
     config = dict(c=0.5, beta=1.0, corr=0.5) | kwargs
     return groups.make_batch_plan(counts, batch_per_group=batch_per_group, **config)
 
@@ -49,18 +50,19 @@ def test_paired_batches_follow_plan_over_2000_steps():
     attribute = (ratio >= TAUS[0]).astype(np.int64)                 # brute-force attribute
     plan = make_plan(label, attribute, batch_per_group=32)
     alpha = np.array([[np.mean(attribute[label == y] == a) for a in range(2)] for y in range(2)])
-    spec_shares = np.stack([alpha, 0.5 * alpha + 0.5 / 2]) / 2       # share of the whole batch, K = 2
+    design_shares = np.stack([alpha, 0.5 * alpha + 0.5 / 2]) / 2     # share of the whole batch, K = 2
     batches = stream(images, label, attribute, plan)
     for _ in range(2000):
         batch = next(batches)
+        assert set(batch) == {"image", "label"}
         index = decode_index(batch["image"])
         np.testing.assert_array_equal(batch["label"], label[index])
-        np.testing.assert_array_equal(batch["group"], 2 * label[index] + attribute[index])
+        group = 2 * label[index] + attribute[index]
         for which in range(2):
             classes = np.bincount(batch["label"][which], minlength=2)
             np.testing.assert_array_equal(classes, [64, 64])         # class-balanced: A * B each
-            shares = np.bincount(batch["group"][which], minlength=4).reshape(2, 2) / 128
-            assert np.max(np.abs(shares - spec_shares[which])) < 0.01
+            shares = np.bincount(group[which], minlength=4).reshape(2, 2) / 128
+            assert np.max(np.abs(shares - design_shares[which])) < 0.01
 
 
 def test_sampler_overlap_window():
@@ -87,7 +89,7 @@ def test_sampler_overlap_window():
 def test_small_group_repeats_members():
     label = np.array([0] * 50 + [1] * 50)
     attribute = np.array([0] * 48 + [1] * 2 + [1] * 50)               # group (0, 1) has 2 members
-    plan = groups.make_batch_plan(groups.group_counts(label, attribute, 2, 2), c=1.0, beta=0.0,
+    plan = groups.make_batch_plan(dataset.group_counts(label, attribute, 2, 2), c=1.0, beta=0.0,
                                   batch_per_group=8, empty_group="drop")
     sampler = input_pipeline.PairedIndexSampler(plan, label, attribute, seed=0)
     _, less_biased = sampler(0)
@@ -97,7 +99,7 @@ def test_small_group_repeats_members():
 
 def test_same_seed_same_stream_and_exact_resume():
     images, label, ratio = make_examples(num_examples=600)
-    attribute = groups.attribute_from_tissue_ratio(ratio, TAUS)
+    attribute = dataset.attribute_from_tissue_ratio(ratio, TAUS)
     plan = make_plan(label, attribute, batch_per_group=4)
     fresh = list(itertools.islice(stream(images, label, attribute, plan, flips=True, rotations=True), 12))
     again = list(itertools.islice(stream(images, label, attribute, plan, flips=True, rotations=True), 12))
@@ -115,14 +117,14 @@ def test_same_seed_same_stream_and_exact_resume():
 
 def test_each_process_gets_its_contiguous_share():
     images, label, ratio = make_examples(num_examples=600)
-    attribute = groups.attribute_from_tissue_ratio(ratio, TAUS)
+    attribute = dataset.attribute_from_tissue_ratio(ratio, TAUS)
     plan = make_plan(label, attribute, batch_per_group=4)             # N = 16
     whole = list(itertools.islice(stream(images, label, attribute, plan, process_index=0, process_count=1), 3))
     for count in (2, 4):
         parts = [list(itertools.islice(stream(images, label, attribute, plan, process_index=p,
                                               process_count=count), 3)) for p in range(count)]
         for step in range(3):
-            for key in ("image", "label", "group"):
+            for key in ("image", "label"):
                 joined = np.concatenate([part[step][key] for part in parts], axis=1)
                 np.testing.assert_array_equal(joined, whole[step][key])
                 assert parts[0][step][key].shape[1] == 16 // count
@@ -177,72 +179,94 @@ def test_normalisation_uses_channel_statistics():
 
 def test_plan_from_other_data_is_refused():
     images, label, ratio = make_examples(num_examples=300)
-    attribute = groups.attribute_from_tissue_ratio(ratio, TAUS)
+    attribute = dataset.attribute_from_tissue_ratio(ratio, TAUS)
     plan = make_plan(label, attribute)
     with pytest.raises(ValueError, match="the plan was made for group counts"):
         input_pipeline.PairedIndexSampler(plan, label, 1 - attribute, seed=0)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_eval_covers_every_example_once(process_count):
-    images, label, ratio = make_examples(num_examples=103)
+def test_eval_covers_every_example_once_in_order(process_count):
+    images, _, _ = make_examples(num_examples=103)
+    images[..., 0] += 1                                              # index + 1: padding decodes to 0
     batch_size = 16
-    seen = []
-    for process in range(process_count):
-        batches = list(input_pipeline.eval_dataset(
-            images, label, batch_size=batch_size, channel_mean=[0, 0], channel_std=[1, 1],
-            fields={"tissue_ratio": ratio}, process_index=process,
-            process_count=process_count).as_numpy_iterator())
+    per_process = [list(input_pipeline.eval_dataset(
+        images, batch_size=batch_size, channel_mean=[0, 0], channel_std=[1, 1], process_index=process,
+        process_count=process_count).as_numpy_iterator()) for process in range(process_count)]
+    for batches in per_process:
         assert len(batches) == 7                                     # ceil(103 / 16), same on every process
         for batch in batches:
+            assert set(batch) == {"image"}
             assert batch["image"].shape == (batch_size // process_count, 2, 2, 2)
-            valid = batch["valid"]
-            index = batch["index"][valid]
-            np.testing.assert_array_equal(decode_index(batch["image"][valid]), index)
-            np.testing.assert_array_equal(batch["label"][valid], label[index])
-            np.testing.assert_array_equal(batch["tissue_ratio"][valid], ratio[index])
-            assert np.all(batch["index"][~valid] == -1)
-            seen.extend(index.tolist())
-    assert sorted(seen) == list(range(103))
+    # Global batch b is the processes' shares of it side by side; the padding sits at the very end.
+    joined = np.concatenate([np.concatenate([batches[b]["image"] for batches in per_process])
+                             for b in range(7)])
+    np.testing.assert_array_equal(decode_index(joined), [*range(1, 104), *[0] * (7 * 16 - 103)])
+    np.testing.assert_array_equal(joined[103:], 0)
+    np.testing.assert_array_equal(joined[:103], images)
 
 
-def write_data_dir(path, images, label, ratio):
-    """A DATA_DIR via the shard writer (train: all examples, validation: the first 30)."""
-    count = label.size
-    def fields(n):
-        return {"image": images[:n], "label": label[:n], "tumor_fraction": label[:n] * 0.5,
-                "tissue_ratio": ratio[:n], "slide_id": np.array([f"s{i % 3}" for i in range(n)]),
-                "patient_id": np.array([f"p{i % 2}" for i in range(n)]), "x": np.arange(n) * 64,
-                "y": np.arange(n) * 32}
-    shards.write_patch_dataset(path, {"train": fields(count), "validation": fields(30)},
-                               channel_names=["index", "noise"])
+class RecordingImages:
+    """An in-memory `ImageSource` that records how many images each read asks for."""
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.shape, self.dtype = images, images.shape, images.dtype
+        self.reads: list[int] = []
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        self.reads.append(int(np.size(indices)))
+        return self.images[indices]
 
 
-def test_data_dir_in_memory_and_lazy_give_the_same_stream(tmp_path):
-    images, label, ratio = make_examples(num_examples=200)
-    images = images.astype(np.float32)
-    write_data_dir(tmp_path, images, label, ratio)
-    metadata = input_pipeline.read_metadata(tmp_path)
-    np.testing.assert_allclose(metadata["channel_mean"], images.reshape(-1, 2).mean(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(metadata["channel_std"], images.reshape(-1, 2).std(axis=0), rtol=1e-5)
-    memory = input_pipeline.load_split(tmp_path, "train")
-    lazy = input_pipeline.load_split(tmp_path, "train", in_memory=False)
-    np.testing.assert_array_equal(memory["image"], images)
-    np.testing.assert_array_equal(lazy["image"][np.array([5, 0, 5, 199])], images[[5, 0, 5, 199]])
+def test_erm_batches_are_the_biased_row_of_gerne_batches():
+    """Same seed and plan: ERM's batch of step t is row 0 of GERNE's pair (augmentations included), and
+    ERM reads only that row's images."""
+    images, label, ratio = make_examples(num_examples=600)
+    attribute = dataset.attribute_from_tissue_ratio(ratio, TAUS)
+    streams, sources = {}, {}
+    for name in ("erm", "gerne"):
+        config = tiny.get_config(name)
+        config.training.batch_per_group, config.data.flips, config.data.rotations = 4, True, True
+        method = methods.from_config(config, label, attribute)
+        sources[name] = RecordingImages(images)
+        streams[name] = list(itertools.islice(method.batches(
+            sources[name], label, attribute, channel_mean=[0, 0], channel_std=[1, 1],
+            start_step=3).as_numpy_iterator(), 4))
+        batch_size = method.plan.batch_size                          # N = K * A * B = 16
+        assert method.rows == ((0,) if name == "erm" else (0, 1))
+        assert sources[name].reads and set(sources[name].reads) == {len(method.rows) * batch_size}
+    for erm, gerne in zip(streams["erm"], streams["gerne"]):
+        assert erm["image"].shape == (1, 16, 2, 2, 2) and gerne["image"].shape == (2, 16, 2, 2, 2)
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(erm[key][0], gerne[key][groups.BIASED])
+
+
+def test_data_dir_in_memory_and_lazy_give_the_same_stream(tiny_data):
+    written = tiny_data.splits
+    train_images = written["train"]["image"]
+    metadata = dataset.read_metadata(tiny_data.path)
+    pixels = train_images.reshape(-1, train_images.shape[-1]).astype(np.float64)
+    np.testing.assert_allclose(metadata["channel_mean"], pixels.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(metadata["channel_std"], pixels.std(axis=0), rtol=1e-5)
+    memory = input_pipeline.load_split(tiny_data.path, "train")
+    lazy = input_pipeline.load_split(tiny_data.path, "train", in_memory=False)
+    np.testing.assert_array_equal(memory["image"], train_images)
+    np.testing.assert_array_equal(lazy["image"][np.array([5, 0, 5, 119])], train_images[[5, 0, 5, 119]])
     for split in (memory, lazy):
-        np.testing.assert_array_equal(split["label"], label)
-        np.testing.assert_allclose(split["tissue_ratio"], ratio)
-        np.testing.assert_array_equal(split["x"], np.arange(200) * 64)
-        assert split["slide_id"][4] == "s1" and split["patient_id"][3] == "p1"
-    validation = input_pipeline.load_split(tmp_path, "validation")
-    np.testing.assert_array_equal(validation["image"], images[:30])
+        for name, dtype in dataset.PATCH_FIELDS.items():
+            np.testing.assert_array_equal(split[name], written["train"][name].astype(dtype))
+    validation = input_pipeline.load_split(tiny_data.path, "validation")
+    np.testing.assert_array_equal(validation["image"], written["validation"]["image"])
 
-    attribute = groups.attribute_from_tissue_ratio(memory["tissue_ratio"], TAUS)
+    attribute = dataset.attribute_from_tissue_ratio(memory["tissue_ratio"], TAUS)
     plan = make_plan(memory["label"], attribute, batch_per_group=4)
-    from_memory = list(itertools.islice(stream(memory["image"], memory["label"], attribute, plan), 3))
-    from_shards = list(itertools.islice(stream(lazy["image"], lazy["label"], attribute, plan), 3))
+    mean, std = metadata["channel_mean"], metadata["channel_std"]
+    from_memory = list(itertools.islice(stream(memory["image"], memory["label"], attribute, plan,
+                                               channel_mean=mean, channel_std=std), 3))
+    from_shards = list(itertools.islice(stream(lazy["image"], lazy["label"], attribute, plan,
+                                               channel_mean=mean, channel_std=std), 3))
     for a, b in zip(from_memory, from_shards):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    with pytest.raises(ValueError, match="no split 'test'"):
-        input_pipeline.load_split(tmp_path, "test")
+    with pytest.raises(ValueError, match="no split 'bogus'"):
+        input_pipeline.load_split(tiny_data.path, "bogus")

@@ -1,46 +1,38 @@
-"""train.py and evaluate.py on a tiny DATA_DIR: resume, failures, checkpoints, reports."""
-import json
-import pathlib
+"""The training loop, train.py and evaluate.py on the tiny DATA_DIR, and the configs.
 
+Training: a killed and resumed run ends exactly where an uninterrupted one does, with no metrics row
+twice; failures (non-finite loss, another config, an invalid config) leave the workdir in a sane state;
+SIGTERM saves before exiting (docs/design.md §7). Evaluation: the reports match a brute-force count on
+the arrays the DATA_DIR was written from (docs/design.md §5).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
 import numpy as np
 import pytest
 
 import evaluate
-import train
 from configs import default, tiny
 from data_pipeline.shards import write_patch_dataset
-from gerne_jax import checkpoints, experiment, train_step
+from gerne_jax import checkpoints, experiment, methods, run_log, sharding, train_step, trainer
+from tests.conftest import TINY_CHANNELS, TINY_PATCH, tiny_split
 
-PATCH = 8
-
-
-def _split(rng, n, slide):
-    label = rng.integers(0, 2, n)
-    tissue_ratio = np.where(label == 1, rng.uniform(0.05, 1.0, n), rng.uniform(0.01, 0.6, n)).astype(np.float32)
-    image = rng.integers(0, 200, (n, PATCH, PATCH, 3)).astype(np.uint8)
-    image[label == 1, :, :, 0] += 40  # a learnable tumour signature in channel 0
-    return {"image": image, "label": label, "tumor_fraction": label * 0.5, "tissue_ratio": tissue_ratio,
-            "slide_id": np.array([f"{slide}{i % 3}" for i in range(n)]),
-            "patient_id": np.array([f"{slide}{i % 3}" for i in range(n)]),
-            "x": np.arange(n) * PATCH, "y": np.zeros(n, np.int64)}
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PATCH_SHAPE = (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    write_patch_dataset(path, {"train": _split(rng, 120, "tr"), "validation": _split(rng, 40, "va"),
-                               "test": _split(rng, 50, "te")}, channel_names=["CARS", "TPEF", "SHG"])
-    return path
-
-
-def _config(data_dir, arg=""):
-    return tiny.get_config(",".join(filter(None, [f"data_dir={data_dir}", arg])))
-
-
-def _restore_latest(workdir, config, data_dir):
+def _restore_latest(workdir, config):
     model = experiment.create_model(config)
-    target = experiment.initial_state(config, model, (PATCH, PATCH, 3), train_step.make_mesh())
+    target = experiment.initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
     run = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
         return run.restore(checkpoints.LATEST, target)
@@ -48,73 +40,117 @@ def _restore_latest(workdir, config, data_dir):
         run.close()
 
 
-def _max_relative_difference(a, b):
-    import jax
-    return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+def _without_timing(rows):
+    """Metrics rows without the one value that depends on the machine's speed."""
+    return [{key: value for key, value in row.items() if key != "images_per_second"} for row in rows]
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
-    config = _config(data_dir)
-    reference = train.train_and_evaluate(config, tmp_path / "reference")
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
+    config = tiny_config()
+    reference = trainer.train_and_evaluate(config, tmp_path / "reference")
 
-    # Kill the run during step 3 (after the step-2 checkpoint) by making the real step raise.
+    # Kill the run as it starts step 4: step 3 is logged, the last checkpoint is step 2, so the resumed
+    # run redoes step 3 and must replace its row.
     real_make_train_step = train_step.make_train_step
 
     def make_killed_step(*args, **kwargs):
         step_fn = real_make_train_step(*args, **kwargs)
 
         def step(state, batch):
-            if int(state.step) == 2:
+            if int(state.step) == 3:
                 raise KeyboardInterrupt("simulated kill")
             return step_fn(state, batch)
         return step
 
     monkeypatch.setattr(train_step, "make_train_step", make_killed_step)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, tmp_path / "killed")
+        trainer.train_and_evaluate(config, tmp_path / "killed")
+    killed_rows = run_log.read_metrics(tmp_path / "killed")
+    assert max(row["step"] for row in killed_rows) == 3
     monkeypatch.setattr(train_step, "make_train_step", real_make_train_step)
-    resumed = train.train_and_evaluate(config, tmp_path / "killed")
+    resumed = trainer.train_and_evaluate(config, tmp_path / "killed")
 
-    assert int(resumed.step) == int(reference.step) == config.training.steps
-    assert _max_relative_difference(reference.params, resumed.params) == 0.0
-    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [line["step"] for line in lines if line["split"] == "train"]
-    assert train_steps == list(range(1, config.training.steps + 1))  # no step logged twice
-    # The best checkpoints carry the config and the validation metrics they were chosen on.
-    state, meta = _restore_latest(tmp_path / "killed", config, data_dir)
-    assert meta["step"] == config.training.steps and "worst_group_accuracy" in meta["metrics"]
+    steps = config.training.steps
+    assert int(resumed.step) == int(reference.step) == steps
+    for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows = run_log.read_metrics(tmp_path / "killed")
+    keys = [(row["step"], row["split"]) for row in rows]
+    assert len(keys) == len(set(keys))  # no step logged twice
+    assert [step for step, split in keys if split == "train"] == list(range(1, steps + 1))
+    assert [step for step, split in keys if split == "validation"] == [2, 4]
+    assert _without_timing(rows) == _without_timing(run_log.read_metrics(tmp_path / "reference"))
+    # The checkpoints carry the config and the validation metrics they were chosen on.
+    _, meta = _restore_latest(tmp_path / "killed", config)
+    assert meta["step"] == steps and "worst_group_accuracy" in meta["metrics"]
     assert (tmp_path / "killed" / "checkpoints" / "best_wga").is_dir()
     assert list((tmp_path / "killed" / "tensorboard").iterdir())
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-    config = _config(data_dir, "lr=1e30,steps=6")
-    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step"):
-        train.train_and_evaluate(config, tmp_path / "run")
-    _, meta = _restore_latest(tmp_path / "run", config, data_dir)
-    assert meta["step"] < 6
+@pytest.fixture(scope="module")
+def diverged_run(tiny_config, tmp_path_factory):
+    """A run whose learning rate of 1e30 blows the parameters up within a few steps: its error message,
+    workdir and config."""
+    config = tiny_config()
+    # The learning rate warms up from 0: step 1 is finite and saved, a later one diverges.
+    config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e30, 6
+    config.training.steps, config.training.checkpoint_every = 6, 1
+    workdir = tmp_path_factory.mktemp("diverged") / "run"
+    with pytest.raises(trainer.NonFiniteLossError) as error:
+        trainer.train_and_evaluate(config, workdir)
+    return str(error.value), workdir, config
 
 
-def test_resuming_with_another_config_is_refused(data_dir, tmp_path):
-    train.train_and_evaluate(_config(data_dir, "steps=2"), tmp_path / "run")
-    with pytest.raises(ValueError, match="method.beta"):
-        train.train_and_evaluate(_config(data_dir, "steps=2,beta=0.5"), tmp_path / "run")
+@pytest.mark.slow
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(diverged_run):
+    message, workdir, config = diverged_run
+    failed_step = int(re.search(r"non-finite loss .* at step (\d+)", message).group(1))
+    saved_step = int(re.search(r"last good checkpoint is step (\d+)", message).group(1))
+    _, meta = _restore_latest(workdir, config)
+    assert meta["step"] == saved_step < failed_step <= config.training.steps
+    assert max(row["step"] for row in run_log.read_metrics(workdir)) < failed_step
 
 
-def test_erm_and_evaluate_report_match_brute_force(data_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_last_good_checkpoint_of_a_diverged_run_has_finite_parameters(diverged_run):
+    _, workdir, config = diverged_run
+    state, _ = _restore_latest(workdir, config)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
+
+
+@pytest.mark.slow
+def test_resuming_with_another_config_is_refused(tiny_config, tmp_path):
+    config = tiny_config()
+    config.training.steps = 2
+    trainer.train_and_evaluate(config, tmp_path / "run")
+    config.method.beta = 0.5
+    with pytest.raises(ValueError, match=r"another config \(method.beta: 1.0 -> 0.5\)"):
+        trainer.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_invalid_config_writes_nothing_into_a_fresh_workdir(tiny_config, tmp_path):
+    config = tiny_config()
+    config.method.beta = 100.0  # beta_max is 0.75 / (0.5 * (0.75 - 0.5)) - 1 = 5 for these data
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"beta = 100.0 lies outside \[-1, beta_max\]"):
+        trainer.train_and_evaluate(config, workdir)
+    assert not (workdir / run_log.CONFIG_FILE).exists()
+    assert not workdir.exists() or not any(workdir.iterdir())
+
+
+@pytest.mark.slow
+def test_erm_and_evaluate_report_match_brute_force(tiny_config, tiny_data, tmp_path, capsys):
     workdir = tmp_path / "erm"
-    train.train_and_evaluate(_config(data_dir, "method.name=erm,beta=-1"), workdir)
+    trainer.train_and_evaluate(tiny_config("erm"), workdir)
     assert evaluate.main(["--workdir", str(workdir), "--tau", "0.1", "0.2", "--checkpoint", "latest"]) == 0
     document = json.loads((workdir / "eval" / "latest_test.json").read_text())
-    rows = [line.split(",") for line in (pathlib.Path(data_dir) / "patches.csv").read_text().splitlines()]
-    rows = [dict(zip(rows[0], r)) for r in rows[1:]]
-    test_rows = [r for r in rows if r["split"] == "test"]
+    test = tiny_data.splits["test"]
     for tau in (0.1, 0.2):
         report = document["results"][f"tau={tau:g}"]
         for y in (0, 1):
             for a in (0, 1):
-                expected = sum(int(r["label"]) == y and (float(r["tissue_ratio"]) >= tau) == a for r in test_rows)
+                expected = np.sum((test["label"] == y) & ((test["tissue_ratio"] >= np.float32(tau)) == a))
                 assert report["group_count"][y][a] == expected
         accuracies = [acc for row, counts in zip(report["group_accuracy"], report["group_count"])
                       for acc, n in zip(row, counts) if n]
@@ -128,14 +164,17 @@ def test_erm_and_evaluate_report_match_brute_force(data_dir, tmp_path, capsys):
                           "--out", str(tmp_path / "cmp")]) == 0
 
 
-def test_evaluate_reports_missing_and_corrupt_checkpoints(data_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_evaluate_reports_missing_and_corrupt_checkpoints(tiny_config, tmp_path, capsys):
     assert evaluate.main(["--workdir", str(tmp_path / "nothing")]) == 2
     assert "config.json" in capsys.readouterr().err
     workdir = tmp_path / "run"
-    train.train_and_evaluate(_config(data_dir, "steps=2"), workdir)
+    config = tiny_config()
+    config.training.steps = 2
+    trainer.train_and_evaluate(config, workdir)
     # Data with another channel count than the run was trained on.
     rng = np.random.default_rng(1)
-    five_channels = {name: _split(rng, 20, name[:2]) for name in ("train", "test")}
+    five_channels = {name: tiny_split(rng, 20, name[:2]) for name in ("train", "test")}
     for split in five_channels.values():
         split["image"] = np.concatenate([split["image"], split["image"][..., :2]], axis=-1)
     write_patch_dataset(tmp_path / "other", five_channels, channel_names=list("ABCDE"))
@@ -150,31 +189,15 @@ def test_evaluate_reports_missing_and_corrupt_checkpoints(data_dir, tmp_path, ca
     assert "no checkpoint of step 99" in capsys.readouterr().err
 
 
-def test_config_presets_and_unknown_keys():
-    config = default.get_config("tau=0.03+0.2,beta=1.5,lr=0.02,norm=frozen")
-    assert config.data.taus == (0.03, 0.2) and config.method.beta == 1.5
-    assert config.optimizer.learning_rate == 0.02 and config.model.norm == "frozen"
-    with pytest.raises(ValueError, match="unknown config key 'method.bta'"):
-        default.get_config("method.bta=1")
-    with pytest.raises(AttributeError, match="beta"):
-        config.method.bta = 1.0  # locked: a mistyped key lists the valid ones
-
-
-def test_sigterm_saves_and_exits(data_dir, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+@pytest.mark.slow
+def test_sigterm_saves_and_exits(tiny_data, tmp_path):
     workdir = tmp_path / "run"
-    root = pathlib.Path(__file__).resolve().parents[1]
     process = subprocess.Popen(
-        [sys.executable, str(root / "train.py"), f"--config={root / 'configs' / 'tiny.py'}",
-         f"--config.data.dir={data_dir}", "--config.training.steps=100000",
+        [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+         f"--config.data.dir={tiny_data.path}", "--config.training.steps=100000",
          "--config.training.eval_every=100000", "--config.training.checkpoint_every=100000",
-         f"--workdir={workdir}"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = workdir / "metrics.jsonl"
+         f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = workdir / run_log.METRICS_FILE
     while process.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.5)
     assert process.poll() is None, process.stderr.read().decode()[-2000:]
@@ -183,22 +206,78 @@ def test_sigterm_saves_and_exits(data_dir, tmp_path):
     run = checkpoints.RunCheckpoints(workdir, read_only=True)
     saved_step = run.latest_step()
     run.close()
-    last_logged = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    last_logged = max(row["step"] for row in run_log.read_metrics(workdir))
     assert saved_step is not None and saved_step >= last_logged
 
 
-def test_init_from_pretrained_weights_defaults_to_frozen_batch_norm(data_dir, tmp_path):
+@pytest.mark.slow
+def test_init_from_pretrained_weights_defaults_to_frozen_batch_norm(tiny_config, tmp_path):
     from safetensors.numpy import save_file
 
     from tests.test_pretrained import torchvision_state_dict
 
     weights = torchvision_state_dict("tiny", seed=3)
     save_file(weights, str(tmp_path / "tiny.safetensors"))
-    config = _config(data_dir, f"steps=1,model.init_from={tmp_path / 'tiny.safetensors'}")
+    config = tiny_config()
+    config.training.steps = 1
+    config.model.init_from = str(tmp_path / "tiny.safetensors")
     model = experiment.create_model(config)
     assert model.norm == "frozen"
-    state = experiment.initial_state(config, model, (PATCH, PATCH, 3), train_step.make_mesh())
+    state = experiment.initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
     np.testing.assert_allclose(np.asarray(state.batch_stats["bn1"]["mean"]), weights["bn1.running_mean"])
-    trained = train.train_and_evaluate(config, tmp_path / "run")
+    trained = trainer.train_and_evaluate(config, tmp_path / "run")
     # Frozen BatchNorm: the running statistics stay those of the checkpoint.
     np.testing.assert_allclose(np.asarray(trained.batch_stats["bn1"]["var"]), weights["bn1.running_var"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs: declared switches, checked keys, errors that name the key.
+# ---------------------------------------------------------------------------------------------------
+def test_config_switches_select_method_and_model():
+    erm = default.get_config("method=erm,model=tiny")
+    assert (erm.method.name, erm.method.beta, erm.model.name) == ("erm", -1.0, "tiny")
+    assert default.get_config("erm").to_dict() == default.get_config("method=erm").to_dict()
+    gerne = default.get_config()
+    assert (gerne.method.name, gerne.method.beta, gerne.method.c, gerne.model.name) == (
+        "gerne", 1.0, 0.5, "resnet50")
+    # Group-balanced resampling is GERNE with c = 1 and beta = 0.
+    resample = default.get_config("resample")
+    assert (resample.method.name, resample.method.c, resample.method.beta) == ("gerne", 1.0, 0.0)
+    small = tiny.get_config("erm")
+    assert (small.method.name, small.model.name, small.training.steps) == ("erm", "tiny", 4)
+
+
+def test_unknown_switch_or_method_is_named():
+    with pytest.raises(ValueError, match=r"unknown config switch 'metod' \(did you mean 'method'\?\)"):
+        default.get_config("metod=erm")
+    with pytest.raises(ValueError, match=r"unknown config switch 'beta'.*--config.<key>=<value>"):
+        default.get_config("gerne,beta=1.5")  # not a switch: changed on the command line
+    with pytest.raises(ValueError, match=r"method='sgd'"):
+        default.get_config("sgd")
+
+
+@pytest.mark.slow
+def test_mistyped_command_line_key_is_answered_by_ml_collections(tmp_path):
+    workdir = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}:erm",
+         "--config.method.bet=1", f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True)
+    assert completed.returncode != 0
+    assert 'Did you mean "beta" instead of "bet"?' in completed.stderr
+    assert not workdir.exists()
+
+
+def test_method_errors_name_the_config_key():
+    label, attribute = np.arange(40) % 2, (np.arange(40) // 4) % 2
+    config = tiny.get_config("gerne")
+    config.method.name = "groupdro"
+    with pytest.raises(ValueError, match=r"config method.name must be one of .*, got 'groupdro'"):
+        methods.from_config(config, label, attribute)
+    config = tiny.get_config("gerne")
+    config.method.c = 1.5
+    with pytest.raises(ValueError, match="c = 1.5 must lie in"):
+        methods.from_config(config, label, attribute)
+    config = tiny.get_config("gerne")
+    config.optimizer.schedule = "linear"
+    with pytest.raises(ValueError, match="config optimizer.schedule must be 'constant' or 'cosine'"):
+        methods.learning_rate_schedule(config)

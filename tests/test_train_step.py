@@ -1,7 +1,12 @@
-"""Tests of the GERNE train step: one real step per norm mode on tiny data, checked against
-jax.grad of the combined loss computed independently with plain `model.apply` calls."""
+"""Tests of the train step: real steps per norm mode (docs/design.md §4) on tiny data, checked against
+jax.grad of the combined loss computed independently with plain `model.apply` calls.
+
+The step donates its state, so every test hands it a copy (`_copy`) of states it reads again.
+"""
+from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -9,28 +14,41 @@ import numpy as np
 import optax
 import pytest
 
-from gerne_jax import models
+from configs import tiny
+from gerne_jax import evaluation, extrapolation, methods, models, sharding, train_state
 from gerne_jax import train_step as ts
 
 NUM_CLASSES, N, SIZE, CHANNELS = 3, 4, 16, 3
 LR, BETA = 0.1, 1.0
+# Each norm mode compiles its own steps and references (over 10 s on a CPU): "shared", the mode with
+# the most machinery (one pass over both batches, a vmapped VJP, running statistics), runs in the
+# quick selection (-m "not slow"), the others with the slow tests.
+NORMS = [pytest.param(norm, marks=() if norm == "shared" else pytest.mark.slow) for norm in models.NORM_MODES]
 
 
-def _model(norm, dtype=jnp.float32):
+def _model(norm: str, dtype: Any = jnp.float32) -> models.ResNet:
     """A one-block ResNet: the smallest model with every kind of layer the step handles (fast to
     compile; the full family is tested in test_models.py)."""
     return models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4,
                          num_classes=NUM_CLASSES, norm=norm, dtype=dtype)
 
 
-def _paired_batch(seed=0, offset=2.0):
+@functools.cache
+def _mesh() -> jax.sharding.Mesh:
+    return sharding.make_mesh(1)
+
+
+def _copy(tree: Any) -> Any:
+    """A copy to donate, so that the original stays readable."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _paired_batch(seed: int = 0, offset: float = 2.0) -> dict[str, np.ndarray]:
     """Two batches with different means (the less-biased one is shifted by `offset`)."""
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(2, N, SIZE, SIZE, CHANNELS)).astype(np.float32)
     images[1] += offset
-    return {"image": images,
-            "label": rng.integers(0, NUM_CLASSES, size=(2, N)).astype(np.int32),
-            "group": rng.integers(0, 4, size=(2, N)).astype(np.int32)}
+    return {"image": images, "label": rng.integers(0, NUM_CLASSES, size=(2, N)).astype(np.int32)}
 
 
 def _reference_loss(logits, labels):
@@ -73,32 +91,32 @@ def _make_reference(model, batch_stats, batch):
 
 
 @functools.cache
-def _initial_state():
+def _initial_variables() -> dict[str, Any]:
     """One initialisation shared by all modes (BatchNorm and GroupNorm have the same parameters)."""
-    model = _model("frozen")
-    return ts.create_train_state(jax.random.key(0), model, (1, SIZE, SIZE, CHANNELS),
-                                 ts.make_optimizer(LR, momentum=0.0, beta=BETA))
+    return train_state.init_variables(jax.random.key(0), _model("frozen"), (1, SIZE, SIZE, CHANNELS))
 
 
-def _state_for(model, tx):
-    initial = _initial_state()
-    batch_stats = initial.batch_stats if model.norm in models.BATCH_NORM_MODES else {}
-    return ts.TrainState.create(apply_fn=model.apply, params=initial.params,
-                                batch_stats=batch_stats, tx=tx)
+def _state_for(model: models.ResNet, tx: optax.GradientTransformation) -> train_state.TrainState:
+    initial = _copy(_initial_variables())
+    batch_stats = initial["batch_stats"] if model.norm in models.BATCH_NORM_MODES else {}
+    return train_state.TrainState.create(apply_fn=model.apply, params=initial["params"],
+                                         batch_stats=batch_stats, tx=tx)
+
+
+def _sgd(learning_rate=LR, beta=BETA) -> optax.GradientTransformationExtraArgs:
+    """The GERNE optimiser reduced to plain SGD (no momentum, no weight decay)."""
+    return extrapolation.make_optimizer(learning_rate, beta, momentum=0.0)
 
 
 @functools.cache
-def _run(norm):
-    """One default-path and one folded step from the same state, plus independent references."""
+def _run(norm: str) -> dict[str, Any]:
+    """One two-gradient and one folded step from the same state, plus independent references."""
     model = _model(norm)
     batch = _paired_batch()
-    state = _state_for(model, ts.make_optimizer(LR, momentum=0.0, beta=BETA))
-    step = ts.make_train_step(model, learning_rate=LR, beta=BETA)
-    new_state, metrics = step(state, batch)
-    plain_sgd = ts.make_optimizer(LR, momentum=0.0)
-    folded = ts.make_train_step(model, learning_rate=LR, beta=BETA, fold_beta_into_loss=True)
-    new_folded_state, folded_metrics = folded(
-        state.replace(tx=plain_sgd, opt_state=plain_sgd.init(state.params)), batch)
+    state = _state_for(model, _sgd())
+    new_state, metrics = ts.make_train_step(model, _mesh(), paired=True)(_copy(state), batch)
+    new_folded_state, folded_metrics = ts.make_train_step(model, _mesh(), paired=True, fold_beta=BETA)(
+        _copy(state), batch)
     reference = _make_reference(model, state.batch_stats, batch)
     return dict(model=model, batch=batch, state=state, new_state=new_state, metrics=metrics,
                 new_folded_state=new_folded_state, folded_metrics=folded_metrics,
@@ -114,7 +132,7 @@ def _global_norm(tree):
     return np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
 
 
-@pytest.mark.parametrize("norm", models.NORM_MODES)
+@pytest.mark.parametrize("norm", NORMS)
 def test_step_applies_gradient_of_combined_loss(norm):
     r = _run(norm)
     expected = jax.tree.map(lambda p, g: p - LR * g, r["state"].params, r["grad_combined"])
@@ -123,7 +141,7 @@ def test_step_applies_gradient_of_combined_loss(norm):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(r["new_state"].params))
 
 
-@pytest.mark.parametrize("norm", models.NORM_MODES)
+@pytest.mark.parametrize("norm", NORMS)
 def test_metrics_match_independent_per_batch_gradients(norm):
     r = _run(norm)
     m, batch = r["metrics"], r["batch"]
@@ -139,17 +157,19 @@ def test_metrics_match_independent_per_batch_gradients(norm):
     want = (np.argmax(r["logits"], -1) == batch["label"]).mean(axis=1)
     np.testing.assert_allclose([m["accuracy_biased"], m["accuracy_less_biased"]], want)
     assert float(m["learning_rate"]) == pytest.approx(LR) and float(m["beta"]) == BETA
+    np.testing.assert_allclose(m["param_norm"], _global_norm(r["new_state"].params), rtol=1e-5)
 
 
-@pytest.mark.parametrize("norm", models.NORM_MODES)
-def test_folded_fast_path_equals_default_path(norm):
+@pytest.mark.parametrize("norm", NORMS)
+def test_folded_fast_path_equals_two_gradient_path(norm):
     r = _run(norm)
     _assert_trees_close(r["new_folded_state"].params, r["new_state"].params)
     _assert_trees_close(r["new_folded_state"].batch_stats, r["new_state"].batch_stats)
     for key in ("loss_biased", "loss_less_biased", "accuracy_biased", "accuracy_less_biased",
-                "grad_norm"):
+                "grad_norm", "learning_rate", "beta"):
         np.testing.assert_allclose(r["folded_metrics"][key], r["metrics"][key], rtol=1e-4)
-    assert np.isnan(r["folded_metrics"]["grad_cosine"])
+    for key in ("grad_norm_biased", "grad_norm_less_biased", "grad_cosine"):
+        assert np.isnan(r["folded_metrics"][key])
 
 
 def _first_bn_input(params, images):
@@ -160,6 +180,7 @@ def _first_bn_input(params, images):
     return np.asarray(conv(images), np.float64)
 
 
+@pytest.mark.slow
 def test_frozen_leaves_batch_stats_unchanged():
     r = _run("frozen")
     _assert_trees_close(r["new_state"].batch_stats, r["state"].batch_stats, rtol=0, atol=0)
@@ -176,6 +197,7 @@ def test_shared_updates_running_statistics_once_from_both_batches():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_separate_normalises_each_batch_by_its_own_statistics():
     r, shared = _run("separate"), _run("shared")
     params = r["state"].params
@@ -196,96 +218,152 @@ def test_separate_normalises_each_batch_by_its_own_statistics():
 
 def test_single_batch_erm_path():
     r = _run("shared")
-    model, batch = r["model"], r["batch"]
+    model, batch, state = r["model"], r["batch"], r["state"]
     images, labels = np.concatenate(batch["image"]), np.concatenate(batch["label"])
     single = {key: value.reshape(1, 2 * N, *value.shape[2:]) for key, value in batch.items()}
-    state = r["state"].replace(tx=ts.make_optimizer(LR, momentum=0.0),
-                               opt_state=ts.make_optimizer(LR, momentum=0.0).init(r["state"].params))
-    new_state, metrics = ts.make_train_step(model, learning_rate=LR)(state, single)
+    new_state, metrics = ts.make_train_step(model, _mesh(), paired=False)(_copy(state), single)
 
     def loss(params):
-        variables = {"params": params, **({"batch_stats": state.batch_stats}
-                                          if state.batch_stats else {})}
+        variables = {"params": params, "batch_stats": state.batch_stats}
         logits = model.apply(variables, images, train=True, mutable=["batch_stats"])[0]
         return _reference_loss(logits, labels)
 
     value, grad = jax.jit(jax.value_and_grad(loss))(state.params)
     _assert_trees_close(new_state.params, jax.tree.map(lambda p, g: p - LR * g, state.params, grad))
     np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
-    assert set(metrics) == {"loss", "accuracy", "grad_norm", "learning_rate"}
+    np.testing.assert_allclose(metrics["grad_norm"], _global_norm(grad), rtol=1e-4)
+    np.testing.assert_allclose(metrics["param_norm"], _global_norm(new_state.params), rtol=1e-5)
+    assert set(metrics) == {"loss", "accuracy", "grad_norm", "param_norm", "learning_rate"}
 
 
+def test_loss_not_divided_by_num_classes():
+    r = _run("shared")
+    step = ts.make_train_step(r["model"], _mesh(), paired=True, divide_loss_by_num_classes=False)
+    _, metrics = step(_copy(r["state"]), r["batch"])
+    np.testing.assert_allclose([metrics["loss_biased"], metrics["loss_less_biased"]],
+                               NUM_CLASSES * np.asarray(r["losses"]), rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], NUM_CLASSES * _global_norm(r["grad_combined"]),
+                               rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_erm_resampling_and_schedules_are_configurations_of_the_step():
     """A beta schedule -1, 0, BETA: ERM (g_b), resampling (g_lb), then GERNE, each step checked
-    against the independent gradients at its own starting parameters."""
+    against the independent gradients at its own starting parameters; lr and beta come back from
+    the optimiser state."""
     r = _run("group")
     beta_schedule = optax.join_schedules(
         [optax.constant_schedule(b) for b in (-1.0, 0.0, BETA)], boundaries=[1, 2])
     lr_schedule = optax.linear_schedule(0.2, 0.1, transition_steps=2)
-    tx = ts.make_optimizer(lr_schedule, momentum=0.0, beta=beta_schedule)
-    state = r["state"].replace(tx=tx, opt_state=tx.init(r["state"].params))
-    step = ts.make_train_step(r["model"], learning_rate=lr_schedule, beta=beta_schedule)
+    state = _state_for(r["model"], _sgd(lr_schedule, beta_schedule))
+    step = ts.make_train_step(r["model"], _mesh(), paired=True)
     for t, (beta, expected_grad) in enumerate([(-1.0, "grad_b"), (0.0, "grad_lb"),
                                                (BETA, "grad_combined")]):
         lr = 0.2 - 0.1 * t / 2
         reference = r["reference"](state.params)
-        new_state, metrics = step(state, r["batch"])
+        params = _copy(state.params)  # the step donates `state`
+        state, metrics = step(state, r["batch"])
         assert float(metrics["beta"]) == pytest.approx(beta)
         assert float(metrics["learning_rate"]) == pytest.approx(lr)
-        _assert_trees_close(new_state.params, jax.tree.map(lambda p, g: p - lr * g, state.params,
-                                                           reference[expected_grad]))
-        state = new_state
+        _assert_trees_close(state.params, jax.tree.map(lambda p, g: p - lr * g, params,
+                                                       reference[expected_grad]))
+
+
+@pytest.mark.slow
+def test_folded_and_two_gradient_steps_report_the_same_beta_under_a_warm_up():
+    """The method builds the folded loss weights and the optimiser from one beta schedule: both steps
+    report beta(t) from the optimiser state and take the same updates while beta ramps up."""
+    config = tiny.get_config("gerne")
+    config.method.beta, config.method.beta_warmup_steps = 1.0, 3
+    label, attribute = np.arange(40) % 2, (np.arange(40) // 4) % 2
+    model, batch = _model("group"), _paired_batch()
+    results = {}
+    for fold in (False, True):
+        config.method.fold_beta_into_loss = fold
+        method = methods.from_config(config, label, attribute)
+        step = method.train_step(model, _mesh())
+        state = _state_for(model, method.optimizer())
+        betas = []
+        for _ in range(5):
+            state, metrics = step(state, batch)
+            betas.append(float(metrics["beta"]))
+        results[fold] = betas, state.params
+    np.testing.assert_allclose(results[False][0], [0.0, 1 / 3, 2 / 3, 1.0, 1.0], rtol=1e-6)
+    assert results[True][0] == results[False][0]
+    _assert_trees_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
+
+
+def test_donated_state_is_consumed_and_repeated_steps_run():
+    r = _run("shared")
+    step = ts.make_train_step(r["model"], _mesh(), paired=True)
+    state = _copy(r["state"])
+    for t in range(1, 4):
+        # A device copy to compare with: a host view of the state's buffers (np.asarray on CPU) would
+        # keep XLA from reusing them, and the step would silently copy instead of donating.
+        previous, old = _copy(state.params), state
+        state, metrics = step(state, r["batch"])
+        assert int(state.step) == t and np.isfinite(float(metrics["loss_less_biased"]))
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params))
+        assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(state.params),
+                                                        jax.tree.leaves(previous)))
+
+
+def test_inputs_placed_on_the_mesh_give_the_same_step():
+    r = _run("shared")
+    mesh = _mesh()
+    new_state, _ = ts.make_train_step(r["model"], mesh, paired=True)(
+        sharding.replicate(_copy(r["state"]), mesh), sharding.shard_batch(r["batch"], mesh))
+    _assert_trees_close(new_state.params, r["new_state"].params, rtol=1e-6, atol=1e-7)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
     model = _model("group", jnp.bfloat16)
-    state = _state_for(model, ts.make_optimizer(LR, beta=BETA))
-    new_state, metrics = ts.make_train_step(model, learning_rate=LR, beta=BETA)(
-        state, _paired_batch())
+    state = _state_for(model, extrapolation.make_optimizer(LR, BETA))
+    new_state, metrics = ts.make_train_step(model, _mesh(), paired=True)(state, _paired_batch())
     for tree in (new_state.params, new_state.opt_state):
         assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))
     assert np.isfinite(float(metrics["grad_norm"]))
-    assert ts.eval_step(new_state, _paired_batch()["image"][0]).dtype == jnp.float32
+    probabilities = evaluation.eval_step(new_state, _paired_batch()["image"][0])
+    assert probabilities.dtype == jnp.float32
 
 
-def test_eval_step_is_inference_mode():
+def test_eval_step_gives_inference_mode_probabilities():
     r = _run("shared")
     state, images = r["new_state"], r["batch"]["image"][0]
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    np.testing.assert_allclose(ts.eval_step(state, images),
-                               jax.jit(r["model"].apply)(variables, images), rtol=1e-5, atol=1e-6)
+    logits = np.asarray(jax.jit(r["model"].apply)(variables, images), np.float64)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    probabilities = evaluation.eval_step(state, images)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.sum(probabilities, axis=1), 1.0, rtol=1e-6)
 
 
 def test_bad_inputs_are_rejected():
-    r = _run("group")
-    folded = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA, fold_beta_into_loss=True)
-    with pytest.raises(ValueError, match="without extrapolate"):
-        folded(r["state"], r["batch"])  # state's optimiser still starts with extrapolate
-    step = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA)
-    with pytest.raises(ValueError, match=r"\[2, N, H, W, C\]"):
-        step(r["state"], {**r["batch"], "image": r["batch"]["image"][0]})
-    with pytest.raises(ValueError, match="batch\\['label'\\]"):
-        step(r["state"], {**r["batch"], "label": r["batch"]["label"][:, :2]})
-    mesh = ts.make_mesh(1)
-    with pytest.raises(ValueError, match="num_devices"):
-        ts.make_mesh(len(jax.devices()) + 1)
-    assert ts.shard_batch(r["batch"], mesh)["image"].shape == r["batch"]["image"].shape
-
-
-def test_one_device_mesh_matches_unsharded_step():
     r = _run("shared")
-    mesh = ts.make_mesh(1)
-    step = ts.make_train_step(r["model"], learning_rate=LR, beta=BETA, mesh=mesh)
-    new_state, _ = step(ts.replicate(r["state"], mesh), ts.shard_batch(r["batch"], mesh))
-    _assert_trees_close(new_state.params, r["new_state"].params, rtol=1e-6, atol=1e-7)
+    model, mesh, batch = r["model"], _mesh(), r["batch"]
+    with pytest.raises(ValueError, match="fold_beta folds the pair's two losses"):
+        ts.make_train_step(model, mesh, paired=False, fold_beta=BETA)
+    with pytest.raises(ValueError, match="model.norm must be one of"):
+        ts.make_train_step(model.clone(norm="batch"), mesh, paired=True)
+    step = ts.make_train_step(model, mesh, paired=True)
+    with pytest.raises(ValueError, match=r"\[2, N, H, W, C\]"):
+        step(_copy(r["state"]), {**batch, "image": batch["image"][:1]})
+    with pytest.raises(ValueError, match=r"batch\['label'\]"):
+        step(_copy(r["state"]), {**batch, "label": batch["label"][:, :2]})
+    single = ts.make_train_step(model, mesh, paired=False)
+    with pytest.raises(ValueError, match=r"\[1, N, H, W, C\]"):
+        single(_copy(r["state"]), batch)
+    with pytest.raises(ValueError, match="num_devices"):
+        sharding.make_mesh(len(jax.devices()) + 1)
+    assert sharding.shard_batch(batch, mesh)["image"].shape == batch["image"].shape
 
 
 def test_create_train_state_for_group_norm_has_no_batch_stats():
     model = _model("group")
-    tx = ts.make_optimizer(LR, beta=BETA, weight_decay=0.01)
+    tx = extrapolation.make_optimizer(LR, BETA, weight_decay=0.01)
     state = jax.eval_shape(
-        lambda key: ts.create_train_state(key, model, (2, SIZE, SIZE, 5), tx), jax.random.key(0))
+        lambda key: train_state.create_train_state(key, model, (2, SIZE, SIZE, 5), tx), jax.random.key(0))
     assert state.batch_stats == {} and int(state.step.size) == 1
     assert state.params["conv1"]["kernel"].shape == (7, 7, 5, 4)
     with pytest.raises(ValueError, match="input_shape"):
-        ts.create_train_state(jax.random.key(0), model, (SIZE, SIZE, 5), tx)
+        train_state.create_train_state(jax.random.key(0), model, (SIZE, SIZE, 5), tx)

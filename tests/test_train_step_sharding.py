@@ -1,7 +1,9 @@
-"""Data-parallel train step on 4 simulated CPU devices equals the single-device step.
+"""Data parallelism on 4 simulated CPU devices: the sharded step equals the one-device step
+(docs/design.md §7), and `prefetch_to_mesh` places batches with the batch sharding.
 
-XLA_FLAGS must be set before jax is imported, so the check runs in a fresh subprocess.
+XLA_FLAGS must be set before jax is imported, so the checks run in a fresh subprocess.
 """
+from __future__ import annotations
 
 import json
 import os
@@ -11,38 +13,46 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one subprocess compiling a dozen steps
+
 NORMS = ("group", "shared", "separate")
 
 _SCRIPT = textwrap.dedent("""
     import json, sys
-    import jax, numpy as np
-    from gerne_jax import models, train_step as ts
+    import jax, jax.numpy as jnp, numpy as np
+    from gerne_jax import extrapolation, models, sharding, train_state, train_step as ts
 
     assert len(jax.devices()) == 4, jax.devices()
     rng = np.random.default_rng(0)
     n = 8  # 2 examples per device and batch
     batch = {"image": rng.normal(size=(2, n, 16, 16, 3)).astype(np.float32),
-             "label": rng.integers(0, 3, size=(2, n)).astype(np.int32),
-             "group": rng.integers(0, 4, size=(2, n)).astype(np.int32)}
+             "label": rng.integers(0, 3, size=(2, n)).astype(np.int32)}
     batch["image"][1] += 1.5  # batches with different statistics
     leaves = lambda tree: [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
     norm_of = lambda arrays: np.sqrt(sum(np.sum(a * a) for a in arrays))
     relative = lambda a, b: norm_of([x - y for x, y in zip(leaves(a), leaves(b))]) / norm_of(leaves(b))
-    mesh = ts.make_mesh(4)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the steps donate their state
+    one_device, four_devices = sharding.make_mesh(1), sharding.make_mesh(4)
     results = {}
-    for norm in sys.argv[1:]:
+    # (name, norm, paired): the paired step per norm, and ERM's single-batch step.
+    cases = [(norm, norm, True) for norm in sys.argv[1:]] + [("single-shared", "shared", False)]
+    for name, norm, paired in cases:
+      data = batch if paired else {key: value.reshape(1, 2 * n, *value.shape[2:])
+                                   for key, value in batch.items()}
       model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4,
                             num_classes=3, norm=norm)
-      tx = ts.make_optimizer(0.5, momentum=0.9, weight_decay=0.01, beta=1.0)
-      state = ts.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), tx)
-      single, _ = ts.make_train_step(model, learning_rate=0.5, beta=1.0)(state, batch)
-      sharded_batch = ts.shard_batch(batch, mesh)
-      sharded_step = ts.make_train_step(model, learning_rate=0.5, beta=1.0, mesh=mesh)
-      replicated_state = ts.replicate(state, mesh)
-      sharded, _ = sharded_step(replicated_state, sharded_batch)
+      tx = extrapolation.make_optimizer(0.5, 1.0, momentum=0.9, weight_decay=0.01)
+      state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), tx)
+      initial = jax.device_get(state)
+      single, _ = ts.make_train_step(model, one_device, paired=paired)(
+          sharding.replicate(copy(state), one_device), data)
+      sharded_batch = sharding.shard_batch(data, four_devices)
+      sharded_step = ts.make_train_step(model, four_devices, paired=paired)
+      replicated_state = sharding.replicate(copy(state), four_devices)
       hlo = sharded_step.lower(replicated_state, sharded_batch).compile().as_text()
-      update = lambda s: jax.tree.map(lambda new, old: new - old, s.params, state.params)
-      results[norm] = {
+      sharded, _ = sharded_step(replicated_state, sharded_batch)
+      update = lambda s: jax.tree.map(lambda new, old: new - old, s.params, initial.params)
+      results[name] = {
           "batch_devices": len(sharded_batch["image"].sharding.device_set),
           "image_shard_shape": list(sharded_batch["image"].addressable_shards[0].data.shape),
           "params_replicated": all(x.sharding.is_fully_replicated
@@ -50,15 +60,36 @@ _SCRIPT = textwrap.dedent("""
           "all_gathers": hlo.count("all-gather("),
           "params": relative(sharded.params, single.params),
           "update": relative(update(sharded), update(single)),
-          "batch_stats": relative(sharded.batch_stats, single.batch_stats) if state.batch_stats
+          "batch_stats": relative(sharded.batch_stats, single.batch_stats) if initial.batch_stats
                          else 0.0,
       }
+
+    # prefetch_to_mesh: the same batches, in order, with at most `size` taken ahead of the consumer.
+    source = [{"image": rng.normal(size=(2, n, 4, 4, 3)).astype(np.float32),
+               "label": np.full((2, n), i, np.int32)} for i in range(5)]
+    taken = []
+    def produce():
+      for b in source:
+        taken.append(len(taken))
+        yield b
+    prefetched, taken_after = [], []
+    for placed in sharding.prefetch_to_mesh(produce(), four_devices, size=2):
+      prefetched.append(placed)
+      taken_after.append(len(taken))
+    expected = sharding.batch_sharding(four_devices)
+    results["prefetch"] = {
+        "count": len(prefetched),
+        "equal": all(np.array_equal(np.asarray(p[key]), b[key])
+                     for p, b in zip(prefetched, source) for key in b),
+        "sharded": all(p[key].sharding == expected for p in prefetched for key in p),
+        "taken_after": taken_after,
+    }
     print(json.dumps(results))
 """)
 
 
 @pytest.fixture(scope="module")
-def sharded_vs_single():
+def four_device_results():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
     completed = subprocess.run([sys.executable, "-c", _SCRIPT, *NORMS], env=env,
@@ -67,13 +98,22 @@ def sharded_vs_single():
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("norm", NORMS)
-def test_four_device_step_equals_single_device_step(sharded_vs_single, norm):
-    result = sharded_vs_single[norm]
+@pytest.mark.parametrize("case", [*NORMS, "single-shared"])
+def test_four_device_step_equals_single_device_step(four_device_results, case):
+    result = four_device_results[case]
     assert result["batch_devices"] == 4
-    assert result["image_shard_shape"] == [2, 2, 16, 16, 3]  # N split 4 ways, pairs kept together
+    # N split 4 ways, the rows of a pair kept together: [2, 8 / 4, ...] paired, [1, 16 / 4, ...] single.
+    expected_shape = [1, 4, 16, 16, 3] if case.startswith("single") else [2, 2, 16, 16, 3]
+    assert result["image_shard_shape"] == expected_shape
     assert result["params_replicated"]
     assert result["all_gathers"] == 0  # truly data parallel: no device gathers the whole batch
     assert result["params"] < 1e-5
     assert result["update"] < 1e-4  # the step itself, not just the (mostly unchanged) parameters
     assert result["batch_stats"] < 1e-5
+
+
+def test_prefetch_to_mesh_yields_the_batches_in_order_with_the_batch_sharding(four_device_results):
+    result = four_device_results["prefetch"]
+    assert result["count"] == 5 and result["equal"] and result["sharded"]
+    # Two batches in flight: when the k-th batch is handed out, k + 1 have been taken (at most all 5).
+    assert result["taken_after"] == [2, 3, 4, 5, 5]
