@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo experiments test bench clean
+.PHONY: install demo experiments lint test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,16 +26,19 @@ demo: $(STAMP)
 	for checkpoint in best_wga best_bca; do \
 	  $(BIN)/python evaluate.py --compare $(DEMO_DIR)/erm $(DEMO_DIR)/gerne --checkpoint $$checkpoint \
 	    --split test --tau $(DEMO_TAUS) --out $(DEMO_DIR)/eval || exit 1; done
-	$(BIN)/python experiments/demo_report.py --eval-dir $(DEMO_DIR)/eval --runs $(DEMO_DIR)/erm $(DEMO_DIR)/gerne \
+	$(BIN)/python -m experiments.demo_report --eval-dir $(DEMO_DIR)/eval --runs $(DEMO_DIR)/erm $(DEMO_DIR)/gerne \
 	  --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS) --out $(DEMO_DIR)/report.md
 
 # The README's results: data, tuning on validation, 3 seeds, tau sweep, error vs tissue ratio (hours on CPU).
-# Two processes share the runs (experiments/grid.py locks each run while it trains).
+# Two processes share the runs (experiments.grid locks each run while it trains).
 EXP_DIR ?= runs/exp
 experiments: $(STAMP)
 	$(BIN)/python -m experiments.reproduce --root $(EXP_DIR) --data-only
 	$(BIN)/python -m experiments.reproduce --root $(EXP_DIR) > $(EXP_DIR)/second_process.log 2>&1 & \
 	$(BIN)/python -m experiments.reproduce --root $(EXP_DIR); status=$$?; wait $$! && exit $$status
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests

@@ -116,7 +116,7 @@ def tiling_run(manifest: pathlib.Path, out: pathlib.Path, patch_size: int, worke
     command = [sys.executable, "-m", "data_pipeline", "tile", "--manifest", str(manifest), "--out", str(out),
                "--patch-size", str(patch_size), "--workers", str(workers)]
     start = time.perf_counter()
-    completed = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
         sys.exit(f"tiling failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
@@ -132,7 +132,8 @@ def main() -> int:
     parser.add_argument("--patch-size", type=int, default=224)
     parser.add_argument("--compression", default="jpeg", help="tifffile compression of the image tiles")
     parser.add_argument("--workers", type=int, default=1, help="tiling workers (one slide: 1 is enough)")
-    parser.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "gerne_tiling_bench",
+    parser.add_argument("--work-dir", type=pathlib.Path,
+                        default=pathlib.Path(tempfile.gettempdir()) / "gerne_tiling_bench",
                         help="where the slide is written (reused when its size matches) and tiled")
     args = parser.parse_args()
 

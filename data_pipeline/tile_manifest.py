@@ -37,8 +37,17 @@ from data_pipeline.grid import THUMBNAIL_SIDE, grid_origins
 from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
 from data_pipeline.slides import SlideReader
 from data_pipeline.splits import assign_splits
-from data_pipeline.tiling import (WORK_DIR, SlideFormat, TilingConfig, config_on_disk, format_mismatch,
-                                  load_finished, slide_format, slide_paths, tile_slide)
+from data_pipeline.tiling import (
+    WORK_DIR,
+    SlideFormat,
+    TilingConfig,
+    config_on_disk,
+    format_mismatch,
+    load_finished,
+    slide_format,
+    slide_paths,
+    tile_slide,
+)
 from gerne_jax import dataset, files
 
 REPORT_FILE = "tiling_report.json"

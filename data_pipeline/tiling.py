@@ -98,7 +98,7 @@ def config_on_disk(config: TilingConfig) -> dict[str, Any]:
 
 def fingerprint(spec: SlideSpec, config: TilingConfig) -> dict[str, Any]:
     """Settings and source files (path, size, mtime) a slide's finished output depends on."""
-    source_files = list(spec.image_files) + [spec.mask_file] + ([spec.tissue_mask_file] if spec.tissue_mask_file else [])
+    source_files = [*spec.image_files, spec.mask_file, *([spec.tissue_mask_file] if spec.tissue_mask_file else [])]
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in source_files]
     return {"version": SIDECAR_VERSION, "config": config_on_disk(config), "files": stats,
             "patient_id": spec.patient_id or "", "channel_names": list(spec.channel_names or [])}

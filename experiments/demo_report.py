@@ -1,12 +1,12 @@
 """Writes the `make demo` report: Markdown with the side-by-side table and the PNGs beside it.
 
-  python experiments/demo_report.py --eval-dir runs/demo/eval --runs runs/demo/erm runs/demo/gerne \
+  python -m experiments.demo_report --eval-dir runs/demo/eval --runs runs/demo/erm runs/demo/gerne \
       --data-dir runs/demo/data --out runs/demo/report.md
 
 Reads what `evaluate.py --compare ... --out EVAL_DIR` wrote (`<checkpoint>_<split>.json` and its
-PNGs), each run's `metrics.jsonl` (validation curves, plotted here) and the data's `patches.csv`
-(group counts per split). Computes nothing about the models itself: every figure in the report is
-one that evaluate.py or train.py measured.
+PNGs), each run's config and validation metrics (`gerne_jax.run_log`; the curves are plotted here) and
+the data's `patches.csv` (group counts per split). Computes nothing about the models itself: every
+figure in the report is one that evaluate.py or train.py measured.
 """
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
 
 from data_pipeline import stats  # noqa: E402
-from gerne_jax import files, reports  # noqa: E402
+from experiments.tables import markdown_table  # noqa: E402
+from gerne_jax import dataset, files, reports, run_log  # noqa: E402
 
 CURVE_METRICS = (("validation WGA", "worst_group_accuracy"), ("validation BCA", "balanced_class_accuracy"))
 CONFIG_COLUMNS = (("method", "method.name"), ("c", "method.c"), ("beta", "method.beta"),
@@ -34,12 +36,14 @@ CONFIG_COLUMNS = (("method", "method.name"), ("c", "method.c"), ("beta", "method
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-dir", required=True, help="the --out folder of `evaluate.py --compare`")
     parser.add_argument("--runs", nargs="+", required=True, help="the run workdirs, as given to --compare")
     parser.add_argument("--data-dir", required=True, help="the DATA_DIR the runs trained on")
     parser.add_argument("--checkpoints", nargs="+", default=["best_wga", "best_bca"],
-                        help="checkpoints evaluated (one <checkpoint>_<split>.json each; missing ones are skipped)")
+                        help="checkpoints evaluated (one <checkpoint>_<split>.json each; missing ones are "
+                        "skipped)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--tau", type=float, nargs="+", default=None,
                         help="thresholds of the group-count tables (default: the runs' training taus)")
@@ -47,19 +51,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_metrics_log(workdir: pathlib.Path) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl lines, oldest first."""
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {workdir} a train.py workdir?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_validation_curves(logs: Mapping[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
-    """Validation WGA and BCA against the training step, one line per run."""
+def plot_validation_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: pathlib.Path) -> None:
+    """Validation WGA and BCA against the training step, one line per run (`run_log.read_metrics` rows)."""
     fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 3.6), sharey=True)
     for name, lines in logs.items():
-        rows = [row for row in lines if row["split"] == "validation"]
+        rows = run_log.rows_of(lines, "validation")
         for axis, (_, key) in zip(axes, CURVE_METRICS):
             axis.plot([row["step"] for row in rows], [row[key] for row in rows], marker=".", label=name)
     for axis, (title, _) in zip(axes, CURVE_METRICS):
@@ -69,22 +65,16 @@ def plot_validation_curves(logs: Mapping[str, list[dict[str, Any]]], path: pathl
         axis.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    reports.save_figure(fig, path)
+    files.save_figure(fig, path)
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _config_value(config: Mapping[str, Any], dotted: str) -> str:
-    if dotted == "method.c" and config["method"]["name"] == "erm":
+def _config_value(config: ml_collections.ConfigDict, dotted: str) -> str:
+    if dotted == "method.c" and config.method.name == "erm":
         return "-"  # ERM trains on the biased batch alone; c shapes only the less-biased batch
     value: Any = config
     for part in dotted.split("."):
         value = value[part]
-    return "+".join(f"{v:g}" for v in value) if isinstance(value, list) else (
+    return "+".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else (
         f"{value:g}" if isinstance(value, float) else str(value))
 
 
@@ -98,15 +88,14 @@ def results_section(document: Mapping[str, Any], checkpoint: str, relative_eval:
             entry = document[name]
             report = entry["results"][tau_key]
             chosen = entry["selected_on_validation"]
-            rows.append([name, entry["checkpoint_step"],
-                         *(f"{report[key]:.4f}" for _, key in reports.SUMMARY_METRICS),
-                         f"{report['balanced_class_accuracy'] - report['worst_group_accuracy']:+.4f}",
-                         f"{chosen.get('worst_group_accuracy', float('nan')):.4f}",
-                         f"{chosen.get('balanced_class_accuracy', float('nan')):.4f}"])
-        header = ["run", "step", *(short for short, _ in reports.SUMMARY_METRICS), "BCA - WGA",
-                  "val WGA", "val BCA"]
+            gap = report["balanced_class_accuracy"] - report["worst_group_accuracy"]
+            rows.append({"run": name, "step": entry["checkpoint_step"],
+                         **{short: float(report[key]) for short, key in reports.SUMMARY_METRICS},
+                         "BCA - WGA": f"{gap:+.4f}",
+                         "val WGA": float(chosen.get("worst_group_accuracy", float("nan"))),
+                         "val BCA": float(chosen.get("balanced_class_accuracy", float("nan")))})
         stem = f"{checkpoint}_{document[names[0]]['split']}"
-        lines += [f"### {tau_key}, checkpoint `{checkpoint}`", "", markdown_table(header, rows), "",
+        lines += [f"### {tau_key}, checkpoint `{checkpoint}`", "", markdown_table(rows), "",
                   f"![per-group accuracy, {tau_key}]({relative_eval}/{stem}_groups_{tau_key}.png)", ""]
     return lines
 
@@ -122,13 +111,12 @@ def write_report(args: argparse.Namespace) -> pathlib.Path:
                                 "found; run `evaluate.py --compare ... --out` first")
     relative_eval = os.path.relpath(eval_dir, out.parent)
 
-    logs = {run.name: read_metrics_log(run) for run in runs}
+    configs = {run.name: run_log.read_config(run) for run in runs}  # fails first on a folder with no run
     curves = out.parent / "validation_curves.png"
-    plot_validation_curves(logs, curves)
+    plot_validation_curves({run.name: run_log.read_metrics(run) for run in runs}, curves)
 
-    configs = {run.name: json.loads((run / "config.json").read_text()) for run in runs}
-    table = stats.read_patch_table(args.data_dir)
-    taus = args.tau or sorted({float(t) for config in configs.values() for t in config["data"]["taus"]})
+    table = dataset.read_patch_table(args.data_dir)
+    taus = args.tau or sorted({float(t) for config in configs.values() for t in config.data.taus})
 
     lines = ["# gerne-jax demo report (synthetic data)", "",
              "Built-in synthetic slides (`python -m data_pipeline synthetic`), not real microscopy. "
@@ -136,8 +124,8 @@ def write_report(args: argparse.Namespace) -> pathlib.Path:
              "validation split only (`best_wga`: best validation worst-group accuracy; `best_bca`: "
              "best validation balanced class accuracy).", "",
              "## Runs", "",
-             markdown_table(["run", *(short for short, _ in CONFIG_COLUMNS)],
-                            [[name, *(_config_value(config, key) for _, key in CONFIG_COLUMNS)]
+             markdown_table([{"run": name,
+                              **{short: _config_value(config, key) for short, key in CONFIG_COLUMNS}}
                              for name, config in configs.items()]), "",
              f"![validation curves]({os.path.relpath(curves, out.parent)})", "",
              "## Data: patches per group", ""]
@@ -148,7 +136,7 @@ def write_report(args: argparse.Namespace) -> pathlib.Path:
         lines += [f"![tissue ratio per class]({os.path.relpath(tissue_plot, out.parent)})", ""]
     lines += ["## Results", "",
               "WGA: worst-group accuracy; GBA: group-balanced accuracy; BCA: balanced class accuracy "
-              "(SPEC section 4). `step`: the checkpoint's training step; `val WGA`/`val BCA`: the "
+              "(docs/design.md §5). `step`: the checkpoint's training step; `val WGA`/`val BCA`: the "
               "validation figures it was selected on (at the runs' training tau).", ""]
     for checkpoint, document in documents.items():
         lines += results_section(document, checkpoint, relative_eval)

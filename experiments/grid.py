@@ -1,89 +1,174 @@
 """Trains a grid of runs over seeds, evaluates them, and tunes each method on the validation split.
 
-  python experiments/grid.py --root runs/grid --seeds 0 1 2 --set steps=1500 \
-      --runs erm,lr=0.01 erm,lr=0.03 resample,lr=0.01 gerne,beta=1,lr=0.003 gerne,beta=0.5,lr=0.01
+    from experiments.grid import Setting, run_grid
+    lr = "optimizer.learning_rate"
+    settings = [Setting("erm", {lr: 0.1}), Setting("gerne", {"method.c": 0.5, "method.beta": 1.0, lr: 0.03})]
+    summary = run_grid(settings, seeds=[0, 1, 2], root="runs/grid", common={"training.steps": 1500})
 
-Each `--runs` item is a `configs/demo.py` argument (method, then presets); `--set` presets apply
-to every run (a run's own presets win where both set a key), `seed=S` to each seed's copy. Every
-run trains in `ROOT/<run>_seed<S>` (finished runs are skipped, interrupted ones resume: train.py
-resumes a workdir), then `evaluate.py --compare` evaluates all of them on the test split with their
-`best_wga` and their `best_bca` checkpoints (both chosen on the validation split).
+or, from the shell, with the short keys of `ALIASES` (any dotted config key works too):
 
-Several grid.py processes given the same ROOT share the work: a run being trained holds a lock on
-its folder (released by the OS if the process dies), the others skip it and, before evaluating,
-wait for it to finish; one of them evaluates, the others reuse its results (`OUT/evaluated.json`
-records the run states they come from, so a finished grid is not evaluated again). Start one
-process per device or, on CPU, two to overlap start-up and evaluation.
+    python -m experiments.grid --root runs/grid --seeds 0 1 2 --set steps=1500 \
+        --runs erm,lr=0.1 gerne,c=0.5,beta=1,lr=0.03
 
-Tuning never looks at the test split: within each method family (the first word of the run:
-`erm`, `resample`, `gerne`) the run settings with the highest mean validation worst-group accuracy
-over the seeds are chosen (for the `best_bca` checkpoints: the highest validation balanced class
-accuracy), and their test figures are reported as mean and standard deviation.
+A `Setting` is a method of `configs/demo.py` (erm, gerne, resample) and dotted config overrides.
+Each run's config is that method's config, then the `common` overrides, then the setting's own (which
+win where both set a key), then `training.seed` from the seed. Every run trains in-process in
+`ROOT/<setting name>_seed<S>` (finished runs are skipped, interrupted ones resume: the trainer resumes
+a workdir); then each run's `best_wga` and `best_bca` checkpoints (both chosen on the validation split,
+docs/design.md §5) are evaluated on the test split.
 
-Writes `ROOT/results.md` (the tuned summary, then every run), `ROOT/results.csv`,
-`ROOT/summary.json` and `ROOT/summary.png`; the evaluation JSONs and PNGs go to `ROOT/eval/`
-(`--out DIR` writes these to DIR instead, so several summaries can share one ROOT of runs).
+Several processes given the same ROOT share the work: a run being trained holds a lock on its folder
+(released by the OS if the process dies), the others skip it and, before evaluating, wait for it to
+finish; one of them evaluates, the others reuse its results (`OUT/evaluated.json` records the run
+states they come from, so a finished grid is not evaluated again). Start one process per device or,
+on CPU, two to overlap start-up and evaluation.
+
+Tuning never looks at the test split: within each method family the setting with the highest mean
+validation worst-group accuracy over the seeds is chosen (for the `best_bca` checkpoints: the highest
+validation balanced class accuracy), and its test figures are reported as mean and standard deviation.
+
+Writes `ROOT/results.md` (the tuned summary, then every run), `ROOT/results.csv`, `ROOT/summary.json`
+and `ROOT/summary.png`; the evaluation JSONs and PNGs go to `ROOT/eval/` (`out=DIR` writes these to
+DIR instead, so several summaries can share one ROOT of runs).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import dataclasses
+import difflib
 import fcntl
 import json
+import logging
+import os
 import pathlib
 import re
-import subprocess
+import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
-from gerne_jax import experiment, files, reports  # noqa: E402
+from configs import demo  # noqa: E402
+from experiments.tables import markdown_table  # noqa: E402
+from gerne_jax import config_utils, evaluation, files, run_log, trainer  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+# Short names of the config keys a grid varies, for run folder names and the command line. Their order
+# is the order of a name's parts: every run folder `make experiments` has written keeps its name.
+ALIASES = {"c": "method.c", "beta": "method.beta", "lr": "optimizer.learning_rate", "norm": "model.norm",
+           "tau": "data.taus", "steps": "training.steps", "batch": "training.batch_per_group",
+           "data_dir": "data.dir"}
+_ALIAS_OF = {key: alias for alias, key in ALIASES.items()}
+SEED_KEY = "training.seed"  # set per run from the seeds, never by a setting
 # Each checkpoint rule and the validation metric that also picks the hyperparameters under it.
 CHECKPOINTS = {"best_wga": "val WGA", "best_bca": "val BCA"}
 STAMP_FILE = "evaluated.json"  # in the results folder: the run states its results were computed from
 METRICS = (("WGA", "worst_group_accuracy"), ("BCA", "balanced_class_accuracy"))
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="folder for the runs and the results")
-    parser.add_argument("--out", default=None, help="folder for the results and evaluations (default: ROOT)")
-    parser.add_argument("--runs", nargs="+", required=True, help="configs/demo.py arguments, one per setting")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--set", default="", help="presets for every run, e.g. steps=1500,tau=0.2 (a run's own presets win)")
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.py"))
-    parser.add_argument("--split", default="test", choices=("validation", "test"))
-    parser.add_argument("--skip-training", action="store_true", help="only evaluate and summarise")
-    return parser.parse_args(argv)
+def _name_rank(key: str) -> tuple[int, str]:
+    """Aliased keys in the order of ALIASES, then any other key alphabetically."""
+    return (list(ALIASES.values()).index(key), "") if key in _ALIAS_OF else (len(ALIASES), key)
 
 
-def run_name(setting: str, seed: int) -> str:
-    """A folder name for one setting and seed: `gerne,beta=1,lr=0.003` -> `gerne_beta1_lr0.003_seed0`."""
-    name = re.sub(r"[^A-Za-z0-9.+_-]", "", setting.replace(",", "_").replace("=", ""))
-    return f"{name}_seed{seed}"
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def family(setting: str) -> str:
-    return setting.partition(",")[0]
+def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "+".join(map(_format_value, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def is_finished(workdir: pathlib.Path) -> bool:
-    """True when the run's metrics.jsonl holds the validation figures of its last step."""
-    metrics = workdir / "metrics.jsonl"
-    if not (workdir / "config.json").is_file() or not metrics.is_file():
-        return False
-    steps = experiment.load_config(workdir).training.steps
-    return any(row["split"] == "validation" and row["step"] == steps
-               for row in map(json.loads, filter(str.strip, metrics.read_text().splitlines())))
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One point of a grid: a method of `configs/demo.py` and dotted config overrides.
+
+    The overrides are stored in a fixed order (`_name_rank`), whatever order they were given in, so
+    that equal settings have one name and therefore one run folder; lists become tuples so that a
+    setting can be a dict key.
+    """
+
+    method: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ordered = sorted(self.overrides.items(), key=lambda item: _name_rank(item[0]))
+        object.__setattr__(self, "overrides", types.MappingProxyType({k: _frozen(v) for k, v in ordered}))
+
+    def __hash__(self) -> int:
+        return hash((self.method, tuple(self.overrides.items())))
+
+    @property
+    def family(self) -> str:
+        """What tuning chooses among: settings of one method compete, methods do not."""
+        return self.method
+
+    @property
+    def name(self) -> str:
+        """A folder-safe name: `gerne`, {c: 0.5, beta: 1, lr: 0.003} -> `gerne_c0.5_beta1_lr0.003`."""
+        parts = [self.method, *(f"{_ALIAS_OF.get(key, key)}{_format_value(value)}"
+                                for key, value in self.overrides.items())]
+        return re.sub(r"[^A-Za-z0-9.+_-]", "", "_".join(parts))
+
+    def updated(self, overrides: Mapping[str, Any]) -> Setting:
+        """The same method with some overrides replaced or added."""
+        return Setting(self.method, {**self.overrides, **overrides})
+
+
+def run_name(setting: Setting, seed: int) -> str:
+    """The run folder of one setting and seed: `gerne_beta1_lr0.003_seed0`."""
+    return f"{setting.name}_seed{seed}"
+
+
+def run_config(setting: Setting, seed: int,
+               common: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The method's `configs/demo.py` config, then `common`, then the setting's overrides, then the seed."""
+    overrides = {**(common or {}), **setting.overrides}
+    if SEED_KEY in overrides:
+        raise ValueError(f"{SEED_KEY} is set per run from the seeds; give it as a seed, not as an override")
+    return config_utils.with_overrides(demo.get_config(setting.method), {**overrides, SEED_KEY: seed})
+
+
+def parse_overrides(text: str, method: str = "gerne") -> dict[str, Any]:
+    """`lr=0.1,tau=0.03+0.2` (aliases or dotted keys) -> dotted overrides typed like the method's config."""
+    current = config_utils.flatten(demo.get_config(method))
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        key = ALIASES.get(key, key)
+        if not sep or key not in current:
+            closest = difflib.get_close_matches(key, [*ALIASES, *current], n=1)
+            raise ValueError(f"{item!r} is not KEY=VALUE with a config key or one of {list(ALIASES)}"
+                             + (f" (did you mean {closest[0]!r}?)" if closest else ""))
+        overrides[key] = _parse_like(value, current[key])
+    return overrides
+
+
+def parse_setting(text: str) -> Setting:
+    """The command line's form of a setting, `METHOD[,KEY=VALUE...]`: `gerne,c=0.5,lr=0.1` -> a Setting."""
+    method, _, rest = text.partition(",")
+    return Setting(method, parse_overrides(rest, method))
+
+
+def _parse_like(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{text!r} is not true or false")
+        return text.lower() == "true"
+    if isinstance(current, tuple):  # thresholds: 0.03+0.2
+        return tuple(float(part) for part in text.split("+"))
+    return type(current)(text)
 
 
 @contextlib.contextmanager
@@ -91,7 +176,7 @@ def claim(workdir: pathlib.Path, wait: bool = False) -> Iterator[bool]:
     """Holds an exclusive lock on `workdir` while it trains; yields False if another process holds it.
 
     The lock goes with the file's closing, and `flock` locks die with their process, so a killed
-    grid.py never leaves a run claimed. With `wait`, blocks until the other process is done and then
+    process never leaves a run claimed. With `wait`, blocks until the other process is done and then
     yields True.
     """
     workdir.mkdir(parents=True, exist_ok=True)
@@ -104,64 +189,50 @@ def claim(workdir: pathlib.Path, wait: bool = False) -> Iterator[bool]:
         yield True
 
 
-def train_all(config: str, settings: Sequence[str], extra: str, seeds: Sequence[int], root: pathlib.Path) -> None:
-    """Trains every unfinished run, skipping those another grid.py is training, then waits for those."""
+def train_all(configs: Mapping[pathlib.Path, ml_collections.ConfigDict]) -> None:
+    """Trains every unfinished run, skipping those another process is training, then waits for those."""
     pending = []
-    for setting in settings:
-        for seed in seeds:
-            workdir = root / run_name(setting, seed)
-            if is_finished(workdir):
-                print(f">>> {workdir.name}: finished, skipped", flush=True)
-                continue
-            with claim(workdir) as mine:
-                if mine and not is_finished(workdir):  # another process may have finished it meanwhile
-                    train(config, setting, extra, seed, workdir)
-                elif not mine:
-                    print(f">>> {workdir.name}: being trained by another process", flush=True)
-                    pending.append(workdir)
+    for workdir, config in configs.items():
+        if run_log.is_finished(workdir):
+            print(f">>> {workdir.name}: finished, skipped", flush=True)
+            continue
+        with claim(workdir) as mine:
+            if mine and not run_log.is_finished(workdir):  # another process may have finished it meanwhile
+                print(f"\n>>> {workdir.name}: training", flush=True)
+                trainer.train_and_evaluate(config, workdir)
+            elif not mine:
+                print(f">>> {workdir.name}: being trained by another process", flush=True)
+                pending.append(workdir)
     for workdir in pending:
         with claim(workdir, wait=True):
-            if not is_finished(workdir):
-                raise SystemExit(f"error: {workdir} was not finished by the process that trained it; "
-                                 "run grid.py again to resume it")
+            if not run_log.is_finished(workdir):
+                raise RuntimeError(f"{workdir} was not finished by the process that trained it; "
+                                   "run the grid again to resume it")
 
 
-def run_presets(setting: str, extra: str, seed: int) -> str:
-    """The config argument of one run: the method, the `--set` presets, the setting's own (which win
-    over `--set` for a key both give: later presets override earlier ones), then the seed."""
-    method, _, own = setting.partition(",")
-    return ",".join(filter(None, [method, extra, own, f"seed={seed}"]))
+def evaluate_all(workdirs: Sequence[pathlib.Path], checkpoint: str, split: str, out: pathlib.Path,
+                 split_cache: dict[str, Any]) -> dict[str, evaluation.RunEvaluation]:
+    """Every run's `checkpoint` on the split, keyed by run folder name; JSON and PNGs written to `out`."""
+    evaluations = {workdir.name: evaluation.evaluate_run(workdir, checkpoint, split, split_cache=split_cache)
+                   for workdir in workdirs}
+    evaluation.write_results(evaluations, out)
+    return evaluations
 
 
-def train(config: str, setting: str, extra: str, seed: int, workdir: pathlib.Path) -> None:
-    presets = run_presets(setting, extra, seed)
-    command = [sys.executable, str(REPO / "train.py"), "--config", f"{config}:{presets}",
-               "--workdir", str(workdir)]
-    print(f"\n>>> {workdir.name}: {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
-
-
-def evaluate(workdirs: Sequence[pathlib.Path], checkpoint: str, split: str, out: pathlib.Path) -> dict[str, Any]:
-    """`evaluate.py --compare` on all runs; returns its JSON (run name -> results)."""
-    subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--compare", *map(str, workdirs),
-                    "--checkpoint", checkpoint, "--split", split, "--out", str(out)], check=True, cwd=REPO)
-    return json.loads((out / f"{checkpoint}_{split}.json").read_text())
-
-
-def collect_rows(settings: Sequence[str], seeds: Sequence[int],
-                 documents: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def collect_rows(settings: Sequence[Setting], seeds: Sequence[int],
+                 evaluations: Mapping[str, Mapping[str, evaluation.RunEvaluation]]) -> list[dict[str, Any]]:
     """One row per (setting, seed, checkpoint): validation figures it was chosen on, and test figures."""
     rows = []
-    for checkpoint, document in documents.items():
+    for checkpoint, by_run in evaluations.items():
         for setting in settings:
             for seed in seeds:
-                entry = document[run_name(setting, seed)]
-                (tau_key, result), = entry["results"].items()
-                row = {"family": family(setting), "setting": setting, "seed": seed, "checkpoint": checkpoint,
-                       "step": entry["checkpoint_step"], "tau": tau_key}
+                entry = by_run[run_name(setting, seed)]
+                (tau, result), = entry.reports.items()
+                row = {"family": setting.family, "setting": setting.name, "seed": seed,
+                       "checkpoint": checkpoint, "step": int(entry.checkpoint_meta["step"]), "tau": tau}
                 for short, key in METRICS:
-                    row[f"val {short}"] = entry["selected_on_validation"][key]
-                    row[f"{entry['split']} {short}"] = result[key]
+                    row[f"val {short}"] = float(entry.checkpoint_meta["metrics"][key])
+                    row[f"{entry.split_name} {short}"] = float(result[key])
                 rows.append(row)
     return rows
 
@@ -177,7 +248,8 @@ def tuned_summary(rows: Sequence[Mapping[str, Any]], split: str) -> list[dict[st
         metric = CHECKPOINTS[checkpoint]
         for name in dict.fromkeys(row["family"] for row in rows):
             mine = [row for row in rows if row["family"] == name and row["checkpoint"] == checkpoint]
-            by_setting = {s: [row for row in mine if row["setting"] == s] for s in dict.fromkeys(r["setting"] for r in mine)}
+            by_setting = {s: [row for row in mine if row["setting"] == s]
+                          for s in dict.fromkeys(r["setting"] for r in mine)}
             best = max(by_setting, key=lambda s: np.mean([row[metric] for row in by_setting[s]]))
             chosen = by_setting[best]
             entry = {"family": name, "checkpoint": checkpoint, "tuned on": metric, "chosen setting": best,
@@ -186,9 +258,20 @@ def tuned_summary(rows: Sequence[Mapping[str, Any]], split: str) -> list[dict[st
                 for prefix in ("val", split):
                     values = np.array([row[f"{prefix} {short}"] for row in chosen])
                     entry[f"{prefix} {short} mean"] = float(values.mean())
-                    entry[f"{prefix} {short} std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+                    entry[f"{prefix} {short} std"] = (float(values.std(ddof=1)) if len(values) > 1
+                                                      else float("nan"))
             summary.append(entry)
     return summary
+
+
+def chosen_settings(summary: Sequence[Mapping[str, Any]],
+                    settings: Sequence[Setting]) -> dict[str, list[Setting]]:
+    """Per checkpoint rule, the settings the tuned `summary` chose (one per family), as Setting values."""
+    by_name = {setting.name: setting for setting in settings}
+    chosen: dict[str, list[Setting]] = {}
+    for entry in summary:
+        chosen.setdefault(entry["checkpoint"], []).append(by_name[entry["chosen setting"]])
+    return chosen
 
 
 def plot_summary(summary: Sequence[Mapping[str, Any]], split: str, path: pathlib.Path) -> None:
@@ -210,67 +293,117 @@ def plot_summary(summary: Sequence[Mapping[str, Any]], split: str, path: pathlib
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    reports.save_figure(fig, path)
-
-
-def _format(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_format(row[key]) for key in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    root = pathlib.Path(args.root)
-    root.mkdir(parents=True, exist_ok=True)
-    workdirs = [root / run_name(s, seed) for s in args.runs for seed in args.seeds]
-    if len(set(workdirs)) != len(workdirs):
-        raise SystemExit(f"error: --runs {args.runs} give duplicate run folders")
-    if not args.skip_training:
-        train_all(args.config, args.runs, args.set, args.seeds, root)
-
-    out = pathlib.Path(args.out) if args.out else root
-    with claim(out, wait=True):  # one process evaluates; others sharing `out` wait, then reuse its results
-        stamp = evaluation_stamp(workdirs, args.split)
-        if (out / STAMP_FILE).is_file() and json.loads((out / STAMP_FILE).read_text()) == stamp:
-            print(f"\n{(out / 'results.md').read_text()}\nthe results in {out} are up to date with the runs; reused")
-            return 0
-        summarise(args, argv, workdirs, out)
-        files.write_text_atomic(out / STAMP_FILE, json.dumps(stamp))
-    return 0
+    files.save_figure(fig, path)
 
 
 def evaluation_stamp(workdirs: Sequence[pathlib.Path], split: str) -> dict[str, Any]:
     """What the results depend on: the split and each run's state (its metrics.jsonl changes whenever
     a checkpoint does)."""
-    return {"split": split, "runs": {str(w): (w / "metrics.jsonl").stat().st_mtime_ns for w in workdirs}}
+    return {"split": split, "runs": {str(w): (w / run_log.METRICS_FILE).stat().st_mtime_ns for w in workdirs}}
 
 
-def summarise(args: argparse.Namespace, argv: Sequence[str] | None, workdirs: Sequence[pathlib.Path],
-              out: pathlib.Path) -> None:
+def describe(settings: Sequence[Setting], seeds: Sequence[int], common: Mapping[str, Any]) -> str:
+    """What a grid ran, for its reports: its settings, seeds and common overrides in one sentence."""
+    overrides = ", ".join(f"`{key}={_format_value(_frozen(value))}`" for key, value in common.items())
+    return (f"Settings (`configs/demo.py` method and overrides): {', '.join(f'`{s.name}`' for s in settings)}"
+            f"; seeds {', '.join(map(str, seeds))}; overrides of every run: {overrides or 'none'}.")
+
+
+def run_grid(settings: Sequence[Setting], seeds: Sequence[int], root: str | os.PathLike, *,
+             common: Mapping[str, Any] | None = None, split: str = "test",
+             out: str | os.PathLike | None = None, skip_training: bool = False) -> list[dict[str, Any]]:
+    """Trains (unless `skip_training`), evaluates and tunes the grid; returns the tuned summary.
+
+    Every run's config is built before any training starts, so a bad override fails at once rather
+    than hours in. The summary has one entry per family and checkpoint rule (`tuned_summary`);
+    `chosen_settings` turns it back into Settings.
+    """
+    root = pathlib.Path(root)
+    configs = {root / run_name(s, seed): run_config(s, seed, common) for s in settings for seed in seeds}
+    if len(configs) != len(settings) * len(seeds):
+        names = [run_name(s, seed) for s in settings for seed in seeds]
+        raise ValueError(f"settings and seeds give the same run folder twice: "
+                         f"{sorted({n for n in names if names.count(n) > 1})}")
+    root.mkdir(parents=True, exist_ok=True)
+    if not skip_training:
+        train_all(configs)
+
+    out = pathlib.Path(out) if out else root
+    with claim(out, wait=True):  # one process evaluates; others sharing `out` wait, then reuse its results
+        stamp = evaluation_stamp(list(configs), split)
+        if (out / STAMP_FILE).is_file() and json.loads((out / STAMP_FILE).read_text()) == stamp:
+            print(f"\n{(out / 'results.md').read_text()}\n{out}: up to date with the runs; reused")
+            return json.loads((out / "summary.json").read_text())
+        summary = summarise(settings, seeds, common or {}, split, list(configs), out)
+        files.write_text_atomic(out / STAMP_FILE, json.dumps(stamp))
+    return summary
+
+
+def summarise(settings: Sequence[Setting], seeds: Sequence[int], common: Mapping[str, Any], split: str,
+              workdirs: Sequence[pathlib.Path], out: pathlib.Path) -> list[dict[str, Any]]:
     """Evaluates every run's checkpoints on the split, tunes per family and writes the results to `out`."""
-    documents = {checkpoint: evaluate(workdirs, checkpoint, args.split, out / "eval") for checkpoint in CHECKPOINTS}
-    rows = collect_rows(args.runs, args.seeds, documents)
-    summary = tuned_summary(rows, args.split)
-    plot_summary(summary, args.split, out / "summary.png")
+    split_cache: dict[str, Any] = {}  # the split is loaded once for every run and checkpoint
+    evaluations = {checkpoint: evaluate_all(workdirs, checkpoint, split, out / "eval", split_cache)
+                   for checkpoint in CHECKPOINTS}
+    rows = collect_rows(settings, seeds, evaluations)
+    summary = tuned_summary(rows, split)
+    plot_summary(summary, split, out / "summary.png")
     with files.atomic_write(out / "results.csv") as temporary, open(temporary, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     files.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
-    command = " ".join(["python experiments/grid.py", *(sys.argv[1:] if argv is None else argv)])
     files.write_text_atomic(out / "results.md", "\n".join([
-        f"# Grid results (synthetic data), {args.split} split", "", f"Reproduce: `{command}`", "",
+        f"# Grid results (synthetic data), {split} split", "", describe(settings, seeds, common), "",
         "## Tuned on the validation split per method family (mean, std over seeds)", "",
         markdown_table(summary), "", "![summary](summary.png)", "",
         "## Every run", "", markdown_table(rows), ""]))
     print(f"\n{markdown_table(summary)}\n\nwrote {out / 'results.md'}, results.csv, summary.png")
+    return summary
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Runs an experiment's command line with train.py's logging and its exit on SIGTERM.
+
+    On SIGTERM the trainer saves the run and raises TrainingInterrupted; like train.py, this exits
+    without interpreter teardown, where the tf.data iterator's destructor could hang. Running the same
+    command again resumes.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
+    trainer.log_info.setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns about read-only checkpoint managers
+    try:
+        code = main()
+    except trainer.TrainingInterrupted as stop:
+        print(f"{stop}; run the same command again to resume", file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGTERM)
+    sys.exit(code)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="folder for the runs and the results")
+    parser.add_argument("--out", default=None, help="folder for the results and evaluations (default: ROOT)")
+    parser.add_argument("--runs", nargs="+", required=True, help="settings, METHOD[,KEY=VALUE...] each")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--set", default="", help="overrides of every run, e.g. steps=1500,tau=0.2 "
+                        "(a setting's own win)")
+    parser.add_argument("--split", default="test", choices=("validation", "test"))
+    parser.add_argument("--skip-training", action="store_true", help="only evaluate and summarise")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_grid([parse_setting(text) for text in args.runs], args.seeds, args.root,
+             common=parse_overrides(args.set), split=args.split, out=args.out,
+             skip_training=args.skip_training)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -6,10 +6,11 @@ Steps (all resumable: finished runs are skipped, interrupted ones resume):
 1. data: `--slides` synthetic slides (`--size` pixels, `--data-seed`), 64-pixel patches in ROOT/data.
 2. tuning, seed 0, tau 0.1 (`ROOT/tuning/`): the learning rate of ERM and of resampling (c = 1,
    beta = 0), and (c, beta, learning rate) of GERNE, all with GroupNorm (a setting chosen at the top
-   learning rate is also tried at the next rung of the ladder); then, at each family's chosen
-   setting and the learning rates next to it, BatchNorm with statistics shared by the paired batches
-   (the normalisation a model trained from scratch can use with GERNE, SPEC section 3). Each family's
-   setting is chosen on validation WGA (for the `best_wga` rule) and on validation BCA (`best_bca`).
+   learning rate is also tried at the next rung of the ladder; these rounds' results are in
+   subfolders); then, at each family's chosen setting and the learning rates next to it, BatchNorm
+   with statistics shared by the paired batches (the normalisation a model trained from scratch can
+   use with GERNE, docs/design.md §4). Each family's setting is chosen on validation WGA (for the
+   `best_wga` rule) and on validation BCA (`best_bca`).
 3. seeds (`ROOT/seeds/`): every setting chosen in step 2, under either rule, trained with seeds 0, 1 and
    2; each rule then picks, per family, the candidate with the best mean validation figure over the
    seeds and reports its test mean and standard deviation (experiment 3).
@@ -18,7 +19,8 @@ Steps (all resumable: finished runs are skipped, interrupted ones resume):
 5. error against tissue ratio (`ROOT/error_vs_tissue_ratio/`, experiment 1) for the tuned ERM and
    GERNE runs of seed 0.
 
-All runs live in ROOT/runs; the summaries of steps 2 and 3 are `experiments/grid.py` outputs.
+Steps 2 and 3 train in ROOT/runs (step 4 in ROOT/tau/tau<tau>/); their summaries are
+`experiments/grid.py` outputs.
 ROOT/results.md gathers them: experiment 3's table, the differences the papers' claims are about,
 the grid searched, and links to every other table and PNG (`--report-only` rewrites just that file).
 Several processes on the same ROOT share the training (see grid.py), e.g. two on 2 CPU cores.
@@ -29,92 +31,77 @@ import argparse
 import csv
 import json
 import pathlib
-import subprocess
-import sys
 from collections.abc import Sequence
 
+import data_pipeline.__main__ as data_pipeline_cli
 from experiments import error_vs_tissue_ratio, grid, tau_sweep
+from experiments.grid import Setting
+from experiments.tables import markdown_table, mean_std
 from gerne_jax import files
 
+LR = "optimizer.learning_rate"
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)  # the same grid for every method
 LEARNING_RATE_LADDER = (*LEARNING_RATES, 1.0)  # a choice at the grid's top also tries the next rung
 GERNE_C_BETA = ((0.5, 0.5), (0.5, 1.0), (0.5, 2.0), (1.0, 0.5), (1.0, 1.0))
 TUNING_SETTINGS = (
-    [f"erm,lr={lr:g}" for lr in LEARNING_RATES]
-    + [f"resample,lr={lr:g}" for lr in LEARNING_RATES]
-    + [f"gerne,c={c:g},beta={beta:g},lr={lr:g}" for c, beta in GERNE_C_BETA for lr in LEARNING_RATES])
+    [Setting("erm", {LR: lr}) for lr in LEARNING_RATES]
+    + [Setting("resample", {LR: lr}) for lr in LEARNING_RATES]
+    + [Setting("gerne", {"method.c": c, "method.beta": beta, LR: lr}) for c, beta in GERNE_C_BETA
+       for lr in LEARNING_RATES])
 TUNING_SEED = 0
 SEEDS = (0, 1, 2)
 TAUS = (0.03, 0.1, 0.2)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True)
     parser.add_argument("--slides", type=int, default=36)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--data-seed", type=int, default=1)
-    parser.add_argument("--set", default="", help="presets appended to every run, e.g. steps=300 for a dry run")
+    parser.add_argument("--set", default="", help="overrides of every run (as in grid.py), e.g. steps=300 "
+                        "for a dry run")
     parser.add_argument("--data-only", action="store_true", help="stop after step 1")
     parser.add_argument("--report-only", action="store_true", help="only rewrite ROOT/results.md")
     return parser.parse_args(argv)
 
 
-def presets(setting: str) -> dict[str, str]:
-    """`gerne,c=0.5,lr=0.03` -> {"c": "0.5", "lr": "0.03"} (the family is `grid.family`)."""
-    return dict(item.split("=", 1) for item in setting.split(",")[1:])
-
-
-def with_presets(setting: str, **changes: str) -> str:
-    """The setting with some presets replaced or added, keeping their order."""
-    return ",".join([grid.family(setting), *(f"{k}={v}" for k, v in {**presets(setting), **changes}.items())])
-
-
-def upward_settings(setting: str) -> list[str]:
+def upward_settings(setting: Setting) -> list[Setting]:
     """The setting at the ladder's next learning rate if it sits at the grid's top, else nothing."""
-    if float(presets(setting)["lr"]) != LEARNING_RATES[-1]:
+    if setting.overrides[LR] != LEARNING_RATES[-1]:
         return []
-    return [with_presets(setting, lr=f"{LEARNING_RATE_LADDER[len(LEARNING_RATES)]:g}")]
+    return [setting.updated({LR: LEARNING_RATE_LADDER[len(LEARNING_RATES)]})]
 
 
-def normalisation_settings(setting: str) -> list[str]:
+def normalisation_settings(setting: Setting) -> list[Setting]:
     """BatchNorm with shared statistics at the setting's learning rate and the ladder's neighbours of it."""
-    index = LEARNING_RATE_LADDER.index(float(presets(setting)["lr"]))
-    return [with_presets(setting, lr=f"{lr:g}", norm="shared")
+    index = LEARNING_RATE_LADDER.index(setting.overrides[LR])
+    return [setting.updated({LR: lr, "model.norm": "shared"})
             for lr in LEARNING_RATE_LADDER[max(index - 1, 0):index + 2]]
-
-
-def chosen_settings(out: pathlib.Path) -> dict[str, list[str]]:
-    """Per checkpoint rule, the settings grid.py chose (one per family) in `out/summary.json`."""
-    chosen: dict[str, list[str]] = {}
-    for entry in json.loads((out / "summary.json").read_text()):
-        chosen.setdefault(entry["checkpoint"], []).append(entry["chosen setting"])
-    return chosen
-
-
-def _mean_std(entry: dict, name: str) -> str:
-    return f"{entry[name + ' mean']:.3f} ± {entry[name + ' std']:.3f}"
 
 
 def write_report(root: pathlib.Path) -> pathlib.Path:
     """ROOT/results.md from the outputs of steps 2-5."""
     summary = json.loads((root / "seeds" / "summary.json").read_text())
     table = [{"method": e["family"], "checkpoint and setting chosen on": e["tuned on"],
-              "chosen setting": e["chosen setting"], "seeds": e["seeds"], "test WGA": _mean_std(e, "test WGA"),
-              "test BCA": _mean_std(e, "test BCA"), "val WGA": _mean_std(e, "val WGA"),
-              "val BCA": _mean_std(e, "val BCA")} for e in summary]
+              "chosen setting": e["chosen setting"], "seeds": e["seeds"],
+              **{f"{prefix} {metric}": mean_std(e, f"{prefix} {metric}", decimals=3)
+                 for prefix in ("test", "val") for metric in ("WGA", "BCA")}} for e in summary]
     by_wga = {e["family"]: e for e in summary if e["checkpoint"] == "best_wga"}
     by_bca = {e["family"]: e for e in summary if e["checkpoint"] == "best_bca"}
 
     def points(a: dict, a_metric: str, b: dict, b_metric: str) -> str:
         return f"{100 * (a[f'test {a_metric} mean'] - b[f'test {b_metric} mean']):+.1f}"
 
-    differences = [f"- ERM: test BCA - test WGA = {points(by_wga['erm'], 'BCA', by_wga['erm'], 'WGA')} points."]
+    erm = by_wga["erm"]
+    differences = [f"- ERM: test BCA - test WGA = {points(erm, 'BCA', erm, 'WGA')} points."]
     for name in ("resample", "gerne"):
         if name in by_wga:
-            differences.append(
-                f"- {name} - ERM (both chosen on validation WGA): WGA {points(by_wga[name], 'WGA', by_wga['erm'], 'WGA')}"
-                f" points, BCA {points(by_wga[name], 'BCA', by_wga['erm'], 'BCA')} points.")
+            entry = by_wga[name]
+            differences.append(f"- {name} - ERM (both chosen on validation WGA): WGA "
+                               f"{points(entry, 'WGA', erm, 'WGA')} points, "
+                               f"BCA {points(entry, 'BCA', erm, 'BCA')} points.")
     for name in by_bca:
         differences.append(f"- {name}, chosen on validation BCA instead of WGA: test WGA "
                            f"{points(by_bca[name], 'WGA', by_wga[name], 'WGA')} points, test BCA "
@@ -123,17 +110,19 @@ def write_report(root: pathlib.Path) -> pathlib.Path:
     searched = sorted({row["setting"] for row in _csv_rows(root / "tuning" / "results.csv")})
     lines = [
         "# Results on the built-in synthetic slides (not the papers' microscopy data)", "",
-        "Reproduce: `make experiments` (`python -m experiments.reproduce --root ROOT`). Test split, tau = 0.1, "
-        "mean ± standard deviation over seeds 0, 1, 2. Hyperparameters and checkpoints are chosen on the "
-        "validation split only: on validation WGA (rows `val WGA`) or on validation BCA (rows `val BCA`).", "",
-        grid.markdown_table(table), "", "![test WGA and BCA](seeds/summary.png)", "",
+        "Reproduce: `make experiments` (`python -m experiments.reproduce --root ROOT`). Test split, "
+        f"tau = 0.1, mean ± standard deviation over seeds {', '.join(map(str, SEEDS))}. Hyperparameters and "
+        "checkpoints are chosen on the validation split only: on validation WGA (rows `val WGA`) or on "
+        "validation BCA (rows `val BCA`).", "",
+        markdown_table(table), "", "![test WGA and BCA](seeds/summary.png)", "",
         "## Differences", "", *differences, "",
-        "## Grid searched (seed 0; then the chosen settings over 3 seeds)", "",
+        f"## Grid searched (seed {TUNING_SEED}; then the chosen settings over {len(SEEDS)} seeds)", "",
         f"{len(searched)} settings: " + ", ".join(f"`{s}`" for s in searched) + ".", "",
-        "Chosen on seed 0: " + "; ".join(f"{e['family']} by {e['tuned on']}: `{e['chosen setting']}`"
-                                         for e in tuned) + ".", "",
-        "Every run's figures: [tuning/results.md](tuning/results.md), [seeds/results.md](seeds/results.md).", "",
-        "## Experiment 2: tau", "", "[tau/results.md](tau/results.md)", "", "![WGA against tau](tau/wga_vs_tau.png)", "",
+        f"Chosen on seed {TUNING_SEED}: "
+        + "; ".join(f"{e['family']} by {e['tuned on']}: `{e['chosen setting']}`" for e in tuned) + ".", "",
+        "Every run's figures: [tuning/results.md](tuning/results.md), [seeds/results.md](seeds/results.md).",
+        "", "## Experiment 2: tau", "", "[tau/results.md](tau/results.md)", "",
+        "![WGA against tau](tau/wga_vs_tau.png)", "",
         "## Experiment 1: error rate against tissue ratio", "",
         "[error_vs_tissue_ratio/results.md](error_vs_tissue_ratio/results.md)", "",
         "![error rate against tissue ratio](error_vs_tissue_ratio/error_vs_tissue_ratio.png)", ""]
@@ -148,6 +137,7 @@ def _csv_rows(path: pathlib.Path) -> list[dict[str, str]]:
 
 
 def make_data(root: pathlib.Path, args: argparse.Namespace) -> pathlib.Path:
+    """Step 1, through the data pipeline's own command line (its one stable interface), in this process."""
     data = root / "data"
     commands = []
     if not (root / "slides" / "manifest.csv").is_file():
@@ -158,16 +148,9 @@ def make_data(root: pathlib.Path, args: argparse.Namespace) -> pathlib.Path:
                       "--patch-size", "64", "--workers", "2"],
                      ["stats", "--data-dir", str(data), "--tau", *map(str, TAUS)]]
     for command in commands:
-        subprocess.run([sys.executable, "-m", "data_pipeline", *command], check=True, cwd=grid.REPO)
+        if data_pipeline_cli.main(command) != 0:
+            raise RuntimeError(f"python -m data_pipeline {' '.join(command)} failed")
     return data
-
-
-def run_grid(runs: pathlib.Path, out: pathlib.Path, settings: Sequence[str], seeds: Sequence[int],
-             extra: str) -> None:
-    argv = ["--root", str(runs), "--out", str(out), "--seeds", *map(str, seeds), "--set", extra,
-            "--runs", *settings]
-    if grid.main(argv) != 0:
-        raise SystemExit(f"error: experiments/grid.py {' '.join(argv)} failed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,40 +163,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_only:
         return 0
     # GroupNorm unless a setting says otherwise, whatever configs/demo.py's per-method defaults are.
-    extra = ",".join(filter(None, [f"data_dir={data}", "norm=group", args.set]))
+    common = {"data.dir": str(data), "model.norm": "group", **grid.parse_overrides(args.set)}
     runs = root / "runs"
+
+    def tune(settings: Sequence[Setting], out: pathlib.Path) -> dict[str, list[Setting]]:
+        """The tuning seed of `settings`, results in `out`; the settings chosen per checkpoint rule.
+
+        Each round has its own results folder: sharing one, a round's evaluation stamp would replace
+        the previous round's, and a rerun, or a second process a round behind, would evaluate again.
+        """
+        summary = grid.run_grid(settings, [TUNING_SEED], runs, common=common, out=out)
+        return grid.chosen_settings(summary, settings)
 
     # Step 2: tuning on seed 0 with GroupNorm (one more learning rate for a choice at the grid's
     # top), then the normalisation around each family's choice.
-    run_grid(runs, root / "tuning", TUNING_SETTINGS, [TUNING_SEED], extra)
-    chosen = chosen_settings(root / "tuning")
+    chosen = tune(TUNING_SETTINGS, root / "tuning" / "groupnorm")
     upward = [s for rule in chosen.values() for c in rule for s in upward_settings(c)]
     tuning = list(dict.fromkeys([*TUNING_SETTINGS, *upward]))
     if upward:
-        run_grid(runs, root / "tuning", tuning, [TUNING_SEED], extra)
-    by_wga = chosen_settings(root / "tuning")["best_wga"]
-    tuning = list(dict.fromkeys([*tuning, *(s for c in by_wga for s in normalisation_settings(c))]))
-    run_grid(runs, root / "tuning", tuning, [TUNING_SEED], extra)
+        chosen = tune(tuning, root / "tuning" / "groupnorm_upward")
+    normalisation = [s for c in chosen["best_wga"] for s in normalisation_settings(c)]
+    tuning = list(dict.fromkeys([*tuning, *normalisation]))
+    chosen = tune(tuning, root / "tuning")
 
     # Step 3: the chosen settings of both rules over three seeds (experiment 3).
-    chosen = chosen_settings(root / "tuning")
     candidates = list(dict.fromkeys(chosen["best_wga"] + chosen["best_bca"]))
-    run_grid(runs, root / "seeds", candidates, SEEDS, extra)
+    summary = grid.run_grid(candidates, SEEDS, runs, common=common, out=root / "seeds")
+    by_wga = grid.chosen_settings(summary, candidates)["best_wga"]
 
     # Step 4: tau sweep with the WGA-chosen settings (experiment 2).
-    by_wga = chosen_settings(root / "seeds")["best_wga"]
-    tau_argv = ["--root", str(root / "tau"), "--tau", *map(str, TAUS), "--seeds", str(TUNING_SEED),
-                "--set", extra, "--runs", *by_wga]
-    if tau_sweep.main(tau_argv) != 0:
-        raise SystemExit(f"error: experiments/tau_sweep.py {' '.join(tau_argv)} failed")
+    tau_sweep.tau_sweep(by_wga, [TUNING_SEED], root / "tau", TAUS, common=common)
 
     # Step 5: where ERM and GERNE fail, by tissue ratio (experiment 1).
-    figure_runs = [str(runs / grid.run_name(s, TUNING_SEED)) for s in by_wga if grid.family(s) != "resample"]
-    if error_vs_tissue_ratio.main(["--runs", *figure_runs, "--out", str(root / "error_vs_tissue_ratio")]) != 0:
-        return 1
+    error_vs_tissue_ratio.error_vs_tissue_ratio(
+        [runs / grid.run_name(s, TUNING_SEED) for s in by_wga if s.family != "resample"],
+        root / "error_vs_tissue_ratio")
     write_report(root)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    grid.run_script(main)

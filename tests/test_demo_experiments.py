@@ -3,6 +3,7 @@ import csv
 import itertools
 import json
 import os
+import pathlib
 import re
 import statistics
 import subprocess
@@ -11,48 +12,69 @@ import sys
 import numpy as np
 import pytest
 
-from configs import demo as demo_config
+from data_pipeline.shards import write_patch_dataset
 from experiments import grid, reproduce
+from experiments.grid import Setting
+from gerne_jax import evaluation, trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LR = "optimizer.learning_rate"
 
 
 def _rows(seed_values, checkpoint="best_wga"):
-    """Rows as collect_rows makes them; seed_values: setting -> list of (val, test) of the checkpoint's
+    """Rows as collect_rows makes them; seed_values: Setting -> list of (val, test) of the checkpoint's
     metric (WGA for best_wga, BCA for best_bca); the other metric is constant over settings."""
     metric, other = ("WGA", "BCA") if checkpoint == "best_wga" else ("BCA", "WGA")
     rows = []
     for setting, values in seed_values.items():
         for seed, (val, test) in enumerate(values):
-            rows.append({"family": grid.family(setting), "setting": setting, "seed": seed,
+            rows.append({"family": setting.family, "setting": setting.name, "seed": seed,
                          "checkpoint": checkpoint, "step": 100, "tau": "tau=0.1",
                          f"val {metric}": val, f"test {metric}": test,
                          f"val {other}": 0.9, f"test {other}": 0.9 - 0.01 * seed})
     return rows
 
 
-def test_run_names_are_distinct_and_safe():
-    settings = ["erm,lr=0.01", "erm,lr=0.001", "gerne,beta=1,lr=0.01", "gerne,beta=1.5,lr=0.01",
-                "gerne,tau=0.03+0.2"]
+def test_run_names_are_distinct_safe_and_those_of_the_old_preset_strings():
+    settings = [Setting("erm", {LR: 0.01}), Setting("erm", {LR: 0.001}),
+                Setting("gerne", {"method.beta": 1.0, LR: 0.01}),
+                Setting("gerne", {"method.beta": 1.5, LR: 0.01}),
+                Setting("gerne", {"data.taus": [0.03, 0.2]}), Setting("gerne", {"method.corr": 0.3})]
     names = [grid.run_name(s, seed) for s, seed in itertools.product(settings, (0, 1))]
     assert len(set(names)) == len(names)
-    assert all(set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.+_-")
-               for name in names)
-    assert grid.run_name("gerne,beta=1,lr=0.003", 2) == "gerne_beta1_lr0.003_seed2"
+    assert all(re.fullmatch(r"[A-Za-z0-9.+_-]+", name) for name in names)
+    # The folders `make experiments` wrote when settings were preset strings keep their names.
+    old = {"gerne,beta=1,lr=0.003": (Setting("gerne", {"method.beta": 1.0, LR: 0.003}), 2),
+           "gerne,c=0.5,beta=0.5,lr=0.1": (Setting("gerne", {LR: 0.1, "method.beta": 0.5, "method.c": 0.5}),
+                                           0),
+           "resample,lr=0.03,norm=shared": (Setting("resample", {"model.norm": "shared", LR: 0.03}), 1),
+           "gerne,tau=0.03+0.2": (Setting("gerne", {"data.taus": (0.03, 0.2)}), 0)}
+    for preset, (setting, seed) in old.items():
+        old_name = re.sub(r"[^A-Za-z0-9.+_-]", "", preset.replace(",", "_").replace("=", "")) + f"_seed{seed}"
+        assert grid.run_name(setting, seed) == old_name
+        assert grid.parse_setting(preset) == setting  # the command line's form gives the same value
+    assert grid.run_name(Setting("gerne", {"method.beta": 1.0, LR: 0.003}), 2) == "gerne_beta1_lr0.003_seed2"
+    # Equal settings are one folder, and one dict key, whatever the order their overrides came in.
+    one, other = Setting("gerne", {"method.c": 0.5, LR: 0.1}), Setting("gerne", {LR: 0.1, "method.c": 0.5})
+    assert one == other and len({one, other}) == 1 and one.name == other.name
 
 
 @pytest.mark.parametrize("checkpoint", ["best_wga", "best_bca"])
 def test_tuning_uses_validation_only(checkpoint):
     metric, other = ("WGA", "BCA") if checkpoint == "best_wga" else ("BCA", "WGA")
     rng = np.random.default_rng(0)
-    seed_values = {s: [tuple(rng.uniform(0.3, 0.9, 2)) for _ in range(3)]
-                   for s in ("erm,lr=0.01", "erm,lr=0.03", "gerne,lr=0.01", "gerne,beta=0.5,lr=0.01")}
+    settings = [Setting("erm", {LR: 0.01}), Setting("erm", {LR: 0.03}), Setting("gerne", {LR: 0.01}),
+                Setting("gerne", {"method.beta": 0.5, LR: 0.01})]
+    seed_values = {s: [tuple(rng.uniform(0.3, 0.9, 2)) for _ in range(3)] for s in settings}
     # A setting with the best test figures but the worst validation figures must not be chosen.
-    seed_values["gerne,beta=2,lr=0.1"] = [(0.1, 1.0), (0.1, 1.0), (0.1, 1.0)]
+    seed_values[Setting("gerne", {"method.beta": 2.0, LR: 0.1})] = [(0.1, 1.0), (0.1, 1.0), (0.1, 1.0)]
     summary = grid.tuned_summary(_rows(seed_values, checkpoint), "test")
     assert [entry["family"] for entry in summary] == ["erm", "gerne"]
-    for entry in summary:
-        candidates = {s: v for s, v in seed_values.items() if grid.family(s) == entry["family"]}
+    chosen = grid.chosen_settings(summary, list(seed_values))[checkpoint]
+    for entry, setting in zip(summary, chosen):
+        candidates = {s: v for s, v in seed_values.items() if s.family == entry["family"]}
         best = max(candidates, key=lambda s: statistics.mean(v[0] for v in candidates[s]))
-        assert entry["chosen setting"] == best
+        assert setting == best and entry["chosen setting"] == best.name
         assert entry["seeds"] == 3
         assert entry["tuned on"] == f"val {metric}"
         test = [v[1] for v in candidates[best]]
@@ -62,7 +84,7 @@ def test_tuning_uses_validation_only(checkpoint):
 
 
 def test_one_seed_has_no_standard_deviation():
-    summary = grid.tuned_summary(_rows({"erm,lr=0.01": [(0.5, 0.4)]}), "test")
+    summary = grid.tuned_summary(_rows({Setting("erm", {LR: 0.01}): [(0.5, 0.4)]}), "test")
     assert np.isnan(summary[0]["test WGA std"]) and summary[0]["test WGA mean"] == 0.4
 
 
@@ -77,38 +99,42 @@ def test_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path):
     code = ("import os, pathlib; from experiments import grid\n"
             f"with grid.claim(pathlib.Path({str(workdir)!r})) as mine:\n"
             "    assert mine\n    os._exit(0)\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=grid.REPO)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     with grid.claim(workdir) as after_death:
         assert after_death
 
 
-def test_reproduce_settings_keep_the_family_and_replace_presets():
-    assert reproduce.with_presets("gerne,c=0.5,beta=1,lr=0.03", lr="0.1", norm="shared") == \
-        "gerne,c=0.5,beta=1,lr=0.1,norm=shared"
-    assert reproduce.normalisation_settings("gerne,c=1,beta=0.5,lr=0.01") == \
-        ["gerne,c=1,beta=0.5,lr=0.01,norm=shared", "gerne,c=1,beta=0.5,lr=0.03,norm=shared"]
-    assert reproduce.normalisation_settings("resample,lr=1") == \
-        ["resample,lr=0.3,norm=shared", "resample,lr=1,norm=shared"]
-    assert reproduce.upward_settings("gerne,c=0.5,beta=0.5,lr=0.3") == ["gerne,c=0.5,beta=0.5,lr=1"]
-    assert reproduce.upward_settings("erm,lr=0.1") == []
-    assert reproduce.normalisation_settings("erm,lr=0.1") == \
-        ["erm,lr=0.03,norm=shared", "erm,lr=0.1,norm=shared", "erm,lr=0.3,norm=shared"]
-    # Every tuning setting is a valid configs/demo.py argument and names a distinct run folder.
+def test_reproduce_settings_keep_the_family_and_replace_overrides():
+    def gerne(c, beta, lr, **more):
+        return Setting("gerne", {"method.c": c, "method.beta": beta, LR: lr, **more})
+
+    shared = {"model.norm": "shared"}
+    assert gerne(0.5, 1.0, 0.03).updated({LR: 0.1, **shared}) == gerne(0.5, 1.0, 0.1, **shared)
+    assert reproduce.normalisation_settings(gerne(1.0, 0.5, 0.01)) == \
+        [gerne(1.0, 0.5, 0.01, **shared), gerne(1.0, 0.5, 0.03, **shared)]
+    assert reproduce.normalisation_settings(Setting("resample", {LR: 1.0})) == \
+        [Setting("resample", {LR: 0.3, **shared}), Setting("resample", {LR: 1.0, **shared})]
+    assert reproduce.upward_settings(gerne(0.5, 0.5, 0.3)) == [gerne(0.5, 0.5, 1.0)]
+    assert reproduce.upward_settings(Setting("erm", {LR: 0.1})) == []
+    assert [s.name for s in reproduce.normalisation_settings(Setting("erm", {LR: 0.1}))] == \
+        ["erm_lr0.03_normshared", "erm_lr0.1_normshared", "erm_lr0.3_normshared"]
+    # Every tuning setting makes a valid config and names a distinct run folder.
     names = {grid.run_name(setting, 0) for setting in reproduce.TUNING_SETTINGS}
     assert len(names) == len(reproduce.TUNING_SETTINGS)
     for setting in reproduce.TUNING_SETTINGS:
-        config = demo_config.get_config(setting)
-        assert config.optimizer.learning_rate == float(reproduce.presets(setting)["lr"])
+        assert grid.run_config(setting, 0).optimizer.learning_rate == setting.overrides[LR]
 
 
 def test_reproduce_report_states_the_differences_of_the_tuned_means(tmp_path):
     rng = np.random.default_rng(1)
+    settings = [Setting("erm", {LR: 0.1}), Setting("resample", {LR: 0.03}),
+                Setting("gerne", {"method.c": 0.5, "method.beta": 1.0, LR: 0.03})]
     rows = []
     for checkpoint in ("best_wga", "best_bca"):
-        for setting in ("erm,lr=0.1", "resample,lr=0.03", "gerne,c=0.5,beta=1,lr=0.03"):
+        for setting in settings:
             for seed in range(3):
                 wga, bca = rng.uniform(0.5, 0.9), rng.uniform(0.85, 0.99)
-                rows.append({"family": grid.family(setting), "setting": setting, "seed": seed,
+                rows.append({"family": setting.family, "setting": setting.name, "seed": seed,
                              "checkpoint": checkpoint, "step": 100, "tau": "tau=0.1", "val WGA": wga + 0.01,
                              "test WGA": wga, "val BCA": bca + 0.01, "test BCA": bca})
     summary = grid.tuned_summary(rows, "test")
@@ -125,13 +151,17 @@ def test_reproduce_report_states_the_differences_of_the_tuned_means(tmp_path):
         return statistics.mean(r[f"test {metric}"] for r in rows
                                if r["family"] == family and r["checkpoint"] == checkpoint)
 
+    def points(family, metric, other_family, other_metric):
+        return pytest.approx(100 * (test_mean(family, "best_wga", metric)
+                                    - test_mean(other_family, "best_wga", other_metric)), abs=0.051)
+
     gap = float(re.search(r"ERM: test BCA - test WGA = ([+-][\d.]+) points", text).group(1))
-    assert gap == pytest.approx(100 * (test_mean("erm", "best_wga", "BCA") - test_mean("erm", "best_wga", "WGA")), abs=0.051)
-    wga, bca = map(float, re.search(r"gerne - ERM \(both chosen on validation WGA\): WGA ([+-][\d.]+) points, "
-                                    r"BCA ([+-][\d.]+) points", text).groups())
-    assert wga == pytest.approx(100 * (test_mean("gerne", "best_wga", "WGA") - test_mean("erm", "best_wga", "WGA")), abs=0.051)
-    assert bca == pytest.approx(100 * (test_mean("gerne", "best_wga", "BCA") - test_mean("erm", "best_wga", "BCA")), abs=0.051)
-    assert "3 settings" in text and "`gerne,c=0.5,beta=1,lr=0.03`" in text
+    assert gap == points("erm", "BCA", "erm", "WGA")
+    wga, bca = map(float, re.search(r"gerne - ERM \(both chosen on validation WGA\): WGA ([+-][\d.]+) "
+                                    r"points, BCA ([+-][\d.]+) points", text).groups())
+    assert wga == points("gerne", "WGA", "erm", "WGA")
+    assert bca == points("gerne", "BCA", "erm", "BCA")
+    assert "3 settings" in text and "`gerne_c0.5_beta1_lr0.03`" in text
 
 
 def test_evaluation_stamp_changes_with_any_run_and_the_split(tmp_path):
@@ -147,12 +177,74 @@ def test_evaluation_stamp_changes_with_any_run_and_the_split(tmp_path):
     assert grid.evaluation_stamp(workdirs, "test") != stamp
 
 
-def test_a_runs_own_presets_win_over_the_common_ones():
-    common = "data_dir=/data/x,norm=group,steps=20"
-    shared = demo_config.get_config(grid.run_presets("gerne,c=1,beta=0,lr=0.03,norm=shared", common, 2))
+def test_a_runs_own_overrides_win_over_the_common_ones():
+    common = {"data.dir": "/data/x", "model.norm": "group", "training.steps": 20}
+    own = Setting("gerne", {"method.c": 1.0, "method.beta": 0.0, LR: 0.03, "model.norm": "shared"})
+    shared = grid.run_config(own, 2, common)
     assert (shared.model.norm, shared.method.c, shared.method.beta) == ("shared", 1.0, 0.0)
     assert (shared.optimizer.learning_rate, shared.training.seed) == (0.03, 2)
     assert (shared.data.dir, shared.training.steps) == ("/data/x", 20)
-    plain = demo_config.get_config(grid.run_presets("resample,lr=0.1", common, 0))
-    assert plain.model.norm == "group"  # from --set, over configs/demo.py's default for resampling
-    assert demo_config.get_config("resample").model.norm == "shared"
+    plain = grid.run_config(Setting("resample", {LR: 0.1}), 0, common)
+    assert plain.model.norm == "group"  # from common, over configs/demo.py's default for resampling
+    assert grid.run_config(Setting("resample"), 0).model.norm == "shared"
+    # The seed is the grid's: a setting or common override of it is refused, not silently replaced.
+    with pytest.raises(ValueError, match="training.seed"):
+        grid.run_config(Setting("erm", {"training.seed": 3}), 0)
+    # Misspelt keys name the closest valid one; the command line's aliases give the same dotted keys.
+    with pytest.raises(ValueError, match="method.beta"):
+        grid.run_config(Setting("gerne", {"method.betta": 1.0}), 0)
+    assert grid.parse_overrides("steps=20,tau=0.03+0.2,data_dir=/data/x") == \
+        {"training.steps": 20, "data.taus": (0.03, 0.2), "data.dir": "/data/x"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# run_grid end to end on a tiny DATA_DIR.
+# ---------------------------------------------------------------------------------------------------
+PATCH = 8
+TINY = {"training.steps": 4, "training.batch_per_group": 2, "training.eval_every": 2,
+        "training.checkpoint_every": 2, "training.log_every": 1, "data.eval_batch_size": 32,
+        "model.name": "tiny"}
+
+
+def _split(rng, n, slide):
+    """Both classes in both tissue bins at tau 0.1; the tumour class brightens channel 0."""
+    label = np.arange(n) % 2
+    tissue_ratio = np.where(np.arange(n) % 4 < 2, rng.uniform(0.01, 0.09, n), rng.uniform(0.2, 1.0, n))
+    image = rng.integers(0, 200, (n, PATCH, PATCH, 3)).astype(np.uint8)
+    image[label == 1, :, :, 0] += 40
+    return {"image": image, "label": label, "tumour_fraction": label * 0.5, "tissue_ratio": tissue_ratio,
+            "slide_id": np.array([f"{slide}{i % 3}" for i in range(n)]),
+            "patient_id": np.array([f"{slide}{i % 3}" for i in range(n)]),
+            "x": np.arange(n) * PATCH, "y": np.zeros(n, np.int64)}
+
+
+def test_run_grid_trains_evaluates_tunes_and_reuses_its_results(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "data"
+    write_patch_dataset(data_dir, {"train": _split(rng, 200, "tr"), "validation": _split(rng, 60, "va"),
+                                   "test": _split(rng, 60, "te")}, channel_names=["CARS", "TPEF", "SHG"])
+    settings = [Setting("erm", {LR: 0.01}), Setting("gerne", {"method.c": 0.5, "method.beta": 0.5, LR: 0.01})]
+    common = {**TINY, "data.dir": str(data_dir)}
+    summary = grid.run_grid(settings, [0], tmp_path / "grid", common=common)
+
+    with open(tmp_path / "grid" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["setting"], row["checkpoint"]) for row in rows] == \
+        [(s.name, checkpoint) for checkpoint in grid.CHECKPOINTS for s in settings]
+    assert {row["tau"] for row in rows} == {"tau=0.1"}
+    assert all(0 <= float(row["test WGA"]) <= float(row["test BCA"]) <= 1 for row in rows)
+    assert [(e["family"], e["checkpoint"]) for e in summary] == \
+        [(s.family, checkpoint) for checkpoint in grid.CHECKPOINTS for s in settings]
+    assert grid.chosen_settings(summary, settings) == dict.fromkeys(grid.CHECKPOINTS, settings)
+    for name in ("results.md", "summary.json", "summary.png", "eval/best_wga_test.json",
+                 "eval/best_bca_test.json"):
+        assert (tmp_path / "grid" / name).is_file(), name
+
+    # A second call finds every run finished and the stamp current: no training, no evaluation.
+    def refuse(*args, **kwargs):
+        raise AssertionError("called again")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", refuse)
+    monkeypatch.setattr(evaluation, "evaluate_run", refuse)
+    again = grid.run_grid(settings, [0], tmp_path / "grid", common=common)
+    assert json.dumps(again) == json.dumps(summary)  # as text: one seed's std is NaN, never equal to itself

@@ -196,4 +196,5 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="unknown split"):
         shards.write_patch_dataset(tmp_path / "e", {"train": good, "holdout": good}, ["a", "b"])
     with pytest.raises(ValueError, match="int32 is not supported"):
-        shards.write_patch_dataset(tmp_path / "f", {"train": dict(good, image=good["image"].astype(np.int32))}, ["a", "b"])
+        shards.write_patch_dataset(tmp_path / "f", {"train": dict(good, image=good["image"].astype(np.int32))},
+                                   ["a", "b"])

@@ -265,8 +265,8 @@ def test_erm_resampling_and_schedules_are_configurations_of_the_step():
         state, metrics = step(state, r["batch"])
         assert float(metrics["beta"]) == pytest.approx(beta)
         assert float(metrics["learning_rate"]) == pytest.approx(lr)
-        _assert_trees_close(state.params, jax.tree.map(lambda p, g: p - lr * g, params,
-                                                       reference[expected_grad]))
+        expected = jax.tree.map(lambda p, g, lr=lr: p - lr * g, params, reference[expected_grad])
+        _assert_trees_close(state.params, expected)
 
 
 @pytest.mark.slow
