@@ -36,6 +36,7 @@ import tqdm
 from gerne_jax import dataset, groups
 from gerne_jax.groups import BIASED, LESS_BIASED
 
+
 class ImageSource(Protocol):
     """What the pipelines need of a split's images: a numpy array `[M, P, P, C]` or `PatchImages`."""
 

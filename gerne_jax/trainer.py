@@ -23,8 +23,7 @@ import numpy as np
 import tqdm
 from tensorboard.summary import Writer
 
-from gerne_jax import (checkpoints, dataset, evaluation, experiment, input_pipeline, methods, run_log,
-                       sharding)
+from gerne_jax import checkpoints, dataset, evaluation, experiment, input_pipeline, methods, run_log, sharding
 from gerne_jax.train_state import TrainState
 
 log_info = logging.getLogger("train")
