@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import difflib
 import fcntl
 import json
 import logging
@@ -148,9 +147,8 @@ def parse_overrides(text: str, method: str = "gerne") -> dict[str, Any]:
         key, sep, value = (part.strip() for part in item.partition("="))
         key = ALIASES.get(key, key)
         if not sep or key not in current:
-            closest = difflib.get_close_matches(key, [*ALIASES, *current], n=1)
             raise ValueError(f"{item!r} is not KEY=VALUE with a config key or one of {list(ALIASES)}"
-                             + (f" (did you mean {closest[0]!r}?)" if closest else ""))
+                             + config_utils.did_you_mean(key, [*ALIASES, *current]))
         overrides[key] = _parse_like(value, current[key])
     return overrides
 

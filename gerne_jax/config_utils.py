@@ -24,7 +24,7 @@ def parse_arg(arg: str | None, **switches: Any) -> ml_collections.ConfigDict:
             raise ValueError(f"config argument {item!r} is not of the form key=value; switches: {names}")
         key = key.strip()
         if key not in switches:
-            raise ValueError(f"unknown config switch {key!r}{_closest(key, names)}; switches: {names}. "
+            raise ValueError(f"unknown config switch {key!r}{did_you_mean(key, names)}; switches: {names}. "
                              "Change other keys with --config.<key>=<value>")
         values[key] = type(switches[key])(value.strip()) if switches[key] is not None else value.strip()
     return ml_collections.ConfigDict(values)
@@ -48,7 +48,7 @@ def with_overrides(config: ml_collections.ConfigDict,
     valid = sorted(flatten(config.to_dict()))
     for key, value in overrides.items():
         if key not in valid:
-            raise ValueError(f"unknown config key {key!r}{_closest(key, valid)}; valid keys: {', '.join(valid)}")
+            raise ValueError(f"unknown config key {key!r}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
         *parents, leaf = key.split(".")
         section = config
         for part in parents:
@@ -59,6 +59,7 @@ def with_overrides(config: ml_collections.ConfigDict,
     return config
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def did_you_mean(key: str, valid: list[str]) -> str:
+    """` (did you mean 'x'?)` for the closest valid key, or an empty string."""
     match = difflib.get_close_matches(key, valid, n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
