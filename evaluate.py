@@ -11,16 +11,14 @@ run named is evaluated the same way and the runs are printed and plotted side by
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import pathlib
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import logging as absl_logging  # noqa: E402
 
-from gerne_jax import checkpoints, dataset, evaluation, reports  # noqa: E402
+from gerne_jax import checkpoints, cli, dataset, evaluation, reports  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,8 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, force=True)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns about read-only managers
+    cli.setup_logging()
     args = parse_args(argv)
     workdirs = [pathlib.Path(w) for w in (args.compare or [args.workdir])]
     taus_list = [(t,) for t in args.tau] if args.tau else None

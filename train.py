@@ -6,17 +6,14 @@ The loop is `gerne_jax.trainer.train_and_evaluate` (what it writes, how it resum
 """
 from __future__ import annotations
 
-import logging
 import os
-import signal
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from gerne_jax import trainer  # noqa: E402
+from gerne_jax import cli, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (`:arg` for its switches).",
@@ -27,18 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    # Our messages at INFO; the libraries' (orbax, TFDS) chatter only from WARNING up.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
-    trainer.log_info.setLevel(logging.INFO)
+    cli.setup_logging()
     try:
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except trainer.TrainingInterrupted:
-        # Everything is saved and closed. Skip interpreter teardown: the tf.data iterator's destructor
-        # can wait for a worker thread that waits for the GIL, which hung runs after SIGTERM.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + signal.SIGTERM)
+        cli.exit_after_interruption()
 
 
 if __name__ == "__main__":

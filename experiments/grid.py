@@ -39,11 +39,9 @@ import csv
 import dataclasses
 import fcntl
 import json
-import logging
 import os
 import pathlib
 import re
-import signal
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,11 +53,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 
 from configs import demo  # noqa: E402
 from experiments.tables import markdown_table  # noqa: E402
-from gerne_jax import config_utils, evaluation, files, run_log, trainer  # noqa: E402
+from gerne_jax import cli, config_utils, evaluation, files, run_log, trainer  # noqa: E402
 
 # Short names of the config keys a grid varies, for run folder names and the command line. Their order
 # is the order of a name's parts: every run folder `make experiments` has written keeps its name.
@@ -367,17 +364,12 @@ def run_script(main: Callable[[], int]) -> None:
     without interpreter teardown, where the tf.data iterator's destructor could hang. Running the same
     command again resumes.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
-    trainer.log_info.setLevel(logging.INFO)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns about read-only checkpoint managers
+    cli.setup_logging()
     try:
         code = main()
     except trainer.TrainingInterrupted as stop:
         print(f"{stop}; run the same command again to resume", file=sys.stderr)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + signal.SIGTERM)
+        cli.exit_after_interruption()
     sys.exit(code)
 
 
