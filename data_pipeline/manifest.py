@@ -12,12 +12,13 @@ import dataclasses
 import pathlib
 
 from gerne_jax import dataset
+from gerne_jax.errors import InputError
 
 MANIFEST_COLUMNS = ("slide_id", "image", "channels", "mask", "tissue_mask", "patient_id", "split",
                     "channel_names")
 
 
-class SlideError(ValueError):
+class SlideError(InputError):
     """A problem with one slide's files; the message names the slide, the file and the problem."""
 
     def __init__(self, slide_id: str, file: str | pathlib.Path | None, problem: str):

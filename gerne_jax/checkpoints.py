@@ -15,6 +15,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from gerne_jax.errors import InputError
+
 # Checkpoint names `evaluate.py --checkpoint` accepts, and the validation metric each one tracks.
 BEST_CHECKPOINTS = {
     "best_wga": "worst_group_accuracy",
@@ -24,7 +26,7 @@ BEST_CHECKPOINTS = {
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint that is missing or cannot be read; the message names the folder."""
 
 

@@ -1,13 +1,16 @@
-"""What the command lines share: logging set-up and the exit after a SIGTERM-interrupted run."""
+"""What the command lines share: logging set-up, the one-line answer to bad input, the exit after SIGTERM."""
 from __future__ import annotations
 
 import logging
 import os
 import signal
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from absl import logging as absl_logging
+
+from gerne_jax.errors import InputError
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -29,3 +32,28 @@ def exit_after_interruption() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(SIGTERM_EXIT_CODE)
+
+
+def run_command(main: Callable[[], int | None]) -> NoReturn:
+    """Runs a command's `main` and exits with its status; an `InputError` becomes one line and status 2.
+
+    `error: <message>` on stderr, no traceback: the message names the file, slide, checkpoint or config key.
+    Any other exception keeps its traceback (a bug). Noise that libraries print while the interpreter
+    shuts down (asyncio's "Event loop is closed" from orbax's background loops) is dropped.
+    """
+    sys.unraisablehook = _quiet_unraisable_hook(sys.unraisablehook)
+    try:
+        code = main()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    sys.exit(code or 0)
+
+
+def _quiet_unraisable_hook(default_hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        default_hook(unraisable)
+
+    return hook

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from gerne_jax.errors import InputError
+
 DATASET_NAME = "gerne_patches"
 SPLITS = ("train", "validation", "test")
 CLASS_NAMES = ("non_tumour", "tumour")  # label y = index; 1 means the patch holds tumour pixels
@@ -53,7 +55,7 @@ METADATA_KEYS = ("channel_names", "patch_size", "stride", "level", "level_downsa
                  "min_tumour_pixels", "min_tissue_ratio", "channel_mean", "channel_std")
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A DATA_DIR that is missing, incomplete or inconsistent; the message names the file."""
 
 

@@ -6,10 +6,14 @@ The temporary name holds the process id, so processes that write the same result
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pathlib
+import socket
 from collections.abc import Iterator
 from typing import Any
+
+from gerne_jax.errors import InputError
 
 
 def temporary_path(path: str | os.PathLike) -> pathlib.Path:
@@ -43,3 +47,29 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
     with atomic_write(path) as temporary:
         fig.savefig(temporary, dpi=110, format="png")
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Holds `folder/.lock` for one job (a tiling of an output folder, a training run of a workdir).
+
+    A second job on the same folder stops at once with an `InputError` naming the holder (pid, host).
+    The lock is an `flock`, which the OS releases when its process dies, so the lock of a killed job is
+    taken over by the next one without any clean-up; the file only records who holds it.
+    """
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise InputError(f"{folder} is in use by {holder} ({what}); wait for it to finish or stop it, "
+                             "then run this command again") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on host {socket.gethostname()}")
+        lock.flush()
+        yield

@@ -1,0 +1,15 @@
+"""The errors a user can fix: bad input, named in the message, answered by the commands with one line.
+
+Every command line (`python -m data_pipeline ...`, `train.py`, `evaluate.py`, the experiments) prints an
+`InputError` as `error: <what>, <where>` and exits with status 2 (`gerne_jax.cli.run_command`); any other
+exception is a bug and keeps its traceback. Subclasses say which kind of input is at fault.
+"""
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input: a file, slide, dataset, checkpoint or config value; the message names it."""
+
+
+class ConfigError(InputError):
+    """A config key or value; the message names the key and the allowed values or range."""
