@@ -1,12 +1,16 @@
 """Command line of the data pipeline: `python -m data_pipeline {synthetic,tile,stats} ...`.
 
 Each subcommand lives in its own module, which exposes `add_arguments(parser)` and `run(args) -> int`.
+Known failures (a broken slide, a bad manifest or option, a missing dataset) raise an `InputError`
+naming what is wrong; `gerne_jax.cli.run_command` prints it as one line and exits with status 2, so
+every subcommand answers bad input alike. `main` itself lets them propagate for callers and tests.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
+
+from gerne_jax.cli import run_command
 
 SUBCOMMANDS = {
     "synthetic": ("data_pipeline.synthetic", "Write built-in synthetic multimodal slides and a manifest."),
@@ -28,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -50,7 +50,7 @@ def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
 
     Columns: `slide_id` and `mask` (required), exactly one of `image` / `channels` (`;`-separated) per
     row, optional `tissue_mask`, `patient_id`, `split` (train / validation / test), `channel_names`
-    (`;`-separated). Raises ValueError for a bad header or empty manifest, SlideError for a bad row
+    (`;`-separated). Raises InputError for a bad header or empty manifest, SlideError for a bad row
     (missing file, duplicate id, both or neither image/channels, bad split, bad channel names).
     """
     path = pathlib.Path(path)
@@ -58,31 +58,31 @@ def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
     try:
         handle = open(path, newline="", encoding="utf-8-sig")
     except OSError as error:
-        raise ValueError(f"manifest {str(path)!r}: cannot open: {error}") from error
+        raise InputError(f"manifest {str(path)!r}: cannot open: {error}") from error
     with handle:
         rows = csv.DictReader(handle)
         header = [name.strip() for name in (rows.fieldnames or [])]
         if not header:
-            raise ValueError(f"manifest {str(path)!r}: no header row")
+            raise InputError(f"manifest {str(path)!r}: no header row")
         repeated = sorted({name for name in header if header.count(name) > 1})
         if repeated:
-            raise ValueError(f"manifest {str(path)!r}: repeated column(s) {repeated}")
+            raise InputError(f"manifest {str(path)!r}: repeated column(s) {repeated}")
         unknown = [name for name in header if name not in MANIFEST_COLUMNS]
         if unknown:
-            raise ValueError(f"manifest {str(path)!r}: unknown column(s) {unknown}; "
+            raise InputError(f"manifest {str(path)!r}: unknown column(s) {unknown}; "
                              f"allowed: {list(MANIFEST_COLUMNS)}")
         missing = [name for name in ("slide_id", "mask") if name not in header]
         if not ("image" in header or "channels" in header):
             missing.append("image or channels")
         if missing:
-            raise ValueError(f"manifest {str(path)!r}: missing column(s) {missing}")
+            raise InputError(f"manifest {str(path)!r}: missing column(s) {missing}")
         rows.fieldnames = header
         specs: list[SlideSpec] = []
         first_line_of: dict[str, int] = {}
         for row in rows:
             line = rows.line_num  # physical line, as an editor shows it
             if None in row:
-                raise ValueError(f"manifest {str(path)!r}, line {line}: more values than columns")
+                raise InputError(f"manifest {str(path)!r}, line {line}: more values than columns")
             values = {name: (value or "").strip() for name, value in row.items()}
             spec = _parse_row(values, line, root, path)
             if spec.slide_id in first_line_of:
@@ -91,7 +91,7 @@ def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
             first_line_of[spec.slide_id] = line
             specs.append(spec)
     if not specs:
-        raise ValueError(f"manifest {str(path)!r}: no slides")
+        raise InputError(f"manifest {str(path)!r}: no slides")
     return specs
 
 
@@ -99,7 +99,7 @@ def _parse_row(values: dict[str, str], line: int, root: pathlib.Path,
                manifest: pathlib.Path) -> SlideSpec:
     slide_id = values.get("slide_id", "")
     if not slide_id:
-        raise ValueError(f"manifest {str(manifest)!r}, line {line}: empty slide_id")
+        raise InputError(f"manifest {str(manifest)!r}, line {line}: empty slide_id")
 
     def fail(problem: str, file: pathlib.Path | str = manifest) -> SlideError:
         return SlideError(slide_id, file, f"{problem} (manifest line {line})")

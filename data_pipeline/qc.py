@@ -24,6 +24,7 @@ LABEL_COLOURS = {0: "#00e5ff", 1: "#ff1744"}  # non-tumour cyan, tumour red
 TISSUE_COLOUR = "#ffffff"
 TUMOUR_COLOUR = "#ff00ff"
 MAX_DISPLAY_SIDE = 1000
+MAX_ASPECT = 8  # a figure is at most this many times taller than wide (or wider than tall)
 
 
 def channel_colours(num_channels: int) -> np.ndarray:
@@ -65,10 +66,13 @@ def save_qc_png(
     thumbnail, tissue, tumour, factor = thumbnail[::step, ::step], tissue[::step, ::step], \
         tumour[::step, ::step], factor * step
     height, width = thumbnail.shape[:2]
-    figure, axis = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.6), dpi=120)
+    # Clamped, so that a slide one pixel wide still gives a figure of sensible size (imshow fits it).
+    aspect = min(max(height / max(width, 1), 1 / MAX_ASPECT), MAX_ASPECT)
+    figure, axis = plt.subplots(figsize=(8, 8 * aspect + 0.6), dpi=120)
     axis.imshow(composite_rgb(thumbnail), interpolation="nearest")
     for mask, colour in ((tissue, TISSUE_COLOUR), (tumour, TUMOUR_COLOUR)):
-        if mask.any() and not mask.all():
+        # contour needs at least 2 x 2 values: a slide thinner than 2 thumbnail pixels has no outline
+        if min(mask.shape) >= 2 and mask.any() and not mask.all():
             axis.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.8)
     for label, colour in LABEL_COLOURS.items():
         chosen = patch_yx[np.asarray(patch_labels) == label]

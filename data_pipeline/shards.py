@@ -24,6 +24,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tensorflow_datasets.core import example_serializer
 
 from gerne_jax import dataset, files
+from gerne_jax.dataset import DatasetError
 
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 SHARD_SUFFIX = "array_record"
@@ -217,6 +218,17 @@ def _link_or_copy(source: pathlib.Path, target: pathlib.Path) -> None:
         shutil.copyfile(source, target)
 
 
+def _check_finite_statistics(data_dir: pathlib.Path, moments: ChannelMoments,
+                             channel_names: Sequence[str] | None) -> None:
+    """Training normalises with channel_mean / channel_std: a NaN or Inf there would turn every batch
+    into NaN, so such statistics are never published (they come from non-finite patch pixels)."""
+    bad = np.flatnonzero(~(np.isfinite(moments.mean) & np.isfinite(moments.std)))
+    if bad.size:
+        names = [channel_names[c] if channel_names else f"channel_{c}" for c in bad.tolist()]
+        raise DatasetError(f"{data_dir}: split 'train', channel(s) {names}: the channel statistics "
+                           "(channel_mean / channel_std) are not finite; the patches hold NaN or Inf pixels")
+
+
 def finalize_dataset(
     data_dir: str | os.PathLike,
     parts_by_split: Mapping[str, Sequence[ShardPart]],
@@ -239,11 +251,12 @@ def finalize_dataset(
     parts_by_split = {split: [p for p in parts if p.rows] for split, parts in parts_by_split.items()}
     parts_by_split = {split: parts for split, parts in parts_by_split.items() if parts}
     if "train" not in parts_by_split:
-        raise ValueError(f"{data_dir}: the train split has no patches, so the channel statistics "
-                         "(channel_mean / channel_std) cannot be computed")
+        raise DatasetError(f"{data_dir}: the train split has no patches, so the channel statistics "
+                           "(channel_mean / channel_std) cannot be computed")
     moments = ChannelMoments()
     for part in parts_by_split["train"]:
         moments.merge_moments(part.moments)
+    _check_finite_statistics(data_dir, moments, metadata.get("channel_names"))
     metadata = dict(metadata, channel_mean=moments.mean.tolist(), channel_std=moments.std.tolist())
 
     staging = data_dir / ".work" / "finalize"

@@ -28,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import math
 import pathlib
+import struct
 import warnings
 import xml.etree.ElementTree as ElementTree
+import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -43,9 +45,13 @@ from gerne_jax import dataset
 SPATIAL_AXES = ("Y", "X")
 # Working memory (bytes) one window of a whole-level scan (thumbnail, validate) may take.
 SCAN_BYTES = 64 << 20
-# Errors tifffile, imagecodecs and zarr raise on unreadable or corrupt data.
+# Errors tifffile, imagecodecs and zarr raise on unreadable or corrupt data. Corrupt headers and tags
+# also surface as arithmetic, struct, zlib and type errors deep inside tifffile (a zero dimension
+# divides by zero while it detects the series), so those count as unreadable data too; they are
+# caught only around the library calls that parse or decode a file (`_reading`).
 _READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, RuntimeError, KeyError, IndexError,
-                EOFError)
+                EOFError, ArithmeticError, TypeError, MemoryError, NotImplementedError, struct.error,
+                zlib.error)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,6 +63,12 @@ class _TiffLevel:
     def __init__(self, tiff: tifffile.TiffFile, level: int, slide_id: str, file: pathlib.Path):
         self.file = file
         self._slide_id = slide_id
+        self._level = level
+        with _reading(slide_id, file):  # a corrupt header can fail anywhere in tifffile's parsing
+            self._parse(tiff, level)
+
+    def _parse(self, tiff: tifffile.TiffFile, level: int) -> None:
+        slide_id, file = self._slide_id, self.file
         series = tiff.series[0]
         level_series = series.levels[level]
         axes, shape = level_series.axes, level_series.shape
@@ -104,9 +116,23 @@ class _TiffLevel:
         with _reading(self._slide_id, self.file):
             window = np.asarray(self._array[tuple(index)])
         channel = kept_axes.index(self._channel_axis) if self._channel_axis else None
-        if channel is None:
-            return window[..., None]
-        return np.moveaxis(window, channel, -1)
+        window = window[..., None] if channel is None else np.moveaxis(window, channel, -1)
+        if self.dtype.kind == "f":
+            self._check_finite(window, rows, cols)
+        return window
+
+    def _check_finite(self, window: np.ndarray, rows: slice, cols: slice) -> None:
+        """NaN or Inf pixels would end up in the patches and make the channel statistics NaN, so
+        every float read stops at the first one, naming its position (this level's pixels)."""
+        finite = np.isfinite(window)
+        if finite.all():
+            return
+        i, j, c = np.argwhere(~finite)[0].tolist()
+        y = (rows.start or 0) + i * (rows.step or 1)
+        x = (cols.start or 0) + j * (cols.step or 1)
+        raise SlideError(self._slide_id, self.file, f"non-finite pixel value {window[i, j, c]} at y={y}, "
+                         f"x={x}, channel {c} of pyramid level {self._level} (NaN and Inf are not allowed "
+                         "in a slide)")
 
 
 class _MemoryArray:
@@ -376,7 +402,10 @@ class SlideReader:
     def _open(self) -> None:
         files = self.spec.image_files
         self._tiffs = [_open_tiff(self.slide_id, file, self._stack) for file in files]
-        level_shapes = [_level_shapes(tiff) for tiff in self._tiffs]
+        level_shapes = []
+        for file, tiff in zip(files, self._tiffs):
+            with _reading(self.slide_id, file):
+                level_shapes.append(_level_shapes(tiff))
         self._base_shape = level_shapes[0][0]
         for file, tiff, shapes in zip(files, self._tiffs, level_shapes):
             if 0 in shapes[0]:

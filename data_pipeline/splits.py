@@ -14,6 +14,7 @@ import numpy as np
 
 from data_pipeline.manifest import SlideSpec
 from gerne_jax import dataset
+from gerne_jax.errors import InputError
 
 
 def split_counts(num_groups: int, fractions: Sequence[float]) -> list[int]:
@@ -37,7 +38,7 @@ def assign_splits(specs: Sequence[SlideSpec], fractions: Sequence[float], seed: 
     if given:
         missing = [spec.slide_id for spec in specs if not spec.split]
         if missing:
-            raise ValueError(f"manifest: the split column is empty for slide(s) {missing}; give a "
+            raise InputError(f"manifest: the split column is empty for slide(s) {missing}; give a "
                              "split for every slide or for none")
         patients = collections.defaultdict(set)
         for spec in specs:
@@ -48,7 +49,7 @@ def assign_splits(specs: Sequence[SlideSpec], fractions: Sequence[float], seed: 
             warnings.warn(f"manifest splits put one patient in several splits: {shared}", stacklevel=2)
         return given
     if len(fractions) != len(dataset.SPLITS) or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(f"--split-fractions must be 3 non-negative numbers summing to 1 "
+        raise InputError(f"--split-fractions must be 3 non-negative numbers summing to 1 "
                          f"(train validation test), got {list(fractions)}")
     groups = sorted({spec.patient_id or f"slide:{spec.slide_id}" for spec in specs})
     order = np.random.default_rng(seed).permutation(len(groups))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 from collections.abc import Sequence
 
 import matplotlib
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gerne_jax import dataset, files  # noqa: E402
+from gerne_jax.errors import InputError  # noqa: E402
 
 PLOT_FILE = "tissue_ratio.png"
 CLASS_COLOURS = ("#1f77b4", "#d62728")
@@ -88,14 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        table = dataset.read_patch_table(args.data_dir)
-        for tau in args.tau:
-            print(format_group_counts(split_group_counts(table, tau), tau))
-            print()
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    """Prints the tables and writes the plot; a missing or broken dataset raises `dataset.DatasetError`
+    (one line, exit 2 under `run_command`), an out-of-range tau an InputError naming `--tau`."""
+    bad = [tau for tau in args.tau if not 0.0 <= tau <= 1.0]
+    if bad:
+        raise InputError(f"--tau {bad}: thresholds must be within [0, 1] (tissue ratios are)")
+    table = dataset.read_patch_table(args.data_dir)
+    for tau in args.tau:
+        print(format_group_counts(split_group_counts(table, tau), tau))
+        print()
     out = args.out or args.data_dir / PLOT_FILE
     plot_tissue_ratio(table, args.tau, out)
     print(f"wrote {out}")

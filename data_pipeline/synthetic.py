@@ -51,6 +51,7 @@ import tifffile
 from tqdm import tqdm
 
 from gerne_jax import files
+from gerne_jax.errors import InputError
 
 CHANNEL_NAMES = ("CARS", "TPEF", "SHG")
 TILE = 256  # TIFF tile side and rendering unit (tifffile needs a multiple of 16)
@@ -519,10 +520,12 @@ def generate(out_dir: str | os.PathLike, num_slides: int, size: int, seed: int =
     tests; by default the tiler detects tissue from the image like on real data.
     """
     if num_slides < 1:
-        raise ValueError(f"--slides must be >= 1, got {num_slides}")
+        raise InputError(f"--slides must be >= 1, got {num_slides}")
     if size < MIN_SIZE:
-        raise ValueError(f"--size must be >= {MIN_SIZE} pixels, got {size}")
+        raise InputError(f"--size must be >= {MIN_SIZE} pixels, got {size}")
     out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     layouts = [sample_layout(seed, index, size) for index in range(num_slides)]
     splits = assign_splits(num_slides, seed)

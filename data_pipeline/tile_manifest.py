@@ -9,9 +9,12 @@ and `data_pipeline.tiling`, which tiles one slide. This module runs a whole mani
 3. publish the finished files as the TFDS dataset (`shards.finalize_dataset`): per split, slides
    sorted by id, shard i = slide i.
 
-Errors: a slide's SlideError stops the run before anything of that slide is published (exit 1).
-With `--skip-errors` the other slides finish, failures are listed at the end and in
-`tiling_report.json`, and the exit code is 0 unless every slide failed.
+Errors: a slide's SlideError stops the run before anything is published; `python -m data_pipeline`
+prints it as one line and exits with status 2 (`gerne_jax.cli.run_command`). With `--skip-errors` the
+other slides finish and are published, failures are listed at the end and in `tiling_report.json`,
+and the exit status is still 2 when any slide failed, so scripts notice. One run at a time per
+DATA_DIR: the run holds `DATA_DIR/.lock` (`files.exclusive_lock`), a second one stops at once naming
+the holder, and the lock of a killed run is taken over.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ from data_pipeline.tiling import (
     tile_slide,
 )
 from gerne_jax import dataset, files
+from gerne_jax.errors import InputError
 
 REPORT_FILE = "tiling_report.json"
 SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -141,7 +145,11 @@ def tile_manifest(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Tiles every slide of `manifest` into the dataset `data_dir`; returns the report (also written
-    to `tiling_report.json`). Raises SlideError on a bad slide unless `skip_errors`."""
+    to `tiling_report.json`). Raises SlideError on a bad slide unless `skip_errors`, and InputError
+    when another run holds `data_dir` (its pid and host named) or the manifest is bad.
+
+    The manifest is checked before the lock is taken, so a bad manifest leaves no output folder behind.
+    """
     data_dir = pathlib.Path(data_dir)
     specs = read_manifest(manifest)
     for spec in specs:
@@ -149,6 +157,14 @@ def tile_manifest(
             raise SlideError(spec.slide_id, manifest, "slide_id is used as a file name: use letters, "
                              "digits, '.', '_' and '-' (not starting with '.', '_' or '-')")
     split_of = assign_splits(specs, split_fractions, seed)
+    # Two runs on one DATA_DIR would delete each other's temporary files and race in the finalize folder.
+    with files.exclusive_lock(data_dir, "tiling"):
+        return _tile_locked(specs, split_of, data_dir, config, workers, skip_errors, show_progress)
+
+
+def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_dir: pathlib.Path,
+                 config: TilingConfig, workers: int, skip_errors: bool, show_progress: bool) -> dict[str, Any]:
+    """`tile_manifest` once it holds the DATA_DIR's lock."""
     (data_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
 
     report: dict[str, dict[str, Any]] = {}
@@ -264,7 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tile at this downsample of level 0 (pyramid level or area mean)")
     parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
     parser.add_argument("--skip-errors", action="store_true",
-                        help="skip broken slides and report them (exit 0 unless every slide failed)")
+                        help="skip broken slides, publish the others and report the broken ones "
+                             "(exit status 2 if any slide failed)")
     parser.add_argument("--min-tumour-pixels", "--min-tumor-pixels", type=_positive_int, default=1,
                         help="tumour pixels that make a patch label 1 (--min-tumor-pixels: the first "
                              "version's spelling, still accepted)")
@@ -284,20 +301,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = TilingConfig(
-            patch_size=args.patch_size, stride=args.stride or args.patch_size, level=args.level,
-            downsample=args.downsample, min_tumour_pixels=args.min_tumour_pixels,
-            min_tissue_ratio=args.min_tissue_ratio, tissue_polarity=args.tissue_polarity,
-            tumour_ids=tuple(args.tumour_ids) if args.tumour_ids else None,
-            tissue_factor=args.tissue_factor)
-        report = tile_manifest(args.manifest, args.out, config, workers=args.workers,
-                               skip_errors=args.skip_errors, split_fractions=args.split_fractions,
-                               seed=args.seed)
-    except (SlideError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if report["failed"] and len(report["failed"]) == len(report["slides"]):
-        print("error: every slide failed", file=sys.stderr)
-        return 1
+    """Tiles the manifest; bad input raises InputError (one line, exit 2 under `run_command`), and so
+    does a `--skip-errors` run in which any slide failed, after the others are published."""
+    config = TilingConfig(
+        patch_size=args.patch_size, stride=args.stride or args.patch_size, level=args.level,
+        downsample=args.downsample, min_tumour_pixels=args.min_tumour_pixels,
+        min_tissue_ratio=args.min_tissue_ratio, tissue_polarity=args.tissue_polarity,
+        tumour_ids=tuple(args.tumour_ids) if args.tumour_ids else None,
+        tissue_factor=args.tissue_factor)
+    report = tile_manifest(args.manifest, args.out, config, workers=args.workers,
+                           skip_errors=args.skip_errors, split_fractions=args.split_fractions,
+                           seed=args.seed)
+    failed, total = len(report["failed"]), len(report["slides"])
+    if failed == total:
+        raise InputError(f"every slide of {str(args.manifest)!r} failed (listed above and in "
+                         f"{str(args.out / REPORT_FILE)!r}); nothing is published")
+    if failed:
+        raise InputError(f"{failed} of {total} slide(s) of {str(args.manifest)!r} failed and are left out "
+                         f"(listed above and in {str(args.out / REPORT_FILE)!r}); the others are published")
     return 0

@@ -41,6 +41,7 @@ from data_pipeline.manifest import SlideError, SlideSpec
 from data_pipeline.slides import SlideReader
 from data_pipeline.tissue import detect_tissue
 from gerne_jax import dataset, files
+from gerne_jax.errors import InputError
 
 WORK_DIR = ".work"
 QC_DIR = "qc"
@@ -64,15 +65,21 @@ class TilingConfig:
     tissue_factor: int | None = None  # None: `grid.tissue_factor_for` picks it from the slide's size
 
     def __post_init__(self):
+        """Rejects impossible settings before any slide is read; the message names the option."""
         if self.patch_size < 1 or self.stride < 1:
-            raise ValueError(f"patch size and stride must be >= 1, got {self.patch_size}, {self.stride}")
+            raise InputError(f"--patch-size and --stride must be >= 1, got {self.patch_size}, {self.stride}")
         if not 1 <= self.min_tumour_pixels <= self.patch_size**2:
-            raise ValueError(f"min_tumour_pixels must be in [1, P^2 = {self.patch_size**2}], "
+            raise InputError(f"--min-tumour-pixels must be in [1, P^2 = {self.patch_size**2}], "
                              f"got {self.min_tumour_pixels}")
         if not 0.0 <= self.min_tissue_ratio < 1.0:
-            raise ValueError(f"min_tissue_ratio must be in [0, 1), got {self.min_tissue_ratio}")
+            raise InputError(f"--min-tissue-ratio must be in [0, 1), got {self.min_tissue_ratio}")
         if self.tissue_factor is not None and self.tissue_factor < 1:
-            raise ValueError(f"tissue_factor must be >= 1, got {self.tissue_factor}")
+            raise InputError(f"--tissue-factor must be >= 1, got {self.tissue_factor}")
+        if self.level < 0:
+            raise InputError(f"--level must be >= 0, got {self.level}")
+        if self.downsample is not None and (self.downsample < 1 or self.level != 0):
+            raise InputError(f"--downsample must be >= 1 and excludes --level, got --downsample "
+                             f"{self.downsample} --level {self.level}")
 
 
 @dataclasses.dataclass(frozen=True)

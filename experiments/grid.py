@@ -42,7 +42,6 @@ import json
 import os
 import pathlib
 import re
-import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -358,19 +357,10 @@ def summarise(settings: Sequence[Setting], seeds: Sequence[int], common: Mapping
 
 
 def run_script(main: Callable[[], int]) -> None:
-    """Runs an experiment's command line with train.py's logging and its exit on SIGTERM.
-
-    On SIGTERM the trainer saves the run and raises TrainingInterrupted; like train.py, this exits
-    without interpreter teardown, where the tf.data iterator's destructor could hang. Running the same
-    command again resumes.
-    """
+    """Runs an experiment's command line like train.py: its logging, one line for bad input, and on
+    SIGTERM (the trainer saved the run) exit status 143; running the same command again resumes."""
     cli.setup_logging()
-    try:
-        code = main()
-    except trainer.TrainingInterrupted as stop:
-        print(f"{stop}; run the same command again to resume", file=sys.stderr)
-        cli.exit_after_interruption()
-    sys.exit(code)
+    cli.run_command(main)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -33,11 +33,12 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-import data_pipeline.__main__ as data_pipeline_cli
+from data_pipeline import stats, synthetic, tile_manifest
+from data_pipeline.tiling import TilingConfig
 from experiments import error_vs_tissue_ratio, grid, tau_sweep
 from experiments.grid import Setting
 from experiments.tables import markdown_table, mean_std
-from gerne_jax import files
+from gerne_jax import dataset, files
 
 LR = "optimizer.learning_rate"
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)  # the same grid for every method
@@ -137,19 +138,16 @@ def _csv_rows(path: pathlib.Path) -> list[dict[str, str]]:
 
 
 def make_data(root: pathlib.Path, args: argparse.Namespace) -> pathlib.Path:
-    """Step 1, through the data pipeline's own command line (its one stable interface), in this process."""
-    data = root / "data"
-    commands = []
-    if not (root / "slides" / "manifest.csv").is_file():
-        commands.append(["synthetic", "--out", str(root / "slides"), "--slides", str(args.slides),
-                         "--size", str(args.size), "--seed", str(args.data_seed)])
+    """Step 1 through the data pipeline's functions: synthetic slides, tiling, group statistics."""
+    manifest, data = root / "slides" / "manifest.csv", root / "data"
+    if not manifest.is_file():
+        synthetic.generate(root / "slides", args.slides, args.size, seed=args.data_seed)
     if not (data / "metadata.json").is_file():
-        commands += [["tile", "--manifest", str(root / "slides" / "manifest.csv"), "--out", str(data),
-                      "--patch-size", "64", "--workers", "2"],
-                     ["stats", "--data-dir", str(data), "--tau", *map(str, TAUS)]]
-    for command in commands:
-        if data_pipeline_cli.main(command) != 0:
-            raise RuntimeError(f"python -m data_pipeline {' '.join(command)} failed")
+        tile_manifest.tile_manifest(manifest, data, TilingConfig(patch_size=64, stride=64), workers=2)
+        table = dataset.read_patch_table(data)
+        for tau in TAUS:
+            print(stats.format_group_counts(stats.split_group_counts(table, tau), tau), end="\n\n")
+        stats.plot_tissue_ratio(table, TAUS, data / stats.PLOT_FILE)
     return data
 
 

@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from absl import logging as absl_logging
 
-from gerne_jax.errors import InputError
+from gerne_jax.errors import InputError, Interrupted
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -38,6 +38,7 @@ def run_command(main: Callable[[], int | None]) -> NoReturn:
     """Runs a command's `main` and exits with its status; an `InputError` becomes one line and status 2.
 
     `error: <message>` on stderr, no traceback: the message names the file, slide, checkpoint or config key.
+    An `Interrupted` job (SIGTERM, state saved) exits with 143 through `exit_after_interruption`.
     Any other exception keeps its traceback (a bug). Noise that libraries print while the interpreter
     shuts down (asyncio's "Event loop is closed" from orbax's background loops) is dropped.
     """
@@ -47,6 +48,9 @@ def run_command(main: Callable[[], int | None]) -> NoReturn:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2
+    except Interrupted as stop:
+        print(f"{stop}; run the same command again to resume", file=sys.stderr)
+        exit_after_interruption()
     sys.exit(code or 0)
 
 

@@ -13,3 +13,7 @@ class InputError(ValueError):
 
 class ConfigError(InputError):
     """A config key or value; the message names the key and the allowed values or range."""
+
+
+class Interrupted(Exception):
+    """A job stopped by SIGTERM after saving its state; the same command resumes it (exit status 143)."""

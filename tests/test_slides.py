@@ -434,6 +434,24 @@ def test_corrupt_compressed_tile(tmp_path):
     assert_names(error.value, "img.tif", "cannot read")
 
 
+@pytest.mark.parametrize("which", ["image", "mask"])
+@pytest.mark.parametrize("tag", ["ImageWidth", "ImageLength", "RowsPerStrip"])
+def test_zero_size_tag_is_a_slide_error(tmp_path, which, tag):
+    """A corrupt header with a zero dimension makes tifffile divide by zero: a SlideError, not a crash."""
+    spec = open_layout(tmp_path, random_image(np.uint8), "interleaved")
+    file = spec.image_files[0] if which == "image" else spec.mask_file
+    with tifffile.TiffFile(file) as tiff:
+        field = tiff.pages[0].tags[tag]
+        offset, size = field.valueoffset, {tifffile.DATATYPE.SHORT: 2, tifffile.DATATYPE.LONG: 4}[field.dtype]
+    data = bytearray(file.read_bytes())
+    data[offset:offset + size] = bytes(size)
+    file.write_bytes(bytes(data))
+    with pytest.raises(SlideError) as error:
+        with SlideReader(spec) as reader:
+            reader.validate()
+    assert_names(error.value, file.name, "")  # whichever check meets it first names the file
+
+
 def test_several_series_of_one_shape_rejected(tmp_path):
     """tifffile writing channels page by page with its own metadata makes one series per channel."""
     image = random_image(np.uint8)

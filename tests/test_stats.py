@@ -9,6 +9,7 @@ from PIL import Image
 
 from data_pipeline import shards
 from data_pipeline.__main__ import main
+from gerne_jax.dataset import DatasetError
 
 TAUS = (0.03, 0.125, 0.25)
 
@@ -64,6 +65,6 @@ def test_plot_is_written(dataset, tmp_path, capsys):
     assert target.is_file()
 
 
-def test_missing_dataset_is_named(tmp_path, capsys):
-    assert main(["stats", "--data-dir", str(tmp_path)]) == 1
-    assert "patches.csv is missing" in capsys.readouterr().err
+def test_missing_dataset_is_named(tmp_path):
+    with pytest.raises(DatasetError, match="patches.csv is missing"):
+        main(["stats", "--data-dir", str(tmp_path)])

@@ -22,10 +22,11 @@ from PIL import Image
 from data_pipeline import qc, tile_manifest, tiling
 from data_pipeline.__main__ import main
 from data_pipeline.grid import scan_plan
-from data_pipeline.manifest import SlideSpec
+from data_pipeline.manifest import SlideError, SlideSpec
 from data_pipeline.slides import SlideReader
 from data_pipeline.tissue import detect_tissue
 from gerne_jax import dataset
+from gerne_jax.errors import InputError
 from tests.tiff_layouts import pyramid_levels, write_layout
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -379,10 +380,10 @@ def test_bad_slide_stops_the_run_and_writes_nothing_of_it(bad_inputs, tmp_path, 
     rows, broken = bad_inputs
     manifest = write_manifest(tmp_path / "m.csv", rows[:1] + [broken[bad]] + rows[1:])
     out = tmp_path / "out"
-    code = main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
-                 "--tissue-factor", "4", "--workers", str(workers)])
-    assert code == 1
-    assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(SlideError) as raised:
+        main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+              "--tissue-factor", "4", "--workers", str(workers)])
+    assert re.search(message, str(raised.value))
     assert not list(out.rglob(f"{bad}*")), "nothing of the bad slide may be written"
     assert not (out / "dataset_info.json").exists()
     report = json.loads((out / "tiling_report.json").read_text())
@@ -394,8 +395,9 @@ def test_skip_errors_finishes_the_others_and_reports(bad_inputs, level0, tmp_pat
     _, _, expected = level0
     manifest = write_manifest(tmp_path / "m.csv", rows + list(broken.values()))
     out = tmp_path / "out"
-    assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
-                 "--stride", str(S0), "--tissue-factor", "4", "--skip-errors"]) == 0
+    with pytest.raises(InputError, match=f"{len(broken)} of {len(rows) + len(broken)} slide"):
+        main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
+              "--stride", str(S0), "--tissue-factor", "4", "--skip-errors"])
     err = capsys.readouterr().err
     assert f"{len(broken)} slide(s) failed" in err and all(f"slide '{name}'" in err for name in broken)
     report = json.loads((out / "tiling_report.json").read_text())
@@ -407,22 +409,23 @@ def test_skip_errors_finishes_the_others_and_reports(bad_inputs, level0, tmp_pat
     check_dataset(out, expected, 4, np.uint16)
 
 
-def test_every_slide_failing_exits_non_zero(bad_inputs, tmp_path, capsys):
+def test_every_slide_failing_exits_non_zero(bad_inputs, tmp_path):
     _, broken = bad_inputs
     manifest = write_manifest(tmp_path / "m.csv", [broken["truncated"]])
-    assert main(["tile", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--patch-size", "16",
-                 "--skip-errors"]) == 1
-    assert "every slide failed" in capsys.readouterr().err
+    with pytest.raises(InputError, match="every slide .* failed"):
+        main(["tile", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--patch-size", "16",
+              "--skip-errors"])
 
 
-def test_manifest_errors_are_named(tmp_path, capsys):
+def test_manifest_errors_are_named(tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "x", "image": "missing.tif", "mask": "m.tif"}])
-    assert main(["tile", "--manifest", str(manifest), "--out", str(tmp_path / "o"), "--patch-size", "8"]) == 1
-    assert "slide 'x'" in capsys.readouterr().err
+    with pytest.raises(SlideError, match="slide 'x'"):
+        main(["tile", "--manifest", str(manifest), "--out", str(tmp_path / "o"), "--patch-size", "8"])
     tifffile.imwrite(tmp_path / "i.tif", np.zeros((8, 8), np.uint8))
     bad_id = write_manifest(tmp_path / "n.csv", [{"slide_id": "../x", "image": "i.tif", "mask": "i.tif"}])
-    assert main(["tile", "--manifest", str(bad_id), "--out", str(tmp_path / "o"), "--patch-size", "8"]) == 1
-    assert "slide_id is used as a file name" in capsys.readouterr().err
+    with pytest.raises(SlideError, match="slide_id is used as a file name"):
+        main(["tile", "--manifest", str(bad_id), "--out", str(tmp_path / "o"), "--patch-size", "8"])
+    assert not (tmp_path / "o").exists(), "a bad manifest leaves no output folder"
 
 
 # ---------------------------------------------------------------------------------------------------
