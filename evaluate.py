@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -38,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Evaluates and writes the results; raises InputError (named file or folder) for bad input."""
     cli.setup_logging()
     args = parse_args(argv)
     workdirs = [pathlib.Path(w) for w in (args.compare or [args.workdir])]
@@ -45,12 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     split_cache: dict = {}
     evaluations = {}
     for name, workdir in zip(evaluation.run_names(workdirs), workdirs):
-        try:
-            evaluations[name] = evaluation.evaluate_run(workdir, args.checkpoint, args.split, data_dir=args.data_dir,
-                                                        taus_list=taus_list, split_cache=split_cache)
-        except (checkpoints.CheckpointError, FileNotFoundError, ValueError) as error:
-            print(f"error: {workdir}: {error}", file=sys.stderr)
-            return 2
+        # A missing run, a damaged checkpoint or a DATA_DIR that is not one raises an InputError naming
+        # the file or folder, which `cli.run_command` prints as one line.
+        evaluations[name] = evaluation.evaluate_run(workdir, args.checkpoint, args.split, data_dir=args.data_dir,
+                                                    taus_list=taus_list, split_cache=split_cache)
 
     first = next(iter(evaluations.values()))
     for key in first.reports:
@@ -67,4 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_command(main)

@@ -2,7 +2,10 @@
 
   python train.py --config configs/default.py:gerne --workdir runs/gerne [--config.method.beta=1.5]
 
-The loop is `gerne_jax.trainer.train_and_evaluate` (what it writes, how it resumes).
+The loop is `gerne_jax.trainer.train_and_evaluate` (what it writes, how it resumes). Bad input (a
+mistyped flag, config switch or key, a value outside its range, a DATA_DIR that is not one, a workdir
+another run is training in) is answered with one line `error: ...` and exit status 2, before anything
+is written into the workdir.
 """
 from __future__ import annotations
 
@@ -25,11 +28,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     del argv
     cli.setup_logging()
-    try:
-        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except trainer.TrainingInterrupted:
-        cli.exit_after_interruption()
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # SIGTERM: saved, status 143 (cli.run_command)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_command(lambda: app.run(main, flags_parser=cli.parse_config_flags))

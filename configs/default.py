@@ -17,6 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from gerne_jax.config_utils import parse_arg
+from gerne_jax.errors import ConfigError
 
 METHODS = ("gerne", "erm", "resample")
 
@@ -24,7 +25,7 @@ METHODS = ("gerne", "erm", "resample")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = parse_arg(arg, method="gerne", model="resnet50")
     if arg.method not in METHODS:
-        raise ValueError(f"config switch method={arg.method!r}; choose one of {METHODS}")
+        raise ConfigError(f"config switch method={arg.method!r}; choose one of {METHODS}")
     config = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()

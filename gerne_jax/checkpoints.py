@@ -7,10 +7,19 @@ Layout under `WORKDIR/checkpoints/`:
 Each checkpoint holds the train state and a JSON `meta` item: the step, the config and the
 validation metrics it was chosen on. Saving is synchronous, and orbax writes every checkpoint to a
 temporary folder that it renames when complete, so a killed run never leaves a half-written one.
+A checkpoint damaged afterwards (disk, copying) is named with the file that cannot be read; a resumed
+run falls back from a damaged latest checkpoint to the previous one (`restore_for_resume`).
 """
 from __future__ import annotations
 
+import gc
+import json
+import logging
 import pathlib
+import re
+import sys
+import types
+from collections.abc import Callable
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -25,9 +34,15 @@ BEST_CHECKPOINTS = {
 }
 LATEST = "latest"
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(InputError):
     """A checkpoint that is missing or cannot be read; the message names the folder."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint with a file that cannot be read (not a mismatch with the config); the message names it."""
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -46,7 +61,8 @@ class RunCheckpoints:
         self._managers = {LATEST: _manager(self.root / LATEST, keep_latest, read_only)}
         for name in BEST_CHECKPOINTS:
             self._managers[name] = _manager(self.root / name, 1, read_only)
-        self._best_values = {name: self._restored_best_value(name) for name in BEST_CHECKPOINTS}
+        # Only a run that saves compares with the best values; evaluation needs no best checkpoint's meta.
+        self._best_values = {} if read_only else {name: self._restored_best_value(name) for name in BEST_CHECKPOINTS}
 
     def latest_step(self, name: str = LATEST) -> int | None:
         return self._manager_named(name).latest_step()
@@ -79,12 +95,36 @@ class RunCheckpoints:
             name, step = str(name_or_step), self.latest_step(str(name_or_step))
             if step is None:
                 raise CheckpointError(f"no checkpoint in {self.root / name}")
-        try:
-            restored = self._managers[name].restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target_state), meta=ocp.args.JsonRestore()))
-        except Exception as error:  # orbax raises many types for damaged or mismatched files
-            raise CheckpointError(f"cannot restore {self.root / name / str(step)}: {error}") from error
+        restored = self._restore_items(name, step, state=ocp.args.StandardRestore(target_state),
+                                       meta=ocp.args.JsonRestore())
         return restored["state"], restored["meta"]
+
+    def restore_for_resume(self, target_state: Any) -> tuple[int, Any] | None:
+        """The newest latest checkpoint that can be restored, as (step, state); None when there is none.
+
+        A newer one that cannot be restored (damaged files) is named in one warning line and deleted, so
+        that the resumed run saves its step again and ends as an uninterrupted run would. When none can be
+        restored, raises CheckpointError naming each.
+        """
+        steps = sorted(self._managers[LATEST].all_steps(), reverse=True)
+        failures: list[tuple[int, CheckpointError]] = []
+        for step in steps:
+            try:
+                state, _ = self.restore(step, target_state)
+            except CheckpointError as error:
+                failures.append((step, error))
+                continue
+            if failures:
+                log.warning("%s; resuming from step %d (%s) instead, deleting step(s) %s",
+                            "; ".join(str(error) for _, error in failures), step, self.root / LATEST / str(step),
+                            ", ".join(str(failed) for failed, _ in failures))
+                for failed, _ in failures:
+                    self._managers[LATEST].delete(failed)
+            return step, state
+        if failures:
+            raise CheckpointError("no checkpoint to resume from can be restored: "
+                                  + "; ".join(str(error) for _, error in failures))
+        return None
 
     def close(self) -> None:
         for manager in self._managers.values():
@@ -109,5 +149,77 @@ class RunCheckpoints:
         step = manager.latest_step()
         if step is None:
             return None
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self._restore_items(name, step, meta=ocp.args.JsonRestore())["meta"]
         return meta["metrics"].get(BEST_CHECKPOINTS[name])
+
+    def _restore_items(self, name: str, step: int, **items: Any) -> Any:
+        """Orbax's restore; a failure becomes one CheckpointError naming the folder and the file.
+
+        The failed restore's pending read coroutines are collected here, quietly: each would otherwise
+        print "Exception ignored in: <coroutine ...>" with a TensorStore spec when it is freed later.
+        """
+        folder = self.root / name / str(step)
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = _without_coroutine_noise(previous_hook)
+        try:
+            try:
+                return self._managers[name].restore(step, args=ocp.args.Composite(**items))
+            except Exception as error:  # orbax raises many types for damaged or mismatched files
+                damage = unreadable_file(folder, error)
+                kind = CheckpointError if damage is None else DamagedCheckpointError
+                message = f"cannot restore {folder}: {damage or _first_line(error)}"
+            gc.collect()  # the error, its frames and their coroutines are unreferenced from here
+        finally:
+            sys.unraisablehook = previous_hook
+        raise kind(message)
+
+
+def _without_coroutine_noise(default_hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.object, types.CoroutineType):
+            default_hook(unraisable)
+
+    return hook
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of the innermost cause, at most 200 characters (orbax's can be thousands)."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
+def unreadable_file(folder: pathlib.Path, error: BaseException) -> str | None:
+    """Which file of checkpoint `folder` could not be read, in a short phrase, from orbax's `error`.
+
+    Orbax's messages are a bare JSON error or a TensorStore spec thousands of characters long; the
+    JSON files are checked here, the TensorStore message is reduced to the file or array it names.
+    None when the error names no file (e.g. a state that does not match the config).
+    """
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    if any(isinstance(cause, json.JSONDecodeError) for cause in chain):
+        for path in sorted(folder.rglob("*")):
+            if not path.is_file() or path.suffix or path.name in ("_CHECKPOINT_METADATA", "manifest.ocdbt") \
+                    or "d" in path.relative_to(folder).parts[:-1]:
+                continue  # orbax reads _CHECKPOINT_METADATA leniently; d/ and manifest.ocdbt are binary
+            try:
+                json.loads(path.read_bytes())
+            except ValueError as json_error:  # also UnicodeDecodeError
+                return f"{path.relative_to(folder)} is not valid JSON ({json_error})"
+    def relative(path: str) -> str:
+        return str(pathlib.Path(path).relative_to(folder)) if pathlib.Path(path).is_relative_to(folder) else path
+
+    for cause in chain:
+        message = str(cause)
+        decoding = re.search(r'Error decoding local file "([^"]+)": ([^\[]{0,120})', message)
+        if decoding:
+            return f"cannot read {relative(decoding.group(1))} ({decoding.group(2).strip()})"
+        reading = re.search(r'Error reading "([^"/]+)[^"]*" in OCDBT database at local file "([^"]+)"', message)
+        if reading:
+            status = re.match(r"([A-Z][A-Z_]+): ", message)
+            return (f"cannot read array {reading.group(1)!r} from its data files in {relative(reading.group(2))}/"
+                    + (f" ({status.group(1)})" if status else ""))
+    return None

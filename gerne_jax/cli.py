@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from absl import flags
 from absl import logging as absl_logging
 
-from gerne_jax.errors import InputError, Interrupted
+from gerne_jax import config_utils
+from gerne_jax.errors import ConfigError, InputError, Interrupted
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -61,3 +64,79 @@ def _quiet_unraisable_hook(default_hook: Callable[[Any], None]) -> Callable[[Any
         default_hook(unraisable)
 
     return hook
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for a command with an ml_collections `--config` file flag (train.py), with a bad
+    flag, config switch or config key raised as a one-line InputError.
+
+    Use as `app.run(main, flags_parser=parse_config_flags)`. absl would print a "FATAL Flags parsing
+    error" with a traceback of the config file (for a bad switch) or let ml_collections' KeyError escape
+    with a traceback (for an unknown `--config.<key>`).
+    """
+    spec = _config_spec(argv)
+    if spec is not None and not os.path.isfile(spec.split(":", 1)[0]):
+        # ml_collections would defer this to the first use of the config, with a traceback.
+        raise InputError(f"config file {spec.split(':', 1)[0]} does not exist (--config={spec})")
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # ml_collections raises KeyError/AttributeError for unknown keys
+        raise _flag_error(argv, error) from None
+
+
+def _flag_error(argv: list[str], error: Exception) -> Exception:
+    """The InputError that says what was wrong with the command line, or `error` itself when it is a bug."""
+    # The innermost InputError: e.g. an unknown switch raised by the config file's get_config, which
+    # ml_collections re-raises as the same type with the config file's traceback in the message.
+    for cause in reversed(_chain(error)):
+        if isinstance(cause, InputError):
+            return cause
+    unknown = _unknown_config_key(argv)
+    if unknown is not None:
+        return unknown
+    if isinstance(error, flags.Error):
+        return InputError(str(error).splitlines()[0])
+    return error
+
+
+def _chain(error: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _unknown_config_key(argv: list[str]) -> ConfigError | None:
+    """A ConfigError for the first `--config.<key>=...` whose key the config does not have, naming the closest."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return None
+    try:
+        config = flags.FLAGS["config"].parser.parse(spec)
+    except Exception:  # the config file itself is at fault; absl's error says how
+        return None
+    flat = config_utils.flatten(config)
+    valid = sorted(flat.keys() | {prefix for key in flat for prefix in _prefixes(key)})
+    for arg in argv:
+        match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+        if match and match.group(1) not in valid:
+            key = match.group(1)
+            return ConfigError(f"unknown config key {key!r} in {arg}{config_utils.did_you_mean(key, valid)}")
+    return None
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The value of `--config=PATH[:ARG]` or `--config PATH[:ARG]`."""
+    for i, arg in enumerate(argv):
+        match = re.match(r"^--?config(=|$)", arg)
+        if match and match.group(1):
+            return arg.split("=", 1)[1]
+        if match and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]

@@ -7,6 +7,8 @@ from typing import Any
 
 import ml_collections
 
+from gerne_jax.errors import ConfigError
+
 
 def parse_arg(arg: str | None, **switches: Any) -> ml_collections.ConfigDict:
     """Parses `get_config`'s `arg`: `key=value` pairs for the declared `switches` (their defaults).
@@ -21,11 +23,11 @@ def parse_arg(arg: str | None, **switches: Any) -> ml_collections.ConfigDict:
         if not sep and position == 0 and names:
             key, value = names[0], item
         elif not sep:
-            raise ValueError(f"config argument {item!r} is not of the form key=value; switches: {names}")
+            raise ConfigError(f"config argument {item!r} is not of the form key=value; switches: {names}")
         key = key.strip()
         if key not in switches:
-            raise ValueError(f"unknown config switch {key!r}{did_you_mean(key, names)}; switches: {names}. "
-                             "Change other keys with --config.<key>=<value>")
+            raise ConfigError(f"unknown config switch {key!r}{did_you_mean(key, names)}; switches: {names}. "
+                              "Change other keys with --config.<key>=<value>")
         values[key] = type(switches[key])(value.strip()) if switches[key] is not None else value.strip()
     return ml_collections.ConfigDict(values)
 
@@ -48,7 +50,7 @@ def with_overrides(config: ml_collections.ConfigDict,
     valid = sorted(flatten(config.to_dict()))
     for key, value in overrides.items():
         if key not in valid:
-            raise ValueError(f"unknown config key {key!r}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
+            raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
         *parents, leaf = key.split(".")
         section = config
         for part in parents:

@@ -142,9 +142,11 @@ def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split
     run_checkpoints = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
         state, meta = run_checkpoints.restore(checkpoint, target)
-    except checkpoints.CheckpointError as error:
+    except checkpoints.DamagedCheckpointError:
+        raise
+    except checkpoints.CheckpointError as error:  # a state shaped otherwise than this model and data
         raise checkpoints.CheckpointError(
-            f"{error}\n(does the run's config match the data in {data_dir}? patches there are "
+            f"{error} (does the run's config match the data in {data_dir}? patches there are "
             f"{tuple(split['image'].shape[1:])}, model {config.model.name})") from None
     finally:
         run_checkpoints.close()

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gerne_jax.dataset import largest_remainder
+from gerne_jax.errors import ConfigError
 
 EMPTY_GROUP_POLICIES = ("error", "drop")
 BIASED, LESS_BIASED = 0, 1  # the two batches of a step, on the leading axis of a paired batch
@@ -164,7 +165,9 @@ def make_batch_plan(counts: np.ndarray, *, c: float, beta: float, batch_per_grou
       class_names, bin_names: used in messages and `describe()`; default "class y" and "a=i".
 
     Raises:
-      ValueError: naming the problem, with the alpha table and, for beta, the allowed range.
+      ConfigError: naming the config key (`method.beta`, `method.c`, `method.corr`, `method.empty_group`,
+        `training.batch_per_group`) and its allowed values on the first line, the alpha table below it.
+      ValueError: for `counts` or names that do not fit together (a bug of the caller, not the config).
     """
     counts = np.asarray(counts)
     if counts.ndim != 2 or not np.issubdtype(counts.dtype, np.integer) or np.any(counts < 0):
@@ -177,33 +180,34 @@ def make_batch_plan(counts: np.ndarray, *, c: float, beta: float, batch_per_grou
                          f"{num_classes} x {num_attributes} table of group counts")
     table = format_alpha_table(counts, class_names, bin_names)
 
-    def config_error(problem: str, allowed: str = "") -> ValueError:
-        return ValueError("\n".join(filter(None, [f"Invalid GERNE config: {problem}", table, allowed])))
+    def config_error(problem: str) -> ConfigError:
+        return ConfigError(f"invalid GERNE config: {problem}\n{table}")
 
     if not 0.0 < c <= 1.0:
-        raise config_error(f"c = {c} must lie in (0, 1].")
+        raise config_error(f"method.c = {c} must lie in (0, 1].")
     if not 0.0 <= corr <= 1.0:
-        raise config_error(f"corr = {corr} must lie in [0, 1].")
+        raise config_error(f"method.corr = {corr} must lie in [0, 1].")
     if int(batch_per_group) != batch_per_group or batch_per_group < 1:
-        raise config_error(f"batch_per_group = {batch_per_group} must be a positive integer: each class "
-                           f"fills A * B = {num_attributes} * batch_per_group places per batch.")
+        raise config_error(f"training.batch_per_group = {batch_per_group} must be a positive integer: each "
+                           f"class fills A * B = {num_attributes} * batch_per_group places per batch.")
     empty_classes = [class_names[y] for y in range(num_classes) if counts[y].sum() == 0]
     if empty_classes:
-        raise config_error(f"class {', '.join(empty_classes)} has no training examples.")
+        raise config_error(f"class {', '.join(empty_classes)} has no training examples; check data.dir and "
+                           "data.taus.")
     if empty_group not in EMPTY_GROUP_POLICIES:
-        raise config_error(f"empty_group = {empty_group!r} must be one of {EMPTY_GROUP_POLICIES}.")
+        raise config_error(f"method.empty_group = {empty_group!r} must be one of {EMPTY_GROUP_POLICIES}.")
     empty = [f"({class_names[y]}, {bin_names[a]})" for y, a in zip(*np.nonzero(counts == 0))]
     if empty and empty_group == "error":
-        raise config_error(f"group {', '.join(empty)} has no training examples; choose other thresholds "
-                           "or set empty_group='drop' to leave empty groups out of the less-biased batch.")
+        raise config_error(f"group {', '.join(empty)} has no training examples; choose other data.taus "
+                           "or set method.empty_group='drop' to leave empty groups out of the less-biased batch.")
 
     alpha = alpha_table(counts)
     targets = uniform_targets(counts, empty_group)
     upper = beta_max(alpha, c, targets)
-    allowed = f"Allowed beta range for c = {c:g}: [-1, {upper:.6g}]."
     if not (np.isfinite(beta) and -1.0 <= beta <= upper):
-        raise config_error(f"beta = {beta} lies outside [-1, beta_max]; past beta_max some group gets a "
-                           "negative weight and training diverges.", allowed)
+        raise config_error(f"method.beta = {beta} lies outside [-1, beta_max] = [-1, {upper:.6g}] (for "
+                           f"method.c = {c:g} and these training groups); past beta_max some group gets a "
+                           "negative weight and training diverges.")
 
     class_total = num_attributes * int(batch_per_group)
     biased = largest_remainder(alpha, class_total)
@@ -215,7 +219,8 @@ def make_batch_plan(counts: np.ndarray, *, c: float, beta: float, batch_per_grou
     negative = np.argwhere(plan.group_weights < 0)
     if negative.size:
         names = ", ".join(plan.group_name(y, a) for y, a in negative)
-        raise config_error(f"beta = {beta} gives group {names} a negative weight once the batch counts are "
+        raise config_error(f"method.beta = {beta} gives group {names} a negative weight once the batch counts are "
                            f"rounded to whole examples (biased {biased.tolist()}, less-biased "
-                           f"{less_biased.tolist()}); lower beta or raise batch_per_group.", allowed)
+                           f"{less_biased.tolist()}); lower method.beta (allowed [-1, {upper:.6g}] before "
+                           "rounding) or raise training.batch_per_group.")
     return plan

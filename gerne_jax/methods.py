@@ -26,6 +26,7 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from gerne_jax import dataset, extrapolation, groups, input_pipeline, models, train_step
+from gerne_jax.errors import ConfigError
 from gerne_jax.groups import BIASED, LESS_BIASED
 
 METHOD_NAMES = ("gerne", "erm")
@@ -39,7 +40,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     elif opt.schedule == "cosine":
         decay = optax.cosine_decay_schedule(opt.learning_rate, max(steps - opt.warmup_steps, 1))
     else:
-        raise ValueError(f"config optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
+        raise ConfigError(f"config optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
     if opt.warmup_steps <= 0:
         return decay
     warmup = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
@@ -111,12 +112,12 @@ def from_config(config: ml_collections.ConfigDict, label: np.ndarray,
                 attribute: np.ndarray) -> TrainingMethod:
     """The configured method for a training split with these labels and attribute bins.
 
-    Raises ValueError naming the config key at fault (with the alpha table and the allowed beta range
-    for GERNE's batch plan).
+    Raises ConfigError naming the config key at fault (for GERNE's batch plan with the allowed range
+    on the first line and the alpha table below).
     """
     name = config.method.name
     if name not in METHOD_NAMES:
-        raise ValueError(f"config method.name must be one of {METHOD_NAMES}, got {name!r}")
+        raise ConfigError(f"config method.name must be one of {METHOD_NAMES}, got {name!r}")
     counts = dataset.group_counts(label, attribute, len(dataset.CLASS_NAMES), len(config.data.taus) + 1)
     # ERM draws the pair's biased row; its plan's beta is not used, so any valid value does.
     plan = groups.make_batch_plan(

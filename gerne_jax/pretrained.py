@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from gerne_jax.errors import InputError
 from gerne_jax.models import BATCH_NORM_MODES, ResNet
 
 # For each input channel, the RGB filter it takes; "mean" averages the three, "zero" ignores it.
@@ -69,18 +70,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights {path!r} do not exist (config model.init_from)")
+        raise InputError(f"pretrained weights {path!r} do not exist (config model.init_from)")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
         try:
             state = load_file(path)
         except Exception as e:  # safetensors raises its own error types for corrupt or bf16 files
-            raise ValueError(f"cannot read {path!r} as safetensors with numpy: {e}") from e
+            raise InputError(f"cannot read {path!r} as safetensors with numpy: {e}") from e
     elif suffix in TORCH_SUFFIXES:
         state = _read_torch(path)
     else:
-        raise ValueError(f"pretrained weights {path!r}: unknown file type {suffix!r}; expected "
+        raise InputError(f"pretrained weights {path!r}: unknown file type {suffix!r}; expected "
                          f".safetensors or one of {TORCH_SUFFIXES}")
     for wrapper in ("state_dict", "model"):
         if isinstance(state.get(wrapper), Mapping):
@@ -92,7 +93,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if key.endswith("num_batches_tracked"):
             continue
         if not isinstance(value, np.ndarray):
-            raise ValueError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+            raise InputError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor; "
                              "expected a ResNet state dict")
         arrays[key] = value.astype(np.float32)
     return arrays
@@ -106,7 +107,7 @@ def _read_torch(path: str) -> dict[str, Any]:
                           ".safetensors (see README, 'Pretrained weights')") from e
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
+        raise InputError(f"{path!r} holds a {type(state).__name__}, not a state dict")
     def to_numpy(value):
         if isinstance(value, torch.Tensor):
             return value.detach().float().numpy()
@@ -128,7 +129,7 @@ def torch_key(collection: str, flax_path: tuple[str, ...]) -> str:
     leaf_names = {"params": {"kernel": "weight", "scale": "weight", "bias": "bias"},
                   "batch_stats": {"mean": "running_mean", "var": "running_var"}}
     if leaf not in leaf_names.get(collection, {}):
-        raise ValueError(f"no torchvision name for Flax variable {collection}/{'/'.join(flax_path)}")
+        raise InputError(f"no torchvision name for Flax variable {collection}/{'/'.join(flax_path)}")
     return ".".join(names + [leaf_names[collection][leaf]])
 
 
@@ -154,13 +155,13 @@ def parse_channel_mapping(channel_mapping: str | Sequence[str] | None,
     mapping = tuple(channel_mapping)
     unknown = [name for name in mapping if name not in CHANNEL_SOURCES]
     if unknown:
-        raise ValueError(f"channel mapping {mapping}: unknown source(s) {unknown}; each input channel "
+        raise InputError(f"channel mapping {mapping}: unknown source(s) {unknown}; each input channel "
                          f"takes one of {CHANNEL_SOURCES}")
     if len(mapping) != num_input_channels:
-        raise ValueError(f"channel mapping {mapping} names {len(mapping)} channels but the data has "
+        raise InputError(f"channel mapping {mapping} names {len(mapping)} channels but the data has "
                          f"{num_input_channels}")
     if all(name == "zero" for name in mapping):
-        raise ValueError(f"channel mapping {mapping} maps every channel to 'zero'")
+        raise InputError(f"channel mapping {mapping} maps every channel to 'zero'")
     return mapping
 
 
@@ -171,7 +172,7 @@ def adapt_stem_kernel(rgb_kernel: np.ndarray, mapping: Sequence[str]) -> np.ndar
     3 / (number of non-"zero" channels) so that the summed filter weight stays that of RGB.
     """
     if rgb_kernel.ndim != 4 or rgb_kernel.shape[1] != 3:
-        raise ValueError(f"stem kernel must be [O, 3, kh, kw] (RGB), got {rgb_kernel.shape}")
+        raise InputError(f"stem kernel must be [O, 3, kh, kw] (RGB), got {rgb_kernel.shape}")
     sources = {name: rgb_kernel[:, i] for i, name in enumerate(RGB)}
     sources["mean"] = rgb_kernel.mean(axis=1)
     sources["zero"] = np.zeros_like(rgb_kernel[:, 0])
@@ -209,7 +210,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[
     channels included) and supplies the classifier head. `source` names the checkpoint in errors.
     """
     if "batch_stats" not in variables:
-        raise ValueError("the model has no BatchNorm statistics (norm 'group'?): ImageNet BatchNorm "
+        raise InputError("the model has no BatchNorm statistics (norm 'group'?): ImageNet BatchNorm "
                          f"weights fit only the norm modes {BATCH_NORM_MODES}")
     template = {(collection, path): value
                 for collection in ("params", "batch_stats")
@@ -227,7 +228,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[
     if stem_in == 3 and (channel_mapping or num_input_channels != 3):
         mapping = parse_channel_mapping(channel_mapping, num_input_channels)
     elif channel_mapping and stem_in is not None:
-        raise ValueError(f"{source}: a channel mapping needs RGB stem filters, but conv1.weight has "
+        raise InputError(f"{source}: a channel mapping needs RGB stem filters, but conv1.weight has "
                          f"{stem_in} input channels")
 
     converted, mismatched = {}, []
@@ -255,7 +256,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[
         message += _listing("missing from the checkpoint", missing)
         message += _listing("unexpected in the checkpoint", extra)
         message += _listing("shape mismatch", mismatched)
-        raise ValueError(message)
+        raise InputError(message)
 
     for collection, path in template:
         if path[0] == _HEAD:
@@ -286,7 +287,7 @@ def load_pretrained(path: str | os.PathLike, model: ResNet, variables: Mapping[s
         extra keys, shapes), listing the offending keys.
     """
     if model.norm not in BATCH_NORM_MODES:
-        raise ValueError(f"pretrained weights {os.fspath(path)!r} hold BatchNorm layers, which fit only "
+        raise InputError(f"pretrained weights {os.fspath(path)!r} hold BatchNorm layers, which fit only "
                          f"the norm modes {BATCH_NORM_MODES}; the model has norm {model.norm!r} "
                          f"(set model.norm to {PRETRAINED_NORM!r})")
     state_dict = read_state_dict(path)

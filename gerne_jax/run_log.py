@@ -17,6 +17,7 @@ import numpy as np
 
 from gerne_jax import files
 from gerne_jax.config_utils import flatten
+from gerne_jax.errors import ConfigError, InputError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -29,11 +30,11 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a run in `workdir` was trained with."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {workdir} holds no run of train.py")
+        raise InputError(f"{path} does not exist: {workdir} holds no run of train.py")
     try:
         return ml_collections.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
+        raise InputError(f"{path} is not valid JSON ({error})") from None
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
@@ -49,7 +50,7 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
                          if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise ValueError(f"{workdir} holds a run with another config ({details}); "
+            raise ConfigError(f"{workdir} holds a run with another config ({details}); "
                              "use a new --workdir or the saved config")
     files.write_text_atomic(path, config.to_json(indent=2))
 

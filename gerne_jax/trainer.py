@@ -3,7 +3,10 @@
 `train_and_evaluate(config, workdir)` writes to the workdir `config.json`, `metrics.jsonl`
 (`gerne_jax.run_log`), TensorBoard event files under `tensorboard/` and orbax checkpoints
 (`checkpoints/latest`, `checkpoints/best_wga`, `checkpoints/best_bca`, ...). Started again on the same
-workdir, it resumes from the latest checkpoint and ends exactly where an uninterrupted run would.
+workdir, it resumes from the latest checkpoint (the previous one if the latest is damaged) and ends
+exactly where an uninterrupted run would. The config, the data and the model are checked before
+anything is written (a bad one raises an `InputError` naming it); the run then holds the workdir's
+`.lock` (`files.exclusive_lock`), so a second run on the same workdir stops at once, naming the first.
 
 Accelerator-friendly: the state is donated to the jitted step, batches are prefetched to the devices
 two deep, and the step's metrics stay on the device until a log, evaluation or checkpoint step fetches
@@ -23,7 +26,9 @@ import numpy as np
 import tqdm
 from tensorboard.summary import Writer
 
-from gerne_jax import checkpoints, dataset, evaluation, experiment, input_pipeline, methods, run_log, sharding
+from gerne_jax import checkpoints, dataset, evaluation, experiment, files, input_pipeline, methods, run_log, sharding
+from gerne_jax.errors import Interrupted
+from gerne_jax.models import ResNet
 from gerne_jax.train_state import TrainState
 
 log_info = logging.getLogger("train")
@@ -33,7 +38,7 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """SIGTERM arrived; the state of `step` is saved and every file is closed."""
 
     def __init__(self, step: int):
@@ -45,34 +50,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Trains per `config` in `workdir` (resuming if it holds a run); returns the final train state.
 
     Raises `TrainingInterrupted` after saving when SIGTERM arrives, `NonFiniteLossError` when the
-    loss stops being finite (the last good checkpoint stays), ValueError for a bad config or data.
+    loss stops being finite (the last good checkpoint stays), an `InputError` for a bad config or data
+    (before anything is written) or a workdir that another run holds.
     """
     workdir = pathlib.Path(workdir)
-    is_main_process = jax.process_index() == 0
 
     # ------------------------------------------------------------------------------------------
-    # Data and method: validated before anything is written to the workdir.
+    # Data, method, model and initial state: validated before anything is written to the workdir.
     # ------------------------------------------------------------------------------------------
     metadata = dataset.read_metadata(config.data.dir)
     train = input_pipeline.load_split(config.data.dir, "train", in_memory=config.data.in_memory)
     validation = input_pipeline.load_split(config.data.dir, "validation", in_memory=config.data.in_memory)
     attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
     method = methods.from_config(config, train["label"], attribute)
-    workdir.mkdir(parents=True, exist_ok=True)
-    run_log.write_config(workdir, config)
-    log_info.info("Training split: %d patches. Batch plan (%s):\n%s", len(train["label"]),
-                  method.name, method.describe())
-
-    # ------------------------------------------------------------------------------------------
-    # Model, state and step; resume from the latest checkpoint.
-    # ------------------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
     model = experiment.create_model(config)
     state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
+    with files.exclusive_lock(workdir, "training"):
+        run_log.write_config(workdir, config)
+        log_info.info("Training split: %d patches. Batch plan (%s):\n%s", len(train["label"]),
+                      method.name, method.describe())
+        return _train(config, workdir, metadata, train, validation, attribute, method, mesh, model, state)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: dict[str, Any],
+           train: dict[str, Any], validation: dict[str, Any], attribute: np.ndarray,
+           method: methods.TrainingMethod, mesh: jax.sharding.Mesh, model: ResNet, state: TrainState) -> TrainState:
+    """The training loop of `train_and_evaluate`, run while it holds the workdir's lock."""
+    is_main_process = jax.process_index() == 0
+
+    # ------------------------------------------------------------------------------------------
+    # Resume from the newest latest checkpoint that can be restored.
+    # ------------------------------------------------------------------------------------------
     ckpt = checkpoints.RunCheckpoints(workdir)
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-        state, _ = ckpt.restore(checkpoints.LATEST, state)
+    resumed = ckpt.restore_for_resume(state)
+    start_step = 0
+    if resumed is not None:
+        start_step, state = resumed
         log_info.info("Resuming from step %d of %s", start_step, workdir)
     train_step = method.train_step(model, mesh)
     batches = method.batches(train["image"], train["label"], attribute, channel_mean=metadata["channel_mean"],

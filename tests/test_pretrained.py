@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from safetensors.numpy import load_file, save_file
 
 from gerne_jax import models, pretrained
+from gerne_jax.errors import InputError
 
 EPS = 1e-5
 # ResNet depth -> (blocks per stage, bottleneck), as in torchvision.
@@ -355,7 +356,7 @@ def test_group_norm_model_is_rejected(tmp_path):
 def test_bad_files(tmp_path):
     model = models.create_model("tiny", num_classes=2, norm="frozen")
     template = init_variables(model, 16, 3)
-    with pytest.raises(FileNotFoundError, match="nowhere.safetensors.*model.init_from"):
+    with pytest.raises(InputError, match="nowhere.safetensors.*model.init_from"):
         pretrained.load_pretrained(tmp_path / "nowhere.safetensors", model, template)
     (tmp_path / "weights.h5").write_bytes(b"x")
     with pytest.raises(ValueError, match="weights.h5.*unknown file type '.h5'"):
