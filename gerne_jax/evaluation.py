@@ -138,7 +138,7 @@ def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split
     metadata, split = split_cache[data_dir, split_name]
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
     model = experiment.create_model(config)
-    target = experiment.initial_state(config, model, tuple(split["image"].shape[1:]), mesh)
+    target = experiment.abstract_state(config, model, tuple(split["image"].shape[1:]), mesh)
     run_checkpoints = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
         state, meta = run_checkpoints.restore(checkpoint, target)

@@ -30,3 +30,18 @@ def initial_state(config: ml_collections.ConfigDict, model: models.ResNet, patch
                                                config.model.channel_mapping or None)
     state = train_state.create_train_state(rng, model, input_shape, methods.make_optimizer(config), variables)
     return sharding.replicate(state, mesh)
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: models.ResNet, patch_shape: tuple[int, ...],
+                   mesh: Mesh) -> train_state.TrainState:
+    """The shapes, dtypes and (replicated) shardings of `initial_state`, without computing it.
+
+    A restore target for checkpoints: tracing the initialisation is enough, so nothing is compiled or run.
+    """
+    rng = jax.random.key(config.training.seed)
+    input_shape = (1, *patch_shape)
+    state = jax.eval_shape(lambda: train_state.create_train_state(
+        rng, model, input_shape, methods.make_optimizer(config),
+        train_state.init_variables(rng, model, input_shape)))
+    replicated = sharding.replicated_sharding(mesh)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), state)

@@ -271,3 +271,19 @@ def test_method_errors_name_the_config_key():
     config.optimizer.schedule = "linear"
     with pytest.raises(ValueError, match="config optimizer.schedule must be 'constant' or 'cosine'"):
         methods.learning_rate_schedule(config)
+
+
+@pytest.mark.parametrize("norm", ["group", "shared"])
+def test_abstract_state_describes_the_initial_state_leaf_for_leaf(tiny_config, norm):
+    """The restore target evaluate_run builds without compiling: same paths, shapes, dtypes, placement."""
+    config = tiny_config()
+    config.model.norm = norm
+    mesh = sharding.make_mesh(1)
+    model = experiment.create_model(config)
+    patch_shape = (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS))
+    abstract = jax.tree_util.tree_flatten_with_path(experiment.abstract_state(config, model, patch_shape, mesh))[0]
+    concrete = jax.tree_util.tree_flatten_with_path(experiment.initial_state(config, model, patch_shape, mesh))[0]
+    assert [path for path, _ in abstract] == [path for path, _ in concrete]
+    for (path, spec), (_, leaf) in zip(abstract, concrete):
+        assert (spec.shape, spec.dtype) == (leaf.shape, leaf.dtype), jax.tree_util.keystr(path)
+        assert spec.sharding == leaf.sharding, jax.tree_util.keystr(path)
