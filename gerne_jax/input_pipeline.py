@@ -33,7 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
-from gerne_jax import dataset, groups
+from gerne_jax import dataset, groups, methods
 from gerne_jax.groups import BIASED, LESS_BIASED
 
 
@@ -256,6 +256,17 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
     batches = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
     batches = batches.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def training_batches(method: methods.TrainingMethod, images: ImageSource, label: np.ndarray,
+                     attribute: np.ndarray, *, channel_mean: Sequence[float], channel_std: Sequence[float],
+                     start_step: int = 0) -> tf.data.Dataset:
+    """A training method's batches from step `start_step` on (its plan, rows, seed and augmentation),
+    this process's share."""
+    config = method.config
+    return train_dataset(images, label, attribute, method.plan, seed=config.training.seed,
+                         channel_mean=channel_mean, channel_std=channel_std, start_step=start_step,
+                         rows=method.rows, flips=config.data.flips, rotations=config.data.rotations)
 
 
 def eval_dataset(images: ImageSource, *, batch_size: int, channel_mean: Sequence[float],

@@ -1,9 +1,10 @@
-"""Training methods: one value, built once from the config, that makes the sampler, optimiser and step.
+"""Training methods: one value, built once from the config, that decides the sampler, optimiser and step.
 
 A method decides three things that must agree: which batches the input pipeline yields (GERNE's pair,
-or the biased batch alone), the optimiser (always `extrapolation.make_optimizer`, with the method's
-learning-rate and beta schedules), and the kind of train step (two gradients, folded, single batch).
-`TrainingMethod` makes all three from the same fields, so they cannot disagree. The methods
+or the biased batch alone: its `plan` and `rows`, which `input_pipeline.training_batches(method, ...)`
+reads), the optimiser (always `extrapolation.make_optimizer`, with the method's learning-rate and beta
+schedules), and the kind of train step (two gradients, folded, single batch). `TrainingMethod` makes
+all three from the same fields, so they cannot disagree; it imports no TensorFlow. The methods
 (docs/design.md §3):
 
 - `gerne`: paired batches; beta in [-1, beta_max]; two gradients, or the folded one-gradient path
@@ -16,16 +17,13 @@ A new method (GroupDRO, JTT, ...) is a new `name` here: its sampler rows, its st
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 import optax
-import tensorflow as tf
 from jax.sharding import Mesh
 
-from gerne_jax import dataset, extrapolation, groups, input_pipeline, models, train_step
+from gerne_jax import dataset, extrapolation, groups, models, train_step
 from gerne_jax.errors import ConfigError
 from gerne_jax.groups import BIASED, LESS_BIASED
 
@@ -90,16 +88,6 @@ class TrainingMethod:
         return train_step.make_train_step(
             model, mesh, paired=self.paired, fold_beta=beta_schedule(self.config) if fold else None,
             divide_loss_by_num_classes=self.config.method.divide_loss_by_num_classes)
-
-    def batches(self, images: input_pipeline.ImageSource, label: np.ndarray, attribute: np.ndarray, *,
-                channel_mean: Sequence[float], channel_std: Sequence[float],
-                start_step: int = 0) -> tf.data.Dataset:
-        """The method's training batches from step `start_step` on, this process's share."""
-        return input_pipeline.train_dataset(
-            images, label, attribute, self.plan, seed=self.config.training.seed,
-            channel_mean=channel_mean, channel_std=channel_std, start_step=start_step, rows=self.rows,
-            flips=self.config.data.flips, rotations=self.config.data.rotations,
-            process_index=jax.process_index(), process_count=jax.process_count())
 
     def describe(self) -> str:
         plan = self.plan.describe()

@@ -89,8 +89,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
         start_step, state = resumed
         log_info.info("Resuming from step %d of %s", start_step, workdir)
     train_step = method.train_step(model, mesh)
-    batches = method.batches(train["image"], train["label"], attribute, channel_mean=metadata["channel_mean"],
-                             channel_std=metadata["channel_std"], start_step=start_step)
+    batches = input_pipeline.training_batches(method, train["image"], train["label"], attribute,
+                                              channel_mean=metadata["channel_mean"],
+                                              channel_std=metadata["channel_std"], start_step=start_step)
     device_batches = sharding.prefetch_to_mesh(batches.as_numpy_iterator(), mesh, size=2)
     evaluator = evaluation.Evaluator(validation, taus_list=[tuple(config.data.taus)],
                                      batch_size=config.data.eval_batch_size, mesh=mesh,

@@ -229,8 +229,8 @@ def test_erm_batches_are_the_biased_row_of_gerne_batches():
         config.training.batch_per_group, config.data.flips, config.data.rotations = 4, True, True
         method = methods.from_config(config, label, attribute)
         sources[name] = RecordingImages(images)
-        streams[name] = list(itertools.islice(method.batches(
-            sources[name], label, attribute, channel_mean=[0, 0], channel_std=[1, 1],
+        streams[name] = list(itertools.islice(input_pipeline.training_batches(
+            method, sources[name], label, attribute, channel_mean=[0, 0], channel_std=[1, 1],
             start_step=3).as_numpy_iterator(), 4))
         batch_size = method.plan.batch_size                          # N = K * A * B = 16
         assert method.rows == ((0,) if name == "erm" else (0, 1))

@@ -1,6 +1,6 @@
 """The core modules import no TensorFlow, so they run where it is absent (docs/design.md §7): the model,
-the pretrained-weight loader, the extrapolation transformation, the train state and step, the sharding
-helpers, the metrics and the dataset and group definitions. Only the input pipeline and the shard
+the pretrained-weight loader, the extrapolation transformation, the training methods, the train state
+and step, the sharding helpers, the metrics and the dataset and group definitions. Only the input pipeline and the shard
 writer use TensorFlow."""
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 TENSORFLOW_FREE = ["gerne_jax.models", "gerne_jax.pretrained", "gerne_jax.extrapolation",
-                   "gerne_jax.train_state", "gerne_jax.train_step", "gerne_jax.sharding",
+                   "gerne_jax.methods", "gerne_jax.train_state", "gerne_jax.train_step", "gerne_jax.sharding",
                    "gerne_jax.metrics", "gerne_jax.dataset", "gerne_jax.groups"]
 
 
