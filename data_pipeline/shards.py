@@ -7,7 +7,7 @@ DATA_DIR layout that gerne_jax/dataset.py declares (names, splits, dtypes, patch
 patches.csv. Records are serialised deterministically, so the same patches give byte-identical shards.
 
 Patch rows and metadata use the code names (`tumour_fraction`, `min_tumour_pixels`); the shard features,
-patches.csv and metadata.json get the on-disk names through `dataset.on_disk` / `dataset.to_disk_metadata`.
+patches.csv and metadata.json get the on-disk names through `dataset.on_disk` / `dataset.to_disk`.
 """
 from __future__ import annotations
 
@@ -66,8 +66,7 @@ class PatchSerializer:
         self._serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
 
     def __call__(self, example: Mapping[str, Any]) -> bytes:
-        on_disk = {dataset.on_disk(name): value for name, value in example.items()}
-        encoded = self._features.encode_example(on_disk)
+        encoded = self._features.encode_example(dataset.to_disk(example))
         return self._serializer.get_tf_example(encoded).SerializeToString(deterministic=True)
 
 
@@ -275,7 +274,7 @@ def finalize_dataset(
     tfds.folder_dataset.write_metadata(
         data_dir=staging, features=features, split_infos=split_infos,
         filename_template=FILENAME_TEMPLATE, check_data=False,
-        metadata=tfds.core.MetadataDict(dataset.to_disk_metadata(metadata)))
+        metadata=tfds.core.MetadataDict(dataset.to_disk(metadata)))
 
     (data_dir / dataset.DATASET_INFO_FILE).unlink(missing_ok=True)
     staged = sorted(p.name for p in staging.iterdir())

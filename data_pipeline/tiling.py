@@ -100,7 +100,7 @@ def slide_paths(data_dir: pathlib.Path, slide_id: str) -> dict[str, pathlib.Path
 
 def config_on_disk(config: TilingConfig) -> dict[str, Any]:
     """The settings as sidecars and the tiling report store them (on-disk names, see the module doc)."""
-    return dataset.to_disk_metadata(dataclasses.asdict(config))
+    return dataset.to_disk(dataclasses.asdict(config))
 
 
 def fingerprint(spec: SlideSpec, config: TilingConfig) -> dict[str, Any]:
@@ -225,7 +225,7 @@ def _record_qc_rows(qc_tissue: np.ndarray, qc_tumour: np.ndarray, tissue: np.nda
 
 
 def _write_sidecar(path: pathlib.Path, sidecar: dict[str, Any]) -> None:
-    rows = [{dataset.on_disk(name): row[name] for name in dataset.PATCH_FIELDS} for row in sidecar["rows"]]
+    rows = [dataset.to_disk(row) for row in sidecar["rows"]]
     files.write_text_atomic(path, json.dumps(dict(sidecar, rows=rows)))
 
 
@@ -239,6 +239,5 @@ def load_finished(data_dir: pathlib.Path, spec: SlideSpec, config: TilingConfig)
     current = json.loads(json.dumps(fingerprint(spec, config)))  # tuples -> lists, as stored
     if sidecar.get("fingerprint") != current:
         return None
-    sidecar["rows"] = [{name: row[dataset.on_disk(name)] for name in dataset.PATCH_FIELDS}
-                       for row in sidecar["rows"]]
+    sidecar["rows"] = [dataset.from_disk(row) for row in sidecar["rows"]]
     return sidecar

@@ -24,7 +24,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from gerne_jax.errors import InputError
+from gerne_jax.errors import InputError, cause_chain
 
 # Checkpoint names `evaluate.py --checkpoint` accepts, and the validation metric each one tracks.
 BEST_CHECKPOINTS = {
@@ -184,9 +184,8 @@ def _without_coroutine_noise(default_hook: Callable[[Any], None]) -> Callable[[A
 
 def _first_line(error: BaseException) -> str:
     """The first line of the innermost cause, at most 200 characters (orbax's can be thousands)."""
-    while error.__cause__ or error.__context__:
-        error = error.__cause__ or error.__context__
-    return (str(error).splitlines() or [type(error).__name__])[0][:200]
+    innermost = cause_chain(error)[-1]
+    return (str(innermost).splitlines() or [type(innermost).__name__])[0][:200]
 
 
 def unreadable_file(folder: pathlib.Path, error: BaseException) -> str | None:
@@ -196,10 +195,7 @@ def unreadable_file(folder: pathlib.Path, error: BaseException) -> str | None:
     JSON files are checked here, the TensorStore message is reduced to the file or array it names.
     None when the error names no file (e.g. a state that does not match the config).
     """
-    chain = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    chain = cause_chain(error)
     if any(isinstance(cause, json.JSONDecodeError) for cause in chain):
         for path in sorted(folder.rglob("*")):
             if not path.is_file() or path.suffix or path.name in ("_CHECKPOINT_METADATA", "manifest.ocdbt") \
@@ -209,6 +205,7 @@ def unreadable_file(folder: pathlib.Path, error: BaseException) -> str | None:
                 json.loads(path.read_bytes())
             except ValueError as json_error:  # also UnicodeDecodeError
                 return f"{path.relative_to(folder)} is not valid JSON ({json_error})"
+
     def relative(path: str) -> str:
         return str(pathlib.Path(path).relative_to(folder)) if pathlib.Path(path).is_relative_to(folder) else path
 

@@ -13,7 +13,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from gerne_jax import config_utils
-from gerne_jax.errors import ConfigError, InputError, Interrupted
+from gerne_jax.errors import ConfigError, InputError, Interrupted, cause_chain
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -88,7 +88,7 @@ def _flag_error(argv: list[str], error: Exception) -> Exception:
     """The InputError that says what was wrong with the command line, or `error` itself when it is a bug."""
     # The innermost InputError: e.g. an unknown switch raised by the config file's get_config, which
     # ml_collections re-raises as the same type with the config file's traceback in the message.
-    for cause in reversed(_chain(error)):
+    for cause in reversed(cause_chain(error)):
         if isinstance(cause, InputError):
             return cause
     unknown = _unknown_config_key(argv)
@@ -97,14 +97,6 @@ def _flag_error(argv: list[str], error: Exception) -> Exception:
     if isinstance(error, flags.Error):
         return InputError(str(error).splitlines()[0])
     return error
-
-
-def _chain(error: BaseException | None) -> list[BaseException]:
-    chain: list[BaseException] = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
 
 
 def _unknown_config_key(argv: list[str]) -> ConfigError | None:

@@ -25,7 +25,7 @@ import csv
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,9 +64,15 @@ def on_disk(name: str) -> str:
     return ON_DISK_NAMES.get(name, name)
 
 
-def to_disk_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Metadata with code names -> the keys written to metadata.json."""
-    return {on_disk(key): value for key, value in metadata.items()}
+def to_disk(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A patch row, example or metadata dict under code names -> the same under on-disk names."""
+    return {on_disk(key): value for key, value in record.items()}
+
+
+def from_disk(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `to_disk`: a dict read from disk -> the same under code names."""
+    code_names = {disk: code for code, disk in ON_DISK_NAMES.items()}
+    return {code_names.get(key, key): value for key, value in record.items()}
 
 
 def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -79,8 +85,7 @@ def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
         stored = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise DatasetError(f"{path}: cannot read the dataset metadata ({error})") from None
-    from_disk = {disk: code for code, disk in ON_DISK_NAMES.items()}
-    return {from_disk.get(key, key): value for key, value in stored.items()}
+    return from_disk(stored)
 
 
 def read_patch_table(data_dir: str | os.PathLike, split: str | None = None) -> dict[str, np.ndarray]:

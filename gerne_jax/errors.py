@@ -15,5 +15,15 @@ class ConfigError(InputError):
     """A config key or value; the message names the key and the allowed values or range."""
 
 
+def cause_chain(error: BaseException) -> list[BaseException]:
+    """`error`, then what caused it, and so on (explicit `__cause__` first, else `__context__`)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 class Interrupted(Exception):
     """A job stopped by SIGTERM after saving its state; the same command resumes it (exit status 143)."""
