@@ -38,19 +38,20 @@ class SlideSpec:
 
     slide_id: str
     image_files: tuple[pathlib.Path, ...]  # one multichannel file, or one file per channel
-    mask_file: pathlib.Path
+    mask_file: pathlib.Path | None         # None only where masks are optional (prediction)
     tissue_mask_file: pathlib.Path | None = None
     patient_id: str | None = None
     split: str | None = None
     channel_names: tuple[str, ...] | None = None
 
 
-def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
+def read_manifest(path: str | pathlib.Path, require_mask: bool = True) -> list[SlideSpec]:
     """Reads a slide manifest CSV; relative paths are resolved against the manifest's folder.
 
     Columns: `slide_id` and `mask` (required), exactly one of `image` / `channels` (`;`-separated) per
     row, optional `tissue_mask`, `patient_id`, `split` (train / validation / test), `channel_names`
-    (`;`-separated). Raises InputError for a bad header or empty manifest, SlideError for a bad row
+    (`;`-separated). With `require_mask=False` (prediction) the `mask` column and its values may be
+    missing. Raises InputError for a bad header or empty manifest, SlideError for a bad row
     (missing file, duplicate id, both or neither image/channels, bad split, bad channel names).
     """
     path = pathlib.Path(path)
@@ -71,7 +72,7 @@ def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
         if unknown:
             raise InputError(f"manifest {str(path)!r}: unknown column(s) {unknown}; "
                              f"allowed: {list(MANIFEST_COLUMNS)}")
-        missing = [name for name in ("slide_id", "mask") if name not in header]
+        missing = [name for name in ("slide_id", "mask")[:2 if require_mask else 1] if name not in header]
         if not ("image" in header or "channels" in header):
             missing.append("image or channels")
         if missing:
@@ -84,7 +85,7 @@ def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
             if None in row:
                 raise InputError(f"manifest {str(path)!r}, line {line}: more values than columns")
             values = {name: (value or "").strip() for name, value in row.items()}
-            spec = _parse_row(values, line, root, path)
+            spec = _parse_row(values, line, root, path, require_mask)
             if spec.slide_id in first_line_of:
                 raise SlideError(spec.slide_id, path, f"duplicate slide_id on lines "
                                  f"{first_line_of[spec.slide_id]} and {line}")
@@ -96,7 +97,7 @@ def read_manifest(path: str | pathlib.Path) -> list[SlideSpec]:
 
 
 def _parse_row(values: dict[str, str], line: int, root: pathlib.Path,
-               manifest: pathlib.Path) -> SlideSpec:
+               manifest: pathlib.Path, require_mask: bool) -> SlideSpec:
     slide_id = values.get("slide_id", "")
     if not slide_id:
         raise InputError(f"manifest {str(manifest)!r}, line {line}: empty slide_id")
@@ -123,9 +124,9 @@ def _parse_row(values: dict[str, str], line: int, root: pathlib.Path,
                    + ("both" if image else "neither"))
     image_files = (existing_file(image),) if image else tuple(existing_file(f)
                                                               for f in split_list("channels"))
-    if not values.get("mask"):
+    if not values.get("mask") and require_mask:
         raise fail("empty 'mask'")
-    mask_file = existing_file(values["mask"])
+    mask_file = existing_file(values["mask"]) if values.get("mask") else None
     tissue_mask_file = existing_file(values["tissue_mask"]) if values.get("tissue_mask") else None
     split = values.get("split") or None
     if split is not None and split not in dataset.SPLITS:

@@ -431,7 +431,8 @@ class SlideReader:
         self.dtype = self._image.dtype
         self.num_channels = self._image.num_channels
         self.channel_names = self._resolve_channel_names()
-        self._tumour = self._open_mask(self.spec.mask_file, allow_upsample=False)
+        self._tumour = (None if self.spec.mask_file is None
+                        else self._open_mask(self.spec.mask_file, allow_upsample=False))
         self._tissue = (None if self.spec.tissue_mask_file is None
                         else self._open_mask(self.spec.tissue_mask_file, allow_upsample=True))
 
@@ -505,8 +506,10 @@ class SlideReader:
         return self._image.read(y, x, h, w)
 
     def read_tumour(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """Tumour pixels of the window [y:y+h, x:x+w] of the chosen level, (h, w) bool."""
+        """Tumour pixels of the window [y:y+h, x:x+w] of the chosen level, (h, w) bool (none without a mask)."""
         self._check_window(y, x, h, w)
+        if self._tumour is None:
+            return np.zeros((h, w), bool)
         labels = self._tumour.read(y, x, h, w)
         if self._tumour_ids is not None:
             return np.isin(labels, self._tumour_ids)
@@ -568,6 +571,8 @@ class SlideReader:
                 break
         else:
             raise SlideError(self.slide_id, first_file, f"empty slide: every pixel is {low}")
+        if self._tumour is None:
+            return
         mask = self._tumour.source
         found: set = set()
         for y, x, h, w in _scan_windows(mask.shape, mask.chunk_shape, 8 + mask.dtype.itemsize):

@@ -7,7 +7,8 @@ runs for each slide:
 2. scan the patch grid in horizontal bands of P rows, read in blocks of at most `BAND_BYTES`
    (several bands per block when rows are narrow, column chunks of one band when they are wide;
    `grid.scan_plan`), so memory stays bounded whatever the slide's size; per patch, tumour and tissue
-   pixel counts come from column prefix sums, vectorised over the band;
+   pixel counts come from column prefix sums, vectorised over the band. Steps 1-2 are `SlideScan`,
+   which whole-slide prediction uses too, so it sees exactly the patches the tiler keeps;
 3. serialise the kept patches into the slide's own array_record file under `DATA_DIR/.work/`, write
    `qc/<slide_id>.png`, and last a JSON sidecar (patch rows, channel moments, settings). The sidecar
    marks the slide finished: a re-run with the same settings and files skips it (resume).
@@ -30,7 +31,7 @@ import contextlib
 import dataclasses
 import json
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,7 +106,8 @@ def config_on_disk(config: TilingConfig) -> dict[str, Any]:
 
 def fingerprint(spec: SlideSpec, config: TilingConfig) -> dict[str, Any]:
     """Settings and source files (path, size, mtime) a slide's finished output depends on."""
-    source_files = [*spec.image_files, spec.mask_file, *([spec.tissue_mask_file] if spec.tissue_mask_file else [])]
+    source_files = [*spec.image_files, *([spec.mask_file] if spec.mask_file else []),
+                    *([spec.tissue_mask_file] if spec.tissue_mask_file else [])]
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in source_files]
     return {"version": SIDECAR_VERSION, "config": config_on_disk(config), "files": stats,
             "patient_id": spec.patient_id or "", "channel_names": list(spec.channel_names or [])}
@@ -119,6 +121,92 @@ def slide_format(reader: SlideReader) -> SlideFormat:
 def format_mismatch(spec: SlideSpec, found: SlideFormat, expected: SlideFormat) -> SlideError:
     return SlideError(spec.slide_id, spec.image_files[0], f"does not match the dataset's format: "
                       f"{found} (expected, from the first readable slide: {expected})")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchBand:
+    """The kept patches of one grid row within a read block (chosen-level pixels)."""
+
+    y: int                     # top edge of the row's patches
+    x: np.ndarray              # left edges of the kept patches [n]
+    columns: np.ndarray        # their first column in `pixels` [n]
+    pixels: np.ndarray         # rows y .. y + P of the block, (P, w, C) in the source dtype
+    tumour_pixels: np.ndarray  # [n] int64
+    tissue_ratio: np.ndarray   # [n] float64
+    positions: int             # grid positions of the row scanned, kept or not
+
+    def patch(self, i: int) -> np.ndarray:
+        """Patch i as a (P, P, C) view of `pixels`."""
+        P = self.pixels.shape[0]
+        return self.pixels[:, self.columns[i]:self.columns[i] + P]
+
+    def patches(self) -> np.ndarray:
+        """The kept patches, (n, P, P, C)."""
+        P = self.pixels.shape[0]
+        if not self.x.size:
+            return np.empty((0, P, P, self.pixels.shape[-1]), self.pixels.dtype)
+        windows = np.lib.stride_tricks.sliding_window_view(self.pixels, P, axis=1)  # (P, w-P+1, C, P)
+        return windows[:, self.columns].transpose(1, 0, 3, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchBlock:
+    """One read block: its origin, tissue and tumour pixels (chosen level) and its grid rows."""
+
+    y0: int
+    x0: int
+    tissue: np.ndarray         # (h, w) bool
+    tumour: np.ndarray         # (h, w) bool
+    bands: list[PatchBand]
+
+
+class SlideScan:
+    """The patch grid of one opened slide and the patches it keeps, block by block.
+
+    This is the one definition of which patches a slide yields (module docstring): the tiler
+    (`tile_slide`) and whole-slide prediction (`gerne_jax.prediction`) both scan through it. Opening
+    detects the tissue on a thumbnail at 1/f (unless the slide has a tissue mask); `read_block` reads
+    one block of `plan` (through any reader of the same slide, so threads can each use their own) and
+    `blocks()` yields them all in order, reading one ahead. `band_bytes` bounds a block's source
+    bytes; it changes the reads, never the patches.
+    """
+
+    def __init__(self, reader: SlideReader, config: TilingConfig, band_bytes: int = BAND_BYTES):
+        self.reader = reader
+        self.config = config
+        self.factor = tissue_factor_for(reader.shape, config.tissue_factor)
+        self.thumbnail = reader.thumbnail(self.factor)
+        self.detected = (detect_tissue(self.thumbnail, polarity=config.tissue_polarity)
+                         if reader.spec.tissue_mask_file is None else None)
+        self.plan = scan_plan(reader.shape, config.patch_size, config.stride,
+                              reader.num_channels * reader.dtype.itemsize, band_bytes)
+
+    def read_block(self, block: tuple[np.ndarray, np.ndarray], reader: SlideReader | None = None) -> PatchBlock:
+        """The patches of one block of `plan`: per grid row, those whose tissue ratio exceeds the minimum."""
+        reader = reader or self.reader
+        P, config = self.config.patch_size, self.config
+        ys, xs = block
+        y0, x0 = int(ys[0]), int(xs[0])
+        h, w = int(ys[-1]) + P - y0, int(xs[-1]) + P - x0
+        image = reader.read_region(y0, x0, h, w)
+        tumour = reader.read_tumour(y0, x0, h, w)
+        given = reader.read_tissue_mask(y0, x0, h, w)
+        tissue = (given if given is not None else lowres_window(self.detected, self.factor, y0, x0, h, w)) | tumour
+        local = xs - x0
+        bands = []
+        for y in ys.tolist():
+            rows = slice(y - y0, y - y0 + P)
+            tumour_pixels = window_counts(tumour[rows], local, P)
+            tissue_ratio = window_counts(tissue[rows], local, P) / P**2
+            kept = np.flatnonzero(tissue_ratio > config.min_tissue_ratio)
+            bands.append(PatchBand(y, xs[kept], local[kept], image[rows], tumour_pixels[kept],
+                                   tissue_ratio[kept], len(xs)))
+        return PatchBlock(y0, x0, tissue, tumour, bands)
+
+    def blocks(self) -> Iterator[PatchBlock]:
+        """Every block of `plan` in order, the next one read in a thread meanwhile."""
+        for _, block in _prefetched(self.read_block, self.plan):
+            yield block
 
 
 def tile_slide(
@@ -135,7 +223,7 @@ def tile_slide(
     paths = slide_paths(data_dir, spec.slide_id)
     for stale in paths["records"].parent.glob(f"{paths['records'].name}.tmp-*"):
         stale.unlink()  # left by a killed run
-    P, S = config.patch_size, config.stride
+    P = config.patch_size
     with SlideReader(spec, level=config.level, downsample=config.downsample,
                      tumour_ids=config.tumour_ids) as reader:
         reader.validate()
@@ -143,13 +231,11 @@ def tile_slide(
         if found != expected_format:
             raise format_mismatch(spec, found, expected_format)
         height, width = reader.shape
-        factor = tissue_factor_for(reader.shape, config.tissue_factor)
-        thumbnail = reader.thumbnail(factor)
+        scan = SlideScan(reader, config)
+        factor, thumbnail = scan.factor, scan.thumbnail
         lowres_shape = thumbnail.shape[:2]
-        detected = (detect_tissue(thumbnail, polarity=config.tissue_polarity)
-                    if spec.tissue_mask_file is None else None)
         # QC outlines at 1/f: filled from the band scan (rows / columns that are multiples of f).
-        qc_tissue = detected.copy() if detected is not None else np.zeros(lowres_shape, bool)
+        qc_tissue = scan.detected.copy() if scan.detected is not None else np.zeros(lowres_shape, bool)
         qc_tumour = np.zeros(lowres_shape, bool)
 
         features = shards.patch_features(P, reader.num_channels, reader.dtype)
@@ -157,35 +243,19 @@ def tile_slide(
         statistics = shards.PixelStatistics(reader.num_channels, reader.dtype)
         rows: list[dict[str, Any]] = []
         d = reader.level_downsample
-        plan = scan_plan(reader.shape, P, S, reader.num_channels * reader.dtype.itemsize, BAND_BYTES)
-
-        def read_block(block: tuple[np.ndarray, np.ndarray]):
-            ys, xs = block
-            y0, x0 = int(ys[0]), int(xs[0])
-            h, w = int(ys[-1]) + P - y0, int(xs[-1]) + P - x0
-            image = reader.read_region(y0, x0, h, w)
-            tumour = reader.read_tumour(y0, x0, h, w)
-            given = reader.read_tissue_mask(y0, x0, h, w)
-            tissue = (given if given is not None else lowres_window(detected, factor, y0, x0, h, w)) | tumour
-            return y0, x0, image, tumour, tissue
 
         def records():
-            for (ys, xs), (y0, x0, image, tumour, tissue) in _prefetched(read_block, plan):
-                _record_qc_rows(qc_tissue, qc_tumour, tissue, tumour, y0, x0, factor)
-                local = xs - x0
-                for y in ys.tolist():
-                    band = slice(y - y0, y - y0 + P)
-                    tumour_pixels = window_counts(tumour[band], local, P)
-                    tissue_ratio = window_counts(tissue[band], local, P) / P**2
-                    kept = np.flatnonzero(tissue_ratio > config.min_tissue_ratio)
-                    statistics.add_windows(image[band], local[kept], P)
-                    for i in kept:
-                        row = dataset.patch_row(spec.slide_id, spec.patient_id, int(xs[i]) * d, y * d,
-                                                int(tumour_pixels[i] >= config.min_tumour_pixels),
-                                                tumour_pixels[i] / P**2, tissue_ratio[i])
+            for block in scan.blocks():
+                record_qc_rows(qc_tissue, qc_tumour, block.tissue, block.tumour, block.y0, block.x0, factor)
+                for band in block.bands:
+                    statistics.add_windows(band.pixels, band.columns, P)
+                    for i in range(band.x.size):
+                        row = dataset.patch_row(spec.slide_id, spec.patient_id, int(band.x[i]) * d, band.y * d,
+                                                int(band.tumour_pixels[i] >= config.min_tumour_pixels),
+                                                band.tumour_pixels[i] / P**2, band.tissue_ratio[i])
                         rows.append(row)
-                        yield serialize({"image": image[band, local[i]:local[i] + P], **row})
-                    progress(len(xs))
+                        yield serialize({"image": band.patch(i), **row})
+                    progress(band.positions)
 
         with contextlib.closing(records()) as patch_records:  # stops the prefetch before the reader closes
             shards.write_array_record(paths["records"], patch_records)
@@ -213,7 +283,7 @@ def _prefetched(read: Callable[[Any], Any], items: Sequence[Any]):
             yield item, current
 
 
-def _record_qc_rows(qc_tissue: np.ndarray, qc_tumour: np.ndarray, tissue: np.ndarray,
+def record_qc_rows(qc_tissue: np.ndarray, qc_tumour: np.ndarray, tissue: np.ndarray,
                     tumour: np.ndarray, y: int, x: int, factor: int) -> None:
     """Copies the chunk's pixels at rows / columns divisible by `factor` into the 1/f QC masks."""
     h, w = tumour.shape

@@ -88,16 +88,30 @@ class RunCheckpoints:
         """The state (shaped and sharded like `target_state`) and meta of a named checkpoint or step."""
         if isinstance(name_or_step, int) or str(name_or_step).isdigit():
             name, step = LATEST, int(name_or_step)
-            if step not in self._managers[LATEST].all_steps():
-                raise CheckpointError(f"no checkpoint of step {step} in {self.root / LATEST}; "
-                                      f"steps kept: {sorted(self._managers[LATEST].all_steps())}")
+            missing = f"no checkpoint of step {step} in {self.root / LATEST}"
         else:
             name, step = str(name_or_step), self.latest_step(str(name_or_step))
-            if step is None:
-                raise CheckpointError(f"no checkpoint in {self.root / name}")
+            missing = f"no checkpoint in {self.root / name}"
+        if not self.has(name_or_step):
+            raise CheckpointError(f"{missing}; the run has: {self.describe_available()}")
         restored = self._restore_items(name, step, state=ocp.args.StandardRestore(target_state),
                                        meta=ocp.args.JsonRestore())
         return restored["state"], restored["meta"]
+
+    def has(self, name_or_step: str | int) -> bool:
+        """Whether a named checkpoint (best_wga, ..., latest) or a step of `latest` exists."""
+        if isinstance(name_or_step, int) or str(name_or_step).isdigit():
+            return int(name_or_step) in self._managers[LATEST].all_steps()
+        return self.latest_step(str(name_or_step)) is not None
+
+    def describe_available(self) -> str:
+        """The checkpoints this run has, e.g. "best_wga (step 300), latest (steps 400, 500)", or "none"."""
+        found = []
+        for name, manager in self._managers.items():
+            steps = sorted(manager.all_steps())
+            if steps:
+                found.append(f"{name} (step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))})")
+        return ", ".join(found) or "none"
 
     def restore_for_resume(self, target_state: Any) -> tuple[int, Any] | None:
         """The newest latest checkpoint that can be restored, as (step, state); None when there is none.

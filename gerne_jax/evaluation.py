@@ -120,6 +120,27 @@ class RunEvaluation:
     reports: dict[str, Report]        # tau key -> report
 
 
+def restore_checkpoint(workdir: str | os.PathLike, checkpoint: str, config: Any, patch_shape: tuple[int, ...],
+                       mesh: Mesh, data_dir: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
+    """A run's checkpoint (best_wga|best_bca|...|latest|STEP) restored into the state `config` describes for
+    patches of `patch_shape`, and its meta; a state of another shape is an error naming the data."""
+    model = experiment.create_model(config)
+    target = experiment.abstract_state(config, model, patch_shape, mesh)
+    run_checkpoints = checkpoints.RunCheckpoints(workdir, read_only=True)
+    try:
+        return run_checkpoints.restore(checkpoint, target)
+    except checkpoints.DamagedCheckpointError:
+        raise
+    except checkpoints.CheckpointError as error:  # a state shaped otherwise than this model and data
+        if not run_checkpoints.has(checkpoint):
+            raise
+        raise checkpoints.CheckpointError(
+            f"{error} (does the run's config match the data in {data_dir}? patches there are "
+            f"{patch_shape}, model {config.model.name})") from None
+    finally:
+        run_checkpoints.close()
+
+
 def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split_name: str = "test", *,
                  data_dir: str | None = None, taus_list: Sequence[Sequence[float]] | None = None,
                  split_cache: dict[str, Any] | None = None) -> RunEvaluation:
@@ -137,19 +158,7 @@ def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split
             data_dir, split_name, in_memory=config.data.in_memory))
     metadata, split = split_cache[data_dir, split_name]
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    model = experiment.create_model(config)
-    target = experiment.abstract_state(config, model, tuple(split["image"].shape[1:]), mesh)
-    run_checkpoints = checkpoints.RunCheckpoints(workdir, read_only=True)
-    try:
-        state, meta = run_checkpoints.restore(checkpoint, target)
-    except checkpoints.DamagedCheckpointError:
-        raise
-    except checkpoints.CheckpointError as error:  # a state shaped otherwise than this model and data
-        raise checkpoints.CheckpointError(
-            f"{error} (does the run's config match the data in {data_dir}? patches there are "
-            f"{tuple(split['image'].shape[1:])}, model {config.model.name})") from None
-    finally:
-        run_checkpoints.close()
+    state, meta = restore_checkpoint(workdir, checkpoint, config, tuple(split["image"].shape[1:]), mesh, data_dir)
     evaluator = Evaluator(split, taus_list=taus_list or [tuple(config.data.taus)],
                           batch_size=config.data.eval_batch_size, mesh=mesh,
                           channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],

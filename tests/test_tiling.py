@@ -438,7 +438,7 @@ def test_qc_rows_collect_every_fth_pixel_of_the_scanned_area():
     qc_tumour, qc_tissue = np.zeros((24, 18), bool), np.zeros((24, 18), bool)
     for ys, xs in scan_plan(tumour.shape, P, S, 1, 20 * P):
         y0, x0, h, w = ys[0], xs[0], ys[-1] + P - ys[0], xs[-1] + P - xs[0]
-        tiling._record_qc_rows(qc_tissue, qc_tumour, tissue[y0:y0 + h, x0:x0 + w],
+        tiling.record_qc_rows(qc_tissue, qc_tumour, tissue[y0:y0 + h, x0:x0 + w],
                                tumour[y0:y0 + h, x0:x0 + w], y0, x0, f)
     covered_rows, covered_cols = (70 - P) // S * S + P, (53 - P) // S * S + P  # 68, 50
     np.testing.assert_array_equal(qc_tumour[:23, :17], tumour[:covered_rows:f, :covered_cols:f])

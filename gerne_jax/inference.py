@@ -1,0 +1,183 @@
+"""Batched, mesh-sharded inference of a trained run on a stream of patches (whole-slide prediction).
+
+`load_classifier` restores a run's checkpoint (as `evaluate.py` does) with the normalisation its data
+was trained with (the DATA_DIR's channel mean and std). `PatchClassifier` standardises raw patches on
+the device exactly as the input pipeline does (float32 `(x - mean) / std`) and returns the tumour
+probability of `evaluation.eval_step`, so a patch gets the probability `evaluate.py` gives it.
+
+Host reading and device compute overlap: `ordered_map` runs a pool of reader threads (tifffile and
+imagecodecs release the GIL while they decode) that keeps a bounded number of blocks in flight, and
+`predict_batches` dispatches batch k + 1 to the jitted model before it fetches the result of batch k,
+so the device never waits on one Python thread and the host never holds more than a few blocks.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from gerne_jax import dataset, evaluation, run_log, sharding
+from gerne_jax.errors import InputError
+from gerne_jax.train_state import TrainState
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A run's checkpoint ready for prediction, and the metadata of the data it was trained on."""
+
+    workdir: pathlib.Path
+    checkpoint: str
+    checkpoint_meta: dict[str, Any]
+    config: Any
+    data_dir: pathlib.Path
+    metadata: dict[str, Any]   # dataset.read_metadata of the run's DATA_DIR (code names)
+    state: TrainState
+    mesh: Mesh
+
+
+def load_run(workdir: str | os.PathLike, checkpoint: str = "best_wga",
+             data_dir: str | os.PathLike | None = None) -> RestoredRun:
+    """Restores `checkpoint` of the run in `workdir`; the patch shape and the normalisation come from its
+    DATA_DIR (`data_dir` overrides the run's `data.dir`, e.g. after moving it)."""
+    workdir = pathlib.Path(workdir)
+    config = run_log.read_config(workdir)
+    data_dir = pathlib.Path(data_dir or config.data.dir)
+    metadata = dataset.read_metadata(data_dir)
+    patch_shape = (int(metadata["patch_size"]), int(metadata["patch_size"]), len(metadata["channel_names"]))
+    mesh = sharding.make_mesh(config.mesh.num_devices or None)
+    state, meta = evaluation.restore_checkpoint(workdir, checkpoint, config, patch_shape, mesh, data_dir)
+    return RestoredRun(workdir, checkpoint, meta, config, data_dir, metadata, state, mesh)
+
+
+def _tumour_probability(state: TrainState, images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    # The input pipeline's normalisation (float32 subtract, then divide), then evaluation's softmax.
+    return evaluation.eval_step(state, (images.astype(jnp.float32) - mean) / std)
+
+
+class PatchClassifier:
+    """Class probabilities of raw patches `[n, P, P, C]` (source dtype), in fixed-size sharded batches.
+
+    Args:
+      state: a restored train state (replicated on `mesh`).
+      mesh: the devices; each batch is split over them.
+      channel_mean, channel_std: the training data's normalisation, in source units.
+      batch_size: patches per call, rounded up to a multiple of the mesh size; smaller inputs are
+        zero-padded, so one compiled program serves every call.
+    """
+
+    def __init__(self, state: TrainState, mesh: Mesh, channel_mean: Sequence[float],
+                 channel_std: Sequence[float], batch_size: int):
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+        mean = np.asarray(channel_mean, np.float32).reshape(-1)
+        std = np.asarray(channel_std, np.float32).reshape(-1)
+        if mean.size != std.size or not (np.all(np.isfinite(mean)) and np.all(std > 0)):
+            raise InputError(f"the data's normalisation needs a finite mean and a positive std per channel, "
+                             f"got mean {mean.tolist()}, std {std.tolist()}")
+        devices = mesh.devices.size
+        self.batch_size = -(-batch_size // devices) * devices
+        self.state, self.mesh = state, mesh
+        replicated = sharding.replicated_sharding(mesh)
+        self._mean, self._std = jax.device_put(mean, replicated), jax.device_put(std, replicated)
+        self._predict = jax.jit(_tumour_probability)
+
+    @classmethod
+    def from_run(cls, run: RestoredRun, batch_size: int) -> PatchClassifier:
+        return cls(run.state, run.mesh, run.metadata["channel_mean"], run.metadata["channel_std"], batch_size)
+
+    def dispatch(self, images: np.ndarray) -> jax.Array:
+        """Starts the model on up to `batch_size` patches; returns the (asynchronous) `[batch_size, K]`
+        probabilities, of which the first `len(images)` rows are the patches'."""
+        if len(images) > self.batch_size:
+            raise ValueError(f"{len(images)} patches for a batch of {self.batch_size}")
+        if len(images) < self.batch_size:
+            padded = np.zeros((self.batch_size, *images.shape[1:]), images.dtype)
+            padded[:len(images)] = images
+            images = padded
+        placed = sharding.shard_batch({"image": images}, self.mesh, batch_axis=0)["image"]
+        return self._predict(self.state, placed, self._mean, self._std)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities `[n, K]` float32 of any number of patches (blocking)."""
+        outputs = [np.asarray(self.dispatch(images[i:i + self.batch_size]))[:len(images[i:i + self.batch_size])]
+                   for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, len(dataset.CLASS_NAMES)), np.float32)
+
+
+def predict_batches(classifier: PatchClassifier, batches: Iterable[tuple[np.ndarray, Any]],
+                    depth: int = 2) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yields `(probabilities [n, K], info)` for each `(images [n, P, P, C], info)` of `batches`, in order.
+
+    Up to `depth` batches are on the device at once: the next batch is dispatched before the previous
+    result is fetched, so host reading (in `batches`) and device compute overlap.
+    """
+    pending: collections.deque = collections.deque()
+    for images, info in batches:
+        pending.append((len(images), info, classifier.dispatch(images)))
+        if len(pending) >= depth:
+            count, done_info, output = pending.popleft()
+            yield np.asarray(output)[:count], done_info
+    while pending:
+        count, done_info, output = pending.popleft()
+        yield np.asarray(output)[:count], done_info
+
+
+def ordered_map(function: Callable[[Item], Result], items: Sequence[Item], workers: int,
+                in_flight: int | None = None) -> Iterator[Result]:
+    """`map(function, items)` computed by `workers` threads, yielded in order, with at most `in_flight`
+    (default 2 * workers) results computed ahead of the consumer: a bounded queue of results."""
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    in_flight = max(1, in_flight or 2 * workers)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures: collections.deque = collections.deque()
+        try:
+            for item in items:
+                futures.append(pool.submit(function, item))
+                if len(futures) >= in_flight:
+                    yield futures.popleft().result()
+            while futures:
+                yield futures.popleft().result()
+        finally:
+            for future in futures:  # the consumer stopped early (an error): drop what is queued
+                future.cancel()
+
+
+def rebatch(chunks: Iterable[tuple[np.ndarray, dict[str, np.ndarray]]],
+            batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Regroups `(images [m, ...], fields {name: [m]})` chunks of any size into batches of exactly
+    `batch_size` (the last one smaller), fields kept beside their images."""
+    images_parts: list[np.ndarray] = []
+    field_parts: list[dict[str, np.ndarray]] = []
+    held = 0
+    for images, fields in chunks:
+        start = 0
+        while start < len(images):
+            take = min(batch_size - held, len(images) - start)
+            images_parts.append(images[start:start + take])
+            field_parts.append({name: values[start:start + take] for name, values in fields.items()})
+            held += take
+            start += take
+            if held == batch_size:
+                yield _joined(images_parts, field_parts)
+                images_parts, field_parts, held = [], [], 0
+    if held:
+        yield _joined(images_parts, field_parts)
+
+
+def _joined(images_parts: list[np.ndarray], field_parts: list[dict[str, np.ndarray]]):
+    images = images_parts[0] if len(images_parts) == 1 else np.concatenate(images_parts)
+    fields = {name: np.concatenate([part[name] for part in field_parts]) for name in field_parts[0]}
+    return images, fields
