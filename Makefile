@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# Synthetic slides -> patches -> ERM and GERNE (configs/demo.py) -> test-split report in $(DEMO_DIR).
+# Synthetic slides -> patches -> ERM and GERNE (configs/demo.py) -> test-split report in $(DEMO_DIR),
+# then both runs predict the test slides whole (maps, overlays, regions) for the report's side-by-side overlay.
 DEMO_TAUS := 0.03 0.1 0.2
 demo: $(STAMP)
 	$(BIN)/python -m data_pipeline synthetic --out $(DEMO_DIR)/slides --slides 12 --size 2048 --seed 0
@@ -26,8 +27,12 @@ demo: $(STAMP)
 	for checkpoint in best_wga best_bca; do \
 	  $(BIN)/python evaluate.py --compare $(DEMO_DIR)/erm $(DEMO_DIR)/gerne --checkpoint $$checkpoint \
 	    --split test --tau $(DEMO_TAUS) --out $(DEMO_DIR)/eval || exit 1; done
+	for run in gerne erm; do \
+	  $(BIN)/python predict.py --workdir $(DEMO_DIR)/$$run --data-dir $(DEMO_DIR)/data --split test \
+	    --manifest $(DEMO_DIR)/slides/manifest.csv --out $(DEMO_DIR)/predict/$$run --tau $(DEMO_TAUS) || exit 1; done
 	$(BIN)/python -m experiments.demo_report --eval-dir $(DEMO_DIR)/eval --runs $(DEMO_DIR)/erm $(DEMO_DIR)/gerne \
-	  --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS) --out $(DEMO_DIR)/report.md
+	  --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS) --out $(DEMO_DIR)/report.md \
+	  --predictions $(DEMO_DIR)/predict/erm $(DEMO_DIR)/predict/gerne
 
 # The README's results: data, tuning on validation, 3 seeds, tau sweep, error vs tissue ratio (hours on CPU).
 # Two processes share the runs (experiments.grid locks each run while it trains).

@@ -2,7 +2,7 @@
 
   python predict.py --workdir runs/gerne --manifest slides.csv --out runs/gerne/predict
                     [--checkpoint best_wga|best_bca|latest|STEP] [--stride S] [--batch-size N]
-                    [--workers W] [--threshold T] [--tau 0.03 0.1 0.2] [--skip-errors]
+                    [--workers W] [--threshold T] [--tau 0.03 0.1 0.2] [--split test] [--skip-errors]
 
 The manifest has the tiler's format (`mask` optional: without one a slide is predicted, not scored).
 Slides are read with the run's data settings (its DATA_DIR's tiling settings and normalisation), so the
@@ -18,7 +18,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from gerne_jax import checkpoints, cli, inference, prediction, reports  # noqa: E402
+from gerne_jax import checkpoints, cli, dataset, inference, prediction, reports  # noqa: E402
 from gerne_jax.errors import InputError  # noqa: E402
 
 
@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"{', '.join(checkpoints.BEST_CHECKPOINTS)}, latest, or a step number")
     parser.add_argument("--manifest", required=True, help="slide manifest CSV (the tiler's format, mask optional)")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--split", default=None, choices=dataset.SPLITS,
+                        help="only the manifest's slides of this split of the run's data (its tiling report), "
+                             "e.g. the test slides of the manifest the data was tiled from")
     parser.add_argument("--data-dir", default=None,
                         help="the run's DATA_DIR if it moved (settings and normalisation are read there)")
     parser.add_argument("--stride", type=int, default=None,
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = prediction.PredictionSettings(
         tiling=tiling, threshold=args.threshold, taus_list=taus_list,
         batch_size=args.batch_size or run.config.data.eval_batch_size, workers=args.workers)
-    result = prediction.predict_manifest(run, args.manifest, args.out, settings, skip_errors=args.skip_errors)
+    result = prediction.predict_manifest(run, args.manifest, args.out, settings, split=args.split,
+                                         skip_errors=args.skip_errors)
     for key, report in result["pooled"].items():
         print(f"\n=== pooled over the slides with masks, {key}, checkpoint {args.checkpoint} ===")
         print(reports.group_table(report))

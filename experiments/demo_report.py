@@ -5,12 +5,15 @@
 
 Reads what `evaluate.py --compare ... --out EVAL_DIR` wrote (`<checkpoint>_<split>.json` and its
 PNGs), each run's config and validation metrics (`gerne_jax.run_log`; the curves are plotted here) and
-the data's `patches.csv` (group counts per split). Computes nothing about the models itself: every
-figure in the report is one that evaluate.py or train.py measured.
+the data's `patches.csv` (group counts per split). With `--predictions` (one `predict.py --out` folder
+per run, in the order of `--runs`) it adds the whole-slide section: the runs' overlays of one slide side
+by side and their per-slide summaries. Computes nothing about the models itself: every figure in the
+report is one that evaluate.py, predict.py or train.py measured.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import pathlib
@@ -23,6 +26,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 
 from data_pipeline import stats  # noqa: E402
 from experiments.tables import markdown_table  # noqa: E402
@@ -47,8 +51,60 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="test")
     parser.add_argument("--tau", type=float, nargs="+", default=None,
                         help="thresholds of the group-count tables (default: the runs' training taus)")
+    parser.add_argument("--predictions", nargs="+", default=None,
+                        help="`predict.py --out` folders, one per run in the order of --runs")
     parser.add_argument("--out", required=True, help="the Markdown file to write")
     return parser.parse_args(argv)
+
+
+def prediction_section(runs: Sequence[pathlib.Path], folders: Sequence[pathlib.Path], out: pathlib.Path) -> list[str]:
+    """The runs' overlays of the first slide they all predicted, side by side in one PNG, and per run
+    its slides.csv as a table with a link to its index.md."""
+    if len(folders) != len(runs):
+        raise ValueError(f"--predictions has {len(folders)} folder(s) for {len(runs)} run(s); give one per run")
+    tables = {}
+    for run, folder in zip(runs, folders):
+        path = folder / "slides.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; run `predict.py --out {folder}` first")
+        with open(path, newline="") as handle:
+            tables[run.name] = list(csv.DictReader(handle))
+    common = [row["slide_id"] for row in next(iter(tables.values())) if all(
+        any(other["slide_id"] == row["slide_id"] and other.get("patches") for other in rows)
+        for rows in tables.values())]
+    lines = ["## Whole-slide prediction", "",
+             "`predict.py` runs each model over the test slides whole (the tiler's patch grid and tissue "
+             "detection, the training normalisation): probability maps, overlays, QuPath regions.", ""]
+    if common:
+        slide_id = common[0]
+        figure, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 7.4))
+        for axis, run, folder in zip(np.atleast_1d(axes), runs, folders):
+            axis.imshow(plt.imread(folder / "slides" / slide_id / "overlay.png"))
+            axis.set_title(run.name, fontsize=14)
+            axis.set_axis_off()
+        figure.tight_layout()
+        side_by_side = out.parent / f"overlays_{slide_id}.png"
+        files.save_figure(figure, side_by_side)
+        lines += [f"Slide `{slide_id}`, " + " vs ".join(run.name for run in runs)
+                  + " (heatmap: tumour probability; green: true tumour outline; white: tissue):", "",
+                  f"![{slide_id} side by side]({os.path.relpath(side_by_side, out.parent)})", ""]
+    columns = ("slide_id", "patches", "tumour_patch_share", "mean_probability", "max_probability",
+               "tumour_regions")
+    for run, folder in zip(runs, folders):
+        rows = [{name: _number(row.get(name, "")) for name in columns if name in row} for row in tables[run.name]]
+        lines += [f"**{run.name}** ([all overlays]({os.path.relpath(folder / 'index.md', out.parent)}))", "",
+                  markdown_table(rows), ""]
+    return lines
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
 
 
 def plot_validation_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: pathlib.Path) -> None:
@@ -143,6 +199,9 @@ def write_report(args: argparse.Namespace) -> pathlib.Path:
         stem = f"{checkpoint}_{args.split}"
         lines += [f"![error rate against tissue ratio, `{checkpoint}`]"
                   f"({relative_eval}/{stem}_error_vs_tissue_ratio.png)", ""]
+
+    if args.predictions:
+        lines += prediction_section(runs, [pathlib.Path(folder) for folder in args.predictions], out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     files.write_text_atomic(out, "\n".join(lines))

@@ -243,16 +243,31 @@ def load_finished(spec: SlideSpec, run: inference.RestoredRun, settings: Predict
     return summary if summary.get("fingerprint") == _run_fingerprint(spec, run, settings) else None
 
 
+def slides_of_split(specs: Sequence[SlideSpec], data_dir: str | os.PathLike, split: str) -> list[SlideSpec]:
+    """The slides that went into `split` of the DATA_DIR (its tiling report), else the manifest's `split`."""
+    report = pathlib.Path(data_dir) / TILING_REPORT
+    tiled = json.loads(report.read_text())["slides"] if report.is_file() else {}
+    chosen = [spec for spec in specs
+              if (tiled.get(spec.slide_id, {}).get("split") or spec.split) == split]
+    if not chosen:
+        raise InputError(f"no slide of the manifest is in the {split!r} split of {data_dir} (by its "
+                         f"{TILING_REPORT} or the manifest's split column)")
+    return chosen
+
+
 def predict_manifest(run: inference.RestoredRun, manifest: str | os.PathLike, out: str | os.PathLike,
-                     settings: PredictionSettings, *, skip_errors: bool = False,
+                     settings: PredictionSettings, *, split: str | None = None, skip_errors: bool = False,
                      show_progress: bool = True) -> dict[str, Any]:
-    """Predicts every slide of `manifest` into `out` (module docstring); returns the run's summary.
+    """Predicts every slide of `manifest` (or those of `split`, `slides_of_split`) into `out` (module
+    docstring); returns the run's summary.
 
     A broken slide raises its SlideError, unless `skip_errors`: then the others finish and the failures
     are listed in `slides.csv` and the returned dict. One prediction per `out` at a time (`out/.lock`).
     """
     out = pathlib.Path(out)
     specs = read_manifest(manifest, require_mask=False)
+    if split is not None:
+        specs = slides_of_split(specs, run.data_dir, split)
     classifier = inference.PatchClassifier.from_run(run, settings.batch_size)
     with files.exclusive_lock(out, "prediction"):
         summaries: dict[str, dict[str, Any]] = {}

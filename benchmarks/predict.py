@@ -1,0 +1,171 @@
+"""Whole-slide prediction throughput beside the jitted model alone, and the predictor's peak memory.
+
+Uses `benchmarks/tiling.py`'s slide writer (tiled uint8 RGB TIFF with JPEG tiles and a SubIFD pyramid,
+tiled tumour mask), kept in --work-dir for reruns. Set-up: a small slide of that kind is tiled into a
+DATA_DIR and a run of `--model` (default the tiny ResNet) is trained on it for two steps (the weights do
+not matter for speed). Then, in one run:
+
+  model     the jitted, sharded classifier (`inference.PatchClassifier`) alone on in-memory uint8
+            patches, as many as the slide has, in batches of --batch-size
+  predict   `gerne_jax.prediction.predict_manifest` on the large slide, in this process after a
+            warm-up slide (compilation excluded): reading, tissue detection, batching, the model,
+            the map, overlay, regions and tables
+  memory    `predict.py` on the large slide in a fresh subprocess: its peak RSS (getrusage of the
+            children) and wall time including start-up
+
+Target on CPU with the tiny model: predict >= 0.8 x model patches/s, and peak RSS < 2 GB on a
+30,000 x 30,000 slide. On an accelerator, `--model resnet50`.
+
+    .venv/bin/python benchmarks/predict.py                      # 30000 x 30000 (minutes)
+    .venv/bin/python benchmarks/predict.py --size 8192          # quick
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_pipeline.tile_manifest import tile_manifest  # noqa: E402
+from data_pipeline.tiling import TilingConfig  # noqa: E402
+from gerne_jax import inference, prediction, trainer  # noqa: E402
+
+RSS_LIMIT_MB = 2000
+TARGET_RATIO = 0.8
+
+
+def tiling_benchmark():
+    """benchmarks/tiling.py as a module (its slide writer), without making benchmarks/ a package."""
+    spec = importlib.util.spec_from_file_location("tiling_benchmark", REPO / "benchmarks" / "tiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def slide(work_dir: pathlib.Path, size: int, tile: int) -> pathlib.Path:
+    """The manifest of a cached benchmark slide of side `size` (written once)."""
+    folder = work_dir / f"slide_{size}_{tile}_jpeg"
+    manifest = folder / "manifest.csv"
+    if not manifest.exists():
+        start = time.perf_counter()
+        tiling_benchmark().write_slide(folder, size, tile, "jpeg")
+        print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
+    return manifest
+
+
+def train_run(work_dir: pathlib.Path, manifest: pathlib.Path, patch_size: int, model: str) -> pathlib.Path:
+    """A DATA_DIR tiled from `manifest` and a two-step run of `model` on it (reused when present)."""
+    from configs import tiny
+
+    data_dir, workdir = work_dir / f"data_{patch_size}", work_dir / f"run_{model}_{patch_size}"
+    if not (data_dir / "dataset_info.json").exists():
+        tile_manifest(manifest, data_dir, TilingConfig(patch_size=patch_size, stride=patch_size), show_progress=False)
+    if not (workdir / "checkpoints" / "latest").is_dir():
+        shutil.rmtree(workdir, ignore_errors=True)
+        config = tiny.get_config("erm")
+        config.model.name = model
+        config.data.dir = str(data_dir)
+        config.method.empty_group = "drop"
+        config.training.steps = 2
+        trainer.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def model_alone(classifier: inference.PatchClassifier, count: int, patch_shape: tuple[int, ...]) -> float:
+    """Seconds for the classifier on `count` in-memory uint8 patches (fetched like the predictor does)."""
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (classifier.batch_size, *patch_shape), dtype=np.uint8)
+    np.asarray(classifier.dispatch(batch))  # compiled before the clock starts
+    start = time.perf_counter()
+    batches = ((batch[:min(classifier.batch_size, count - i)], None) for i in range(0, count, classifier.batch_size))
+    for probabilities, _ in inference.predict_batches(classifier, batches):
+        probabilities.sum()
+    return time.perf_counter() - start
+
+
+def predict_subprocess(workdir: pathlib.Path, manifest: pathlib.Path, out: pathlib.Path, batch_size: int,
+                       workers: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "predict.py", "--workdir", str(workdir), "--checkpoint", "latest",
+               "--manifest", str(manifest), "--out", str(out), "--batch-size", str(batch_size),
+               "--workers", str(workers)]
+    start = time.perf_counter()
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                               env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3"))
+    if completed.returncode != 0:
+        sys.exit(f"predict.py failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=30000, help="side of the large slide in pixels")
+    parser.add_argument("--train-size", type=int, default=2048, help="side of the slide the run trains on")
+    parser.add_argument("--tile", type=int, default=512, help="TIFF tile side")
+    parser.add_argument("--patch-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2, help="reader threads")
+    parser.add_argument("--model", default="tiny", help="model.name of the run (tiny on CPU, resnet50 on a GPU)")
+    parser.add_argument("--work-dir", type=pathlib.Path,
+                        default=pathlib.Path(tempfile.gettempdir()) / "gerne_predict_bench")
+    args = parser.parse_args()
+
+    small = slide(args.work_dir, args.train_size, args.tile)
+    large = slide(args.work_dir, args.size, args.tile)
+    workdir = train_run(args.work_dir, small, args.patch_size, args.model)
+    run = inference.load_run(workdir, "latest")
+    tiling = prediction.data_tiling_config(run.data_dir, run.metadata)
+    settings = prediction.PredictionSettings(tiling=tiling, batch_size=args.batch_size, workers=args.workers,
+                                             taus_list=(tuple(run.config.data.taus),))
+
+    prediction.predict_manifest(run, small, args.work_dir / "warm_up", settings, show_progress=False)
+    out = args.work_dir / "predict_in_process"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    result = prediction.predict_manifest(run, large, out, settings, show_progress=False)
+    predict_seconds = time.perf_counter() - start
+    patches = int(result["slides"][0]["patches"])
+    classifier = inference.PatchClassifier.from_run(run, args.batch_size)
+    patch_shape = (args.patch_size, args.patch_size, len(run.metadata["channel_names"]))
+    model_seconds = model_alone(classifier, patches, patch_shape)
+
+    subprocess_seconds = predict_subprocess(workdir, large, args.work_dir / "predict_subprocess",
+                                            args.batch_size, args.workers)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    with open(args.work_dir / "predict_subprocess" / "slides.csv", newline="") as handle:
+        assert int(next(csv.DictReader(handle))["patches"]) == patches
+
+    ratio = model_seconds / predict_seconds
+    rows = [
+        ("slide", f"{args.size} x {args.size} x 3 uint8, {args.tile} JPEG tiles, patch {args.patch_size}, "
+                  f"{patches} patches with tissue"),
+        ("run", f"model {args.model}, batch {classifier.batch_size}, {args.workers} reader threads, "
+                f"devices: {run.mesh.devices.size} x {run.mesh.devices.flat[0].platform}"),
+        ("model alone (in-memory patches)", f"{model_seconds:8.1f} s  {patches / model_seconds:10.1f} patches/s"),
+        ("predict (whole slide, in process)", f"{predict_seconds:8.1f} s  {patches / predict_seconds:10.1f} patches/s"),
+        ("predict / model throughput", f"{ratio:8.2f}  (target >= {TARGET_RATIO}: "
+                                       f"{'ok' if ratio >= TARGET_RATIO else 'MISSED'})"),
+        ("predict.py subprocess (incl. start-up)", f"{subprocess_seconds:8.1f} s"),
+        ("peak RSS of predict.py", f"{peak_mb:8.0f} MB  (limit {RSS_LIMIT_MB} MB: "
+                                   f"{'ok' if peak_mb < RSS_LIMIT_MB else 'EXCEEDED'})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0 if peak_mb < RSS_LIMIT_MB and ratio >= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
