@@ -77,9 +77,11 @@ def prediction_section(runs: Sequence[pathlib.Path], folders: Sequence[pathlib.P
              "detection, the training normalisation): probability maps, overlays, QuPath regions.", ""]
     if common:
         slide_id = common[0]
-        figure, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 7.4))
-        for axis, run, folder in zip(np.atleast_1d(axes), runs, folders):
-            axis.imshow(plt.imread(folder / "slides" / slide_id / "overlay.png"))
+        images = [plt.imread(folder / "slides" / slide_id / "overlay.png") for folder in folders]
+        height, width = images[0].shape[:2]
+        figure, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 7 * height / width + 0.4))
+        for axis, run, image in zip(np.atleast_1d(axes), runs, images):
+            axis.imshow(image)
             axis.set_title(run.name, fontsize=14)
             axis.set_axis_off()
         figure.tight_layout()

@@ -174,7 +174,17 @@ def settings_for(run: inference.RestoredRun, **overrides) -> prediction.Predicti
 
 
 @pytest.mark.slow
-def test_predicting_the_test_slides_matches_evaluate_on_the_test_split(slide_run, tmp_path):
+def test_whole_slide_prediction(slide_run, tmp_path):
+    """One test over the trained run (its fixture costs a tiling and a training; under xdist every
+    worker running a test of this module would pay it again)."""
+    matches_evaluate_on_the_test_split(slide_run, tmp_path / "match")
+    bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tmp_path / "bad")
+    missing_checkpoint_lists_those_the_run_has(slide_run)
+    settings_come_from_the_data_and_bad_options_are_named(slide_run)
+
+
+def matches_evaluate_on_the_test_split(slide_run, tmp_path):
+    tmp_path.mkdir()
     run = slide_run["restored"]
     manifest = write_manifest(tmp_path / "test.csv", slide_run["test_rows"])
     out = tmp_path / "out"
@@ -246,8 +256,8 @@ def test_predicting_the_test_slides_matches_evaluate_on_the_test_split(slide_run
         assert fine_probability[int(x), int(y)] == pytest.approx(p, abs=1e-5)
 
 
-@pytest.mark.slow
-def test_bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tmp_path):
+def bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tmp_path):
+    tmp_path.mkdir()
     run = slide_run["restored"]
     good = slide_run["test_rows"][0]
     image = tifffile.imread(good["image"])                        # (H, W, 3) uint16
@@ -286,14 +296,14 @@ def test_bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_ru
             "resumed", "failed", "failed", "predicted", "failed", "predicted"]  # no_mask: first call
 
 
-def test_missing_checkpoint_lists_those_the_run_has(slide_run):
+def missing_checkpoint_lists_those_the_run_has(slide_run):
     with pytest.raises(checkpoints.CheckpointError, match=r"no checkpoint of step 3 .*the run has: .*latest \(steps"):
         inference.load_run(slide_run["run"], "3")
     with pytest.raises(checkpoints.CheckpointError, match="unknown checkpoint 'best_nothing'"):
         inference.load_run(slide_run["run"], "best_nothing")
 
 
-def test_settings_come_from_the_data_and_bad_options_are_named(slide_run):
+def settings_come_from_the_data_and_bad_options_are_named(slide_run):
     run = slide_run["restored"]
     tiling = prediction.data_tiling_config(run.data_dir, run.metadata)
     assert (tiling.patch_size, tiling.stride, tiling.min_tissue_ratio) == (PATCH, PATCH, 0.0)
