@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline.tile_manifest import tile_manifest  # noqa: E402
 from data_pipeline.tiling import TilingConfig  # noqa: E402
-from gerne_jax import inference, prediction, trainer  # noqa: E402
+from gerne_jax import cli, inference, prediction, trainer  # noqa: E402
 
 RSS_LIMIT_MB = 2000
 TARGET_RATIO = 0.8
@@ -71,7 +71,17 @@ def train_run(work_dir: pathlib.Path, manifest: pathlib.Path, patch_size: int, m
 
     data_dir, workdir = work_dir / f"data_{patch_size}", work_dir / f"run_{model}_{patch_size}"
     if not (data_dir / "dataset_info.json").exists():
-        tile_manifest(manifest, data_dir, TilingConfig(patch_size=patch_size, stride=patch_size), show_progress=False)
+        # The slide twice, as a training and a validation slide: training needs both splits.
+        with open(manifest, newline="") as handle:
+            (row,) = list(csv.DictReader(handle))
+        folder = manifest.parent
+        both = work_dir / "train_manifest.csv"
+        with open(both, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["slide_id", "image", "mask", "split"])
+            for split in ("train", "validation"):
+                writer.writerow([split, folder / row["image"], folder / row["mask"], split])
+        tile_manifest(both, data_dir, TilingConfig(patch_size=patch_size, stride=patch_size), show_progress=False)
     if not (workdir / "checkpoints" / "latest").is_dir():
         shutil.rmtree(workdir, ignore_errors=True)
         config = tiny.get_config("erm")
@@ -121,6 +131,7 @@ def main() -> int:
     parser.add_argument("--work-dir", type=pathlib.Path,
                         default=pathlib.Path(tempfile.gettempdir()) / "gerne_predict_bench")
     args = parser.parse_args()
+    cli.setup_logging()
 
     small = slide(args.work_dir, args.train_size, args.tile)
     large = slide(args.work_dir, args.size, args.tile)
@@ -130,6 +141,7 @@ def main() -> int:
     settings = prediction.PredictionSettings(tiling=tiling, batch_size=args.batch_size, workers=args.workers,
                                              taus_list=(tuple(run.config.data.taus),))
 
+    shutil.rmtree(args.work_dir / "warm_up", ignore_errors=True)  # a finished warm-up would be skipped
     prediction.predict_manifest(run, small, args.work_dir / "warm_up", settings, show_progress=False)
     out = args.work_dir / "predict_in_process"
     shutil.rmtree(out, ignore_errors=True)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import qc, shards
+from data_pipeline import qc
 from data_pipeline.grid import lowres_window, scan_plan, tissue_factor_for, window_counts
 from data_pipeline.manifest import SlideError, SlideSpec
 from data_pipeline.slides import SlideReader
@@ -93,7 +93,16 @@ class SlideFormat:
     level_downsample: int
 
 
+def _shards():
+    """The shard writer, imported on first use: it loads TensorFlow (Datasets), which whole-slide
+    prediction (scanning slides through `SlideScan`, writing no shards) does without."""
+    from data_pipeline import shards
+
+    return shards
+
+
 def slide_paths(data_dir: pathlib.Path, slide_id: str) -> dict[str, pathlib.Path]:
+    shards = _shards()
     work = data_dir / WORK_DIR
     return {"records": work / f"{slide_id}.{shards.SHARD_SUFFIX}", "sidecar": work / f"{slide_id}.json",
             "qc": data_dir / QC_DIR / f"{slide_id}.png"}
@@ -223,7 +232,7 @@ def tile_slide(
     paths = slide_paths(data_dir, spec.slide_id)
     for stale in paths["records"].parent.glob(f"{paths['records'].name}.tmp-*"):
         stale.unlink()  # left by a killed run
-    P = config.patch_size
+    P, shards = config.patch_size, _shards()
     with SlideReader(spec, level=config.level, downsample=config.downsample,
                      tumour_ids=config.tumour_ids) as reader:
         reader.validate()

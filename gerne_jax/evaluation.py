@@ -19,7 +19,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gerne_jax import checkpoints, dataset, experiment, files, input_pipeline, metrics, reports, run_log, sharding
+from gerne_jax import checkpoints, dataset, experiment, files, metrics, reports, run_log, sharding
 from gerne_jax.train_state import TrainState
 
 Report = dict[str, Any]
@@ -87,6 +87,8 @@ class Evaluator:
 
     def predict(self, state: TrainState) -> np.ndarray:
         """Class probabilities `[M, K]` of every example, in index order."""
+        from gerne_jax import input_pipeline  # TensorFlow: loaded only to read a split (not by predict.py)
+
         batches = input_pipeline.eval_dataset(self.split["image"], batch_size=self.batch_size,
                                               channel_mean=self.channel_mean, channel_std=self.channel_std)
         num_examples = len(self.split["label"])
@@ -154,6 +156,8 @@ def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split
     data_dir = data_dir or config.data.dir
     split_cache = {} if split_cache is None else split_cache
     if (data_dir, split_name) not in split_cache:
+        from gerne_jax import input_pipeline
+
         split_cache[data_dir, split_name] = (dataset.read_metadata(data_dir), input_pipeline.load_split(
             data_dir, split_name, in_memory=config.data.in_memory))
     metadata, split = split_cache[data_dir, split_name]
