@@ -11,6 +11,8 @@ import csv
 import json
 import math
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -25,6 +27,7 @@ from data_pipeline.tiling import TilingConfig
 from gerne_jax import checkpoints, evaluation, inference, prediction, slide_outputs, trainer
 from gerne_jax.errors import InputError
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 PATCH = 32
 TAU = 0.1
 
@@ -316,12 +319,18 @@ def settings_come_from_the_data_and_bad_options_are_named(slide_run):
 
 def test_predict_imports_no_tensorflow():
     """predict.py scans slides and runs the model without TensorFlow (about 0.5 GB less resident memory)."""
-    import subprocess
-    import sys
-
     code = ("import sys, predict; "
             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')); "
             "assert not loaded, loaded[:5]")
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               cwd=pathlib.Path(__file__).resolve().parents[1])
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_command_line_answers_a_missing_run_with_one_line(tmp_path):
+    completed = subprocess.run([sys.executable, "predict.py", "--workdir", str(tmp_path / "no_run"), "--manifest",
+                                str(tmp_path / "slides.csv"), "--out", str(tmp_path / "out")],
+                               cwd=REPO, capture_output=True, text=True)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
+    (line,) = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
+    assert "config.json" in line and "no_run" in line
