@@ -144,6 +144,8 @@ def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: infer
     P, folder = config.patch_size, slide_dir(out, spec.slide_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SUMMARY_FILE).unlink(missing_ok=True)  # a rerun of a changed slide: not finished until the end
+    for stale in folder.glob("*.tmp-*"):
+        stale.unlink()  # left by a killed run
     has_mask = spec.mask_file is not None
     with SlideReader(spec, level=config.level, downsample=config.downsample,
                      tumour_ids=config.tumour_ids) as reader:
