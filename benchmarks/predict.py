@@ -10,6 +10,8 @@ not matter for speed). Then, in one run:
   predict   `gerne_jax.prediction.predict_manifest` on the large slide, in this process after a
             warm-up slide (compilation excluded): reading, tissue detection, batching, the model,
             the map, overlay, regions and tables
+  (both also as CPU seconds of the process: on a machine shared with other jobs their ratio is the
+  steadier figure)
   memory    `predict.py` on the large slide in a fresh subprocess: its peak RSS (getrusage of the
             children) and wall time including start-up
 
@@ -93,16 +95,26 @@ def train_run(work_dir: pathlib.Path, manifest: pathlib.Path, patch_size: int, m
     return workdir
 
 
-def model_alone(classifier: inference.PatchClassifier, count: int, patch_shape: tuple[int, ...]) -> float:
-    """Seconds for the classifier on `count` in-memory uint8 patches (fetched like the predictor does)."""
+def timed(function) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of `function()`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    function()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def model_alone(classifier: inference.PatchClassifier, count: int, patch_shape: tuple[int, ...]) -> tuple[float, float]:
+    """(wall, CPU) seconds of the classifier on `count` in-memory uint8 patches, fetched as the predictor does."""
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (classifier.batch_size, *patch_shape), dtype=np.uint8)
     np.asarray(classifier.dispatch(batch))  # compiled before the clock starts
-    start = time.perf_counter()
-    batches = ((batch[:min(classifier.batch_size, count - i)], None) for i in range(0, count, classifier.batch_size))
-    for probabilities, _ in inference.predict_batches(classifier, batches):
-        probabilities.sum()
-    return time.perf_counter() - start
+
+    def run():
+        batches = ((batch[:min(classifier.batch_size, count - i)], None)
+                   for i in range(0, count, classifier.batch_size))
+        for probabilities, _ in inference.predict_batches(classifier, batches):
+            probabilities.sum()
+
+    return timed(run)
 
 
 def predict_subprocess(workdir: pathlib.Path, manifest: pathlib.Path, out: pathlib.Path, batch_size: int,
@@ -145,13 +157,13 @@ def main() -> int:
     prediction.predict_manifest(run, small, args.work_dir / "warm_up", settings, show_progress=False)
     out = args.work_dir / "predict_in_process"
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    result = prediction.predict_manifest(run, large, out, settings, show_progress=False)
-    predict_seconds = time.perf_counter() - start
-    patches = int(result["slides"][0]["patches"])
+    results = []
+    predict_seconds, predict_cpu = timed(lambda: results.append(
+        prediction.predict_manifest(run, large, out, settings, show_progress=False)))
+    patches = int(results[0]["slides"][0]["patches"])
     classifier = inference.PatchClassifier.from_run(run, args.batch_size)
     patch_shape = (args.patch_size, args.patch_size, len(run.metadata["channel_names"]))
-    model_seconds = model_alone(classifier, patches, patch_shape)
+    model_seconds, model_cpu = model_alone(classifier, patches, patch_shape)
 
     subprocess_seconds = predict_subprocess(workdir, large, args.work_dir / "predict_subprocess",
                                             args.batch_size, args.workers)
@@ -165,10 +177,14 @@ def main() -> int:
                   f"{patches} patches with tissue"),
         ("run", f"model {args.model}, batch {classifier.batch_size}, {args.workers} reader threads, "
                 f"devices: {run.mesh.devices.size} x {run.mesh.devices.flat[0].platform}"),
-        ("model alone (in-memory patches)", f"{model_seconds:8.1f} s  {patches / model_seconds:10.1f} patches/s"),
-        ("predict (whole slide, in process)", f"{predict_seconds:8.1f} s  {patches / predict_seconds:10.1f} patches/s"),
+        ("model alone (in-memory patches)", f"{model_seconds:8.1f} s  {patches / model_seconds:10.1f} patches/s"
+                                            f"  ({model_cpu:.1f} CPU s)"),
+        ("predict (whole slide, in process)", f"{predict_seconds:8.1f} s  {patches / predict_seconds:10.1f} patches/s"
+                                              f"  ({predict_cpu:.1f} CPU s)"),
         ("predict / model throughput", f"{ratio:8.2f}  (target >= {TARGET_RATIO}: "
                                        f"{'ok' if ratio >= TARGET_RATIO else 'MISSED'})"),
+        ("predict / model, per CPU second", f"{model_cpu / predict_cpu:8.2f}  (the work ratio; steadier than "
+                                            "wall time on a shared machine)"),
         ("predict.py subprocess (incl. start-up)", f"{subprocess_seconds:8.1f} s"),
         ("peak RSS of predict.py", f"{peak_mb:8.0f} MB  (limit {RSS_LIMIT_MB} MB: "
                                    f"{'ok' if peak_mb < RSS_LIMIT_MB else 'EXCEEDED'})"),
