@@ -317,6 +317,7 @@ def settings_come_from_the_data_and_bad_options_are_named(slide_run):
         prediction.PredictionSettings(tiling=tiling, threshold=1.5)
 
 
+@pytest.mark.slow
 def test_predict_imports_no_tensorflow():
     """predict.py scans slides and runs the model without TensorFlow (about 0.5 GB less resident memory)."""
     code = ("import sys, predict; "
@@ -326,6 +327,7 @@ def test_predict_imports_no_tensorflow():
     assert completed.returncode == 0, completed.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_command_line_answers_a_missing_run_with_one_line(tmp_path):
     completed = subprocess.run([sys.executable, "predict.py", "--workdir", str(tmp_path / "no_run"), "--manifest",
                                 str(tmp_path / "slides.csv"), "--out", str(tmp_path / "out")],
