@@ -15,7 +15,7 @@ them is byte-identical to the local runner's.
 Storage: the workers write DATA_DIR themselves, with the same local-file code as the local pool
 (tifffile reads, array_record writes, renames), so the workers and the launching process must see
 the manifest's files and DATA_DIR at the same paths: one machine (the DirectRunner), or a cluster
-sharing a POSIX file system (NFS, a bucket mounted with gcsfuse or mountpoint-s3). URLs such as
+sharing a POSIX file system (NFS, or a bucket mounted with gcsfuse). URLs such as
 gs://... are not supported as DATA_DIR or in the manifest.
 
 Failures: `tile_job` turns a slide's error into a result, so a broken slide never fails its bundle
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import pathlib
@@ -65,12 +66,14 @@ def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
     options = PipelineOptions(["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
                                "--default_sdk_harness_log_level=WARNING",
                                *flags])
+    usage = io.StringIO()
     try:
-        known = options.get_all_options()
-        unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(known))
-    except SystemExit as exit_:  # argparse rejected a value (it printed which one above)
-        raise InputError(f"--beam-option: Beam rejected a value among {list(flags)} (see the message "
-                         "above)") from exit_
+        with contextlib.redirect_stderr(usage):  # argparse prints its whole usage before the error
+            known = options.get_all_options()
+            unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(known))
+    except SystemExit as exit_:  # argparse rejected a value; its last line says which
+        problem = usage.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise InputError(f"--beam-option: {problem} (in {list(flags)})") from exit_
     if unknown:
         raise InputError(f"--beam-option: unknown Beam pipeline option(s) {['--' + name for name in unknown]} "
                          f"in {list(flags)}")

@@ -137,6 +137,8 @@ def test_pipeline_options_pass_through_with_local_defaults():
      r"unknown Beam pipeline option\(s\) \['--direct_num_wrokers'\]"),
     (["--runner", "beam", "--beam-option=runner=DataflowRunner"],
      "--beam-option 'runner=DataflowRunner': a Beam pipeline option is written"),
+    (["--runner", "beam", "--beam-option=--direct_num_workers=two"],
+     "--beam-option: argument --direct_num_workers: invalid int value: 'two'"),
     (["--beam-option=--runner=DataflowRunner"], r"--beam-option \['--runner=DataflowRunner'\] needs --runner beam"),
 ])
 def test_bad_beam_options_are_named_before_anything_is_written(slides, tmp_path, options, message):
