@@ -52,6 +52,7 @@ RESULTS_DIR = "beam"      # under DATA_DIR/.work: the pipeline's result lines, r
 RESULTS_PREFIX = "results"
 PROGRESS_INTERVAL_S = 1.0
 README_SECTION = "README, 'Tiling on Apache Beam'"
+LOCAL_LOG_LEVEL = ("--default_sdk_harness_log_level=ERROR",)
 
 
 def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
@@ -62,10 +63,10 @@ def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
         if not flag.startswith("--") or flag == "--":
             raise InputError(f"--beam-option {flag!r}: a Beam pipeline option is written --NAME=VALUE or "
                              "--NAME, and passed as --beam-option=--NAME=VALUE")
-    # The user's flags come last, so that theirs win over these defaults.
+    # The user's flags come last, so that theirs win over these defaults. Local workers log errors
+    # only: their start-up warnings would interleave with the progress bar on every run.
     options = PipelineOptions(["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
-                               "--default_sdk_harness_log_level=WARNING",
-                               *flags])
+                               *(LOCAL_LOG_LEVEL if _runner_flag(flags) is None else ()), *flags])
     usage = io.StringIO()
     try:
         with contextlib.redirect_stderr(usage):  # argparse prints its whole usage before the error
@@ -78,6 +79,12 @@ def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
         raise InputError(f"--beam-option: unknown Beam pipeline option(s) {['--' + name for name in unknown]} "
                          f"in {list(flags)}")
     return options
+
+
+def _runner_flag(flags: Sequence[str]) -> str | None:
+    """The runner the flags name (the last `--runner=X`), None for Beam's default DirectRunner."""
+    runner = next((flag.split("=", 1)[1] for flag in reversed(flags) if flag.startswith("--runner=")), None)
+    return None if runner in (None, "DirectRunner") else runner
 
 
 def slide_runner(flags: Sequence[str], workers: int, show_progress: bool) -> tile_manifest.SlideRunner:

@@ -130,6 +130,10 @@ def test_pipeline_options_pass_through_with_local_defaults():
     assert (chosen.view_as(DirectOptions).direct_running_mode, chosen.view_as(DirectOptions).direct_num_workers) == (
         "in_memory", 2)
     assert chosen.get_all_options()["runner"] is None  # the DirectRunner, Beam's default
+    assert chosen.get_all_options()["default_sdk_harness_log_level"] == "ERROR"  # quiet local workers
+    flink = beam_runner.pipeline_options(["--runner=FlinkRunner", "--flink_master=host:8081", "--parallelism=8"], 3)
+    assert {k: v for k, v in flink.get_all_options(drop_default=True).items() if not k.startswith("direct_")} == {
+        "runner": "FlinkRunner", "flink_master": "host:8081", "parallelism": 8}
 
 
 @pytest.mark.parametrize("options, message", [
