@@ -32,6 +32,7 @@ import queue
 import re
 import sys
 import traceback
+import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -190,7 +191,7 @@ def tile_manifest(
         return _tile_locked(specs, split_of, data_dir, config, run_slides, skip_errors)
 
 
-def _beam_runner():
+def _beam_runner() -> types.ModuleType:
     """`data_pipeline.beam_runner`, imported only for `--runner beam`: apache-beam is an optional extra."""
     try:
         from data_pipeline import beam_runner
