@@ -10,8 +10,8 @@ Python, TensorFlow and Beam's worker processes):
 
 The configurations alternate over --repeats rounds and each reports its median. Every DATA_DIR must
 equal the first one file by file (the .lock, which holds the writer's pid, excepted), else the script
-exits 1. Speed-up = beam 1 worker / beam 2 workers; it cannot exceed the number of idle cores (check
-the load average printed first).
+exits 1. Speed-up = wall time of beam 1 worker / beam 2 workers; it cannot exceed the number of idle
+cores (the load average is printed with each run). CPU seconds count the whole process tree.
 
     .venv/bin/python benchmarks/beam_tiling.py                     # 12 slides of 2048 px, a few minutes
     .venv/bin/python benchmarks/beam_tiling.py --size 512 --local  # quick, with the local pool too
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,15 +33,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN_SPECIFIC = {".lock"}
 
 
-def run(command: list[str]) -> float:
-    """Wall seconds of `python -m data_pipeline COMMAND` in a fresh subprocess; exits on failure."""
-    start = time.perf_counter()
+def cpu_seconds_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped descendants: Beam's workers too
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(command: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of `python -m data_pipeline COMMAND` in a fresh subprocess; exits on failure."""
+    start, cpu = time.perf_counter(), cpu_seconds_of_children()
     completed = subprocess.run([sys.executable, "-m", "data_pipeline", *command], cwd=REPO,
                                capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
         sys.exit(f"{' '.join(command[:1])} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
-    return seconds
+    return seconds, cpu_seconds_of_children() - cpu
 
 
 def folder_bytes(folder: pathlib.Path) -> dict[str, bytes]:
@@ -63,7 +69,7 @@ def main() -> int:
     slides = args.work_dir / f"slides_{args.slides}_{args.size}"
     manifest = slides / "manifest.csv"
     if not manifest.exists():
-        seconds = run(["synthetic", "--out", str(slides), "--slides", str(args.slides), "--size", str(args.size),
+        seconds, _ = run(["synthetic", "--out", str(slides), "--slides", str(args.slides), "--size", str(args.size),
                        "--seed", "0"])
         print(f"wrote {args.slides} slides of {args.size} px to {slides} in {seconds:.0f} s")
 
@@ -77,14 +83,18 @@ def main() -> int:
           f"{args.slides} slides of {args.size} px, patch {args.patch_size}, {args.repeats} round(s)")
 
     times: dict[str, list[float]] = {name: [] for name in configurations}
+    cpu: dict[str, list[float]] = {name: [] for name in configurations}
     reference, mismatches = None, []
     for round_ in range(args.repeats):
         for name, options in configurations.items():
             out = args.work_dir / "data"
             shutil.rmtree(out, ignore_errors=True)
-            times[name].append(run(["tile", "--manifest", str(manifest), "--out", str(out),
-                                    "--patch-size", str(args.patch_size), *options]))
-            print(f"  round {round_ + 1}, {name}: {times[name][-1]:.1f} s", flush=True)
+            wall, cpu_seconds = run(["tile", "--manifest", str(manifest), "--out", str(out),
+                                     "--patch-size", str(args.patch_size), *options])
+            times[name].append(wall)
+            cpu[name].append(cpu_seconds)
+            print(f"  round {round_ + 1}, {name}: {wall:.1f} s wall, {cpu_seconds:.1f} s CPU, load average "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
             content = folder_bytes(out)
             if reference is None:
                 reference = content
@@ -94,9 +104,10 @@ def main() -> int:
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     baseline = medians["beam, 1 worker"]
-    print(f"\n| runner | wall s (median of {args.repeats}) | speed-up over beam, 1 worker |\n|---|---|---|")
+    print(f"\n| runner | wall s (median of {args.repeats}) | CPU s (median) | speed-up over beam, 1 worker |\n"
+          "|---|---|---|---|")
     for name, seconds in medians.items():
-        print(f"| {name} | {seconds:.1f} | {baseline / seconds:.2f} |")
+        print(f"| {name} | {seconds:.1f} | {statistics.median(cpu[name]):.1f} | {baseline / seconds:.2f} |")
     if mismatches:
         print(f"DATA_DIR differs from the first run's for: {sorted(set(mismatches))}")
         return 1
