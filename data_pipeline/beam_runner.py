@@ -63,13 +63,14 @@ def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
         if not flag.startswith("--") or flag == "--":
             raise InputError(f"--beam-option {flag!r}: a Beam pipeline option is written --NAME=VALUE or "
                              "--NAME, and passed as --beam-option=--NAME=VALUE")
-    # The user's flags come last, so that theirs win over these defaults. Local workers log errors
-    # only: their start-up warnings would interleave with the progress bar on every run.
-    options = PipelineOptions(["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
-                               *(LOCAL_LOG_LEVEL if _runner_flag(flags) is None else ()), *flags])
     usage = io.StringIO()
     try:
         with contextlib.redirect_stderr(usage):  # argparse prints its whole usage before the error
+            # The user's flags come last, so that theirs win over these defaults. Local workers log
+            # errors only: their start-up warnings would interleave with the progress bar on every run.
+            local = runs_on_this_machine(PipelineOptions(flags))
+            options = PipelineOptions(["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
+                                       *(LOCAL_LOG_LEVEL if local else ()), *flags])
             known = options.get_all_options()
             unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(known))
     except SystemExit as exit_:  # argparse rejected a value; its last line says which
@@ -81,10 +82,9 @@ def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
     return options
 
 
-def _runner_flag(flags: Sequence[str]) -> str | None:
-    """The runner the flags name (the last `--runner=X`), None for Beam's default DirectRunner."""
-    runner = next((flag.split("=", 1)[1] for flag in reversed(flags) if flag.startswith("--runner=")), None)
-    return None if runner in (None, "DirectRunner") else runner
+def runs_on_this_machine(options: PipelineOptions) -> bool:
+    """Whether the options choose Beam's DirectRunner (the default), whose workers are local processes."""
+    return options.get_all_options()["runner"] in (None, "DirectRunner")
 
 
 def slide_runner(flags: Sequence[str], workers: int, show_progress: bool) -> tile_manifest.SlideRunner:
@@ -110,6 +110,12 @@ def run_slides(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: Tiling
     del total_positions  # the workers' progress reaches this process only as finished slides
     if not jobs:
         return
+    if not runs_on_this_machine(options):
+        relative = [str(path) for path in (data_dir, *(spec.mask_file for spec in jobs)) if not path.is_absolute()]
+        if relative:
+            raise InputError(f"--beam-option=--runner={options.get_all_options()['runner']}: the workers resolve "
+                             f"relative paths in their own working directory; give --manifest and --out as "
+                             f"absolute paths (relative here: {relative[:3]})")
     results_dir = data_dir / WORK_DIR / RESULTS_DIR
     shutil.rmtree(results_dir, ignore_errors=True)  # left by a killed run
     for spec in jobs:

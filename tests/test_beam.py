@@ -158,3 +158,13 @@ def test_without_apache_beam_the_runner_says_what_to_install(slides, tmp_path, m
     with pytest.raises(InputError, match=r"--runner beam needs Apache Beam.*pip install 'gerne-jax\[beam\]'"):
         tile(slides / "manifest.csv", tmp_path / "out", "--runner", "beam")
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_elsewhere_need_absolute_paths(slides, monkeypatch):
+    """Workers of a runner other than the DirectRunner have their own working directory."""
+    monkeypatch.chdir(slides)
+    with pytest.raises(InputError, match=r"--runner=FlinkRunner: the workers resolve relative paths .* absolute "
+                                         r"paths \(relative here: \['out', 'slide_000_tumour.tif'"):
+        tile(pathlib.Path("manifest.csv"), pathlib.Path("out"), "--runner", "beam",
+             "--beam-option=--runner=FlinkRunner")
+    assert not list((slides / "out").rglob("*.json")), "nothing tiled"
