@@ -14,9 +14,9 @@ them is byte-identical to the local runner's.
 
 Storage: the workers write DATA_DIR themselves, with the same local-file code as the local pool
 (tifffile reads, array_record writes, renames), so the workers and the launching process must see
-the manifest's files and DATA_DIR at the same paths: one machine (the DirectRunner), or a cluster
-sharing a POSIX file system (NFS, or a bucket mounted with gcsfuse). URLs such as
-gs://... are not supported as DATA_DIR or in the manifest.
+the manifest's files and DATA_DIR at the same, absolute, paths: one machine (the DirectRunner), or
+a cluster sharing a POSIX file system (NFS, or a bucket mounted with gcsfuse). URLs such as gs://...
+are not supported as DATA_DIR or in the manifest.
 
 Failures: `tile_job` turns a slide's error into a result, so a broken slide never fails its bundle
 (a runner would retry it and then fail the whole job); the launching process raises it, or reports
