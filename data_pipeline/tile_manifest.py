@@ -4,8 +4,11 @@ The DATA_DIR layout is declared in gerne_jax/dataset.py; the patch definitions a
 and `data_pipeline.tiling`, which tiles one slide. This module runs a whole manifest:
 1. read the manifest, assign splits (`data_pipeline.splits`), and read every slide's header: the
    dataset format (channels, dtype, level downsample) comes from the first readable slide;
-2. tile the slides not finished yet in worker processes (`--workers`), with progress bars;
-   finished slides (same settings and files) are resumed from their sidecars;
+2. tile the slides not finished yet: by default in local worker processes (`--workers`), with
+   progress bars; with `--runner beam` as an Apache Beam pipeline (`data_pipeline.beam_runner`, one
+   element per slide). Both run `tile_job` per slide and hand its results back to one loop here, so
+   validation, failures, the report and publishing are the same code whatever ran the slides.
+   Finished slides (same settings and files) are resumed from their sidecars;
 3. publish the finished files as the TFDS dataset (`shards.finalize_dataset`): per split, slides
    sorted by id, shard i = slide i.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
@@ -28,8 +32,9 @@ import queue
 import re
 import sys
 import traceback
+import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +61,12 @@ from gerne_jax.errors import InputError
 
 REPORT_FILE = "tiling_report.json"
 SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RUNNERS = ("local", "beam")
+
+# What runs the slides left to do: (jobs, data_dir, config, dataset format, their grid positions for
+# progress) -> one `tile_job` result per job, in any order.
+SlideRunner = Callable[[Sequence[SlideSpec], pathlib.Path, TilingConfig, SlideFormat, int],
+                       Iterable[dict[str, Any]]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,9 +82,13 @@ class _QueueProgress:
         self.progress_queue.put(positions)
 
 
-def _tile_job(spec: SlideSpec, data_dir: pathlib.Path, config: TilingConfig, expected: SlideFormat,
-              progress: Callable[[int], None]) -> dict[str, Any]:
-    """Runs `tile_slide` and turns its failure into a result, so the parent decides what to do."""
+def tile_job(spec: SlideSpec, data_dir: pathlib.Path, config: TilingConfig, expected: SlideFormat,
+             progress: Callable[[int], None]) -> dict[str, Any]:
+    """Runs `tile_slide` and turns its failure into a result, so the parent decides what to do.
+
+    A result is `{"slide_id", "status": "tiled", "sidecar"}` or `{"slide_id", "status": "failed",
+    "error": one line, "exception": what the parent raises without --skip-errors}`; both runners
+    (`_run_jobs`, `beam_runner.run_slides`) yield these."""
     try:
         sidecar = tile_slide(spec, data_dir, config, expected, progress)
     except SlideError as error:
@@ -86,16 +101,17 @@ def _tile_job(spec: SlideSpec, data_dir: pathlib.Path, config: TilingConfig, exp
 
 
 def _run_jobs(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: TilingConfig,
-              expected: SlideFormat, workers: int, total_positions: int, show_progress: bool):
-    """Yields one result per job as slides finish, with progress bars. Closing the generator (the
-    caller stopping on an error) cancels the slides not started yet."""
+              expected: SlideFormat, total_positions: int, *, workers: int,
+              show_progress: bool) -> Iterator[dict[str, Any]]:
+    """The local `SlideRunner`: yields one result per job as slides finish, with progress bars.
+    Closing the generator (the caller stopping on an error) cancels the slides not started yet."""
     slide_bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not show_progress)
     patch_bar = tqdm(total=total_positions, desc="grid positions", unit="pos", position=1,
                      disable=not show_progress, smoothing=0.05)
     try:
         if workers == 1 or len(jobs) <= 1:
             for spec in jobs:
-                result = _tile_job(spec, data_dir, config, expected, patch_bar.update)
+                result = tile_job(spec, data_dir, config, expected, patch_bar.update)
                 slide_bar.update()
                 yield result
             return
@@ -105,7 +121,7 @@ def _run_jobs(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: TilingC
             progress_queue = manager.Queue()
             pending = set()
             try:
-                pending = {executor.submit(_tile_job, spec, data_dir, config, expected,
+                pending = {executor.submit(tile_job, spec, data_dir, config, expected,
                                            _QueueProgress(progress_queue)) for spec in jobs}
                 while pending:
                     done, pending = concurrent.futures.wait(
@@ -143,14 +159,27 @@ def tile_manifest(
     split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
     seed: int = 0,
     show_progress: bool = True,
+    runner: str = "local",
+    beam_options: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Tiles every slide of `manifest` into the dataset `data_dir`; returns the report (also written
     to `tiling_report.json`). Raises SlideError on a bad slide unless `skip_errors`, and InputError
     when another run holds `data_dir` (its pid and host named) or the manifest is bad.
 
-    The manifest is checked before the lock is taken, so a bad manifest leaves no output folder behind.
+    `runner` is "local" (a pool of `workers` processes) or "beam" (an Apache Beam pipeline with the
+    pipeline options `beam_options`, e.g. ["--runner=DataflowRunner", ...]; without a `--runner` among
+    them, Beam's DirectRunner on `workers` local processes).
+
+    The manifest and the runner's options are checked before the lock is taken, so bad input leaves no
+    output folder behind.
     """
     data_dir = pathlib.Path(data_dir)
+    if runner not in RUNNERS:
+        raise InputError(f"--runner must be one of {list(RUNNERS)}, got {runner!r}")
+    if beam_options and runner != "beam":
+        raise InputError(f"--beam-option {list(beam_options)} needs --runner beam (the runner is {runner!r})")
+    run_slides = (_beam_runner().slide_runner(beam_options, workers, show_progress) if runner == "beam" else
+                  functools.partial(_run_jobs, workers=workers, show_progress=show_progress))
     specs = read_manifest(manifest)
     for spec in specs:
         if not SLIDE_ID_PATTERN.fullmatch(spec.slide_id):
@@ -159,12 +188,24 @@ def tile_manifest(
     split_of = assign_splits(specs, split_fractions, seed)
     # Two runs on one DATA_DIR would delete each other's temporary files and race in the finalize folder.
     with files.exclusive_lock(data_dir, "tiling"):
-        return _tile_locked(specs, split_of, data_dir, config, workers, skip_errors, show_progress)
+        return _tile_locked(specs, split_of, data_dir, config, run_slides, skip_errors)
+
+
+def _beam_runner() -> types.ModuleType:
+    """`data_pipeline.beam_runner`, imported only for `--runner beam`: apache-beam is an optional extra."""
+    try:
+        from data_pipeline import beam_runner
+    except ModuleNotFoundError as error:
+        if error.name != "apache_beam":
+            raise
+        raise InputError("--runner beam needs Apache Beam, which is not installed: "
+                         "pip install 'gerne-jax[beam]'") from error
+    return beam_runner
 
 
 def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_dir: pathlib.Path,
-                 config: TilingConfig, workers: int, skip_errors: bool, show_progress: bool) -> dict[str, Any]:
-    """`tile_manifest` once it holds the DATA_DIR's lock."""
+                 config: TilingConfig, run_slides: SlideRunner, skip_errors: bool) -> dict[str, Any]:
+    """`tile_manifest` once it holds the DATA_DIR's lock; `run_slides` tiles the slides left to do."""
     (data_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
 
     report: dict[str, dict[str, Any]] = {}
@@ -207,8 +248,7 @@ def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_d
             jobs.append(spec)
     if sidecars:
         print(f"resuming: {len(sidecars)} slide(s) already tiled, {len(jobs)} to go")
-    for result in _run_jobs(jobs, data_dir, config, expected, workers,
-                            sum(positions[s.slide_id] for s in jobs), show_progress):
+    for result in run_slides(jobs, data_dir, config, expected, sum(positions[s.slide_id] for s in jobs)):
         if result["status"] == "failed":
             fail(result["slide_id"], result["exception"])
         else:
@@ -278,7 +318,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", type=int, default=0, help="pyramid level to tile")
     parser.add_argument("--downsample", type=_positive_int, default=None,
                         help="tile at this downsample of level 0 (pyramid level or area mean)")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
+    parser.add_argument("--workers", type=_positive_int, default=1,
+                        help="worker processes (with --runner beam: of Beam's local DirectRunner)")
+    parser.add_argument("--runner", choices=RUNNERS, default="local",
+                        help="run the slides in a local process pool, or as an Apache Beam pipeline "
+                             "(one element per slide; needs the 'beam' extra)")
+    parser.add_argument("--beam-option", dest="beam_options", action="append", default=[], metavar="--NAME=VALUE",
+                        help="a Beam pipeline option for --runner beam, written with '=' "
+                             "(--beam-option=--runner=DataflowRunner); repeat for several")
     parser.add_argument("--skip-errors", action="store_true",
                         help="skip broken slides, publish the others and report the broken ones "
                              "(exit status 2 if any slide failed)")
@@ -311,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
         tissue_factor=args.tissue_factor)
     report = tile_manifest(args.manifest, args.out, config, workers=args.workers,
                            skip_errors=args.skip_errors, split_fractions=args.split_fractions,
-                           seed=args.seed)
+                           seed=args.seed, runner=args.runner, beam_options=args.beam_options)
     failed, total = len(report["failed"]), len(report["slides"])
     if failed == total:
         raise InputError(f"every slide of {str(args.manifest)!r} failed (listed above and in "

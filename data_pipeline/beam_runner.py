@@ -1,0 +1,195 @@
+"""`python -m data_pipeline tile --runner beam`: the slides left to tile, run as an Apache Beam pipeline.
+
+`tile_manifest` does everything before and after the slides, the same for both runners: manifest and
+splits, the header pass and dataset format, resume, failures, the report and publishing. This module
+is only its `SlideRunner` on Beam:
+
+    Create(one element per slide; Beam reshuffles them, so the runner spreads them over its workers)
+    | ParDo(tile_manifest.tile_job: tiling.tile_slide -> the slide's array_record, QC PNG and sidecar)
+    | WriteToText(one JSON line per slide: tiled, or failed with its error; DATA_DIR/.work/beam/)
+
+When the pipeline has finished, the launching process reads the result lines, and each tiled slide's
+sidecar from DATA_DIR, and yields the same results as the local pool; the DATA_DIR published from
+them is byte-identical to the local runner's.
+
+Storage: the workers write DATA_DIR themselves, with the same local-file code as the local pool
+(tifffile reads, array_record writes, renames), so the workers and the launching process must see
+the manifest's files and DATA_DIR at the same, absolute, paths: one machine (the DirectRunner), or
+a cluster sharing a POSIX file system (NFS, or a bucket mounted with gcsfuse). URLs such as gs://...
+are not supported as DATA_DIR or in the manifest.
+
+Failures: `tile_job` turns a slide's error into a result, so a broken slide never fails its bundle
+(a runner would retry it and then fail the whole job); the launching process raises it, or reports
+it with --skip-errors, exactly as for the local pool. A bundle that a runner retries (a lost worker)
+rewrites the same files, each write atomic.
+Progress: the grid positions scanned are the Beam counter `tiling/grid_positions`, which runners
+such as Dataflow show while the job runs; locally a bar counts slides as their sidecars appear.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+import pathlib
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from tqdm import tqdm
+
+from data_pipeline import tile_manifest
+from data_pipeline.manifest import SlideError, SlideSpec
+from data_pipeline.tiling import WORK_DIR, SlideFormat, TilingConfig, load_finished, slide_paths
+from gerne_jax.errors import InputError
+
+RESULTS_DIR = "beam"      # under DATA_DIR/.work: the pipeline's result lines, removed once read
+RESULTS_PREFIX = "results"
+PROGRESS_INTERVAL_S = 1.0
+README_SECTION = "README, 'Tiling on Apache Beam'"
+LOCAL_LOG_LEVEL = ("--default_sdk_harness_log_level=ERROR",)
+
+
+def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
+    """The Beam pipeline options of `flags` (`--beam-option` values). Without a `--runner` among them:
+    Beam's DirectRunner on `workers` local processes. A malformed, unknown or badly typed option
+    raises InputError naming it, so that a typo never runs the job somewhere else than meant."""
+    for flag in flags:
+        if not flag.startswith("--") or flag == "--":
+            raise InputError(f"--beam-option {flag!r}: a Beam pipeline option is written --NAME=VALUE or "
+                             "--NAME, and passed as --beam-option=--NAME=VALUE")
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):  # argparse prints its whole usage before the error
+            # The user's flags come last, so that theirs win over these defaults. Local workers log
+            # errors only: their start-up warnings would interleave with the progress bar on every run.
+            local = runs_on_this_machine(PipelineOptions(flags))
+            options = PipelineOptions(["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
+                                       *(LOCAL_LOG_LEVEL if local else ()), *flags])
+            known = options.get_all_options()
+            unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(known))
+    except SystemExit as exit_:  # argparse rejected a value; its last line says which
+        problem = usage.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise InputError(f"--beam-option: {problem} (in {list(flags)})") from exit_
+    if unknown:
+        raise InputError(f"--beam-option: unknown Beam pipeline option(s) {['--' + name for name in unknown]} "
+                         f"in {list(flags)}")
+    return options
+
+
+def runs_on_this_machine(options: PipelineOptions) -> bool:
+    """Whether the options choose Beam's DirectRunner (the default), whose workers are local processes."""
+    return options.get_all_options()["runner"] in (None, "DirectRunner")
+
+
+def slide_runner(flags: Sequence[str], workers: int, show_progress: bool) -> tile_manifest.SlideRunner:
+    """`run_slides` with checked pipeline options, as `tile_manifest` calls a runner."""
+    return functools.partial(run_slides, options=pipeline_options(flags, workers), show_progress=show_progress)
+
+
+class _TileSlide(beam.DoFn):
+    """One slide per element: `tile_job`'s result as a JSON line (its sidecar stays in DATA_DIR)."""
+
+    def __init__(self, data_dir: pathlib.Path, config: TilingConfig, expected: SlideFormat):
+        self._data_dir, self._config, self._expected = data_dir, config, expected
+        self._positions = Metrics.counter("tiling", "grid_positions")
+
+    def process(self, spec: SlideSpec) -> Iterator[str]:
+        result = tile_manifest.tile_job(spec, self._data_dir, self._config, self._expected, self._positions.inc)
+        yield json.dumps(_result_to_json(result))
+
+
+def run_slides(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: TilingConfig, expected: SlideFormat,
+               total_positions: int, *, options: PipelineOptions, show_progress: bool) -> Iterator[dict[str, Any]]:
+    """Tiles `jobs` in one Beam pipeline; then yields `tile_job`'s result for each, in manifest order."""
+    del total_positions  # the workers' progress reaches this process only as finished slides
+    if not jobs:
+        return
+    if not runs_on_this_machine(options):
+        relative = [str(path) for path in (data_dir, *(spec.mask_file for spec in jobs)) if not path.is_absolute()]
+        if relative:
+            raise InputError(f"--beam-option=--runner={options.get_all_options()['runner']}: the workers resolve "
+                             f"relative paths in their own working directory; give --manifest and --out as "
+                             f"absolute paths (relative here: {relative[:3]})")
+    results_dir = data_dir / WORK_DIR / RESULTS_DIR
+    shutil.rmtree(results_dir, ignore_errors=True)  # left by a killed run
+    for spec in jobs:
+        # Not resumable (other settings or files) and about to be rewritten; removed so that the
+        # progress bar counts only this run's sidecars.
+        slide_paths(data_dir, spec.slide_id)["sidecar"].unlink(missing_ok=True)
+    with _sidecar_progress(jobs, data_dir, show_progress), beam.Pipeline(options=options) as pipeline:
+        _ = (pipeline
+             | "slides" >> beam.Create(list(jobs))
+             | "tile" >> beam.ParDo(_TileSlide(data_dir, config, expected))
+             | "results" >> beam.io.WriteToText(os.fspath(results_dir / RESULTS_PREFIX), file_name_suffix=".jsonl"))
+    results = {}
+    for path in sorted(results_dir.glob(f"{RESULTS_PREFIX}*")):
+        for line in path.read_text().splitlines():
+            result = json.loads(line)
+            results[result["slide_id"]] = result  # a retried bundle may have written a slide twice
+    shutil.rmtree(results_dir, ignore_errors=True)
+    for spec in jobs:
+        yield _result_from_json(results.get(spec.slide_id), spec, data_dir, config)
+
+
+def _result_to_json(result: dict[str, Any]) -> dict[str, Any]:
+    """`tile_job`'s result without its sidecar, the exception as the fields that rebuild it."""
+    if result["status"] == "tiled":
+        return {"slide_id": result["slide_id"], "status": "tiled"}
+    error = result["exception"]
+    if isinstance(error, SlideError):
+        return {"slide_id": result["slide_id"], "status": "failed", "file": error.file, "problem": error.problem}
+    return {"slide_id": result["slide_id"], "status": "failed", "error": result["error"], "unexpected": str(error)}
+
+
+def _result_from_json(result: dict[str, Any] | None, spec: SlideSpec, data_dir: pathlib.Path,
+                      config: TilingConfig) -> dict[str, Any]:
+    """The result `tile_job` returned on the worker, its sidecar read back from DATA_DIR."""
+    where = (f"the workers must write {str(data_dir)!r} on storage that this machine reads at the same "
+             f"path ({README_SECTION})")
+    if result is None:
+        raise InputError(f"slide {spec.slide_id!r}: the Beam pipeline finished but left no result for it in "
+                         f"{str(data_dir / WORK_DIR / RESULTS_DIR)!r}; {where}")
+    if result["status"] == "tiled":
+        sidecar = load_finished(data_dir, spec, config)
+        if sidecar is None:
+            raise InputError(f"slide {spec.slide_id!r}: tiled by a Beam worker, but its finished files are not in "
+                             f"{str(data_dir / WORK_DIR)!r}, or its source files changed meanwhile; {where}")
+        return {"slide_id": spec.slide_id, "status": "tiled", "sidecar": sidecar}
+    if "problem" in result:
+        error = SlideError(spec.slide_id, result["file"], result["problem"])
+        return {"slide_id": spec.slide_id, "status": "failed", "error": str(error), "exception": error}
+    return {"slide_id": spec.slide_id, "status": "failed", "error": result["error"],
+            "exception": RuntimeError(result["unexpected"])}
+
+
+@contextlib.contextmanager
+def _sidecar_progress(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, show_progress: bool) -> Iterator[None]:
+    """A bar of finished slides while the pipeline runs, counted from the sidecars in DATA_DIR (the
+    workers may be other machines, so nothing else reaches this process before the end)."""
+    if not show_progress:
+        yield
+        return
+    sidecars = [slide_paths(data_dir, spec.slide_id)["sidecar"] for spec in jobs]
+    stop = threading.Event()
+
+    def watch() -> None:
+        with tqdm(total=len(jobs), desc="slides (Beam)", unit="slide") as bar:
+            while True:
+                stopping = stop.wait(PROGRESS_INTERVAL_S)
+                bar.update(sum(path.exists() for path in sidecars) - bar.n)
+                if stopping:
+                    return
+
+    thread = threading.Thread(target=watch, name="beam-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
