@@ -45,10 +45,11 @@ at 64 (at 1024 with P = 64 bodies span only a few patches), while strands, fragm
 their pixel sizes.
 
 Calibration of `sections` (2048-pixel slides, P = 64, the tiler's tissue detection, 12 slides of
-seed 0): median tissue ratio 0.88 for tumour patches and 0.07 for non-tumour ones, about 30% of
+seed 0): median tissue ratio 0.88 for tumour patches and 0.06 for non-tumour ones, about 30% of
 non-tumour patches with a tissue ratio >= 0.5 (classic: a few %), and at tau = 0.1 about 7% of
-patches in the group (tumour, r < 0.1) and 27% in (non-tumour, r >= 0.1). The README gives ERM's
-per-group test accuracies on these slides.
+patches in the group (tumour, r < 0.1) and 27% in (non-tumour, r >= 0.1). The textures were set so
+that ERM with the demo setting errs on both minority groups while its average accuracy stays above
+0.9; the README gives its per-group test accuracies.
 
 The same arguments always give byte-identical files.
 """
@@ -257,13 +258,18 @@ TUMOUR_TEXTURE = Texture("tumour", "nuclei_tumour", nuclei_cell=7.0, nuclei_dens
                          cars=0.93, tpef=1.07, collagen=0.12)  # TPEF/CARS ratio x1.15
 # Sections add normal tissue and inflammation, part of the way from stroma to tumour: less collagen,
 # denser nuclei, a smaller channel shift. Inflammation comes closest (dense nuclei, little collagen) but
-# its nuclei stay small: the remaining contrast is subtle, yet learnable.
-NORMAL_TEXTURE = STROMA_TEXTURE.toward(TUMOUR_TEXTURE, 0.5, "normal_tissue")
-INFLAMMATION_TEXTURE = STROMA_TEXTURE.toward(TUMOUR_TEXTURE, 0.8, "inflammation", nuclei_radius=1.8)
+# its nuclei stay small: the remaining contrast is subtle, yet learnable. With a wider contrast (0.5;
+# 0.8 with nuclei of radius 1.8) ERM learnt it and misclassified about 1% of the non-tumour patches
+# full of tissue (README, `synthetic` command).
+NORMAL_TEXTURE = STROMA_TEXTURE.toward(TUMOUR_TEXTURE, 0.6, "normal_tissue")
+INFLAMMATION_TEXTURE = STROMA_TEXTURE.toward(TUMOUR_TEXTURE, 0.9, "inflammation", nuclei_radius=2.1)
 CLASSIC_TEXTURES = (STROMA_TEXTURE, TUMOUR_TEXTURE)
 SECTION_TEXTURES = (STROMA_TEXTURE, NORMAL_TEXTURE, INFLAMMATION_TEXTURE, TUMOUR_TEXTURE)
-STROMA, NORMAL, INFLAMMATION, TUMOUR = range(len(SECTION_TEXTURES))  # indices of SECTION_TEXTURES
-NORMAL_KINDS = (STROMA, NORMAL, INFLAMMATION)  # non-tumour tissue kinds
+STROMA, NORMAL, INFLAMMATION = range(3)  # indices of SECTION_TEXTURES (tumour is the last)
+# Sections and medium bodies are stroma or normal tissue; regions inside sections are normal tissue
+# or inflammation and stay off the section's edge, so inflammation fills whole patches.
+BASE_KINDS = (STROMA, NORMAL)
+REGION_KINDS = (NORMAL, INFLAMMATION)
 
 # Sections layout geometry: sections per slide [low, high), radius relative to the slide side; inner
 # regions per section [low, high) and their radii relative to the section's.
@@ -271,6 +277,7 @@ SECTIONS = (2, 4)
 SECTION_RADIUS = (0.12, 0.16)
 SECTION_REGIONS = (2, 5)
 SECTION_REGION_SCALE = (0.25, 0.45)
+SECTION_REGION_REACH = (0.0, 0.55)  # distance of a region's centre from the section's
 SECTION_TUMOURS = (1, 3)
 SECTION_TUMOUR_SCALE = (0.5, 0.7)
 SECTION_TUMOUR_REACH = (0.3, 0.9)  # distance of a tumour region's centre from the section's
@@ -385,8 +392,8 @@ class _Pieces:
         self.bodies.append(Body(shape, tumours, base_kind=base_kind))
 
     def add_section(self, radius: float) -> None:
-        """A large tissue section: a base of stroma or normal tissue, non-tumour regions of every kind
-        (full tissue), and tumour regions anywhere inside, some reaching the section's edge."""
+        """A large tissue section: a base of stroma or normal tissue, regions of normal tissue and
+        inflammation inside, and tumour regions anywhere in it, some reaching the section's edge."""
         rng = self.rng
         centre = self.place(radius, True, margin=1.05, spacing=1.0)
         if centre is None:
@@ -399,8 +406,8 @@ class _Pieces:
                                        centre[1] + distance * math.cos(angle)),
                                  radius * rng.uniform(*scale), elongation=0.6, lobes=0.25)
 
-        base_kind = int(rng.choice(NORMAL_KINDS))
-        regions = tuple((inner(SECTION_REGION_SCALE, (0.0, 0.85)), int(rng.choice(NORMAL_KINDS)))
+        base_kind = int(rng.choice(BASE_KINDS))
+        regions = tuple((inner(SECTION_REGION_SCALE, SECTION_REGION_REACH), int(rng.choice(REGION_KINDS)))
                         for _ in range(rng.integers(*SECTION_REGIONS)))
         tumours = tuple(inner(SECTION_TUMOUR_SCALE, SECTION_TUMOUR_REACH)
                         for _ in range(rng.integers(*SECTION_TUMOURS)))
@@ -447,7 +454,7 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int, layout: str = 
         # Medium bodies (detached pieces and tumour fragments) of every kind of tissue.
         for _ in range(rng.integers(4, 9)):
             pieces.add(side * rng.uniform(0.03, 0.05), 0.8, margin=1.2, spacing=1.0,
-                       base_kind=int(rng.choice(NORMAL_KINDS)), lobes=0.2)
+                       base_kind=int(rng.choice(BASE_KINDS)), lobes=0.2)
         # Detached tumour clusters of a few cells: tumour patches with little tissue.
         for _ in range(rng.poisson(SECTION_BUDS * area_scale)):
             pieces.add(rng.uniform(4.0, 12.0), 1.0, margin=1.5, spacing=1.2, big=False, lobes=0.2)
