@@ -15,7 +15,7 @@ deterministic split). Two layouts:
   `classic` keep most non-tumour patches nearly empty. A model that leans on the amount of tissue
   then errs on both minority groups.
 
-How a slide is made (both layouts):
+How a slide is made (both layouts; `sections` puts sections where `classic` has large bodies):
 - Geometry is a list of shapes (`SlideLayout`), sampled once per slide: two or three large tissue
   bodies and several medium ones (sizes relative to the slide) that carry nearly all the tumour, thin
   strands of torn tissue, and many small fragments and specks of debris (absolute sizes, counts
@@ -451,7 +451,7 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int, layout: str = 
     if sections:
         for _ in range(rng.integers(*SECTIONS)):
             pieces.add_section(side * rng.uniform(*SECTION_RADIUS))
-        # Medium bodies (detached pieces and tumour fragments) of every kind of tissue.
+        # Medium bodies of stroma or normal tissue, most with tumour.
         for _ in range(rng.integers(4, 9)):
             pieces.add(side * rng.uniform(0.03, 0.05), 0.8, margin=1.2, spacing=1.0,
                        base_kind=int(rng.choice(BASE_KINDS)), lobes=0.2)
@@ -570,6 +570,7 @@ def render_image(layout: SlideLayout, geometry: TileGeometry, y0: int, x0: int,
         cars *= np.array([t.cars for t in textures], np.float32)[kind]
         tpef *= np.array([t.tpef for t in textures], np.float32)[kind]
         warped_y, warped_x = (c[box] for c in geometry.warped)
+        # Collagen gains in float64, as the first generator multiplied them: classic bytes stay the same.
         collagen = _fibres(layout, by, bx, warped_y, warped_x) * np.array([t.collagen for t in textures])[kind]
         shg = _TISSUE_SHG * stain + _FIBRE_SHG * collagen
         mean_box = mean[box]
@@ -676,6 +677,8 @@ def generate(out_dir: str | os.PathLike, num_slides: int, size: int, seed: int =
     """
     if num_slides < 1:
         raise InputError(f"--slides must be >= 1, got {num_slides}")
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if size < MIN_SIZE:
         raise InputError(f"--size must be >= {MIN_SIZE} pixels, got {size}")
     out = pathlib.Path(out_dir)

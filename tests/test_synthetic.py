@@ -13,6 +13,7 @@ import tifffile
 
 from data_pipeline import synthetic
 from data_pipeline.__main__ import main
+from gerne_jax.errors import InputError
 
 MANIFEST_COLUMNS = ["slide_id", "image", "mask", "patient_id", "split", "channel_names"]
 
@@ -260,6 +261,8 @@ def test_cli(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["synthetic", "--out", str(tmp_path / "bad")] + bad)
         assert bad[0] in capsys.readouterr().err
+    with pytest.raises(InputError, match="--layout.*'squares'"):
+        synthetic.generate(tmp_path / "bad", 1, 256, layout="squares", show_progress=False)
     assert not (tmp_path / "bad").exists()
 
 
