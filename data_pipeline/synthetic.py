@@ -1,10 +1,21 @@
 """Built-in synthetic multimodal slides (CARS, TPEF, SHG) with the tissue-amount shortcut of real data.
 
-`python -m data_pipeline synthetic --out DIR --slides N --size PIXELS --seed S` writes, per slide, a
-tiled interleaved (Y, X, 3) uint16 TIFF, a tiled uint8 0/1 tumour mask of the same height and width,
-and `DIR/manifest.csv` in the format of `data_pipeline.manifest` (relative paths, a deterministic split).
+`python -m data_pipeline synthetic --out DIR --slides N --size PIXELS --seed S [--layout L]` writes, per
+slide, a tiled interleaved (Y, X, 3) uint16 TIFF, a tiled uint8 0/1 tumour mask of the same height and
+width, and `DIR/manifest.csv` in the format of `data_pipeline.manifest` (relative paths, a
+deterministic split). Two layouts:
+- `classic` (the default; the first generator, byte for byte): tumour bodies among strands and
+  debris. Non-tumour tissue is strands, fragments and bands of stroma beside tumour, and never looks
+  like tumour, so a classifier errs only on tumour patches with little tissue.
+- `sections`: tumour inside large tissue sections that also hold large non-tumour regions of full
+  tissue, stroma, normal tissue and inflammation, whose textures lie part of the way from stroma to
+  tumour (`Texture.toward`). Inflammation comes closest: dense nuclei and little collagen, with
+  smaller nuclei and a smaller TPEF/CARS shift than tumour. Detached tumour clusters of a few cells
+  and medium bodies, most with tumour, give tumour patches with little tissue; more strands than in
+  `classic` keep most non-tumour patches nearly empty. A model that leans on the amount of tissue
+  then errs on both minority groups.
 
-How a slide is made:
+How a slide is made (both layouts; `sections` puts sections where `classic` has large bodies):
 - Geometry is a list of shapes (`SlideLayout`), sampled once per slide: two or three large tissue
   bodies and several medium ones (sizes relative to the slide) that carry nearly all the tumour, thin
   strands of torn tissue, and many small fragments and specks of debris (absolute sizes, counts
@@ -21,8 +32,9 @@ How a slide is made:
   the result does not depend on the tile size. Per-pixel sensor noise comes from a generator seeded
   by (seed, slide, tile row, tile column).
 - The signal a classifier can learn: tumour has a TPEF/CARS ratio about 15% higher than normal
-  tissue, denser and larger nucleus-like dark blobs, and little SHG collagen; normal stroma carries
-  SHG fibres. The background is dark with noise.
+  stroma, denser and larger nucleus-like dark blobs, and little SHG collagen; stroma carries SHG
+  fibres. Each kind of tissue is a `Texture`; a per-pixel kind map (`TileGeometry.kind`) picks it.
+  The background is dark with noise.
 
 Calibration: with the tiler's default tissue detection, slides of 2048 pixels tiled at P = 64 give
 tumour patches a median tissue ratio above 0.9, non-tumour patches below 0.1, and at tau = 0.1 about
@@ -31,6 +43,13 @@ of non-tumour patches with much tissue grows to ~15% (strands fill more of a sma
 sizes shift the shares: body sizes scale with the slide, so at 1024 pixels P = 32 behaves like 2048
 at 64 (at 1024 with P = 64 bodies span only a few patches), while strands, fragments and texture keep
 their pixel sizes.
+
+Calibration of `sections` (2048-pixel slides, P = 64, the tiler's tissue detection, 12 slides of
+seed 0): median tissue ratio 0.88 for tumour patches and 0.06 for non-tumour ones, about 30% of
+non-tumour patches with a tissue ratio >= 0.5 (classic: a few %), and at tau = 0.1 about 7% of
+patches in the group (tumour, r < 0.1) and 27% in (non-tumour, r >= 0.1). The textures were set so
+that ERM with the demo setting errs on both minority groups while its average accuracy stays above
+0.9; the README gives its per-group test accuracies.
 
 The same arguments always give byte-identical files.
 """
@@ -58,6 +77,7 @@ TILE = 256  # TIFF tile side and rendering unit (tifffile needs a multiple of 16
 MIN_SIZE = 256
 SIZE_SHRINK = 0.08  # slide sides vary between 92% and 100% of --size
 SPLIT_FRACTIONS = (("train", 0.6), ("validation", 0.2), ("test", 0.2))
+LAYOUTS = ("classic", "sections")
 DEFLATE_LEVEL = 1  # fast; the noisy image hardly compresses further at higher levels
 
 # Domain warp applied before shapes are evaluated: (lattice cell in pixels, displacement amplitude).
@@ -212,11 +232,71 @@ class Shape:
 
 
 @dataclasses.dataclass(frozen=True)
+class Texture:
+    """How one kind of tissue looks: nucleus-like blobs, channel balance and collagen (SHG fibres)."""
+
+    name: str
+    stream: str  # noise stream of its nuclei (a key of `SlideLayout.keys`)
+    nuclei_cell: float  # one candidate nucleus per cell of this side (pixels)
+    nuclei_density: float  # probability that a candidate is present
+    nuclei_radius: float  # pixels
+    cars: float  # multiplier of the CARS mean
+    tpef: float  # multiplier of the TPEF mean
+    collagen: float  # multiplier of the SHG fibres
+
+    def toward(self, other: Texture, t: float, name: str, **fixed: float) -> Texture:
+        """The texture a fraction `t` of the way to `other`, field by field, with `fixed` fields set."""
+        fields = {f.name: (1.0 - t) * getattr(self, f.name) + t * getattr(other, f.name)
+                  for f in dataclasses.fields(self) if f.name not in ("name", "stream")}
+        return Texture(name=name, stream=f"nuclei_{name}", **{**fields, **fixed})
+
+
+# Classic slides use two textures: normal stroma and tumour.
+STROMA_TEXTURE = Texture("stroma", "nuclei_normal", nuclei_cell=12.0, nuclei_density=0.45, nuclei_radius=2.0,
+                         cars=1.0, tpef=1.0, collagen=1.0)
+TUMOUR_TEXTURE = Texture("tumour", "nuclei_tumour", nuclei_cell=7.0, nuclei_density=0.85, nuclei_radius=2.6,
+                         cars=0.93, tpef=1.07, collagen=0.12)  # TPEF/CARS ratio x1.15
+# Sections add normal tissue and inflammation, part of the way from stroma to tumour: less collagen,
+# denser nuclei, a smaller channel shift. Inflammation comes closest (dense nuclei, little collagen) but
+# its nuclei stay small: the remaining contrast is subtle, yet learnable. With a wider contrast (0.5;
+# 0.8 with nuclei of radius 1.8) ERM learnt it and misclassified about 1% of the non-tumour patches
+# full of tissue (README, `synthetic` command).
+NORMAL_TEXTURE = STROMA_TEXTURE.toward(TUMOUR_TEXTURE, 0.6, "normal_tissue")
+INFLAMMATION_TEXTURE = STROMA_TEXTURE.toward(TUMOUR_TEXTURE, 0.9, "inflammation", nuclei_radius=2.1)
+CLASSIC_TEXTURES = (STROMA_TEXTURE, TUMOUR_TEXTURE)
+SECTION_TEXTURES = (STROMA_TEXTURE, NORMAL_TEXTURE, INFLAMMATION_TEXTURE, TUMOUR_TEXTURE)
+STROMA, NORMAL, INFLAMMATION = range(3)  # indices of SECTION_TEXTURES (tumour is the last)
+# Sections and medium bodies are stroma or normal tissue; regions inside sections are normal tissue
+# or inflammation and stay off the section's edge, so inflammation fills whole patches.
+BASE_KINDS = (STROMA, NORMAL)
+REGION_KINDS = (NORMAL, INFLAMMATION)
+
+# Sections layout geometry: sections per slide [low, high), radius relative to the slide side; inner
+# regions per section [low, high) and their radii relative to the section's.
+SECTIONS = (2, 4)
+SECTION_RADIUS = (0.12, 0.16)
+SECTION_REGIONS = (2, 5)
+SECTION_REGION_SCALE = (0.25, 0.45)
+SECTION_REGION_REACH = (0.0, 0.55)  # distance of a region's centre from the section's
+SECTION_TUMOURS = (1, 3)
+SECTION_TUMOUR_SCALE = (0.5, 0.7)
+SECTION_TUMOUR_REACH = (0.3, 0.9)  # distance of a tumour region's centre from the section's
+SECTION_BUDS = 15.0  # expected detached tumour clusters per 2048^2 pixels
+SECTION_STRANDS = 64.0  # expected strands per 2048^2 pixels (classic: 32)
+
+
+@dataclasses.dataclass(frozen=True)
 class Body:
-    """A piece of tissue and the tumour regions inside it (tumour = body AND any region)."""
+    """A piece of tissue and the tumour regions inside it (tumour = body AND any region).
+
+    On sections slides a body also has a kind of tissue (`base_kind`, an index of the layout's
+    textures) and regions of other kinds painted over it, later ones on top; tumour is on top of all.
+    """
 
     shape: Shape
     tumours: tuple[Shape, ...] = ()
+    regions: tuple[tuple[Shape, int], ...] = ()
+    base_kind: int = STROMA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +309,7 @@ class SlideLayout:
     keys: dict[str, int]  # noise stream -> hash key
     fibre_angles: tuple[float, float, float]
     warp: tuple[tuple[float, float, int, int], ...]  # octaves: cell, amplitude, key y, key x
+    textures: tuple[Texture, ...] = CLASSIC_TEXTURES  # kinds of tissue, tumour last
 
     @property
     def max_warp(self) -> float:
@@ -273,26 +354,31 @@ def _place(rng: np.random.Generator, height: int, width: int, radius: float, tak
     return None
 
 
-def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout:
-    """Slide size and shapes for one slide; depends only on (seed, slide_index, nominal_size)."""
-    rng = np.random.default_rng([seed, slide_index, nominal_size])
-    height, width = (int(round(nominal_size * (1.0 - rng.uniform(0.0, SIZE_SHRINK))))
-                     for _ in range(2))
-    side = math.sqrt(height * width)
-    keys = {name: int(k) for name, k in zip(_STREAMS, rng.integers(0, 2 ** 63, len(_STREAMS)))}
-    bodies: list[Body] = []
-    # Large and medium bodies keep clear of each other; smaller pieces keep clear of those only
-    # (they may overlap one another), which keeps placement linear in the number of pieces.
-    big_discs = np.zeros((0, 3))
+class _Pieces:
+    """Places the pieces of one slide in draw order (the order fixes every random draw)."""
 
-    def add(radius: float, tumour_probability: float, margin: float, spacing: float,
-            **shape_kw) -> None:
-        nonlocal big_discs
-        centre = _place(rng, height, width, radius, big_discs, margin, spacing)
+    def __init__(self, rng: np.random.Generator, height: int, width: int) -> None:
+        self.rng, self.height, self.width = rng, height, width
+        self.bodies: list[Body] = []
+        # Large and medium bodies keep clear of each other; smaller pieces keep clear of those only
+        # (they may overlap one another), which keeps placement linear in the number of pieces.
+        self.big_discs = np.zeros((0, 3))
+
+    def place(self, radius: float, big: bool, margin: float, spacing: float) -> tuple[float, float] | None:
+        centre = _place(self.rng, self.height, self.width, radius, self.big_discs, margin, spacing)
+        if centre is not None and big:
+            self.big_discs = np.vstack([self.big_discs, [centre[0], centre[1], radius]])
+        return centre
+
+    def add(self, radius: float, tumour_probability: float, margin: float, spacing: float,
+            base_kind: int = STROMA, big: bool | None = None, **shape_kw) -> None:
+        """A body; with `tumour_probability` it carries tumour regions nearly as big as itself. Big
+        ones (by default those that may carry tumour) keep later pieces clear of them."""
+        rng = self.rng
+        big = tumour_probability > 0 if big is None else big
+        centre = self.place(radius, big, margin, spacing)
         if centre is None:
             return
-        if tumour_probability > 0:
-            big_discs = np.vstack([big_discs, [centre[0], centre[1], radius]])
         shape = _random_shape(rng, centre, radius, **shape_kw)
         tumours = ()
         if rng.uniform() < tumour_probability:
@@ -303,39 +389,97 @@ def sample_layout(seed: int, slide_index: int, nominal_size: int) -> SlideLayout
                                     centre[1] + radius * 0.25 * math.cos(t)),
                               radius * rng.uniform(0.95, 1.15), lobes=0.2)
                 for t in rng.uniform(0.0, 2 * math.pi, rng.integers(1, 3)))
-        bodies.append(Body(shape, tumours))
+        self.bodies.append(Body(shape, tumours, base_kind=base_kind))
 
-    # Large, tumour-bearing bodies (size relative to the slide).
-    for _ in range(rng.integers(2, 4)):
-        add(side * rng.uniform(0.11, 0.15), 1.0, margin=1.1, spacing=1.0, lobes=0.2)
-    # Medium bodies, most with tumour.
-    for _ in range(rng.integers(4, 9)):
-        add(side * rng.uniform(0.03, 0.05), 0.9, margin=1.2, spacing=1.0, lobes=0.2)
+    def add_section(self, radius: float) -> None:
+        """A large tissue section: a base of stroma or normal tissue, regions of normal tissue and
+        inflammation inside, and tumour regions anywhere in it, some reaching the section's edge."""
+        rng = self.rng
+        centre = self.place(radius, True, margin=1.05, spacing=1.0)
+        if centre is None:
+            return
+        shape = _random_shape(rng, centre, radius, elongation=0.5, lobes=0.2)
+
+        def inner(scale: tuple[float, float], reach: tuple[float, float]) -> Shape:
+            angle, distance = rng.uniform(0.0, 2 * math.pi), radius * rng.uniform(*reach)
+            return _random_shape(rng, (centre[0] + distance * math.sin(angle),
+                                       centre[1] + distance * math.cos(angle)),
+                                 radius * rng.uniform(*scale), elongation=0.6, lobes=0.25)
+
+        base_kind = int(rng.choice(BASE_KINDS))
+        regions = tuple((inner(SECTION_REGION_SCALE, SECTION_REGION_REACH), int(rng.choice(REGION_KINDS)))
+                        for _ in range(rng.integers(*SECTION_REGIONS)))
+        tumours = tuple(inner(SECTION_TUMOUR_SCALE, SECTION_TUMOUR_REACH)
+                        for _ in range(rng.integers(*SECTION_TUMOURS)))
+        self.bodies.append(Body(shape, tumours, regions, base_kind))
+
+    def add_small_pieces(self, side: float, area_scale: float, strands: float,
+                         strand_spacing: float = 1.0) -> None:
+        """Fragments, strands and debris: non-tumour tissue that fills little of a patch. Strands keep
+        `strand_spacing` * (half length + radius) clear of the centres of big bodies."""
+        rng = self.rng
+        # Small fragments (absolute size, count grows with area).
+        for _ in range(rng.poisson(40 * area_scale)):
+            self.add(rng.uniform(3.0, 7.0), 0.0, margin=1.5, spacing=1.2, lobes=0.2)
+        # Strands: thin torn strips of tissue, a few pixels wide; long enough to survive tissue
+        # detection's small-object removal (relative to the slide), thin enough to fill little of a patch.
+        for _ in range(rng.poisson(strands * area_scale)):
+            half_length = min(side, 2048.0) * rng.uniform(0.05, 0.10)
+            centre = self.place(half_length, False, margin=1.2, spacing=strand_spacing)
+            if centre is not None:
+                self.bodies.append(Body(Shape(centre=centre, axes=(half_length, rng.uniform(1.0, 1.8)),
+                                              angle=float(rng.uniform(0.0, math.pi)),
+                                              lobe_amplitudes=(0.0,) * len(HARMONICS),
+                                              lobe_phases=(0.0,) * len(HARMONICS))))
+        # Debris: specks of a few pixels.
+        for _ in range(rng.poisson(300 * area_scale)):
+            self.add(rng.uniform(2.0, 6.0), 0.0, margin=2.0, spacing=1.0, elongation=1.0, lobes=0.25)
+
+
+def sample_layout(seed: int, slide_index: int, nominal_size: int, layout: str = "classic") -> SlideLayout:
+    """Slide size and shapes for one slide; depends only on (seed, slide_index, nominal_size, layout)."""
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    sections = layout == "sections"
+    rng = np.random.default_rng([seed, slide_index, nominal_size] + ([1] if sections else []))
+    height, width = (int(round(nominal_size * (1.0 - rng.uniform(0.0, SIZE_SHRINK))))
+                     for _ in range(2))
+    side = math.sqrt(height * width)
+    keys = {name: int(k) for name, k in zip(_STREAMS, rng.integers(0, 2 ** 63, len(_STREAMS)))}
+    pieces = _Pieces(rng, height, width)
     area_scale = height * width / 2048.0 ** 2
-    # Small fragments (absolute size, count grows with area).
-    for _ in range(rng.poisson(40 * area_scale)):
-        add(rng.uniform(3.0, 7.0), 0.0, margin=1.5, spacing=1.2, lobes=0.2)
-    # Strands: thin torn strips of tissue, a few pixels wide; long enough to survive tissue
-    # detection's small-object removal (relative to the slide), thin enough to fill little of a patch.
-    for _ in range(rng.poisson(32 * area_scale)):
-        half_length = min(side, 2048.0) * rng.uniform(0.05, 0.10)
-        centre = _place(rng, height, width, half_length, big_discs, margin=1.2, spacing=1.0)
-        if centre is not None:
-            bodies.append(Body(Shape(centre=centre, axes=(half_length, rng.uniform(1.0, 1.8)),
-                                     angle=float(rng.uniform(0.0, math.pi)),
-                                     lobe_amplitudes=(0.0,) * len(HARMONICS),
-                                     lobe_phases=(0.0,) * len(HARMONICS))))
-    # Debris: specks of a few pixels.
-    for _ in range(rng.poisson(300 * area_scale)):
-        add(rng.uniform(2.0, 6.0), 0.0, margin=2.0, spacing=1.0, elongation=1.0, lobes=0.25)
+    if sections:
+        for _ in range(rng.integers(*SECTIONS)):
+            pieces.add_section(side * rng.uniform(*SECTION_RADIUS))
+        # Medium bodies of stroma or normal tissue, most with tumour.
+        for _ in range(rng.integers(4, 9)):
+            pieces.add(side * rng.uniform(0.03, 0.05), 0.8, margin=1.2, spacing=1.0,
+                       base_kind=int(rng.choice(BASE_KINDS)), lobes=0.2)
+        # Detached tumour clusters of a few cells: tumour patches with little tissue.
+        for _ in range(rng.poisson(SECTION_BUDS * area_scale)):
+            pieces.add(rng.uniform(4.0, 12.0), 1.0, margin=1.5, spacing=1.2, big=False, lobes=0.2)
+        pieces.add_small_pieces(side, area_scale, strands=SECTION_STRANDS, strand_spacing=0.7)
+    else:
+        # Large, tumour-bearing bodies (size relative to the slide).
+        for _ in range(rng.integers(2, 4)):
+            pieces.add(side * rng.uniform(0.11, 0.15), 1.0, margin=1.1, spacing=1.0, lobes=0.2)
+        # Medium bodies, most with tumour.
+        for _ in range(rng.integers(4, 9)):
+            pieces.add(side * rng.uniform(0.03, 0.05), 0.9, margin=1.2, spacing=1.0, lobes=0.2)
+        pieces.add_small_pieces(side, area_scale, strands=32)
     fibre_angles = tuple(float(a) for a in rng.uniform(0.0, math.pi, 3))
     # Coarser octaves for large slides (drawn last, so slides up to ~3000 pixels do not change).
     coarse_cells = [256.0 * 2 ** k for k in range(1, 16) if 1536.0 * 2 ** k <= side]
     coarse = [(cell, COARSE_WARP * cell, *map(int, rng.integers(0, 2 ** 63, 2))) for cell in coarse_cells]
     warp = tuple(coarse) + tuple((cell, amplitude, keys[f"warp_y{octave}"], keys[f"warp_x{octave}"])
                                  for octave, (cell, amplitude) in enumerate(WARP_OCTAVES))
-    return SlideLayout(height=height, width=width, bodies=tuple(bodies), keys=keys,
-                       fibre_angles=fibre_angles, warp=warp)
+    textures = CLASSIC_TEXTURES
+    if sections:
+        textures = SECTION_TEXTURES
+        new_streams = sorted({t.stream for t in textures} - set(keys))
+        keys.update(zip(new_streams, map(int, rng.integers(0, 2 ** 63, len(new_streams)))))
+    return SlideLayout(height=height, width=width, bodies=tuple(pieces.bodies), keys=keys,
+                       fibre_angles=fibre_angles, warp=warp, textures=textures)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +493,7 @@ class TileGeometry:
     tissue: np.ndarray  # (h, w) bool
     tumour: np.ndarray  # (h, w) bool, within tissue
     warped: tuple[np.ndarray, np.ndarray] | None
+    kind: np.ndarray  # (h, w) uint8 index of the layout's texture at tissue pixels (tumour: the last)
 
 
 def _warped_coordinates(layout: SlideLayout, y: np.ndarray, x: np.ndarray
@@ -370,8 +515,9 @@ def render_geometry(layout: SlideLayout, y0: int, x0: int, h: int, w: int) -> Ti
                           & (boxes[:, 3] > x0))
     boxes = [(layout.bodies[i], slice(max(boxes[i, 0] - y0, 0), min(boxes[i, 2] - y0, h)),
               slice(max(boxes[i, 1] - x0, 0), min(boxes[i, 3] - x0, w))) for i in near]
+    kind = np.zeros((h, w), np.uint8)
     if not boxes:
-        return TileGeometry(tissue, tumour, None)
+        return TileGeometry(tissue, tumour, None, kind)
     y = np.arange(y0, y0 + h, dtype=np.float32)[:, None]
     x = np.arange(x0, x0 + w, dtype=np.float32)[None, :]
     warped_y, warped_x = _warped_coordinates(layout, y, x)
@@ -379,15 +525,20 @@ def render_geometry(layout: SlideLayout, y0: int, x0: int, h: int, w: int) -> Ti
         box_y, box_x = warped_y[rows, cols], warped_x[rows, cols]
         inside = body.shape.level(box_y, box_x) > 0
         tissue[rows, cols] |= inside
+        box_kind = kind[rows, cols]  # a view: painted in place
+        box_kind[inside] = body.base_kind
+        for region, region_kind in body.regions:
+            box_kind[inside & (region.level(box_y, box_x) > 0)] = region_kind
         for region in body.tumours:
             tumour[rows, cols] |= inside & (region.level(box_y, box_x) > 0)
-    return TileGeometry(tissue, tumour, (warped_y, warped_x))
+    kind[tumour] = len(layout.textures) - 1
+    return TileGeometry(tissue, tumour, (warped_y, warped_x), kind)
 
 
-# Mean intensities (uint16 counts): background and tissue per channel, CARS / TPEF / SHG.
+# Mean intensities (uint16 counts): background and tissue per channel, CARS / TPEF / SHG; each
+# texture scales the tissue's CARS and TPEF means and its fibres.
 _BACKGROUND = np.array([420.0, 260.0, 180.0], np.float32)
 _TISSUE_CARS, _TISSUE_TPEF, _TISSUE_SHG, _FIBRE_SHG = 5200.0, 2400.0, 380.0, 6500.0
-_TUMOUR_CARS, _TUMOUR_TPEF = 0.93, 1.07  # TPEF/CARS ratio x1.15 in tumour
 
 
 def render_image(layout: SlideLayout, geometry: TileGeometry, y0: int, x0: int,
@@ -403,21 +554,24 @@ def render_image(layout: SlideLayout, geometry: TileGeometry, y0: int, x0: int,
         rows = np.flatnonzero(geometry.tissue.any(axis=1))
         cols = np.flatnonzero(geometry.tissue.any(axis=0))
         box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        tissue, tumour = geometry.tissue[box], geometry.tumour[box]
+        tissue, kind = geometry.tissue[box], geometry.kind[box]
+        textures = layout.textures
         by, bx = y[box[0]], x[:, box[1]]
         stain = (1.0 + 0.25 * value_noise(keys["stain_coarse"], by / 280.0, bx / 280.0)
                  + 0.10 * value_noise(keys["stain_fine"], by / 40.0, bx / 40.0))
         texture = value_noise(keys["texture"], by / 3.0, bx / 3.0)
-        blobs = nuclei(keys["nuclei_normal"], by, bx, cell=12.0, density=0.45, radius=2.0)
-        if tumour.any():
-            blobs = np.where(tumour, nuclei(keys["nuclei_tumour"], by, bx, cell=7.0, density=0.85,
-                                            radius=2.6), blobs)
+        blobs = np.zeros(kind.shape, np.float32)
+        for index in np.unique(kind[tissue]):
+            t = textures[index]
+            blobs = np.where(kind == index, nuclei(keys[t.stream], by, bx, cell=t.nuclei_cell,
+                                                   density=t.nuclei_density, radius=t.nuclei_radius), blobs)
         cars = _TISSUE_CARS * stain * (1.0 + 0.15 * texture) * (1.0 - 0.5 * blobs)
         tpef = _TISSUE_TPEF * stain * (1.0 + 0.25 * texture) * (1.0 - 0.25 * blobs)
-        cars = np.where(tumour, cars * _TUMOUR_CARS, cars)
-        tpef = np.where(tumour, tpef * _TUMOUR_TPEF, tpef)
+        cars *= np.array([t.cars for t in textures], np.float32)[kind]
+        tpef *= np.array([t.tpef for t in textures], np.float32)[kind]
         warped_y, warped_x = (c[box] for c in geometry.warped)
-        collagen = _fibres(layout, by, bx, warped_y, warped_x) * np.where(tumour, 0.12, 1.0)
+        # Collagen gains in float64, as the first generator multiplied them: classic bytes stay the same.
+        collagen = _fibres(layout, by, bx, warped_y, warped_x) * np.array([t.collagen for t in textures])[kind]
         shg = _TISSUE_SHG * stain + _FIBRE_SHG * collagen
         mean_box = mean[box]
         mean_box[tissue] = np.stack([cars, tpef, shg], axis=-1)[tissue]
@@ -512,22 +666,26 @@ def assign_splits(num_slides: int, seed: int) -> list[str]:
 
 
 def generate(out_dir: str | os.PathLike, num_slides: int, size: int, seed: int = 0,
-             write_tissue_masks: bool = False, show_progress: bool = True) -> pathlib.Path:
+             write_tissue_masks: bool = False, show_progress: bool = True,
+             layout: str = "classic") -> pathlib.Path:
     """Write `num_slides` synthetic slides and `out_dir/manifest.csv`; return the manifest path.
 
     `size` is the nominal side in pixels (each side is 92-100% of it). With
     `write_tissue_masks`, the true tissue geometry is written too (`tissue_mask` column), e.g. for
-    tests; by default the tiler detects tissue from the image like on real data.
+    tests; by default the tiler detects tissue from the image like on real data. `layout` is
+    `classic` (the first generator, kept byte for byte) or `sections` (see the module docstring).
     """
     if num_slides < 1:
         raise InputError(f"--slides must be >= 1, got {num_slides}")
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if size < MIN_SIZE:
         raise InputError(f"--size must be >= {MIN_SIZE} pixels, got {size}")
     out = pathlib.Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    layouts = [sample_layout(seed, index, size) for index in range(num_slides)]
+    layouts = [sample_layout(seed, index, size, layout) for index in range(num_slides)]
     splits = assign_splits(num_slides, seed)
     total_tiles = sum(len(_tile_origins(lay.height, lay.width)) for lay in layouts)
     rows = []
@@ -569,11 +727,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_int_at_least(MIN_SIZE), default=2048,
                         help=f"nominal slide side in pixels (>= {MIN_SIZE}; each side is 92-100%% of it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same args => same bytes)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="classic",
+                        help="classic: tumour bodies among strands and debris (the first generator); "
+                             "sections: tumour inside large sections with stroma, normal tissue and "
+                             "inflammation (harder)")
     parser.add_argument("--write-tissue-masks", action="store_true",
                         help="also write the true tissue masks and a tissue_mask manifest column")
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = generate(args.out, args.slides, args.size, args.seed, args.write_tissue_masks)
-    print(f"wrote {args.slides} synthetic slides and {manifest}")
+    manifest = generate(args.out, args.slides, args.size, args.seed, args.write_tissue_masks,
+                        layout=args.layout)
+    print(f"wrote {args.slides} {args.layout} synthetic slides and {manifest}")
     return 0

@@ -3,6 +3,7 @@ and the tissue-amount shortcut measured through the real tiler (`python -m data_
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import pathlib
 
@@ -12,6 +13,7 @@ import tifffile
 
 from data_pipeline import synthetic
 from data_pipeline.__main__ import main
+from gerne_jax.errors import InputError
 
 MANIFEST_COLUMNS = ["slide_id", "image", "mask", "patient_id", "split", "channel_names"]
 
@@ -86,20 +88,24 @@ def test_shape_level_matches_polar_formula():
     assert np.all(np.abs(y[tuple(inside.T)] - 40) <= ey) and np.all(np.abs(x[tuple(inside.T)] + 10) <= ex)
 
 
-def test_geometry_of_a_window_is_independent_of_tiling():
-    layout = synthetic.sample_layout(seed=3, slide_index=1, nominal_size=1024)
+@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+def test_geometry_of_a_window_is_independent_of_tiling(layout):
+    layout = synthetic.sample_layout(seed=3, slide_index=1, nominal_size=1024, layout=layout)
     whole = synthetic.render_geometry(layout, 100, 200, 600, 500)
     assert whole.tissue.any() and whole.tumour.any()
     assert not np.any(whole.tumour & ~whole.tissue)
+    assert np.all(whole.kind[whole.tumour] == len(layout.textures) - 1)
     for y0, x0, h, w in [(100, 200, 256, 256), (333, 457, 170, 211), (650, 600, 50, 100)]:
         part = synthetic.render_geometry(layout, y0, x0, h, w)
-        np.testing.assert_array_equal(part.tissue, whole.tissue[y0 - 100:y0 - 100 + h, x0 - 200:x0 - 200 + w])
-        np.testing.assert_array_equal(part.tumour, whole.tumour[y0 - 100:y0 - 100 + h, x0 - 200:x0 - 200 + w])
+        window = (slice(y0 - 100, y0 - 100 + h), slice(x0 - 200, x0 - 200 + w))
+        for name in ("tissue", "tumour", "kind"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[window])
 
 
-def test_box_culling_matches_evaluating_every_body():
+@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+def test_box_culling_matches_evaluating_every_body(layout):
     # A large slide (with the coarse warp octaves): evaluate every body over the whole window.
-    layout = synthetic.sample_layout(seed=2, slide_index=0, nominal_size=3200)
+    layout = synthetic.sample_layout(seed=2, slide_index=0, nominal_size=3200, layout=layout)
     assert len(layout.warp) > len(synthetic.WARP_OCTAVES)
     big = max(layout.bodies, key=lambda body: body.shape.axes[0])
     y0, x0 = (int(c) - 100 for c in big.shape.centre)
@@ -110,14 +116,20 @@ def test_box_culling_matches_evaluating_every_body():
     warped_y, warped_x = synthetic._warped_coordinates(layout, y, x)
     tissue = np.zeros((200, 200), bool)
     tumour = np.zeros((200, 200), bool)
+    kind = np.zeros((200, 200), int)
     for body in layout.bodies:
         inside = body.shape.level(warped_y, warped_x) > 0
         tissue |= inside
+        kind[inside] = body.base_kind  # later bodies and regions on top
+        for region, region_kind in body.regions:
+            kind[inside & (region.level(warped_y, warped_x) > 0)] = region_kind
         for region in body.tumours:
             tumour |= inside & (region.level(warped_y, warped_x) > 0)
+    kind[tumour] = len(layout.textures) - 1
     assert 0 < tissue.mean() < 1
     np.testing.assert_array_equal(geometry.tissue, tissue)
     np.testing.assert_array_equal(geometry.tumour, tumour)
+    np.testing.assert_array_equal(geometry.kind[tissue], kind[tissue])
 
 
 def read_manifest_rows(path: pathlib.Path) -> list[dict[str, str]]:
@@ -183,15 +195,42 @@ def test_tumour_signature_channel_ratio_and_collagen(small_set):
     assert normal_mean[2] > 1.5 * tumour_mean[2]  # SHG collagen mostly in normal stroma
 
 
-def test_same_arguments_give_identical_bytes(tmp_path):
+@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+def test_same_arguments_give_identical_bytes(tmp_path, layout):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        synthetic.generate(tmp_path / name, num_slides=2, size=300, seed=seed, show_progress=False)
+        synthetic.generate(tmp_path / name, num_slides=2, size=300, seed=seed, show_progress=False,
+                           layout=layout)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == ["manifest.csv", "slide_000.tif", "slide_000_tumour.tif", "slide_001.tif",
                      "slide_001_tumour.tif"]
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "slide_000.tif").read_bytes() != (tmp_path / "c" / "slide_000.tif").read_bytes()
+
+
+# SHA-256 (first 16 hex digits) of the decoded pixels of every file (the manifest's bytes) that the
+# first generator, before `--layout` existed, wrote for these arguments. Pixels rather than file
+# bytes, so that another zlib build (same pixels, other deflate stream) does not fail the test.
+CLASSIC_OUTPUT = {
+    (7, 2, 300): {"manifest.csv": "e85ca8a7c459dbb5", "slide_000.tif": "9c73f7cb6aff8f48",
+                  "slide_000_tumour.tif": "4c0273d8f2efd770", "slide_001.tif": "a88b2ccb3c91c0ec",
+                  "slide_001_tumour.tif": "4dc1861f2f6a1c81"},
+    (0, 3, 600): {"manifest.csv": "401a6f636d977201", "slide_000.tif": "1f0bca0a30d1e9c6",
+                  "slide_000_tumour.tif": "ea588550ba23daac", "slide_001.tif": "8d147218f8f19e69",
+                  "slide_001_tumour.tif": "71ab04940d1e492f", "slide_002.tif": "a91a77e411a18dec",
+                  "slide_002_tumour.tif": "84d317f366293090"},
+}
+
+
+@pytest.mark.parametrize("seed, num_slides, size", sorted(CLASSIC_OUTPUT))
+def test_classic_layout_is_the_first_generator(tmp_path, seed, num_slides, size):
+    for name, kwargs in (("default", {}), ("classic", {"layout": "classic"})):
+        synthetic.generate(tmp_path / name, num_slides, size, seed, show_progress=False, **kwargs)
+        digests = {}
+        for path in sorted((tmp_path / name).iterdir()):
+            data = path.read_bytes() if path.suffix == ".csv" else tifffile.imread(path).tobytes()
+            digests[path.name] = hashlib.sha256(data).hexdigest()[:16]
+        assert digests == CLASSIC_OUTPUT[seed, num_slides, size], name
 
 
 @pytest.mark.parametrize("num_slides", range(1, 21))
@@ -213,10 +252,17 @@ def test_cli(tmp_path, capsys):
                  "--seed", "4"]) == 0
     rows = read_manifest_rows(tmp_path / "out" / "manifest.csv")
     assert list(rows[0]) == MANIFEST_COLUMNS and len(rows) == 3
-    for bad in (["--size", "100"], ["--slides", "0"]):
+    assert main(["synthetic", "--out", str(tmp_path / "sections"), "--slides", "3", "--size", "256",
+                 "--seed", "4", "--layout", "sections"]) == 0
+    assert "3 sections synthetic slides" in capsys.readouterr().out
+    image = tmp_path / "sections" / "slide_000.tif"
+    assert image.read_bytes() != (tmp_path / "out" / "slide_000.tif").read_bytes()
+    for bad in (["--size", "100"], ["--slides", "0"], ["--layout", "squares"]):
         with pytest.raises(SystemExit):
             main(["synthetic", "--out", str(tmp_path / "bad")] + bad)
         assert bad[0] in capsys.readouterr().err
+    with pytest.raises(InputError, match="--layout.*'squares'"):
+        synthetic.generate(tmp_path / "bad", 1, 256, layout="squares", show_progress=False)
     assert not (tmp_path / "bad").exists()
 
 
@@ -257,3 +303,70 @@ def test_shortcut_through_the_tiler(tmp_path, seed, patch_sizes):
         tumour_little_tissue, normal_much_tissue = shares[0.1]
         assert 0.01 <= tumour_little_tissue <= upper
         assert 0.01 <= normal_much_tissue <= upper
+
+
+def patches_of(a: np.ndarray, patch_size: int) -> np.ndarray:
+    """(H, W, ...) -> (patches, patch_size**2, ...): the whole patches of a grid with stride = size."""
+    rows, cols = a.shape[0] // patch_size, a.shape[1] // patch_size
+    a = a[:rows * patch_size, :cols * patch_size]
+    a = a.reshape(rows, patch_size, cols, patch_size, *a.shape[2:]).swapaxes(1, 2)
+    return a.reshape(rows * cols, patch_size * patch_size, *a.shape[4:])
+
+
+def patch_statistics(slides: pathlib.Path, patch_size: int) -> dict[str, np.ndarray]:
+    """Per patch of a `patch_size` grid, from the written TIFFs alone: the true tissue ratio, the label
+    (any tumour pixel) and each channel's mean over the patch's tissue pixels; patches with tissue."""
+    columns = {"ratio": [], "label": [], "mean": []}
+    for row in read_manifest_rows(slides / "manifest.csv"):
+        image = tifffile.imread(slides / row["image"]).astype(np.float64)
+        tumour = tifffile.imread(slides / row["mask"]).astype(bool)
+        tissue = tifffile.imread(slides / row["tissue_mask"]).astype(bool)
+        weight = patches_of(tissue, patch_size).astype(np.float64)
+        ratio = weight.mean(axis=1)
+        keep = ratio > 0
+        columns["ratio"].append(ratio[keep])
+        columns["label"].append(patches_of(tumour, patch_size).any(axis=1)[keep])
+        weight, pixels = weight[keep], patches_of(image, patch_size)[keep]
+        columns["mean"].append(np.einsum("np,npc->nc", weight, pixels) / weight.sum(axis=1)[:, None])
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+@pytest.mark.slow
+def test_sections_layout_has_full_non_tumour_tissue_with_a_subtler_texture(tmp_path):
+    """The sections layout against the classic one on the same arguments (2048-pixel slides, P = 64):
+    many non-tumour patches full of tissue, the shortcut kept, and a smaller but present contrast."""
+    found = {}
+    for layout in synthetic.LAYOUTS:
+        synthetic.generate(tmp_path / layout, 2, SHORTCUT_SIZE, seed=0, write_tissue_masks=True,
+                           show_progress=False, layout=layout)
+        found[layout] = patch_statistics(tmp_path / layout, 64)
+    shares = {}
+    for layout, stats in found.items():
+        ratio, tumour = stats["ratio"], stats["label"]
+        shares[layout] = float(np.mean(ratio[~tumour] >= 0.5))
+        print(f"{layout}: {len(ratio)} patches, non-tumour with r >= 0.5 {shares[layout]:.1%}, "
+              f"tumour with r >= 0.5 {np.mean(ratio[tumour] >= 0.5):.1%}")
+    sections = found["sections"]
+    ratio, tumour = sections["ratio"], sections["label"]
+    # Non-tumour tissue in large regions: a substantial share of non-tumour patches is mostly tissue,
+    # several times the classic layout's...
+    assert shares["sections"] >= 0.10 and shares["sections"] >= 4 * shares["classic"]
+    # ...while the shortcut stays: tumour patches mostly full of tissue, most non-tumour patches with
+    # little, and both minority groups of tau = 0.1 present.
+    assert np.median(ratio[tumour]) > 0.7 and np.mean(ratio[tumour] >= 0.5) > 0.6
+    assert np.mean(ratio[~tumour] < 0.1) > 0.5
+    assert np.mean(tumour & (ratio < 0.1)) >= 0.02 and np.mean(~tumour & (ratio >= 0.1)) >= 0.10
+    # Texture of patches full of tissue: tumour has the higher TPEF/CARS ratio and less SHG collagen in
+    # both layouts, but the non-tumour tissue of sections comes closer to it on both cues.
+    gaps = {}
+    for layout, stats in found.items():
+        full = stats["ratio"] >= 0.9
+        tpef_cars = stats["mean"][:, 1] / stats["mean"][:, 0]
+        shg = stats["mean"][:, 2]
+        tumour_full, normal_full = full & stats["label"], full & ~stats["label"]
+        assert tumour_full.sum() >= 20 and normal_full.sum() >= 5, layout
+        gaps[layout] = (np.median(tpef_cars[tumour_full]) / np.median(tpef_cars[normal_full]),
+                        np.median(shg[normal_full]) / np.median(shg[tumour_full]))
+    print("tumour / non-tumour TPEF/CARS, non-tumour / tumour SHG (full patches):", gaps)
+    for cue in range(2):
+        assert 1.03 < gaps["sections"][cue] < gaps["classic"][cue]
