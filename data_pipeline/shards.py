@@ -190,18 +190,19 @@ class PixelStatistics:
         np.add.at(edges, np.asarray(starts) + width, -1)
         weights = np.cumsum(edges[:-1])  # windows covering each column
         height = band.shape[0]
-        # Column sums of x and x^2 in the narrowest unsigned type that cannot overflow (uint32 for
-        # uint8 bands up to 66,051 rows): einsum multiplies and sums in one pass, with no squared copy.
-        column_max = height * int(np.iinfo(band.dtype).max) ** 2
-        column_dtype = np.uint32 if column_max < 2**32 else np.uint64
+        # Column sums of x and x^2 in the narrowest unsigned types that cannot overflow (for uint8
+        # bands of up to 257 rows, uint16 and uint32); einsum multiplies and sums in one pass.
+        largest = int(np.iinfo(band.dtype).max)
+        sum_dtype, column_max = _unsigned_for(height * largest), height * largest**2
+        square_dtype = _unsigned_for(column_max)
         sums, squares = np.zeros(self._num_channels, object), np.zeros(self._num_channels, object)
         for c0 in range(0, band.shape[1], self.COLUMN_CHUNK):
             chunk_weights = weights[c0:c0 + self.COLUMN_CHUNK]
             if not chunk_weights.any():
                 continue
             values = band[:, c0:c0 + self.COLUMN_CHUNK]
-            column_sums = np.add.reduce(values, axis=0, dtype=column_dtype)                 # (w, C)
-            column_squares = np.einsum("hwc,hwc->wc", values, values, dtype=column_dtype)  # (w, C)
+            column_sums = np.add.reduce(values, axis=0, dtype=sum_dtype)                    # (w, C)
+            column_squares = np.einsum("hwc,hwc->wc", values, values, dtype=square_dtype)  # (w, C)
             # Weighted totals in uint64 where they fit, else in Python ints.
             total_dtype = np.uint64 if column_max * int(chunk_weights.sum()) < 2**64 else object
             chunk_weights = chunk_weights.astype(total_dtype)
@@ -218,6 +219,11 @@ class PixelStatistics:
         mean = np.array([s / n for s in self._sum])
         m2 = np.array([(n * q - s * s) / n for s, q in zip(self._sum, self._sum_of_squares)])
         return ChannelMoments(float(n), mean, m2)
+
+
+def _unsigned_for(bound: int) -> type:
+    """The narrowest numpy unsigned integer type holding every value up to `bound`."""
+    return next(t for t in (np.uint16, np.uint32, np.uint64) if bound <= np.iinfo(t).max)
 
 
 @dataclasses.dataclass(frozen=True)
