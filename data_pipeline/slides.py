@@ -92,10 +92,11 @@ class _TiffLevel:
         self._array = zarr.open(cache, mode="r")
         # Storage chunk (strip or tile) in pixels: scans align to it so none is decoded twice.
         self.chunk_shape = (self._array.chunks[axes.index("Y")], self._array.chunks[axes.index("X")])
-        # A row of chunks across the level (plus one chunk, as rows rarely end on a chunk edge) is
-        # what the next window of a band scan reads again.
+        # The next window of a band scan reads again the row of chunks the last one cut. Room for two
+        # rows across the level keeps it while the windows of a band, read in column chunks, decode
+        # the row below.
         chunk_row = self.chunk_shape[0] * (self.shape[1] + self.chunk_shape[1])
-        cache.capacity = min(chunk_row * self.num_channels * self.dtype.itemsize, CHUNK_CACHE_BYTES)
+        cache.capacity = min(2 * chunk_row * self.num_channels * self.dtype.itemsize, CHUNK_CACHE_BYTES)
 
     def _check_not_truncated(self, tiff: tifffile.TiffFile, level_series) -> None:
         file_size = tiff.filehandle.size
