@@ -8,15 +8,20 @@ coarse maps, so the writer's memory stays small. Then, in one run:
   decode   every level-0 tile through tifffile's zarr store, one row of tiles at a time
   tile     `python -m data_pipeline tile --patch-size 224` in a subprocess (its wall time includes
            Python / TensorFlow start-up; its peak RSS is read from getrusage(RUSAGE_CHILDREN))
+  workers  --many-slides N slides of --many-size pixels (written once like the big one) tiled with
+           `--workers 1` and `--workers 2`, the speed-up of two workers over one (0 skips it)
 
 MB/s count level-0 pixel bytes (H * W * 3). The tiler's peak RSS must stay under 1.5 GB.
+`--profile` samples the big tiling run with py-spy (every thread, on PATH or `--py-spy`) and prints
+where the time goes per thread and function; without py-spy it prints cProfile's main-thread table.
 
     .venv/bin/python benchmarks/tiling.py                 # 30000 x 30000 (a few minutes)
-    .venv/bin/python benchmarks/tiling.py --size 4096     # quick
+    .venv/bin/python benchmarks/tiling.py --size 4096 --many-slides 4 --many-size 2048   # quick
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import os
 import pathlib
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import tifffile
@@ -65,7 +71,8 @@ def render_tile(maps: tuple[np.ndarray, np.ndarray], noise: np.ndarray, downsamp
     return np.clip(image + noise[offset_y:offset_y + tile, offset_x:offset_x + tile], 0, 255).astype(np.uint8)
 
 
-def write_slide(folder: pathlib.Path, size: int, tile: int, compression: str, seed: int = 0) -> pathlib.Path:
+def write_slide(folder: pathlib.Path, size: int, tile: int, compression: str, seed: int = 0,
+                slide_id: str = "bench") -> pathlib.Path:
     """Writes slide.tif (pyramid), tumour.tif and manifest.csv; returns the manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     maps = coarse_maps(size, seed)
@@ -93,13 +100,32 @@ def write_slide(folder: pathlib.Path, size: int, tile: int, compression: str, se
     manifest = folder / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerows([["slide_id", "image", "mask", "split"], ["bench", "slide.tif", "tumour.tif", "train"]])
+        writer.writerows([["slide_id", "image", "mask", "split"], [slide_id, "slide.tif", "tumour.tif", "train"]])
     return manifest
 
 
-def decode_seconds(path: pathlib.Path) -> float:
-    """Seconds to decode every tile of level 0, one row of tiles at a time (zarr store)."""
-    start = time.perf_counter()
+def many_slides(work_dir: pathlib.Path, count: int, size: int, tile: int, compression: str) -> pathlib.Path:
+    """A manifest of `count` different slides (seeds 1..count), each written once by `write_slide`."""
+    folder = work_dir / f"many_{count}_{size}_{tile}_{compression}"
+    manifest = folder / "manifest.csv"
+    if manifest.exists():
+        return manifest
+    rows = [["slide_id", "image", "mask", "split"]]
+    for seed in range(1, count + 1):
+        slide = folder / f"slide_{seed}"
+        if not (slide / "manifest.csv").exists():
+            write_slide(slide, size, tile, compression, seed=seed, slide_id=f"many{seed}")
+        rows.append([f"many{seed}", f"{slide.name}/slide.tif", f"{slide.name}/tumour.tif", "train"])
+    partial = folder / ".manifest.csv.partial"
+    with open(partial, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    os.replace(partial, manifest)
+    return manifest
+
+
+def decode_seconds(path: pathlib.Path) -> tuple[float, float]:
+    """(wall, CPU) seconds to decode every tile of level 0, one row of tiles at a time (zarr store)."""
+    start, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
     with tifffile.TiffFile(path) as tiff:
         array = zarr.open(tiff.series[0].aszarr(level=0), mode="r")
         tile_height = tiff.pages[0].tilelength
@@ -107,13 +133,20 @@ def decode_seconds(path: pathlib.Path) -> float:
         for top in range(0, array.shape[0], tile_height):
             checksum += int(np.asarray(array[top:top + tile_height])[::97, ::97].sum())
     del checksum
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds(resource.RUSAGE_SELF) - cpu
 
 
-def tiling_run(manifest: pathlib.Path, out: pathlib.Path, patch_size: int, workers: int) -> tuple[float, int]:
-    """(wall seconds, patches) of the tiling CLI in a fresh subprocess."""
+def cpu_seconds(who: int) -> float:
+    """User + system CPU seconds of this process or of its finished children (`who`)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tiling_run(manifest: pathlib.Path, out: pathlib.Path, patch_size: int, workers: int,
+               python: Sequence[str] = (sys.executable,)) -> tuple[float, int]:
+    """(wall seconds, patches) of the tiling CLI in a fresh subprocess started by `python`."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "data_pipeline", "tile", "--manifest", str(manifest), "--out", str(out),
+    command = [*python, "-m", "data_pipeline", "tile", "--manifest", str(manifest), "--out", str(out),
                "--patch-size", str(patch_size), "--workers", str(workers)]
     start = time.perf_counter()
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -125,6 +158,36 @@ def tiling_run(manifest: pathlib.Path, out: pathlib.Path, patch_size: int, worke
     return seconds, patches
 
 
+def profiled_python(py_spy: str | None, output: pathlib.Path) -> list[str]:
+    """The Python command that profiles the tiling run: under py-spy (every thread), else cProfile."""
+    if py_spy:
+        return [py_spy, "record", "--threads", "--rate", "100", "--format", "raw", "--output", str(output),
+                "--", sys.executable]
+    return [sys.executable, "-m", "cProfile", "-o", str(output)]
+
+
+def print_profile(output: pathlib.Path, py_spy: bool, top: int = 25) -> None:
+    """Top entries of the profile: py-spy samples per (thread, innermost project or library function)."""
+    if not py_spy:
+        import pstats
+        pstats.Stats(str(output)).sort_stats("tottime").print_stats(top)
+        return
+    samples: collections.Counter = collections.Counter()
+    for line in output.read_text().splitlines():
+        stack, count = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        thread = frames[0].split(":")[-1].strip()
+        if "_worker (concurrent/futures/thread.py" in frames[-1]:
+            continue  # an idle pool thread waiting for work
+        own = [f for f in frames[1:] if "data_pipeline/" in f or "gerne_jax/" in f]
+        where = frames[-1] if not own or own[-1] is frames[-1] else f"{own[-1]} > {frames[-1]}"
+        samples[(thread, where)] += int(count)
+    total = sum(samples.values())
+    print(f"profile: {total} samples of busy threads; top {top} (thread, innermost project frame > leaf)")
+    for (thread, where), count in samples.most_common(top):
+        print(f"  {100 * count / total:5.1f}%  {thread:<24} {where}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=30000, help="slide side in pixels")
@@ -132,6 +195,10 @@ def main() -> int:
     parser.add_argument("--patch-size", type=int, default=224)
     parser.add_argument("--compression", default="jpeg", help="tifffile compression of the image tiles")
     parser.add_argument("--workers", type=int, default=1, help="tiling workers (one slide: 1 is enough)")
+    parser.add_argument("--many-slides", type=int, default=8, help="slides of the workers measurement (0: skip)")
+    parser.add_argument("--many-size", type=int, default=6144, help="side of each of those slides")
+    parser.add_argument("--profile", action="store_true", help="profile the big tiling run (py-spy or cProfile)")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable for --profile")
     parser.add_argument("--work-dir", type=pathlib.Path,
                         default=pathlib.Path(tempfile.gettempdir()) / "gerne_tiling_bench",
                         help="where the slide is written (reused when its size matches) and tiled")
@@ -143,10 +210,17 @@ def main() -> int:
         start = time.perf_counter()
         write_slide(folder, args.size, args.tile, args.compression)
         print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
+    many = (many_slides(args.work_dir, args.many_slides, args.many_size, args.tile, args.compression)
+            if args.many_slides else None)
     megabytes = args.size * args.size * 3 / 1e6
-    decode = decode_seconds(folder / "slide.tif")
+    decode, decode_cpu = decode_seconds(folder / "slide.tif")
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
     tiling, patches = tiling_run(manifest, args.work_dir / "data", args.patch_size, args.workers)
+    tiling_cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    if many is not None:  # one worker, then two, right after each other
+        one, many_patches = tiling_run(many, args.work_dir / "data_many", args.patch_size, 1)
+        two, _ = tiling_run(many, args.work_dir / "data_many", args.patch_size, 2)
 
     file_mb = (folder / "slide.tif").stat().st_size / 1e6
     rows = [
@@ -156,12 +230,26 @@ def main() -> int:
         (f"tile (patch {args.patch_size}, {args.workers} worker)", f"{tiling:8.1f} s  {megabytes / tiling:8.1f} MB/s"
                                                                   f"  {patches} patches"),
         ("tiling / decode throughput", f"{decode / tiling:8.2f}"),
+        ("CPU seconds: decode, tiling (user + sys)", f"{decode_cpu:8.1f} s  {tiling_cpu:8.1f} s  "
+                                                      f"(ratio {decode_cpu / tiling_cpu:.2f}; less sensitive to "
+                                                      "other jobs than wall time)"),
         ("peak RSS of the tiling process", f"{peak_mb:8.0f} MB  (limit {RSS_LIMIT_MB} MB: "
                                            f"{'ok' if peak_mb < RSS_LIMIT_MB else 'EXCEEDED'})"),
     ]
+    if many is not None:
+        rows += [
+            (f"{args.many_slides} slides of {args.many_size}^2, 1 worker", f"{one:8.1f} s  {many_patches} patches"),
+            (f"{args.many_slides} slides of {args.many_size}^2, 2 workers", f"{two:8.1f} s"),
+            ("2 workers / 1 worker throughput", f"{one / two:8.2f}  ({os.cpu_count()} CPUs)"),
+        ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if args.profile:  # after the measured runs: the profiler slows the run it samples
+        output = args.work_dir / ("tiling.pyspy" if args.py_spy else "tiling.cprofile")
+        tiling_run(manifest, args.work_dir / "data", args.patch_size, args.workers,
+                   profiled_python(args.py_spy, output))
+        print_profile(output, bool(args.py_spy))
     return 0 if peak_mb < RSS_LIMIT_MB else 1
 
 

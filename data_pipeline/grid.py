@@ -20,8 +20,21 @@ def grid_origins(length: int, patch_size: int, stride: int) -> np.ndarray:
 
 def window_counts(band: np.ndarray, starts: np.ndarray, patch_size: int) -> np.ndarray:
     """True pixels of `band` (h, w) bool in the column windows [s, s + P) for each start s."""
-    column_prefix = np.concatenate([[0], np.cumsum(band.sum(axis=0, dtype=np.int64))])
+    column_prefix = np.concatenate([[0], np.cumsum(_column_counts(band))])
     return column_prefix[starts + patch_size] - column_prefix[starts]
+
+
+def _column_counts(mask: np.ndarray) -> np.ndarray:
+    """True pixels per column of `mask` (h, w) bool, as int64.
+
+    Sums slices of 255 rows in uint8 (they cannot overflow) and adds those up: about ten times
+    faster than summing the bools into int64 directly, which converts every element first.
+    """
+    rows = np.asarray(mask, bool).view(np.uint8)
+    counts = np.zeros(mask.shape[1], np.int64)
+    for start in range(0, mask.shape[0], 255):
+        counts += np.add.reduce(rows[start:start + 255], axis=0, dtype=np.uint8)
+    return counts
 
 
 def lowres_window(lowres: np.ndarray, factor: int, y: int, x: int, h: int, w: int) -> np.ndarray:

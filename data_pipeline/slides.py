@@ -25,6 +25,7 @@ shape an integer factor f smaller than the level's, then pixel (i, j) is `tissue
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import pathlib
@@ -38,6 +39,7 @@ import numpy as np
 import tifffile
 import zarr
 from PIL import Image
+from zarr.storage import WrapperStore
 
 from data_pipeline.manifest import SlideError, SlideSpec
 from gerne_jax import dataset
@@ -45,6 +47,8 @@ from gerne_jax import dataset
 SPATIAL_AXES = ("Y", "X")
 # Working memory (bytes) one window of a whole-level scan (thumbnail, validate) may take.
 SCAN_BYTES = 64 << 20
+# Most bytes of decoded strips / tiles one TIFF level keeps for the next read (`_ChunkCache`).
+CHUNK_CACHE_BYTES = 256 << 20
 # Errors tifffile, imagecodecs and zarr raise on unreadable or corrupt data. Corrupt headers and tags
 # also surface as arithmetic, struct, zlib and type errors deep inside tifffile (a zero dimension
 # divides by zero while it detects the series), so those count as unreadable data too; they are
@@ -84,9 +88,15 @@ class _TiffLevel:
         self._axes = axes
         self._channel_axis = extra[0] if extra else None
         self._check_not_truncated(tiff, level_series)
-        self._array = zarr.open(series.aszarr(level=level), mode="r")
+        cache = _ChunkCache(series.aszarr(level=level))
+        self._array = zarr.open(cache, mode="r")
         # Storage chunk (strip or tile) in pixels: scans align to it so none is decoded twice.
         self.chunk_shape = (self._array.chunks[axes.index("Y")], self._array.chunks[axes.index("X")])
+        # The next window of a band scan reads again the row of chunks the last one cut. Room for two
+        # rows across the level keeps it while the windows of a band, read in column chunks, decode
+        # the row below.
+        chunk_row = self.chunk_shape[0] * (self.shape[1] + self.chunk_shape[1])
+        cache.capacity = min(2 * chunk_row * self.num_channels * self.dtype.itemsize, CHUNK_CACHE_BYTES)
 
     def _check_not_truncated(self, tiff: tifffile.TiffFile, level_series) -> None:
         file_size = tiff.filehandle.size
@@ -133,6 +143,38 @@ class _TiffLevel:
         raise SlideError(self._slide_id, self.file, f"non-finite pixel value {window[i, j, c]} at y={y}, "
                          f"x={x}, channel {c} of pyramid level {self._level} (NaN and Inf are not allowed "
                          "in a slide)")
+
+
+class _ChunkCache(WrapperStore):
+    """A zarr store (tifffile's, of one TIFF level) that keeps the most recently decoded chunks.
+
+    A window read decodes every strip or tile it touches, whole. Consecutive windows of a scan in
+    patch bands share the row of chunks their common edge cuts through; keeping the last `capacity`
+    bytes of decoded chunks (least recently used dropped first) decodes that row once. A cache too
+    small for the shared row only loses hits, never correctness.
+    """
+
+    def __init__(self, store, capacity: int = 0):
+        super().__init__(store)
+        self.capacity = capacity
+        self._chunks: collections.OrderedDict = collections.OrderedDict()  # key -> decoded Buffer
+        self._size = 0
+
+    def _with_store(self, store) -> _ChunkCache:
+        return _ChunkCache(store, self.capacity)  # a derived store starts empty: fewer hits, same data
+
+    async def get(self, key, prototype, byte_range=None):
+        # zarr calls this on its event-loop thread only, so the dictionary needs no lock.
+        if byte_range is None and key in self._chunks:
+            self._chunks.move_to_end(key)
+            return self._chunks[key]
+        value = await self._store.get(key, prototype, byte_range)
+        if byte_range is None and value is not None and len(value) <= self.capacity:
+            self._chunks[key] = value
+            self._size += len(value)
+            while self._size > self.capacity:
+                self._size -= len(self._chunks.popitem(last=False)[1])
+        return value
 
 
 class _MemoryArray:
@@ -318,6 +360,15 @@ def _ome_channel_names(ome_xml: str | None) -> tuple[str, ...]:
 
 
 def _distinct_values(array: np.ndarray) -> set:
+    """The values of an integer or bool array (Python ints). Binary masks, {0, 1} or {0, 255},
+    take two or three vectorised passes; anything else is counted value by value."""
+    if array.size == 0:
+        return set()
+    low, high = int(array.min()), int(array.max())
+    if high - low <= 1:  # no integer lies between them, and both occur
+        return {low, high}
+    if (low, high) == (0, 255) and np.count_nonzero(array) == np.count_nonzero(array == 255):
+        return {0, 255}
     if array.dtype == bool or array.dtype in (np.uint8, np.uint16):
         counts = np.bincount(array.ravel().astype(np.int64, copy=False))
         return set(np.flatnonzero(counts).tolist())
@@ -332,6 +383,8 @@ def _format_values(values: Sequence, limit: int = 20) -> str:
 
 def _block_mean(window: np.ndarray, factor: int) -> np.ndarray:
     """Means of factor x factor blocks of (h, w, C); partial blocks at the edges average what exists."""
+    if factor == 1:
+        return window
     row_starts = np.arange(0, window.shape[0], factor)
     col_starts = np.arange(0, window.shape[1], factor)
     sums = np.add.reduceat(np.add.reduceat(window, row_starts, axis=0), col_starts, axis=1)
@@ -379,6 +432,7 @@ class SlideReader:
         self._downsample = downsample
         self._tumour_ids = None if tumour_ids is None else np.asarray(sorted(set(tumour_ids)))
         self._stack: contextlib.ExitStack | None = None
+        self._mask_checked = False  # set by `validate`: `read_tumour` need not check values again
 
     # -- opening ------------------------------------------------------------------------------------
     def __enter__(self) -> SlideReader:
@@ -513,10 +567,12 @@ class SlideReader:
         labels = self._tumour.read(y, x, h, w)
         if self._tumour_ids is not None:
             return np.isin(labels, self._tumour_ids)
-        if labels.dtype != bool and np.any((labels != 0) & (labels != 1) & (labels != 255)):
-            raise SlideError(self.slide_id, self.spec.mask_file, "mask is a label map (values "
-                             f"{_format_values(np.unique(labels))} in window y={y} x={x}); "
-                             "pass tumour_ids to say which labels are tumour")
+        if not self._mask_checked:  # `validate` checked the whole mask already
+            values = _distinct_values(labels)
+            if not values <= {0, 1, 255}:
+                raise SlideError(self.slide_id, self.spec.mask_file, "mask is a label map (values "
+                                 f"{_format_values(sorted(values))} in window y={y} x={x}); "
+                                 "pass tumour_ids to say which labels are tumour")
         return labels != 0
 
     def read_tissue_mask(self, y: int, x: int, h: int, w: int) -> np.ndarray | None:
@@ -581,6 +637,7 @@ class SlideReader:
             raise SlideError(self.slide_id, self.spec.mask_file, "mask is a label map (values "
                              f"{_format_values(sorted(found))}); pass tumour_ids to say which "
                              "labels are tumour")
+        self._mask_checked = True
 
 
 def _common_pyramid(level_shapes: list[list[tuple[int, int]]]) -> dict[int, list[int]]:

@@ -29,19 +29,26 @@ def combine_channels(thumbnail: np.ndarray, low_percentile: float = 1.0,
         image = image[..., None]
     if image.ndim != 3:
         raise ValueError(f"thumbnail must be (h, w) or (h, w, C), got shape {image.shape}")
-    scaled = []
-    for channel in np.moveaxis(image, -1, 0):
-        finite = channel[np.isfinite(channel)]
+    total, used = np.zeros(image.shape[:2]), 0
+    for c in range(image.shape[-1]):
+        channel = np.array(image[..., c])  # a copy: the steps below work in place
+        is_finite = np.isfinite(channel)
+        all_finite = is_finite.all()
+        finite = channel if all_finite else channel[is_finite]
         if finite.size == 0:
             continue
         low, high = np.percentile(finite, [low_percentile, high_percentile])
         if high <= low:
             continue
-        channel = np.where(np.isfinite(channel), channel, low)
-        scaled.append(np.clip((channel - low) / (high - low), 0.0, 1.0))
-    if not scaled:
-        return np.zeros(image.shape[:2])
-    return np.mean(scaled, axis=0)
+        if not all_finite:
+            channel[~is_finite] = low
+        # In place, in the order (x - low) / (high - low), then clipped: the same values as the
+        # expression written out, without its temporaries.
+        channel -= low
+        channel /= high - low
+        total += np.clip(channel, 0.0, 1.0, out=channel)
+        used += 1
+    return total / used if used else total
 
 
 def infer_background(bright: np.ndarray) -> str:

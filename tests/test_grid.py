@@ -36,3 +36,13 @@ def test_lowres_window_is_nearest_upsampling(y, x, h, w):
     lowres = np.random.default_rng(3).random((6, 5)) < 0.5
     truth = np.array([[lowres[min(i // 4, 5), min(j // 4, 4)] for j in range(x, x + w)] for i in range(y, y + h)])
     np.testing.assert_array_equal(grid.lowres_window(lowres, 4, y, x, h, w), truth)
+
+
+@pytest.mark.parametrize("height", [1, 255, 256, 600])
+def test_window_counts_of_tall_bands_match_brute_force(height):
+    """Column counts are summed in uint8 over slices of 255 rows: no overflow at any height."""
+    band = np.random.default_rng(height).random((height, 40)) < 0.97
+    starts = grid.grid_origins(40, 9, 4)
+    np.testing.assert_array_equal(grid.window_counts(band, starts, 9), [band[:, x:x + 9].sum() for x in starts])
+    np.testing.assert_array_equal(grid.window_counts(band[:, ::-1], starts, 9),
+                                  [band[:, ::-1][:, x:x + 9].sum() for x in starts])

@@ -198,3 +198,40 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="int32 is not supported"):
         shards.write_patch_dataset(tmp_path / "f", {"train": dict(good, image=good["image"].astype(np.int32))},
                                    ["a", "b"])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_patch_serializer_matches_tfds_example_serializer(dtype):
+    """The direct proto encoding gives the bytes of TFDS's own ExampleSerializer, field for field."""
+    from tensorflow_datasets.core import example_serializer
+
+    rng = np.random.default_rng(9)
+    features = shards.patch_features(6, 3, dtype)
+    reference = example_serializer.ExampleSerializer(features.get_serialized_info())
+    serialize = shards.PatchSerializer(features)
+    for i in range(40):
+        image = (rng.random((6, 6, 3)) * 60000).astype(dtype)
+        row = dataset.patch_row(["s", "slide-é", "x" * 200][i % 3], ["", "p1", "patiënt"][i % 3 - 1],
+                                int(rng.integers(0, 2**40)), int(rng.integers(0, 300)), i % 2,
+                                float(rng.random()), float(rng.random()) if i % 5 else 1 / 3)
+        example = {"image": image[:, ::-1] if i % 4 == 0 else image, **row}  # strided views too
+        expected = reference.get_tf_example(features.encode_example(dataset.to_disk(example)))
+        assert serialize(example) == expected.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("dtype,height", [(np.uint8, 257), (np.uint8, 300), (np.uint16, 3), (np.uint16, 70)])
+def test_pixel_statistics_sums_are_exact(dtype, height):
+    """Mean and M2 equal those from Python-integer sums, across the accumulator-width boundaries
+    (uint8 sums leave uint16 above 257 rows; uint16 squares need uint64)."""
+    rng = np.random.default_rng(height)
+    high = np.iinfo(dtype).max
+    band = rng.integers(high - 3, high, size=(height, 2300, 2), endpoint=True).astype(dtype)
+    starts = np.array([0, 5, 2047, 2200])  # overlapping, across column chunks
+    statistics = shards.PixelStatistics(2, dtype)
+    statistics.add_windows(band, starts, 90)
+    pixels = np.concatenate([band[:, s:s + 90].reshape(-1, 2) for s in starts]).astype(object)
+    n, sums, squares = len(pixels), pixels.sum(axis=0), (pixels * pixels).sum(axis=0)
+    moments = statistics.moments()
+    assert moments.count == n
+    assert moments.mean.tolist() == [s / n for s in sums]
+    assert moments.m2.tolist() == [(n * q - s * s) / n for s, q in zip(sums, squares)]

@@ -581,6 +581,84 @@ def test_thumbnail_of_large_file_in_bounded_memory(large_slide, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Decoded-chunk cache and mask value checks
+# ---------------------------------------------------------------------------------------------------
+def count_chunk_decodes(source) -> dict:
+    """Wraps the tifffile store under a `_TiffLevel`'s cache; returns {chunk key: times fetched}."""
+    store = source._array.store._store  # zarr array -> _ChunkCache -> tifffile's ZarrTiffStore
+    fetched, get = {}, store.get
+
+    async def counting_get(key, *args, **kwargs):
+        if key.split("/")[-1][0].isdigit():  # chunk keys ("c/0/1/0" or "0.1.0"), not metadata
+            fetched[key] = fetched.get(key, 0) + 1
+        return await get(key, *args, **kwargs)
+
+    store.get = counting_get
+    return fetched
+
+
+@pytest.mark.parametrize("layout,storage", [("interleaved", dict(tile=(16, 16), compression="zlib")),
+                                            ("planar", dict(tile=(16, 16))),
+                                            ("multipage", dict(rowsperstrip=8, compression="zstd"))])
+def test_band_scan_decodes_every_chunk_once(tmp_path, layout, storage):
+    """Bands of 12 rows cut through rows of 16-pixel tiles (and 8-row strips): each tile is
+    decoded once, and the bands, read in column chunks too, equal the array."""
+    image = random_image(np.uint16, shape=(70, 53, 3), seed=4)
+    with SlideReader(open_layout(tmp_path, image, layout, **storage)) as reader:
+        fetched = count_chunk_decodes(reader._image.sources[0])
+        for y in range(0, 70, 12):
+            for x0, x1 in ((0, 20), (20, 53)):
+                h = min(12, 70 - y)
+                np.testing.assert_array_equal(reader.read_region(y, x0, h, x1 - x0), image[y:y + h, x0:x1])
+    tiles_down = math.ceil(70 / (16 if "tile" in storage else 8))
+    tiles_across = math.ceil(53 / 16) if "tile" in storage else 1
+    planes = 3 if layout in PLANE_PER_CHANNEL_LAYOUTS else 1
+    assert len(fetched) == tiles_down * tiles_across * planes
+    assert set(fetched.values()) == {1}
+
+
+def test_chunk_cache_too_small_still_reads_exact_regions(tmp_path, monkeypatch):
+    """Without room for a row of tiles the cache only misses: regions are still exact."""
+    monkeypatch.setattr(slides, "CHUNK_CACHE_BYTES", 16 * 16 * 4 * 2)  # two tiles of 4 uint16 channels
+    image = random_image(np.uint16)
+    with SlideReader(open_layout(tmp_path, image, "interleaved", tile=TILE)) as reader:
+        fetched = count_chunk_decodes(reader._image.sources[0])
+        assert_regions_equal(reader, image)
+        for y in range(0, HEIGHT, 5):
+            np.testing.assert_array_equal(reader.read_region(y, 0, min(5, HEIGHT - y), WIDTH), image[y:y + 5])
+    assert max(fetched.values()) > 1
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.uint16, np.int16, np.int32])
+def test_distinct_mask_values_match_numpy_unique(dtype):
+    rng = np.random.default_rng(8)
+    value_sets = [(0,), (1,), (0, 1), (0, 255), (255,), (0, 1, 255), (0, 254, 255), (0, 2), (3, 4),
+                  (0, 7, 300), (-1, 0), (-5, 1, 2)]
+    for values in value_sets:
+        info = np.iinfo(dtype) if dtype is not bool else None
+        if info is not None and not all(info.min <= v <= info.max for v in values):
+            continue
+        if dtype is bool and not set(values) <= {0, 1}:
+            continue
+        array = rng.choice(np.asarray(values), size=(31, 17)).astype(dtype)
+        assert slides._distinct_values(array) == set(np.unique(array).tolist()), (dtype, values)
+    assert slides._distinct_values(np.zeros((0, 5), dtype)) == set()
+
+
+def test_mask_values_checked_per_read_without_validate(tmp_path):
+    """read_tumour checks each window when `validate` has not checked the whole mask."""
+    mask = random_mask(values=(0, 255))
+    mask[40, 60] = 7
+    spec = open_layout(tmp_path, random_image(np.uint8), "interleaved", mask=mask)
+    with SlideReader(spec) as reader:
+        np.testing.assert_array_equal(reader.read_tumour(0, 0, 40, WIDTH), mask[:40] != 0)
+        with pytest.raises(SlideError, match=r"values \[0, 7, 255\] .* in window y=35 x=0"):
+            reader.read_tumour(35, 0, 10, WIDTH)
+        with pytest.raises(SlideError, match="label map"):
+            reader.validate()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Manifest
 # ---------------------------------------------------------------------------------------------------
 def write_manifest(folder, text):
