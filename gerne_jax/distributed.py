@@ -16,7 +16,6 @@ Files other than checkpoints (config, metrics, logs, reports) are written by pro
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator, Mapping
 
@@ -31,8 +30,6 @@ MODES = ("auto", "on", "off")
 # How each setting is named in error messages: train.py's config keys (evaluate.py passes its flags).
 CONFIG_NAMES = {"mode": "mesh.distributed", "coordinator_address": "mesh.coordinator_address",
                 "num_processes": "mesh.num_processes", "process_id": "mesh.process_id"}
-
-log = logging.getLogger("train")
 
 
 def detected_launcher() -> str | None:
@@ -82,7 +79,7 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     naming them.
     """
     if mode not in MODES:
-        raise ConfigError(f"config {names['mode']} = {mode!r}; choose one of {MODES}")
+        raise ConfigError(f"{names['mode']} = {mode!r}; choose one of {MODES}")
     launcher = detected_launcher()
     explicit = {key: value for key, value in (("coordinator_address", coordinator_address),
                                               ("num_processes", num_processes), ("process_id", process_id))
@@ -113,9 +110,6 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
         raise ConfigError(f"cannot start the distributed runtime ({error}); set {names['coordinator_address']}, "
                           f"{names['num_processes']} and {names['process_id']}, or launch with srun, mpirun "
                           "or on a TPU pod slice") from None
-    if is_main_process():
-        log.info("Distributed run (%s): %d processes, %d devices", launcher or f"coordinator {coordinator_address}",
-                 jax.process_count(), jax.device_count())
     return True
 
 

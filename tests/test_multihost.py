@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -25,10 +26,10 @@ import jax
 import numpy as np
 import pytest
 
-from gerne_jax import checkpoints, experiment, run_log, sharding
+import evaluate
+from gerne_jax import checkpoints, distributed, experiment, run_log, sharding
+from gerne_jax.errors import ConfigError
 from tests.conftest import TINY_CHANNELS, TINY_PATCH
-
-pytestmark = pytest.mark.slow  # five train.py processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIMIT_S = 480  # for all launches; on 2 idle cores they take about a minute together
@@ -150,6 +151,61 @@ def _assert_same_metrics(rows: list[dict], expected: list[dict]) -> None:
                 assert value == pytest.approx(reference[key], rel=1e-5, abs=1e-6), (row["step"], key)
 
 
+LAUNCHER_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
+                      "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
+                      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("variables, expected", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+      "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}, "SLURM"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, None),  # one task: one process
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, None),  # a batch script outside an srun step
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1234", "OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI"),
+    ({"TPU_WORKER_HOSTNAMES": "t1k-0,t1k-1"}, "TPU pod slice"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # a single-host TPU VM
+])
+def test_detected_launcher_needs_a_launch_of_several_processes(no_launcher, variables, expected):
+    for name, value in variables.items():
+        no_launcher.setenv(name, value)
+    assert distributed.detected_launcher() == expected
+
+
+def test_one_process_starts_no_distributed_runtime(no_launcher):
+    assert distributed.initialize() is False
+    assert distributed.initialize("off") is False
+    assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("settings, names, message", [
+    ({"mode": "yes"}, distributed.CONFIG_NAMES, "mesh.distributed = 'yes'; choose one of"),
+    ({"mode": "off", "coordinator_address": "h:1"}, distributed.CONFIG_NAMES, "mesh.coordinator_address set"),
+    ({"num_processes": 2, "process_id": 1}, distributed.CONFIG_NAMES,
+     "mesh.num_processes, mesh.process_id set without mesh.coordinator_address"),
+    ({"coordinator_address": "localhost:1", "num_processes": 2, "process_id": 2}, distributed.CONFIG_NAMES,
+     "mesh.process_id = 2 must be in [0, mesh.num_processes = 2)"),
+    ({"process_id": 3}, evaluate.LAUNCH_FLAGS, "--process-id set without --coordinator-address"),
+])
+def test_bad_launch_settings_name_the_key_before_starting_anything(no_launcher, settings, names, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        distributed.initialize(**settings, names=names)
+    assert not jax.distributed.is_initialized()
+
+
+def test_num_devices_outside_the_devices_is_a_config_error():
+    with pytest.raises(ConfigError, match=re.escape(f"mesh.num_devices = {jax.device_count() + 1} must be")):
+        sharding.make_mesh(jax.device_count() + 1)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
     """The reference (one process, 4 devices) and a pair (2 x 2 devices) whose process 1 is killed during
@@ -189,6 +245,7 @@ def runs(tiny_data, tmp_path_factory):
             "killed_checkpoints": killed_checkpoints, "resumed": resumed}
 
 
+@pytest.mark.slow  # five train.py processes together
 def test_two_processes_compute_what_one_process_with_four_devices_does(runs):
     """The killed run's steps 1-3, before the kill: parameters of its step-2 checkpoint, training
     metrics and the validation figures of its two-process evaluation (each process predicts its share)."""
@@ -203,6 +260,7 @@ def test_two_processes_compute_what_one_process_with_four_devices_does(runs):
     _assert_same_metrics(runs["killed_rows"], reference_rows)
 
 
+@pytest.mark.slow  # five train.py processes together
 def test_killed_process_and_restarted_pair_resume_to_the_parameters_of_one_process(runs, tiny_config):
     root = runs["root"]
     steps = tiny_config().training.steps
@@ -217,6 +275,7 @@ def test_killed_process_and_restarted_pair_resume_to_the_parameters_of_one_proce
     _assert_same_metrics(run_log.read_metrics(root / "killed"), run_log.read_metrics(root / "reference"))
 
 
+@pytest.mark.slow  # five train.py processes together
 def test_only_process_zero_logs_and_holds_the_lock(runs):
     root = runs["root"]
     main, other = (launch.output() for launch in runs["resumed"])
