@@ -32,9 +32,12 @@ from gerne_jax.errors import ConfigError
 from tests.conftest import TINY_CHANNELS, TINY_PATCH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LIMIT_S = 480  # for all launches; on 2 idle cores they take about a minute together
+LIMIT_S = 480  # for all launches: about 160 CPU-seconds, 80 s on 2 idle cores
 SURVIVOR_S = 10  # how long the survivor of the kill may take to stop by itself
 KILL_AT_STEP = 3  # process 1 dies when step 4 starts: step 2 is checkpointed, step 3 is done
+LAUNCHER_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
+                      "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
+                      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 # train.py as `python train.py ...`, but the step function SIGKILLs this process before it runs step
 # `argv[1] + 1` (the state of step argv[1] is its input): a crash mid-run that no code of ours sees.
@@ -64,7 +67,9 @@ def _free_port() -> int:
 def _env(devices: int) -> dict[str, str]:
     # No persistent compilation cache: the processes of a pair must reach each collective within
     # gloo's 30 s, which a process compiling while its peer reads the cache can miss on a busy machine.
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    # Nor a launcher's variables (a suite run inside an srun step): the runs are launched as written here.
+    env = {name: value for name, value in os.environ.items() if name not in LAUNCHER_VARIABLES}
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "PYTHONPATH": str(ROOT)}
 
 
@@ -149,11 +154,6 @@ def _assert_same_metrics(rows: list[dict], expected: list[dict]) -> None:
         for key, value in row.items():
             if key not in ("step", "split", "images_per_second"):  # images/s depends on the machine's speed
                 assert value == pytest.approx(reference[key], rel=1e-5, abs=1e-6), (row["step"], key)
-
-
-LAUNCHER_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
-                      "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",
-                      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 @pytest.fixture
