@@ -7,6 +7,10 @@ Prints the per-group table and WGA, GBA, BCA, average accuracy, worst-class accu
 each tau, and writes to `WORKDIR/eval/` (or `--out`): `<checkpoint>_<split>.json` and PNGs of the
 error rate against tissue ratio per class and of the per-group accuracies. With `--compare`, every
 run named is evaluated the same way and the runs are printed and plotted side by side.
+
+Several processes (hosts) evaluate together with the same flags as train.py's `mesh.*` config keys
+(`--coordinator-address host:port --num-processes N --process-id I`, or srun / mpirun / a TPU pod slice
+detected); process 0 prints and writes the results.
 """
 from __future__ import annotations
 
@@ -17,7 +21,11 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-from gerne_jax import checkpoints, cli, dataset, evaluation, reports  # noqa: E402
+from gerne_jax import checkpoints, cli, dataset, distributed, evaluation, reports  # noqa: E402
+
+# The launch flags, named in errors as `distributed.initialize` needs.
+LAUNCH_FLAGS = {"mode": "--distributed", "coordinator_address": "--coordinator-address",
+                "num_processes": "--num-processes", "process_id": "--process-id"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,13 +41,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="evaluate on another DATA_DIR than the run's")
     parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval, or "
                         "the first run's eval/compare_* with --compare)")
+    launch = parser.add_argument_group("several processes (README: Multi-host training)")
+    launch.add_argument("--distributed", default="auto", choices=distributed.MODES,
+                        help="auto: when --coordinator-address is given or srun, mpirun or a TPU pod is detected")
+    launch.add_argument("--coordinator-address", default="", help="host:port of process 0")
+    launch.add_argument("--num-processes", type=int, default=0, help="0: from the environment")
+    launch.add_argument("--process-id", type=int, default=-1, help="this process's id; -1: from the environment")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluates and writes the results; raises InputError (named file or folder) for bad input."""
-    cli.setup_logging()
     args = parse_args(argv)
+    distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id,
+                           names=LAUNCH_FLAGS)
+    cli.setup_logging(main_process=distributed.is_main_process())
     workdirs = [pathlib.Path(w) for w in (args.compare or [args.workdir])]
     taus_list = [(t,) for t in args.tau] if args.tau else None
     split_cache: dict = {}
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluations[name] = evaluation.evaluate_run(workdir, args.checkpoint, args.split, data_dir=args.data_dir,
                                                     taus_list=taus_list, split_cache=split_cache)
 
+    if not distributed.is_main_process():  # every process predicted its share; process 0 reports
+        return 0
     first = next(iter(evaluations.values()))
     for key in first.reports:
         print(f"\n=== {args.split} split, {key}, checkpoint {args.checkpoint} ===")

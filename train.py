@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from gerne_jax import cli, trainer  # noqa: E402
+from gerne_jax import cli, distributed, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (`:arg` for its switches).",
@@ -27,7 +27,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.setup_logging()
+    mesh = FLAGS.config.mesh  # several processes: README "Multi-host training"
+    distributed.initialize(mesh.distributed, mesh.coordinator_address, mesh.num_processes, mesh.process_id)
+    cli.setup_logging(main_process=distributed.is_main_process())
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # SIGTERM: saved, status 143 (cli.run_command)
 
 

@@ -70,5 +70,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.seed = 0
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.num_devices = 0            # 0: all devices
+    config.mesh.num_devices = 0            # 0: all devices (of all processes)
+    # Several processes (hosts) of one run (README "Multi-host training"); each process is told its own
+    # process_id. auto: start JAX's distributed runtime when coordinator_address is set or srun, mpirun
+    # or a TPU pod slice is detected; on: always (JAX reads unset values from the environment); off: never.
+    config.mesh.distributed = "auto"
+    config.mesh.coordinator_address = ""   # host:port of process 0; "" from the environment
+    config.mesh.num_processes = 0          # 0: from the environment
+    config.mesh.process_id = -1            # -1: from the environment
     return config

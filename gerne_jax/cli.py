@@ -18,10 +18,15 @@ from gerne_jax.errors import ConfigError, InputError, Interrupted, cause_chain
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
-def setup_logging() -> None:
-    """Our messages at INFO; the libraries' (orbax, TFDS, absl) chatter only from WARNING or ERROR up."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
-    logging.getLogger("train").setLevel(logging.INFO)
+def setup_logging(main_process: bool = True) -> None:
+    """Our messages at INFO; the libraries' (orbax, TFDS, absl) chatter only from WARNING or ERROR up.
+
+    The other processes of a multi-process run (`main_process=False`) log errors only: process 0
+    logs what they would repeat.
+    """
+    logging.basicConfig(level=logging.WARNING if main_process else logging.ERROR,
+                        format="%(asctime)s %(message)s", force=True)
+    logging.getLogger("train").setLevel(logging.INFO if main_process else logging.ERROR)
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns about read-only checkpoint managers
 
 

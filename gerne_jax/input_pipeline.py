@@ -95,7 +95,7 @@ def load_split(data_dir: str | pathlib.Path, split: str, in_memory: bool = True,
     if in_memory:
         array = np.empty(images.shape, images.dtype)
         for start in tqdm.trange(0, len(images), chunk, desc=f"loading {split}", unit_scale=chunk,
-                                 disable=len(images) <= chunk):
+                                 disable=len(images) <= chunk or jax.process_index() != 0):
             examples = images.source.__getitems__(list(range(start, min(start + chunk, len(images)))))
             for offset, example in enumerate(examples):
                 if example["label"] != fields["label"][start + offset]:

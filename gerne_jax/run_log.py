@@ -21,9 +21,11 @@ from gerne_jax.errors import ConfigError, InputError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-# Config keys that may change when a run is resumed (extending a run's length is fine).
+# Config keys that may change when a run is resumed: its length and intervals, and how its processes are
+# launched (the global batches, hence the result, do not depend on the number of processes).
 RESUMABLE_CHANGES = ("training.steps", "training.eval_every", "training.checkpoint_every",
-                     "training.log_every")
+                     "training.log_every", "mesh.distributed", "mesh.coordinator_address", "mesh.num_processes",
+                     "mesh.process_id")
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -37,10 +39,11 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise InputError(f"{path} is not valid JSON ({error})") from None
 
 
-def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Saves the run's config, after refusing a workdir that holds a run with another config.
+def check_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Refuses (ConfigError) a workdir that holds a run with another config.
 
-    Only the run length and the log, evaluation and checkpoint intervals may differ from a saved config.
+    Only the run length, the log, evaluation and checkpoint intervals and the process launch settings
+    (`RESUMABLE_CHANGES`) may differ from the saved config.
     """
     path = pathlib.Path(workdir) / CONFIG_FILE
     if path.is_file():
@@ -52,7 +55,12 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise ConfigError(f"{workdir} holds a run with another config ({details}); "
                              "use a new --workdir or the saved config")
-    files.write_text_atomic(path, config.to_json(indent=2))
+
+
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Saves the run's config, after refusing a workdir that holds a run with another config (`check_config`)."""
+    check_config(workdir, config)
+    files.write_text_atomic(pathlib.Path(workdir) / CONFIG_FILE, config.to_json(indent=2))
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

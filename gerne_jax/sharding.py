@@ -16,16 +16,27 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gerne_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with axis "data" over the first `num_devices` devices (all when None)."""
-    devices = jax.devices()
+    """A 1-D mesh with axis "data" over all processes' devices, or `num_devices` of them.
+
+    The devices are in process order, each process's own in a contiguous block: process p's devices
+    hold rows [p * n, (p + 1) * n) of a batch sharded on "data", which is its `process_slice`.
+    With several processes, `num_devices` takes the same number of local devices from each.
+    """
+    processes = jax.process_count()
+    devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
     if num_devices is not None:
-        if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
-        devices = devices[:num_devices]
+        if not 1 <= num_devices <= len(devices) or num_devices % processes:
+            raise ConfigError(f"config mesh.num_devices = {num_devices} must be 0 (all) or in [1, {len(devices)}]"
+                              + (f" and a multiple of the {processes} processes" if processes > 1 else ""))
+        per_process = num_devices // processes
+        devices = [device for p in range(processes)
+                   for device in [d for d in devices if d.process_index == p][:per_process]]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

@@ -8,6 +8,12 @@ exactly where an uninterrupted run would. The config, the data and the model are
 anything is written (a bad one raises an `InputError` naming it); the run then holds the workdir's
 `.lock` (`files.exclusive_lock`), so a second run on the same workdir stops at once, naming the first.
 
+Several processes (`gerne_jax.distributed`): every process runs this loop on the global mesh, feeds its
+own slice of each batch, evaluates and saves checkpoints with the others (orbax coordinates them);
+process 0 alone holds the lock and writes `config.json`, `metrics.jsonl`, TensorBoard events, the log
+and the progress bar. A SIGTERM that reaches some processes stops all of them at the next logging,
+evaluation or checkpoint step, where they agree on it.
+
 Accelerator-friendly: the state is donated to the jitted step, batches are prefetched to the devices
 two deep, and the step's metrics stay on the device until a log, evaluation or checkpoint step fetches
 them (where the finiteness check runs), so the host never waits for the device in between.
@@ -26,7 +32,17 @@ import numpy as np
 import tqdm
 from tensorboard.summary import Writer
 
-from gerne_jax import checkpoints, dataset, evaluation, experiment, files, input_pipeline, methods, run_log, sharding
+from gerne_jax import (
+    checkpoints,
+    dataset,
+    distributed,
+    evaluation,
+    experiment,
+    input_pipeline,
+    methods,
+    run_log,
+    sharding,
+)
 from gerne_jax.errors import Interrupted
 from gerne_jax.models import ResNet
 from gerne_jax.train_state import TrainState
@@ -66,10 +82,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
     model = experiment.create_model(config)
     state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
-    with files.exclusive_lock(workdir, "training"):
-        run_log.write_config(workdir, config)
-        log_info.info("Training split: %d patches. Batch plan (%s):\n%s", len(train["label"]),
-                      method.name, method.describe())
+    with distributed.main_process_lock(workdir, "training"):
+        run_log.check_config(workdir, config)  # every process, so that all stop on another run's config
+        if distributed.is_main_process():
+            run_log.write_config(workdir, config)
+        log_info.info("Training split: %d patches, %d devices in %d process(es). Batch plan (%s):\n%s",
+                      len(train["label"]), mesh.size, jax.process_count(), method.name, method.describe())
         return _train(config, workdir, metadata, train, validation, attribute, method, mesh, model, state)
 
 
@@ -77,7 +95,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
            train: dict[str, Any], validation: dict[str, Any], attribute: np.ndarray,
            method: methods.TrainingMethod, mesh: jax.sharding.Mesh, model: ResNet, state: TrainState) -> TrainState:
     """The training loop of `train_and_evaluate`, run while it holds the workdir's lock."""
-    is_main_process = jax.process_index() == 0
+    is_main_process = distributed.is_main_process()
 
     # ------------------------------------------------------------------------------------------
     # Resume from the newest latest checkpoint that can be restored.
@@ -157,7 +175,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
             progress.update(1)
             logs_now = step % config.training.log_every == 0 or step == steps
             evaluates_now = step % config.training.eval_every == 0 or step == steps
-            saves_now = step % config.training.checkpoint_every == 0 or step == steps or stop_requested
+            checkpoints_now = step % config.training.checkpoint_every == 0 or step == steps
+            # A SIGTERM may reach the processes of a run at different steps: they agree on it at the steps
+            # they all stop at anyway (one process alone stops at once).
+            stopping = ((logs_now or evaluates_now or checkpoints_now or jax.process_count() == 1)
+                        and distributed.any_process(bool(stop_requested)))
+            saves_now = checkpoints_now or stopping
             if not (logs_now or evaluates_now or saves_now):
                 continue
             last_metrics = fetch_checked()  # waits for the device: the rate below covers finished steps
@@ -172,14 +195,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
                 last_report = evaluator.run(state)[evaluation.tau_key(config.data.taus)]
                 log(step, "validation", evaluation.scalar_metrics(last_report))
                 improved = ckpt.update_best(step, state, meta(step, last_report))
-                progress.write(f"step {step}: validation WGA {last_report['worst_group_accuracy']:.4f}, "
-                               f"BCA {last_report['balanced_class_accuracy']:.4f}"
-                               + (f" (new {', '.join(improved)})" if improved else ""))
+                if is_main_process:
+                    progress.write(f"step {step}: validation WGA {last_report['worst_group_accuracy']:.4f}, "
+                                   f"BCA {last_report['balanced_class_accuracy']:.4f}"
+                                   + (f" (new {', '.join(improved)})" if improved else ""))
             if saves_now:
                 ckpt.save_latest(step, state, meta(step, last_report))
             if logs_now or evaluates_now or saves_now:  # images/s excludes evaluation and saving
                 tic, steps_timed = time.perf_counter(), 0
-            if stop_requested:
+            if stopping:
                 log_info.info("SIGTERM: saved step %d to %s; exiting.", step, ckpt.root)
                 raise TrainingInterrupted(step)
     finally:
