@@ -15,14 +15,20 @@ kinds of step, chosen by the training method (`gerne_jax.methods`):
 The learning rate and beta in the metrics are read back from the optimiser state. How the forward
 pass treats the two batches depends on the model's `norm` (docs/design.md §4):
 
-- "frozen", "group": samples are independent of their batch; `vmap(value_and_grad(loss))` over
-  the leading axis (XLA folds the vmapped forward into one pass of 2N images).
-- "separate": the same vmap; train-mode BatchNorm under vmap normalises each batch by its own
+- "frozen", "group": samples are independent of their batch; the two gradients come from one
+  forward and one backward pass per batch (two `value_and_grad` calls in the one jitted step), so the
+  step does ERM's work on the same 2N images. (A `vmap` over the pair would batch every weight
+  gradient over both of its operands, which XLA lowers to grouped convolutions: on a CPU 1.7-2.6 x
+  the ERM step for the tiny model.) The folded path vmaps the forward pass over the pair instead,
+  which XLA folds into one pass of 2N images.
+- "separate": the same two passes; train-mode BatchNorm normalises each batch by its own
   statistics. The running statistics move towards the mean of the two batches' statistics
   (mean of the two means, mean of the two variances), i.e. one update per step.
 - "shared": one forward pass over the concatenated 2N images (statistics of both batches
   together, one running-statistics update) and the two gradients by a VJP vmapped over the two
-  losses' cotangents.
+  losses' cotangents. Through the common statistics each loss reaches every image, so this needs
+  two full backward passes: about 5/3 of ERM's work (one forward, two backward passes of twice
+  its cost each, against one of each).
 
 Data parallelism (`gerne_jax.sharding`): `jax.jit` over a mesh with one axis "data"; batches sharded
 on N (axis 1), state replicated and donated. Inside, the step is a `shard_map`: each device runs the
