@@ -14,10 +14,19 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device.py"
 
+
+
+def _valid_taps(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Kernel taps that land inside the input, summed over one spatial axis of a conv's outputs (XLA's
+    cost analysis does not count the multiply-adds with zero padding)."""
+    outputs = (size + 2 * pad - kernel) // stride + 1
+    return sum(0 <= stride * o - pad + j < size for o in range(outputs) for j in range(kernel))
+
+
 # Multiply-adds of one 16x16x3 image through the smoke run's one-block ResNet (4 channels), layer by
-# layer: output pixels x output channels x kernel area x input channels.
-STEM_MACS = 8 * 8 * 4 * 49 * 3       # conv 7x7 stride 2: 16 -> 8 px (max pool -> 4)
-BLOCK_MACS = 2 * 4 * 4 * 4 * 9 * 4   # layer1_0: two 3x3 convs, 4 -> 4 channels at 4 px
+# layer: valid taps (both spatial axes) x output channels x input channels.
+STEM_MACS = _valid_taps(16, 7, 2, 3) ** 2 * 4 * 3        # conv 7x7 stride 2: 16 -> 8 px (max pool -> 4)
+BLOCK_MACS = 2 * _valid_taps(4, 3, 1, 1) ** 2 * 4 * 4    # layer1_0: two 3x3 convs, 4 -> 4 channels at 4 px
 FC_MACS = 4 * 2
 # Training: the forward pass, the stem's weight gradient (the images are not differentiated) and both
 # the input and the weight gradients of the other layers.
@@ -65,7 +74,7 @@ def test_smoke_flops_match_a_hand_count(smoke_run):
     rows = {(row["dtype"], row["kind"]): row for row in result["steps"]}
     # Two FLOPs per multiply-add, plus elementwise work (norms, activations, loss, optimiser).
     erm = rows[("float32", "erm")]["flops_per_step"]
-    assert 2 * TRAIN_MACS <= erm / (2 * result["batch_per_group"]) <= 3 * TRAIN_MACS
+    assert 2 * TRAIN_MACS <= erm / (2 * result["batch_per_group"]) <= 1.5 * 2 * TRAIN_MACS
     for kind in ("gerne", "folded", "two-pass"):  # the same images: the same convolutions
         assert rows[("float32", kind)]["flops_per_step"] == pytest.approx(erm, rel=0.25)
 
