@@ -141,7 +141,7 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
                     jax.tree.map(lambda g: g[LESS_BIASED], grads))
         # Each batch's loss depends on that batch alone: one forward and backward pass per batch. A
         # vmap over the pair would batch each weight gradient over both operands, which XLA lowers to
-        # grouped convolutions (slow on CPU: 2.2 x ERM for the tiny model); two plain passes cost ERM's.
+        # grouped convolutions (on a CPU 1.7-2.6 x ERM for the tiny model); two plain passes cost ERM's.
         grad_fn = jax.value_and_grad(single_batch_loss, has_aux=True)
         values, grads = zip(*(grad_fn(params, batch_stats, images[r], labels[r]) for r in range(2)))
         losses, (logits, per_batch_stats) = jax.tree.map(lambda *rows: jnp.stack(rows), *values)
