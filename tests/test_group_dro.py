@@ -59,6 +59,7 @@ def _config(eta=0.3, adjustment=0.5):
     return config
 
 
+@pytest.mark.slow
 def test_step_gradient_is_that_of_the_weighted_group_losses():
     config = _config()
     rng = np.random.default_rng(1)
