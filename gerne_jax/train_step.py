@@ -1,7 +1,7 @@
 """The train step: a jitted, mesh-sharded update of the train state from one training batch.
 
 A training batch is `{"image": [R, N, H, W, C] float32, "label": [R, N] int32}`: R = 2 for GERNE's pair
-(row 0 the biased batch, row 1 the less-biased one) and R = 1 for single-batch methods (ERM). Three
+(row 0 the biased batch, row 1 the less-biased one) and R = 1 for single-batch methods (ERM). Four
 kinds of step, chosen by the training method (`gerne_jax.methods`):
 
 - single batch: the gradient of the batch's loss.
@@ -11,6 +11,9 @@ kinds of step, chosen by the training method (`gerne_jax.methods`):
 - folded: one gradient of (1 + beta) L_lb - beta L_b, which equals the extrapolated gradient at the
   cost of one backward pass; the per-batch gradient metrics are NaN. Its loss weights use the same
   beta schedule the optimiser was built with (the method builds both).
+- objective (a single batch with group ids `"group": [1, N] int32`, GroupDRO): the gradient of a loss
+  the method computes from the per-example cross-entropies and groups (`objective`), which also hands
+  the optimiser extra arguments (GroupDRO's new group weights) and adds metrics.
 
 The learning rate and beta in the metrics are read back from the optimiser state. How the forward
 pass treats the two batches depends on the model's `norm` (docs/design.md §4):
