@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from gerne_jax import dataset, group_dro, methods, models, run_log, sharding, train_state
+from gerne_jax import dataset, evaluation, group_dro, methods, models, run_log, sharding, train_state
 from gerne_jax.errors import ConfigError
 from tests.conftest import TINY_CHANNELS
 
@@ -145,4 +145,8 @@ def test_group_dro_trains_end_to_end_through_train_py(tiny_data, tmp_path):
         assert np.isfinite(row["loss"])
     # Group-balanced batches: every group's loss enters, and the weights have moved off uniform.
     assert not np.allclose(weights, 0.25)
-    assert (workdir / "checkpoints" / "latest").is_dir()
+    # The checkpoint holds the group weights of its step (a resumed run continues with them).
+    state, meta = evaluation.restore_checkpoint(workdir, "latest", config, (8, 8, len(TINY_CHANNELS)),
+                                                sharding.make_mesh(), tiny_data.path)
+    assert meta["step"] == config.training.steps
+    np.testing.assert_allclose(group_dro.group_weights(state.opt_state), weights, rtol=1e-6)
