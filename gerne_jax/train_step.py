@@ -18,14 +18,20 @@ kinds of step, chosen by the training method (`gerne_jax.methods`):
 The learning rate and beta in the metrics are read back from the optimiser state. How the forward
 pass treats the two batches depends on the model's `norm` (docs/design.md §4):
 
-- "frozen", "group": samples are independent of their batch; `vmap(value_and_grad(loss))` over
-  the leading axis (XLA folds the vmapped forward into one pass of 2N images).
-- "separate": the same vmap; train-mode BatchNorm under vmap normalises each batch by its own
+- "frozen", "group": samples are independent of their batch; the two gradients come from one
+  forward and one backward pass per batch (two `value_and_grad` calls in the one jitted step), so the
+  step does ERM's work on the same 2N images. (A `vmap` over the pair would batch every weight
+  gradient over both of its operands, which XLA lowers to grouped convolutions: on a CPU 1.7-2.6 x
+  the ERM step for the tiny model.) The folded path vmaps the forward pass over the pair instead,
+  which XLA folds into one pass of 2N images.
+- "separate": the same two passes; train-mode BatchNorm normalises each batch by its own
   statistics. The running statistics move towards the mean of the two batches' statistics
   (mean of the two means, mean of the two variances), i.e. one update per step.
 - "shared": one forward pass over the concatenated 2N images (statistics of both batches
   together, one running-statistics update) and the two gradients by a VJP vmapped over the two
-  losses' cotangents.
+  losses' cotangents. Through the common statistics each loss reaches every image, so this needs
+  two full backward passes: about 5/3 of ERM's work (one forward, two backward passes of twice
+  its cost each, against one of each).
 
 Data parallelism (`gerne_jax.sharding`): `jax.jit` over a mesh with one axis "data"; batches sharded
 on N (axis 1), state replicated and donated. Inside, the step is a `shard_map`: each device runs the
@@ -137,16 +143,21 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
         return losses, (logits, _merge_batch_stats(per_batch_stats, batch_stats, updates_stats))
 
     def paired_gradients(params, batch_stats, images, labels):
-        """Stacked gradients [2, ...] of L_b and L_lb, with losses, logits and new statistics."""
+        """Losses [2], (logits [2, N, K], the step's new statistics), g_b and g_lb."""
         if norm == "shared":
             losses, vjp_fn, aux = jax.vjp(
                 lambda p: paired_losses(p, batch_stats, images, labels), params, has_aux=True)
             (grads,) = jax.vmap(vjp_fn)(jnp.eye(2, dtype=losses.dtype))
-            return losses, aux, grads
-        (losses, (logits, per_batch_stats)), grads = jax.vmap(
-            jax.value_and_grad(single_batch_loss, has_aux=True),
-            in_axes=(None, None, 0, 0))(params, batch_stats, images, labels)
-        return losses, (logits, _merge_batch_stats(per_batch_stats, batch_stats, updates_stats)), grads
+            return (losses, aux, jax.tree.map(lambda g: g[BIASED], grads),
+                    jax.tree.map(lambda g: g[LESS_BIASED], grads))
+        # Each batch's loss depends on that batch alone: one forward and backward pass per batch. A
+        # vmap over the pair would batch each weight gradient over both operands, which XLA lowers to
+        # grouped convolutions (on a CPU 1.7-2.6 x ERM for the tiny model); two plain passes cost ERM's.
+        grad_fn = jax.value_and_grad(single_batch_loss, has_aux=True)
+        values, grads = zip(*(grad_fn(params, batch_stats, images[r], labels[r]) for r in range(2)))
+        losses, (logits, per_batch_stats) = jax.tree.map(lambda *rows: jnp.stack(rows), *values)
+        return (losses, (logits, _merge_batch_stats(per_batch_stats, batch_stats, updates_stats)),
+                grads[BIASED], grads[LESS_BIASED])
 
     def single_step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
         (loss, (logits, new_stats)), grads = jax.value_and_grad(single_batch_loss, has_aux=True)(
@@ -191,10 +202,8 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
             grad_metrics = {"grad_norm_biased": nan, "grad_norm_less_biased": nan, "grad_cosine": nan,
                             "grad_norm": optax.tree.norm(grads)}
         else:
-            losses, (logits, new_stats), grads = paired_gradients(
+            losses, (logits, new_stats), g_b, g_lb = paired_gradients(
                 state.params, state.batch_stats, images, labels)
-            g_b = jax.tree.map(lambda g: g[BIASED], grads)
-            g_lb = jax.tree.map(lambda g: g[LESS_BIASED], grads)
             state = state.apply_gradients(grads=g_lb, optimizer_args={"biased_updates": g_b},
                                           batch_stats=new_stats)
             grad_metrics = _pair_gradient_metrics(

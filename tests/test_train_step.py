@@ -247,11 +247,13 @@ def test_loss_not_divided_by_num_classes():
 
 
 @pytest.mark.slow
-def test_erm_resampling_and_schedules_are_configurations_of_the_step():
+@pytest.mark.parametrize("norm", models.NORM_MODES)
+def test_erm_resampling_and_schedules_are_configurations_of_the_step(norm):
     """A beta schedule -1, 0, BETA: ERM (g_b), resampling (g_lb), then GERNE, each step checked
     against the independent gradients at its own starting parameters; lr and beta come back from
-    the optimiser state."""
-    r = _run("group")
+    the optimiser state. So each per-batch gradient of the step (one pass per batch, or the vmapped
+    VJP for shared statistics) equals its own reference, not only their combination."""
+    r = _run(norm)
     beta_schedule = optax.join_schedules(
         [optax.constant_schedule(b) for b in (-1.0, 0.0, BETA)], boundaries=[1, 2])
     lr_schedule = optax.linear_schedule(0.2, 0.1, transition_steps=2)

@@ -1,0 +1,161 @@
+"""Steps/s of the real training loop against the bare jitted step on the same batches.
+
+Writes a DATA_DIR of random uint8 patches (train and validation) into a temporary folder, then for each
+method runs `trainer.train_and_evaluate` on it: the `make demo` config (`configs/demo.py`: the tiny
+ResNet, 64-pixel patches) with the tf.data input pipeline, device prefetch, the donated state, logging
+every `--log-every` steps and an orbax checkpoint every `--checkpoint-every` steps. The loop's rate is
+taken between two rows of its `metrics.jsonl` (after compilation, before the final evaluation and
+save): from the train row of step `--skip` to the train row of the last step, so it covers every cost
+the loop pays per step, checkpoints included. The baseline is the same jitted step
+(`method.train_step`) called back to back on batches of the same pipeline already placed on the device
+(`--cached-batches` of them, cycled), timed just before and just after the loop; its rate is their
+mean. Ratio = loop steps/s / bare steps/s (target: at least 0.9).
+
+  python benchmarks/train_loop.py --methods gerne erm --steps 350
+
+Methods: `gerne` (two gradients), `gerne-folded` (beta folded into the loss, as the demo trains) and
+`erm`. Images/s per method give GERNE / ERM per image through the training loop.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import pathlib
+import statistics
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import demo
+from data_pipeline import shards
+from gerne_jax import dataset, experiment, input_pipeline, methods, run_log, sharding, trainer
+
+METHODS = ("gerne", "gerne-folded", "erm")
+
+
+def write_data_dir(data_dir: pathlib.Path, sizes: dict[str, int], patch_size: int, channels: int) -> None:
+    """Random uint8 patches, tumour patches mostly with large tissue ratios (all four groups present)."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, size in sizes.items():
+        label = np.arange(size) % 2
+        large = rng.uniform(size=size) < np.where(label == 1, 0.8, 0.3)
+        tissue_ratio = np.where(large, rng.uniform(0.1, 1, size), rng.uniform(0.01, 0.1, size))
+        splits[split] = {
+            "image": rng.integers(0, 256, (size, patch_size, patch_size, channels), dtype=np.uint8),
+            "label": label, "tumour_fraction": label * 0.5, "tissue_ratio": tissue_ratio.astype(np.float32),
+            "slide_id": np.array([f"{split}{i % 4}" for i in range(size)]),
+            "patient_id": np.array([f"{split}{i % 4}" for i in range(size)]),
+            "x": np.arange(size) * patch_size, "y": np.zeros(size, np.int64)}
+    shards.write_patch_dataset(data_dir, splits, channel_names=[f"c{i}" for i in range(channels)])
+
+
+def make_config(method: str, data_dir: pathlib.Path, args: argparse.Namespace) -> ml_collections.ConfigDict:
+    config = demo.get_config("erm" if method == "erm" else "gerne")
+    config.data.dir = str(data_dir)
+    config.method.fold_beta_into_loss = method == "gerne-folded"
+    if args.norm:
+        config.model.norm = args.norm
+    config.training.steps = args.steps
+    config.training.eval_every = args.steps  # one evaluation, after the timed window
+    config.training.checkpoint_every = args.checkpoint_every
+    config.training.log_every = args.log_every
+    return config
+
+
+class TimedMetricsLog(run_log.MetricsLog):
+    """The loop's own metrics log, noting when each train row is written."""
+
+    times: dict[int, float] = {}
+
+    def write(self, step, split, values):
+        if split == "train":
+            TimedMetricsLog.times[step] = time.perf_counter()
+        return super().write(step, split, values)
+
+
+def loop_steps_per_second(config: ml_collections.ConfigDict, workdir: pathlib.Path, skip: int) -> float:
+    TimedMetricsLog.times = {}
+    original, run_log.MetricsLog = run_log.MetricsLog, TimedMetricsLog
+    try:
+        trainer.train_and_evaluate(config, workdir)
+    finally:
+        run_log.MetricsLog = original
+    last = config.training.steps
+    return (last - skip) / (TimedMetricsLog.times[last] - TimedMetricsLog.times[skip])
+
+
+class BareStep:
+    """The method's jitted step from the config's initial state, on cached device batches."""
+
+    def __init__(self, config: ml_collections.ConfigDict, cached_batches: int):
+        metadata = dataset.read_metadata(config.data.dir)
+        train = input_pipeline.load_split(config.data.dir, "train")
+        attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
+        method = methods.from_config(config, train["label"], attribute)
+        mesh = sharding.make_mesh(config.mesh.num_devices or None)
+        model = experiment.create_model(config)
+        self.state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
+        self.step = method.train_step(model, mesh)
+        self.norm, self.images_per_step = model.norm, method.examples_per_step
+        batches = input_pipeline.training_batches(
+            method, train["image"], train["label"], attribute, channel_mean=metadata["channel_mean"],
+            channel_std=metadata["channel_std"]).as_numpy_iterator()
+        self.batches = [sharding.shard_batch(batch, mesh) for batch in itertools.islice(batches, cached_batches)]
+        self.state, _ = jax.block_until_ready(self.step(self.state, self.batches[0]))  # compiles
+
+    def steps_per_second(self, steps: int) -> float:
+        start = time.perf_counter()
+        state = self.state
+        for batch in itertools.islice(itertools.cycle(self.batches), steps):
+            state, _ = self.step(state, batch)
+        self.state = jax.block_until_ready(state)
+        return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["gerne", "erm"])
+    parser.add_argument("--norm", default="", help="model.norm (default: the demo config's)")
+    parser.add_argument("--steps", type=int, default=350)
+    parser.add_argument("--skip", type=int, default=50, help="steps before the timed window (a log step)")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--patch-size", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=2048, help="training patches written")
+    parser.add_argument("--cached-batches", type=int, default=16)
+    args = parser.parse_args()
+    if args.skip % args.log_every or args.steps % args.log_every or not 0 < args.skip < args.steps:
+        parser.error("--skip and --steps must be multiples of --log-every with 0 < skip < steps")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = pathlib.Path(tmp) / "data"
+        write_data_dir(data_dir, {"train": args.examples, "validation": 256}, args.patch_size, args.channels)
+        for method in args.methods:
+            config = make_config(method, data_dir, args)
+            bare = BareStep(config, args.cached_batches)
+            timed = args.steps - args.skip
+            before = bare.steps_per_second(timed)
+            loop = loop_steps_per_second(config, pathlib.Path(tmp) / f"run_{method}", args.skip)
+            after = bare.steps_per_second(timed)
+            rows.append((method, bare.norm, bare.images_per_step, loop,
+                         statistics.mean([before, after]), before, after))
+
+    print(f"devices: {jax.devices()}  tiny ResNet, {args.patch_size}px x {args.channels} channels; loop steps "
+          f"{args.skip}-{args.steps} (checkpoint every {args.checkpoint_every}, log every {args.log_every})")
+    header = (f"{'method':<13} {'norm':<8} {'img/step':>8} {'loop steps/s':>13} {'bare steps/s':>13} "
+              f"{'(before, after)':>16} {'loop/bare':>9} {'loop img/s':>11}")
+    print(header)
+    print("-" * len(header))
+    for method, norm, images, loop, bare, before, after in rows:
+        print(f"{method:<13} {norm:<8} {images:>8} {loop:>13.2f} {bare:>13.2f} "
+              f"{f'({before:.1f}, {after:.1f})':>16} {loop / bare:>9.2f} {loop * images:>11.0f}")
+
+
+if __name__ == "__main__":
+    main()
