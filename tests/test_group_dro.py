@@ -5,9 +5,12 @@ The weights are checked against the update written out by hand in numpy, the ste
 """
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +97,9 @@ def test_step_gradient_is_that_of_the_weighted_group_losses():
     def all_group_losses(p):
         return jnp.stack([group_loss(p, g) for g in range(4)])
 
-    losses = np.asarray(jax.jit(all_group_losses)(params))
-    jacobian = jax.jit(jax.jacrev(all_group_losses))(params)  # leaf [4, ...]: each group's gradient
+    # The losses [4] and, per parameter leaf, [4, ...]: each group's gradient.
+    losses, jacobian = jax.jit(lambda p: (all_group_losses(p), jax.jacrev(all_group_losses)(p)))(params)
+    losses = np.asarray(losses)
     counts = dataset.group_counts(label, attribute, 2, 2)
     q = _hand_update(q0, losses, np.ones(4, bool), 0.3, 0.5 / np.sqrt(counts.ravel()))
     scale = 0.5  # the loss divided by K = 2 (method.divide_loss_by_num_classes)
@@ -150,3 +154,48 @@ def test_group_dro_trains_end_to_end_through_train_py(tiny_data, tmp_path):
                                                 sharding.make_mesh(), tiny_data.path)
     assert meta["step"] == config.training.steps
     np.testing.assert_allclose(group_dro.group_weights(state.opt_state), weights, rtol=1e-6)
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from configs import tiny
+    from gerne_jax import group_dro, methods, models, sharding, train_state
+
+    assert len(jax.devices()) == 4, jax.devices()
+    config = tiny.get_config("group_dro")
+    config.method.group_dro.eta, config.method.group_dro.adjustment = 2.0, 1.0
+    method = methods.from_config(config, np.repeat([0, 1], 20), np.tile([0, 0, 1, 1], 10))
+    model = models.create_model("tiny", num_classes=2, norm="group")
+    rng = np.random.default_rng(0)
+    n = 8  # 2 per device; groups spread unevenly over the devices
+    batch = {"image": rng.normal(size=(1, n, 16, 16, 3)).astype(np.float32),
+             "label": np.array([[0, 0, 0, 0, 0, 1, 1, 1]], np.int32),
+             "group": np.array([[0, 0, 0, 1, 1, 2, 3, 3]], np.int32)}
+    state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), methods.make_optimizer(config))
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the steps donate their state
+    results = []
+    for devices in (1, 4):
+        mesh = sharding.make_mesh(devices)
+        new, metrics = method.train_step(model, mesh)(sharding.replicate(copy(state), mesh),
+                                                      sharding.shard_batch(batch, mesh))
+        results.append([np.asarray(group_dro.group_weights(new.opt_state)).tolist(), float(metrics["loss"]),
+                        [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(new.params)]])
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.slow
+def test_sharded_step_sums_group_losses_over_devices():
+    """On 4 simulated devices the group losses (hence q, the loss and the update) are the global ones."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (q1, loss1, params1), (q4, loss4, params4) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not np.allclose(q1, 0.25)
+    np.testing.assert_allclose(q4, q1, rtol=1e-5)
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+    for a, b in zip(params4, params1, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
