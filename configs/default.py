@@ -3,14 +3,16 @@
   python train.py --config configs/default.py:method=gerne,model=resnet50 --workdir runs/x \
       --config.data.dir=runs/demo/data --config.method.beta=1.5
 
-`get_config(arg)` takes two declared switches, `method` (gerne, erm or resample; a bare first word is
-the method) and `model` (resnet18/34/50/101/152 or tiny); every other key is changed with
+`get_config(arg)` takes two declared switches, `method` (gerne, erm, resample, group_dro or jtt; a bare
+first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every other key is changed with
 `--config.<key>=<value>`. The methods are the special cases of docs/design.md §3:
 
 - gerne: the official defaults, beta = 1, c = 0.5, corr = 0.5;
 - erm: the biased batch alone (class-balanced, natural group shares within each class), i.e. beta = -1
   without computing the less-biased gradient;
-- resample: group-balanced resampling, c = 1 and beta = 0 (the less-biased batch decides).
+- resample: group-balanced resampling, c = 1 and beta = 0 (the less-biased batch decides);
+- group_dro: GroupDRO (Sagawa et al. 2020) on group-balanced batches, `method.group_dro.*`;
+- jtt: JTT's second run (Liu et al. 2021) after an ERM identification run, `method.jtt.*`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import ml_collections
 from gerne_jax.config_utils import parse_arg
 from gerne_jax.errors import ConfigError
 
-METHODS = ("gerne", "erm", "resample")
+METHODS = ("gerne", "erm", "resample", "group_dro", "jtt")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,14 +39,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 256
 
     config.method = ml_collections.ConfigDict()
-    config.method.name = "erm" if arg.method == "erm" else "gerne"  # gerne: paired batches; erm: biased alone
-    config.method.beta = {"gerne": 1.0, "erm": -1.0, "resample": 0.0}[arg.method]  # in [-1, beta_max]
+    # gerne: paired batches; erm: biased alone; group_dro, jtt: see gerne_jax/methods.py
+    config.method.name = "gerne" if arg.method == "resample" else arg.method
+    config.method.beta = {"gerne": 1.0, "resample": 0.0}.get(arg.method, -1.0)  # GERNE's, in [-1, beta_max]
     config.method.beta_warmup_steps = 0    # beta ramps linearly from 0 (resampling) over these steps
     config.method.c = 1.0 if arg.method == "resample" else 0.5  # bias-reduction factor, in (0, 1]
     config.method.corr = 0.5               # overlap of the two batches' samples, in [0, 1]
     config.method.empty_group = "error"    # or "drop": leave empty groups out of the less-biased batch
     config.method.fold_beta_into_loss = False  # one-gradient fast path (no per-batch gradient metrics)
     config.method.divide_loss_by_num_classes = True
+    config.method.group_dro = ml_collections.ConfigDict()  # read by method group_dro only
+    config.method.group_dro.eta = 0.01        # step size of the exponentiated-gradient group weights
+    config.method.group_dro.adjustment = 0.0  # C of the group adjustment C / sqrt(n_g); 0: none
+    config.method.group_dro.sampling = "balanced"  # or "natural": the class-balanced biased batch
+    config.method.jtt = ml_collections.ConfigDict()  # read by method jtt only
+    config.method.jtt.identification_workdir = ""  # the ERM run of T steps whose errors are upweighted
+    config.method.jtt.identification_step = 0     # T: its checkpoint of this step; 0: its latest
+    config.method.jtt.upweight = 20.0             # lambda: error examples are drawn this many times as often
 
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model          # resnet18/34/50/101/152, tiny

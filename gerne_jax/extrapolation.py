@@ -89,5 +89,8 @@ def make_optimizer(learning_rate: optax.ScalarOrSchedule, beta: optax.ScalarOrSc
 
 
 def hyperparameters(opt_state: Any) -> dict[str, jnp.ndarray]:
-    """The `learning_rate` and `beta` the last update used, read from a `make_optimizer` state."""
+    """The `learning_rate` and `beta` the last update used, read from a `make_optimizer` state (or from
+    a chain that holds one, e.g. GroupDRO's group weights before it)."""
+    if not hasattr(opt_state, "hyperparams"):
+        (opt_state,) = [state for state in opt_state if hasattr(state, "hyperparams")]
     return {name: opt_state.hyperparams[name] for name in ("learning_rate", "beta")}

@@ -33,7 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
-from gerne_jax import dataset, groups, methods
+from gerne_jax import dataset, groups, jtt, methods
 from gerne_jax.groups import BIASED, LESS_BIASED
 
 
@@ -206,7 +206,8 @@ def _image_shape(images: ImageSource) -> tuple[int, int, int]:
 def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray, plan: groups.BatchPlan, *,
                   seed: int, channel_mean: Sequence[float], channel_std: Sequence[float], start_step: int = 0,
                   rows: Sequence[int] = (BIASED, LESS_BIASED), flips: bool = False, rotations: bool = False,
-                  process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+                  process_index: int | None = None, process_count: int | None = None,
+                  with_groups: bool = False, example_weights: np.ndarray | None = None) -> tf.data.Dataset:
     """The endless stream of training batches; its i-th element is step `start_step + i`.
 
     Args:
@@ -220,13 +221,18 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
       flips, rotations: random flips and 90-degree rotations per image (off by default, as in the papers).
       process_index, process_count: this process's share (defaults from jax); the global plan is the same
         on every process.
+      with_groups: also yield each example's group id `y * A + a` as `group` `[R, n]` int32 (GroupDRO).
+      example_weights: `[M]` sampling weights: one class-balanced batch (`rows = (0,)`) drawn with
+        probability proportional to them instead of the pair (`jtt.UpsampledIndexSampler`, JTT).
     """
     if start_step < 0:
         raise ValueError(f"start_step must be non-negative, got {start_step}")
     label = np.asarray(label)
     if images.shape[0] != label.size:
         raise ValueError(f"{images.shape[0]} images but {label.size} labels")
-    sampler = PairedIndexSampler(plan, label, attribute, seed)
+    sampler = (PairedIndexSampler(plan, label, attribute, seed) if example_weights is None
+               else jtt.UpsampledIndexSampler(plan, label, example_weights, seed))
+    group = dataset.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
     rows = np.asarray(rows, dtype=np.int64)
     if rows.ndim != 1 or not 1 <= rows.size <= 2 or not np.isin(rows, (BIASED, LESS_BIASED)).all():
         raise ValueError(f"rows must name one or both of the pair (0 biased, 1 less-biased), got {rows.tolist()}")
@@ -245,13 +251,16 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
         batch = images[indices.ravel()]
         if flips or rotations:
             batch = _dihedral(batch, turns.ravel(), mirror.reshape(-1, 2))
-        return batch.reshape(rows.size, local, *image_shape), label[indices]
+        return batch.reshape(rows.size, local, *image_shape), label[indices], group[indices]
 
     def to_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
-        image, batch_label = tf.numpy_function(
-            load, [step], [tf.as_dtype(images.dtype), tf.int32], stateful=False)
-        return {"image": tf.ensure_shape(normalise(image), (rows.size, local, *image_shape)),
-                "label": tf.ensure_shape(batch_label, (rows.size, local))}
+        image, batch_label, batch_group = tf.numpy_function(
+            load, [step], [tf.as_dtype(images.dtype), tf.int32, tf.int32], stateful=False)
+        batch = {"image": tf.ensure_shape(normalise(image), (rows.size, local, *image_shape)),
+                 "label": tf.ensure_shape(batch_label, (rows.size, local))}
+        if with_groups:
+            batch["group"] = tf.ensure_shape(batch_group, (rows.size, local))
+        return batch
 
     batches = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
     batches = batches.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -266,7 +275,8 @@ def training_batches(method: methods.TrainingMethod, images: ImageSource, label:
     config = method.config
     return train_dataset(images, label, attribute, method.plan, seed=config.training.seed,
                          channel_mean=channel_mean, channel_std=channel_std, start_step=start_step,
-                         rows=method.rows, flips=config.data.flips, rotations=config.data.rotations)
+                         rows=method.rows, flips=config.data.flips, rotations=config.data.rotations,
+                         with_groups=method.uses_groups, example_weights=method.example_weights)
 
 
 def eval_dataset(images: ImageSource, *, batch_size: int, channel_mean: Sequence[float],

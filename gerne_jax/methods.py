@@ -11,8 +11,13 @@ all three from the same fields, so they cannot disagree; it imports no TensorFlo
   with `method.fold_beta_into_loss`. Group resampling is `gerne` with c = 1 and beta = 0.
 - `erm`: the biased batch alone. It is the biased row of the same paired draws, so ERM and GERNE runs
   with one seed see the same biased batches (a controlled comparison).
+- `group_dro` (`gerne_jax.group_dro`): one batch, group-balanced (the less-biased row with c = 1,
+  as in the official GroupDRO runs) or natural (the biased row), with each example's group; the
+  step's loss is the robust loss under the online group weights, which the optimiser state carries.
+- `jtt` (`gerne_jax.jtt`): ERM's single class-balanced batch, drawn with the identification run's
+  misclassified examples upweighted by lambda (`example_weights`).
 
-A new method (GroupDRO, JTT, ...) is a new `name` here: its sampler rows, its step and its config keys.
+A new method is a new `name` here: its sampler rows, its step and its config keys.
 """
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from gerne_jax import dataset, extrapolation, groups, models, train_step
+from gerne_jax import dataset, extrapolation, group_dro, groups, jtt, models, train_step
 from gerne_jax.errors import ConfigError
 from gerne_jax.groups import BIASED, LESS_BIASED
 
-METHOD_NAMES = ("gerne", "erm")
+METHOD_NAMES = ("gerne", "erm", "group_dro", "jtt")
+GROUP_DRO_SAMPLING = ("balanced", "natural")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -52,11 +58,22 @@ def beta_schedule(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
     return config.method.beta
 
 
+def num_groups(config: ml_collections.ConfigDict) -> int:
+    """K * A, the groups the config's thresholds make."""
+    return len(dataset.CLASS_NAMES) * (len(config.data.taus) + 1)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-    """The optimiser of every method (its structure depends on the config only, not on the data)."""
-    return extrapolation.make_optimizer(learning_rate_schedule(config), beta_schedule(config),
-                                        momentum=config.optimizer.momentum,
-                                        weight_decay=config.optimizer.weight_decay)
+    """The optimiser of every method (its structure depends on the config only, not on the data).
+
+    GroupDRO chains its group weights before it, so that they are saved and restored with the state.
+    """
+    optimizer = extrapolation.make_optimizer(learning_rate_schedule(config), beta_schedule(config),
+                                             momentum=config.optimizer.momentum,
+                                             weight_decay=config.optimizer.weight_decay)
+    if config.method.name == "group_dro":
+        return optax.chain(group_dro.track_group_weights(num_groups(config)), optimizer)
+    return optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +83,19 @@ class TrainingMethod:
     name: str
     plan: groups.BatchPlan
     config: ml_collections.ConfigDict
+    example_weights: np.ndarray | None = None  # JTT: each training example's sampling weight (1 or lambda)
 
     @property
     def rows(self) -> tuple[int, ...]:
-        """The rows of the paired draws a step trains on."""
-        return (BIASED,) if self.name == "erm" else (BIASED, LESS_BIASED)
+        """The rows of the paired draws a step trains on (JTT's single row is its own upsampled draw)."""
+        if self.name == "group_dro" and self.config.method.group_dro.sampling == "balanced":
+            return (LESS_BIASED,)
+        return (BIASED,) if self.name in ("erm", "group_dro", "jtt") else (BIASED, LESS_BIASED)
+
+    @property
+    def uses_groups(self) -> bool:
+        """Whether the step needs each example's group id in the batch (`batch["group"]`)."""
+        return self.name == "group_dro"
 
     @property
     def paired(self) -> bool:
@@ -87,19 +112,41 @@ class TrainingMethod:
         fold = self.paired and self.config.method.fold_beta_into_loss
         return train_step.make_train_step(
             model, mesh, paired=self.paired, fold_beta=beta_schedule(self.config) if fold else None,
-            divide_loss_by_num_classes=self.config.method.divide_loss_by_num_classes)
+            divide_loss_by_num_classes=self.config.method.divide_loss_by_num_classes,
+            objective=self.robust_loss() if self.name == "group_dro" else None)
+
+    def robust_loss(self) -> group_dro.RobustLoss:
+        """GroupDRO's objective for these training groups."""
+        settings = self.config.method.group_dro
+        names = [self.plan.group_name(y, a) for y in range(self.plan.num_classes)
+                 for a in range(self.plan.num_attributes)]
+        return group_dro.RobustLoss(eta=float(settings.eta), group_names=names,
+                                    adjustment=group_dro.adjustments(self.plan.group_counts, settings.adjustment))
 
     def describe(self) -> str:
         plan = self.plan.describe()
-        if self.paired:
+        n = self.plan.batch_size
+        if self.name == "gerne":
             return plan
-        return f"{plan}\nERM trains on the biased batch alone ({self.plan.batch_size} examples per step)."
+        if self.name == "group_dro":
+            settings = self.config.method.group_dro
+            batch = "the less-biased batch (c = 1: group-balanced)" if self.rows == (LESS_BIASED,) else (
+                "the biased batch (natural group shares within each class)")
+            return (f"{plan}\nGroupDRO trains on {batch} alone ({n} examples per step), eta = "
+                    f"{settings.eta:g}, group adjustment C = {settings.adjustment:g}.")
+        if self.name == "jtt":
+            upweighted = int(np.sum(self.example_weights > 1))
+            return (f"{plan}\nJTT trains on one class-balanced batch ({n} examples per step) drawn with the "
+                    f"identification run's {upweighted} misclassified training examples (of "
+                    f"{self.example_weights.size}) upweighted x {self.config.method.jtt.upweight:g}.")
+        return f"{plan}\nERM trains on the biased batch alone ({n} examples per step)."
 
 
-def from_config(config: ml_collections.ConfigDict, label: np.ndarray,
-                attribute: np.ndarray) -> TrainingMethod:
+def from_config(config: ml_collections.ConfigDict, label: np.ndarray, attribute: np.ndarray,
+                jtt_errors: np.ndarray | None = None) -> TrainingMethod:
     """The configured method for a training split with these labels and attribute bins.
 
+    `jtt_errors` is JTT's error set on this split (`jtt.identification_errors`), needed by `jtt` only.
     Raises ConfigError naming the config key at fault (for GERNE's batch plan with the allowed range
     on the first line and the alpha table below).
     """
@@ -107,10 +154,26 @@ def from_config(config: ml_collections.ConfigDict, label: np.ndarray,
     if name not in METHOD_NAMES:
         raise ConfigError(f"config method.name must be one of {METHOD_NAMES}, got {name!r}")
     counts = dataset.group_counts(label, attribute, len(dataset.CLASS_NAMES), len(config.data.taus) + 1)
-    # ERM draws the pair's biased row; its plan's beta is not used, so any valid value does.
+    c, weights = config.method.c, None
+    if name == "group_dro":
+        settings = config.method.group_dro
+        if settings.sampling not in GROUP_DRO_SAMPLING:
+            raise ConfigError(f"config method.group_dro.sampling must be one of {GROUP_DRO_SAMPLING}, "
+                              f"got {settings.sampling!r}")
+        if not (np.isfinite(settings.eta) and settings.eta >= 0):
+            raise ConfigError(f"config method.group_dro.eta = {settings.eta} must be a number >= 0")
+        if not (np.isfinite(settings.adjustment) and settings.adjustment >= 0):
+            raise ConfigError(f"config method.group_dro.adjustment = {settings.adjustment} must be a number >= 0")
+        c = 1.0  # the balanced row; the natural row does not depend on c
+    if name == "jtt":
+        if jtt_errors is None or np.shape(jtt_errors) != np.shape(label):
+            raise ValueError("JTT needs the identification run's error set on the training split "
+                             "(jtt.identification_errors)")
+        weights = jtt.example_weights(jtt_errors, config.method.jtt.upweight)
+    # Only GERNE extrapolates; the other methods' plans use beta = 0 (any valid value would do).
     plan = groups.make_batch_plan(
-        counts, c=config.method.c, beta=config.method.beta if name == "gerne" else 0.0,
+        counts, c=c, beta=config.method.beta if name == "gerne" else 0.0,
         batch_per_group=config.training.batch_per_group, corr=config.method.corr,
         empty_group=config.method.empty_group, class_names=dataset.CLASS_NAMES,
         bin_names=dataset.tissue_bin_names(config.data.taus))
-    return TrainingMethod(name=name, plan=plan, config=config)
+    return TrainingMethod(name=name, plan=plan, config=config, example_weights=weights)

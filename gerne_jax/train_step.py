@@ -1,7 +1,7 @@
 """The train step: a jitted, mesh-sharded update of the train state from one training batch.
 
 A training batch is `{"image": [R, N, H, W, C] float32, "label": [R, N] int32}`: R = 2 for GERNE's pair
-(row 0 the biased batch, row 1 the less-biased one) and R = 1 for single-batch methods (ERM). Three
+(row 0 the biased batch, row 1 the less-biased one) and R = 1 for single-batch methods (ERM). Four
 kinds of step, chosen by the training method (`gerne_jax.methods`):
 
 - single batch: the gradient of the batch's loss.
@@ -11,6 +11,9 @@ kinds of step, chosen by the training method (`gerne_jax.methods`):
 - folded: one gradient of (1 + beta) L_lb - beta L_b, which equals the extrapolated gradient at the
   cost of one backward pass; the per-batch gradient metrics are NaN. Its loss weights use the same
   beta schedule the optimiser was built with (the method builds both).
+- objective (a single batch with group ids `"group": [1, N] int32`, GroupDRO): the gradient of a loss
+  the method computes from the per-example cross-entropies and groups (`objective`), which also hands
+  the optimiser extra arguments (GroupDRO's new group weights) and adds metrics.
 
 The learning rate and beta in the metrics are read back from the optimiser state. How the forward
 pass treats the two batches depends on the model's `norm` (docs/design.md §4):
@@ -57,6 +60,8 @@ from gerne_jax.train_state import TrainState
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+# (per-example losses [n], group ids [n], optimiser state, mesh axis) -> (loss, optimiser args, metrics)
+Objective = Callable[[jax.Array, jax.Array, Any, str], tuple[jax.Array, dict[str, Any], Metrics]]
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array,
@@ -72,7 +77,8 @@ def _value(schedule: optax.ScalarOrSchedule, step: jax.Array) -> jax.Array:
 
 def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
                     fold_beta: optax.ScalarOrSchedule | None = None,
-                    divide_loss_by_num_classes: bool = True) -> StepFn:
+                    divide_loss_by_num_classes: bool = True,
+                    objective: Objective | None = None) -> StepFn:
     """Returns the jitted `train_step(state, batch) -> (state, metrics)` for `model`; donates `state`.
 
     Args:
@@ -83,6 +89,9 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
       fold_beta: for a paired step, the folded one-gradient path with this beta (the schedule the
         optimiser was built with); None computes both per-batch gradients.
       divide_loss_by_num_classes: divide each batch's mean cross-entropy by K (docs/design.md §3).
+      objective: for a single-batch step, a loss over the per-example cross-entropies and the batch's
+        group ids (`batch["group"]`) in place of their mean, e.g. `group_dro.RobustLoss`; it also
+        returns the optimiser's extra arguments and metrics of its own.
 
     Metrics of a paired batch: `loss_biased`, `loss_less_biased`, `accuracy_biased`,
     `accuracy_less_biased`, `grad_norm_biased`, `grad_norm_less_biased`, `grad_cosine` (the three
@@ -95,6 +104,8 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
         raise ValueError(f"model.norm must be one of {NORM_MODES}, got {norm!r}")
     if fold_beta is not None and not paired:
         raise ValueError("fold_beta folds the pair's two losses; a single-batch step has one")
+    if objective is not None and paired:
+        raise ValueError("an objective replaces a single batch's loss; a paired step has two")
     rows = 2 if paired else 1
     updates_stats = norm in TRAIN_MODE_BATCH_NORM
     if updates_stats:  # statistics over the whole (global) batch, not one device's shard
@@ -156,6 +167,25 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
                        "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
                        "learning_rate": extrapolation.hyperparameters(state.opt_state)["learning_rate"]}
 
+    def objective_step(state: TrainState, images: jax.Array, labels: jax.Array,
+                       groups: jax.Array) -> tuple[TrainState, Metrics]:
+        """A single batch under `objective` (its group weights and the like read from the optimiser state)."""
+        def objective_loss(params):
+            logits, new_stats = forward(params, state.batch_stats, images[0])
+            example_losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels[0])
+            loss, optimizer_args, metrics = objective(example_losses, groups[0], state.opt_state,
+                                                      sharding.DATA_AXIS)
+            scale = 1.0 / logits.shape[-1] if divide_loss_by_num_classes else 1.0
+            return loss * scale, (logits, new_stats, optimizer_args, metrics)
+
+        (loss, (logits, new_stats, optimizer_args, metrics)), grads = jax.value_and_grad(
+            objective_loss, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=grads, optimizer_args=optimizer_args, batch_stats=new_stats)
+        return state, {"loss": loss, "accuracy": accuracy(logits, labels[0]),
+                       "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
+                       "learning_rate": extrapolation.hyperparameters(state.opt_state)["learning_rate"],
+                       **metrics}
+
     def paired_step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
         if fold_beta is not None:
             beta_t = _value(fold_beta, state.step)
@@ -188,6 +218,8 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
 
     def local_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """The step on this device's shard of the batch (all results replicated)."""
+        if objective is not None:
+            return objective_step(state, batch["image"], batch["label"], batch["group"])
         step = paired_step if paired else single_step
         return step(state, batch["image"], batch["label"])
 
@@ -198,6 +230,9 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         _check_batch(batch["image"], batch["label"], rows, mesh.size)
+        if objective is not None and ("group" not in batch or batch["group"].shape != batch["label"].shape):
+            raise ValueError("this step's objective needs batch['group'] shaped like batch['label'] "
+                             f"{batch['label'].shape}")
         return sharded_step(state, batch)
 
     return jax.jit(train_step, in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),

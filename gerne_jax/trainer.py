@@ -39,6 +39,7 @@ from gerne_jax import (
     evaluation,
     experiment,
     input_pipeline,
+    jtt,
     methods,
     run_log,
     sharding,
@@ -78,8 +79,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train = input_pipeline.load_split(config.data.dir, "train", in_memory=config.data.in_memory)
     validation = input_pipeline.load_split(config.data.dir, "validation", in_memory=config.data.in_memory)
     attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
-    method = methods.from_config(config, train["label"], attribute)
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
+    jtt_errors = jtt.identification_errors(config, train, metadata, mesh) if config.method.name == "jtt" else None
+    method = methods.from_config(config, train["label"], attribute, jtt_errors)
     model = experiment.create_model(config)
     state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
     with distributed.main_process_lock(workdir, "training"):
