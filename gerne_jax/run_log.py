@@ -43,14 +43,20 @@ def check_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
     """Refuses (ConfigError) a workdir that holds a run with another config.
 
     Only the run length, the log, evaluation and checkpoint intervals and the process launch settings
-    (`RESUMABLE_CHANGES`) may differ from the saved config.
+    (`RESUMABLE_CHANGES`) may differ from the saved config. A key that a later version added (absent from
+    the saved config) is no change while it keeps its default, which by design reproduces the behaviour of
+    the version before it (so a run started before the key existed resumes).
     """
     path = pathlib.Path(workdir) / CONFIG_FILE
     if path.is_file():
+        from configs import default  # configs import gerne_jax: here, not at module level
+
         saved = flatten(json.loads(path.read_text()))
         current = flatten(json.loads(config.to_json()))
+        defaults = flatten(json.loads(default.get_config().to_json()))
         changed = sorted(k for k in saved.keys() | current.keys()
-                         if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES)
+                         if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES
+                         and not (k not in saved and k in defaults and current[k] == defaults[k]))
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise ConfigError(f"{workdir} holds a run with another config ({details}); "
