@@ -49,6 +49,7 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=axes), x.var(axis=axes)
 
 
+@pytest.mark.slow
 def test_population_statistics_equal_numpy_moments_averaged_over_batches():
     model, state = _state("shared")
     rng = np.random.default_rng(0)
