@@ -79,6 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.checkpoint_every = 100
     config.training.log_every = 10
     config.training.seed = 0
+    # Precise BatchNorm: before each evaluation and save, recompute the BatchNorm statistics with the
+    # current parameters on this many natural-distribution training batches of data.eval_batch_size
+    # (README "Precise BatchNorm"); only train-mode BatchNorm (model.norm shared|separate) is affected.
+    # 0 (off) by default: the default norms (group from scratch, frozen with pretrained weights) have
+    # nothing to recompute, and earlier shared-BatchNorm runs stay reproducible.
+    config.training.precise_bn_batches = 0
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.num_devices = 0            # 0: all devices (of all processes)

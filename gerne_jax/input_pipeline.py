@@ -18,6 +18,10 @@ batch its `n_lb` items with replacement from the last `n_lb`. A group with fewer
 the window with successive random permutations of all its members, so items repeat as evenly as
 possible. Each batch is then shuffled, so a process's slice is not one group.
 
+Natural-distribution batches (`natural_batches`, for precise BatchNorm statistics, `gerne_jax.batch_stats`):
+each batch draws its examples uniformly without replacement from the whole split, whatever the method's
+sampling plan, as a pure function of (seed, step, batch number); no augmentation, as in evaluation.
+
 Evaluation (`eval_dataset`) yields every example of a split exactly once, in index order, as `{image}`
 batches of a fixed size whose last one is zero-padded; the caller keeps the first M predictions.
 """
@@ -277,6 +281,43 @@ def training_batches(method: methods.TrainingMethod, images: ImageSource, label:
                          channel_mean=channel_mean, channel_std=channel_std, start_step=start_step,
                          rows=method.rows, flips=config.data.flips, rotations=config.data.rotations,
                          with_groups=method.uses_groups, example_weights=method.example_weights)
+
+
+# Keeps the precise-BN draws of step t apart from the training draws of step t (`default_rng([seed, t])`).
+_NATURAL_STREAM = 1
+
+
+def natural_batches(images: ImageSource, *, num_batches: int, batch_size: int, seed: int, step: int,
+                    channel_mean: Sequence[float], channel_std: Sequence[float],
+                    process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+    """`num_batches` global batches drawn uniformly from the split (the natural distribution).
+
+    Each element is `{"image": [n, P, P, C] float32}`, this process's contiguous share of a global batch
+    of `batch_size` distinct examples (all of them, with repeats only across batches, if the split is
+    smaller). The draws depend only on (seed, step, batch number), so a resumed run draws the same.
+    """
+    if num_batches < 1 or batch_size < 1:
+        raise ValueError(f"num_batches ({num_batches}) and batch_size ({batch_size}) must be positive")
+    if int(seed) != seed or seed < 0 or step < 0:
+        raise ValueError(f"seed ({seed!r}) and step ({step}) must be non-negative integers")
+    num_examples = images.shape[0]
+    share = process_slice(batch_size, process_index, process_count)
+    local = share.stop - share.start
+    image_shape = _image_shape(images)
+    normalise = _normaliser(channel_mean, channel_std, image_shape[-1])
+
+    def load(batch: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng([int(seed), int(step), _NATURAL_STREAM, int(batch)])
+        indices = _draw_window(rng, np.arange(num_examples), batch_size)
+        return images[indices[share]]
+
+    def to_batch(batch: tf.Tensor) -> dict[str, tf.Tensor]:
+        image = tf.numpy_function(load, [batch], tf.as_dtype(images.dtype), stateful=False)
+        return {"image": tf.ensure_shape(normalise(image), (local, *image_shape))}
+
+    batches = tf.data.Dataset.range(num_batches)
+    batches = batches.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(images: ImageSource, *, batch_size: int, channel_mean: Sequence[float],

@@ -14,6 +14,13 @@ process 0 alone holds the lock and writes `config.json`, `metrics.jsonl`, Tensor
 and the progress bar. A SIGTERM that reaches some processes stops all of them at the next logging,
 evaluation or checkpoint step, where they agree on it.
 
+Precise BatchNorm (`training.precise_bn_batches` = K > 0, train-mode BatchNorm models only): before
+every evaluation and every save, the state's BatchNorm statistics are recomputed with the current
+parameters on K natural-distribution training batches (`gerne_jax.batch_stats`), so validation, the
+best/latest checkpoints and the returned state all use population statistics rather than the running
+averages of the method's resampled batches. They depend only on the parameters and (seed, step), so a
+resumed run still ends exactly where an uninterrupted one does.
+
 Accelerator-friendly: the state is donated to the jitted step, batches are prefetched to the devices
 two deep, and the step's metrics stay on the device until a log, evaluation or checkpoint step fetches
 them (where the finiteness check runs), so the host never waits for the device in between.
@@ -33,6 +40,7 @@ import tqdm
 from tensorboard.summary import Writer
 
 from gerne_jax import (
+    batch_stats,
     checkpoints,
     dataset,
     distributed,
@@ -44,7 +52,7 @@ from gerne_jax import (
     run_log,
     sharding,
 )
-from gerne_jax.errors import Interrupted
+from gerne_jax.errors import ConfigError, Interrupted
 from gerne_jax.models import ResNet
 from gerne_jax.train_state import TrainState
 
@@ -75,6 +83,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # ------------------------------------------------------------------------------------------
     # Data, method, model and initial state: validated before anything is written to the workdir.
     # ------------------------------------------------------------------------------------------
+    if config.training.precise_bn_batches < 0:
+        raise ConfigError(f"config training.precise_bn_batches must be >= 0 (0: off), got "
+                          f"{config.training.precise_bn_batches}")
     metadata = dataset.read_metadata(config.data.dir)
     train = input_pipeline.load_split(config.data.dir, "train", in_memory=config.data.in_memory)
     validation = input_pipeline.load_split(config.data.dir, "validation", in_memory=config.data.in_memory)
@@ -117,6 +128,17 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
                                      batch_size=config.data.eval_batch_size, mesh=mesh,
                                      channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],
                                      name="validation")
+    precise_bn = config.training.precise_bn_batches if batch_stats.applies_to(model) else 0
+
+    def with_precise_bn(state: TrainState, step: int) -> TrainState:
+        """The state with BatchNorm statistics of K natural training batches at `step` (when on)."""
+        if not precise_bn:
+            return state
+        batches = input_pipeline.natural_batches(
+            train["image"], num_batches=precise_bn, batch_size=config.data.eval_batch_size,
+            seed=config.training.seed, step=step, channel_mean=metadata["channel_mean"],
+            channel_std=metadata["channel_std"])
+        return batch_stats.recompute(state, model, batches.as_numpy_iterator(), mesh)
 
     # ------------------------------------------------------------------------------------------
     # Logging.
@@ -186,6 +208,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
             if not (logs_now or evaluates_now or saves_now):
                 continue
             last_metrics = fetch_checked()  # waits for the device: the rate below covers finished steps
+            if evaluates_now or saves_now:
+                state = with_precise_bn(state, step)
             if logs_now:
                 rate = steps_timed * method.examples_per_step / (time.perf_counter() - tic)
                 log(step, "train", {**last_metrics, "images_per_second": rate})
