@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -27,7 +28,20 @@ def setup_logging(main_process: bool = True) -> None:
     logging.basicConfig(level=logging.WARNING if main_process else logging.ERROR,
                         format="%(asctime)s %(message)s", force=True)
     logging.getLogger("train").setLevel(logging.INFO if main_process else logging.ERROR)
+    logging.getLogger("asyncio").addFilter(_drop_orbax_unretrieved)
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns about read-only checkpoint managers
+
+
+def _drop_orbax_unretrieved(record: logging.LogRecord) -> bool:
+    """False for asyncio's "exception was never retrieved" about an orbax read task.
+
+    A failed restore leaves orbax's other read tasks failing unobserved; asyncio logs each with a traceback
+    when it is collected. `checkpoints` has already reported the restore in one line (and fallen back).
+    """
+    if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
+        return True
+    frames = traceback.extract_tb(record.exc_info[2])
+    return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
 def exit_after_interruption() -> NoReturn:
