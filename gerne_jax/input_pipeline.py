@@ -28,7 +28,7 @@ batches of a fixed size whose last one is zero-padded; the caller keeps the firs
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -111,7 +111,7 @@ def load_split(data_dir: str | pathlib.Path, split: str, in_memory: bool = True,
     return {"image": images, **fields}
 
 
-class PairedIndexSampler:
+class PairedIndexSampler(groups.StepSampler):
     """Global example indices of both batches of a step, `[2, N]`, a pure function of (seed, step).
 
     Row 0 is the biased batch, row 1 the less-biased one, each drawn group by group as the module
@@ -124,18 +124,10 @@ class PairedIndexSampler:
         if not np.array_equal(counts, plan.group_counts):
             raise ValueError(f"the plan was made for group counts {plan.group_counts.tolist()} but these "
                              f"labels and attributes give {counts.tolist()}")
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        super().__init__(seed)
         order = np.argsort(ids, kind="stable")
         self._members = np.split(order, np.cumsum(counts.ravel())[:-1])
         self._plan = plan
-        self._seed = int(seed)
-
-    def rng(self, step: int) -> np.random.Generator:
-        """The step's generator; the batch indices are its first draws."""
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
-        return np.random.default_rng([self._seed, int(step)])
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         """Indices `[2, N]` (biased, less-biased) drawn from a fresh `rng(step)`."""
@@ -301,10 +293,9 @@ def natural_batches(images: ImageSource, *, num_batches: int, batch_size: int, s
     if int(seed) != seed or seed < 0 or step < 0:
         raise ValueError(f"seed ({seed!r}) and step ({step}) must be non-negative integers")
     num_examples = images.shape[0]
-    share = process_slice(batch_size, process_index, process_count)
+    share, image_shape, normalise = _process_share(images, batch_size, channel_mean, channel_std,
+                                                   process_index, process_count)
     local = share.stop - share.start
-    image_shape = _image_shape(images)
-    normalise = _normaliser(channel_mean, channel_std, image_shape[-1])
 
     def load(batch: np.ndarray) -> np.ndarray:
         rng = np.random.default_rng([int(seed), int(step), _NATURAL_STREAM, int(batch)])
@@ -320,6 +311,14 @@ def natural_batches(images: ImageSource, *, num_batches: int, batch_size: int, s
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
+def _process_share(images: ImageSource, batch_size: int, channel_mean: Sequence[float], channel_std: Sequence[float],
+                   process_index: int | None, process_count: int | None) -> tuple[slice, tuple[int, ...], Callable]:
+    """This process's rows of a global batch, the image shape and the normalisation of a batch."""
+    image_shape = _image_shape(images)
+    return (process_slice(batch_size, process_index, process_count), image_shape,
+            _normaliser(channel_mean, channel_std, image_shape[-1]))
+
+
 def eval_dataset(images: ImageSource, *, batch_size: int, channel_mean: Sequence[float],
                  channel_std: Sequence[float], process_index: int | None = None,
                  process_count: int | None = None) -> tf.data.Dataset:
@@ -330,10 +329,9 @@ def eval_dataset(images: ImageSource, *, batch_size: int, channel_mean: Sequence
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     num_examples = images.shape[0]
-    share = process_slice(batch_size, process_index, process_count)
+    share, image_shape, normalise = _process_share(images, batch_size, channel_mean, channel_std,
+                                                   process_index, process_count)
     local = share.stop - share.start
-    image_shape = _image_shape(images)
-    normalise = _normaliser(channel_mean, channel_std, image_shape[-1])
 
     def load(batch: np.ndarray) -> np.ndarray:
         indices = np.arange(int(batch) * batch_size, (int(batch) + 1) * batch_size)[share]

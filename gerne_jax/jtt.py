@@ -36,7 +36,7 @@ def example_weights(errors: np.ndarray, upweight: float) -> np.ndarray:
     return np.where(np.asarray(errors, bool), float(upweight), 1.0)
 
 
-class UpsampledIndexSampler:
+class UpsampledIndexSampler(groups.StepSampler):
     """Global example indices of a step's single batch, `[1, N]`, a pure function of (seed, step).
 
     Class y gets the plan's `A * B` places (class-balanced, like ERM's biased batch), drawn with
@@ -48,17 +48,10 @@ class UpsampledIndexSampler:
         label, weights = np.asarray(label), np.asarray(weights, np.float64)
         if weights.shape != label.shape or np.any(~np.isfinite(weights) | (weights < 0)):
             raise ValueError(f"weights must be {label.shape} finite non-negative numbers, got shape {weights.shape}")
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        super().__init__(seed)
         self._members = [np.flatnonzero(label == y) for y in range(plan.num_classes)]
         self._probabilities = [weights[m] / weights[m].sum() for m in self._members]
         self._per_class = plan.biased_counts.sum(axis=1)
-        self._seed = int(seed)
-
-    def rng(self, step: int) -> np.random.Generator:
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
-        return np.random.default_rng([self._seed, int(step)])
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         drawn = [rng.choice(members, size=count, p=p)

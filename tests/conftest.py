@@ -73,3 +73,23 @@ def tiny_config(tiny_data: TinyDataset) -> Callable[..., ml_collections.ConfigDi
         return config
 
     return make
+
+
+def kill_training_at_step(monkeypatch, step: int):
+    """Makes every train step built from now on raise KeyboardInterrupt (a simulated kill) as it starts `step`;
+    returns the real `make_train_step` to put back."""
+    from gerne_jax import train_step
+
+    real_make_train_step = train_step.make_train_step
+
+    def make_killed_step(*args, **kwargs):
+        step_fn = real_make_train_step(*args, **kwargs)
+
+        def killed(state, batch):
+            if int(state.step) == step:
+                raise KeyboardInterrupt("simulated kill")
+            return step_fn(state, batch)
+        return killed
+
+    monkeypatch.setattr(train_step, "make_train_step", make_killed_step)
+    return real_make_train_step

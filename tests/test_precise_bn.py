@@ -17,6 +17,7 @@ from scipy import stats as scipy_stats
 from gerne_jax import batch_stats, dataset, input_pipeline, run_log, sharding, train_step, trainer
 from gerne_jax.models import create_model
 from gerne_jax.train_state import create_train_state
+from tests.conftest import kill_training_at_step
 
 CHANNEL_MEAN, CHANNEL_STD = (100.0, 100.0, 100.0), (50.0, 50.0, 50.0)
 
@@ -158,18 +159,7 @@ def test_killed_and_resumed_run_with_precise_bn_equals_uninterrupted(tiny_config
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(reference.batch_stats), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
-    real_make_train_step = train_step.make_train_step
-
-    def make_killed_step(*args, **kwargs):
-        step_fn = real_make_train_step(*args, **kwargs)
-
-        def step(state, batch):
-            if int(state.step) == 3:
-                raise KeyboardInterrupt("simulated kill")
-            return step_fn(state, batch)
-        return step
-
-    monkeypatch.setattr(train_step, "make_train_step", make_killed_step)
+    real_make_train_step = kill_training_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         trainer.train_and_evaluate(config, tmp_path / "killed")
     monkeypatch.setattr(train_step, "make_train_step", real_make_train_step)

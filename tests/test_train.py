@@ -25,7 +25,7 @@ from configs import default, tiny
 from data_pipeline.shards import write_patch_dataset
 from gerne_jax import checkpoints, experiment, methods, run_log, sharding, train_step, trainer
 from gerne_jax.errors import InputError
-from tests.conftest import TINY_CHANNELS, TINY_PATCH, tiny_split
+from tests.conftest import TINY_CHANNELS, TINY_PATCH, kill_training_at_step, tiny_split
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PATCH_SHAPE = (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS))
@@ -53,18 +53,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_config, tmp_path, monk
 
     # Kill the run as it starts step 4: step 3 is logged, the last checkpoint is step 2, so the resumed
     # run redoes step 3 and must replace its row.
-    real_make_train_step = train_step.make_train_step
-
-    def make_killed_step(*args, **kwargs):
-        step_fn = real_make_train_step(*args, **kwargs)
-
-        def step(state, batch):
-            if int(state.step) == 3:
-                raise KeyboardInterrupt("simulated kill")
-            return step_fn(state, batch)
-        return step
-
-    monkeypatch.setattr(train_step, "make_train_step", make_killed_step)
+    real_make_train_step = kill_training_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         trainer.train_and_evaluate(config, tmp_path / "killed")
     killed_rows = run_log.read_metrics(tmp_path / "killed")
