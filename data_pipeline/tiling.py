@@ -7,7 +7,8 @@ runs for each slide:
 2. scan the patch grid in horizontal bands of P rows, read in blocks of at most `BAND_BYTES`
    (several bands per block when rows are narrow, column chunks of one band when they are wide;
    `grid.scan_plan`), so memory stays bounded whatever the slide's size; per patch, tumour and tissue
-   pixel counts come from column prefix sums, vectorised over the band. Steps 1-2 are `SlideScan`,
+   pixel counts come from column prefix sums, vectorised over the band, and the image is read only
+   from a band's first to its last kept patch (background is not decoded). Steps 1-2 are `SlideScan`,
    which whole-slide prediction uses too, so it sees exactly the patches the tiler keeps;
 3. serialise the kept patches into the slide's own array_record file under `DATA_DIR/.work/`, write
    `qc/<slide_id>.png`, and last a JSON sidecar (patch rows, channel moments, settings). The sidecar
@@ -139,7 +140,7 @@ class PatchBand:
     y: int                     # top edge of the row's patches
     x: np.ndarray              # left edges of the kept patches [n]
     columns: np.ndarray        # their first column in `pixels` [n]
-    pixels: np.ndarray         # rows y .. y + P of the block, (P, w, C) in the source dtype
+    pixels: np.ndarray         # rows y .. y + P from the first to the last kept patch, (P, w, C), source dtype
     tumour_pixels: np.ndarray  # [n] int64
     tissue_ratio: np.ndarray   # [n] float64
     positions: int             # grid positions of the row scanned, kept or not
@@ -175,7 +176,7 @@ class SlideScan:
     This is the one definition of which patches a slide yields (module docstring): the tiler
     (`tile_slide`) and whole-slide prediction (`gerne_jax.prediction`) both scan through it. Opening
     detects the tissue on a thumbnail at 1/f (unless the slide has a tissue mask); `read_block` reads
-    one block of `plan` (through any reader of the same slide, so threads can each use their own) and
+    one block of `plan` (from any thread) and
     `blocks()` yields them all in order, reading one ahead. `band_bytes` bounds a block's source
     bytes; it changes the reads, never the patches.
     """
@@ -190,14 +191,16 @@ class SlideScan:
         self.plan = scan_plan(reader.shape, config.patch_size, config.stride,
                               reader.num_channels * reader.dtype.itemsize, band_bytes)
 
-    def read_block(self, block: tuple[np.ndarray, np.ndarray], reader: SlideReader | None = None) -> PatchBlock:
-        """The patches of one block of `plan`: per grid row, those whose tissue ratio exceeds the minimum."""
-        reader = reader or self.reader
+    def read_block(self, block: tuple[np.ndarray, np.ndarray]) -> PatchBlock:
+        """The patches of one block of `plan`: per grid row, those whose tissue ratio exceeds the minimum.
+
+        Safe to call from several threads at once (the reader's decoding runs on zarr's I/O thread).
+        """
+        reader = self.reader
         P, config = self.config.patch_size, self.config
         ys, xs = block
         y0, x0 = int(ys[0]), int(xs[0])
         h, w = int(ys[-1]) + P - y0, int(xs[-1]) + P - x0
-        image = reader.read_region(y0, x0, h, w)
         tumour = reader.read_tumour(y0, x0, h, w)
         given = reader.read_tissue_mask(y0, x0, h, w)
         tissue = (given if given is not None else lowres_window(self.detected, self.factor, y0, x0, h, w)) | tumour
@@ -208,7 +211,14 @@ class SlideScan:
             tumour_pixels = window_counts(tumour[rows], local, P)
             tissue_ratio = window_counts(tissue[rows], local, P) / P**2
             kept = np.flatnonzero(tissue_ratio > config.min_tissue_ratio)
-            bands.append(PatchBand(y, xs[kept], local[kept], image[rows], tumour_pixels[kept],
+            # The masks decide first, so a row's pixels are read only from its first to its last kept
+            # patch: background the row does not keep is never decoded.
+            columns = local[kept]
+            left = int(columns[0]) if kept.size else 0
+            span = int(columns[-1]) + P - left if kept.size else 0
+            pixels = reader.read_region(y, x0 + left, P, span) if span else np.empty(
+                (P, 0, reader.num_channels), reader.dtype)
+            bands.append(PatchBand(y, xs[kept], columns - left, pixels, tumour_pixels[kept],
                                    tissue_ratio[kept], len(xs)))
         return PatchBlock(y0, x0, tissue, tumour, bands)
 

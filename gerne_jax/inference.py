@@ -5,8 +5,8 @@ was trained with (the DATA_DIR's channel mean and std). `PatchClassifier` standa
 the device exactly as the input pipeline does (float32 `(x - mean) / std`) and returns the tumour
 probability of `evaluation.eval_step`, so a patch gets the probability `evaluate.py` gives it.
 
-Host reading and device compute overlap: `ordered_map` runs a pool of reader threads (tifffile and
-imagecodecs release the GIL while they decode) that keeps a bounded number of blocks in flight, and
+Host reading and device compute overlap: `ordered_map` runs a pool of reader threads (mask
+arithmetic and copies in parallel with the decoding on zarr's I/O thread) that keeps a bounded number of blocks in flight, and
 `predict_batches` dispatches batch k + 1 to the jitted model before it fetches the result of batch k,
 so the device never waits on one Python thread and the host never holds more than a few blocks.
 """

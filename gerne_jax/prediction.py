@@ -4,7 +4,8 @@ For each slide, `predict_slide` opens it with the run's data settings (level / d
 stride, tissue detection, minimum tissue ratio: the DATA_DIR's `tiling_report.json` and metadata),
 checks its channel count and dtype against the run's data, and scans it with the tiler's own
 `data_pipeline.tiling.SlideScan`, so it classifies exactly the patches the tiler would keep. A pool of
-reader threads (each with its own `SlideReader`) reads blocks ahead into a bounded queue; the patches
+reader threads (sharing the slide's one `SlideReader` and its chunk cache) reads blocks ahead into a
+bounded queue; the patches
 are regrouped into fixed-size batches for the jitted, sharded `inference.PatchClassifier`. Nothing
 holds more than a few blocks of the slide.
 
@@ -16,14 +17,12 @@ same `evaluation.report_per_tau` as `evaluate.py`) and `OUT/error_vs_tissue_rati
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -113,29 +112,6 @@ def check_format(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any])
                          f"trained on {expected[0]} channel(s) of {expected[1]} at level downsample {expected[2]}")
 
 
-class _ThreadReaders:
-    """One `SlideReader` per reader thread (a reader's files are not shared between threads)."""
-
-    def __init__(self, spec: SlideSpec, config: TilingConfig):
-        self._spec, self._config = spec, config
-        self._local = threading.local()
-        self._stack = contextlib.ExitStack()
-        self._lock = threading.Lock()
-
-    def get(self) -> SlideReader:
-        reader = getattr(self._local, "reader", None)
-        if reader is None:
-            reader = SlideReader(self._spec, level=self._config.level, downsample=self._config.downsample,
-                                 tumour_ids=self._config.tumour_ids)
-            with self._lock:
-                self._local.reader = self._stack.enter_context(reader)
-        return reader
-
-    def close(self) -> None:
-        with self._lock:
-            self._stack.close()
-
-
 def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: inference.PatchClassifier,
                   settings: PredictionSettings, out: pathlib.Path,
                   progress: Callable[[int], None] = lambda positions: None) -> dict[str, Any]:
@@ -157,10 +133,11 @@ def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: infer
         qc_tissue = scan.detected.copy() if scan.detected is not None else np.zeros(lowres_shape, bool)
         qc_tumour = np.zeros(lowres_shape, bool)
         probability_map = slide_outputs.ProbabilityMap(reader.shape, P, config.stride)
-        readers = _ThreadReaders(spec, config)
 
+        # One reader for every reader thread: zarr decodes all chunks on its one I/O thread anyway, and
+        # one reader's chunk cache decodes a TIFF tile row shared by two blocks once, not once per thread.
         def read(block):
-            patches = scan.read_block(block, readers.get())
+            patches = scan.read_block(block)
             record_qc_rows(qc_tissue, qc_tumour, patches.tissue, patches.tumour, patches.y0, patches.x0, factor)
             bands = patches.bands
             images = np.concatenate([band.patches() for band in bands])
@@ -176,13 +153,10 @@ def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: infer
                 yield images, fields
 
         parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
-        try:
-            for probabilities, fields in inference.predict_batches(
-                    classifier, inference.rebatch(chunks(), classifier.batch_size)):
-                probability_map.add(fields["y"], fields["x"], probabilities[:, 1])
-                parts.append((probabilities, fields))
-        finally:
-            readers.close()
+        for probabilities, fields in inference.predict_batches(
+                classifier, inference.rebatch(chunks(), classifier.batch_size)):
+            probability_map.add(fields["y"], fields["x"], probabilities[:, 1])
+            parts.append((probabilities, fields))
         height, width = reader.shape
     probabilities = (np.concatenate([p for p, _ in parts]) if parts
                      else np.zeros((0, len(dataset.CLASS_NAMES)), np.float32))
