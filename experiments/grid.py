@@ -61,9 +61,13 @@ from gerne_jax import cli, config_utils, evaluation, files, run_log, trainer  # 
 # is the order of a name's parts: every run folder `make experiments` has written keeps its name.
 ALIASES = {"c": "method.c", "beta": "method.beta", "lr": "optimizer.learning_rate", "norm": "model.norm",
            "tau": "data.taus", "steps": "training.steps", "batch": "training.batch_per_group",
-           "data_dir": "data.dir"}
+           "data_dir": "data.dir", "eta": "method.group_dro.eta", "id": "method.jtt.identification_workdir",
+           "lambda": "method.jtt.upweight"}
 _ALIAS_OF = {key: alias for alias, key in ALIASES.items()}
 SEED_KEY = "training.seed"  # set per run from the seeds, never by a setting
+# In a string override, replaced by the run's seed: a run that builds on another run of its own seed
+# (JTT's identification run, DFR's base run) names it as `ROOT/erm_lr0.1_seed{seed}`.
+SEED_PLACEHOLDER = "{seed}"
 # Each checkpoint rule and the validation metric that also picks the hyperparameters under it.
 CHECKPOINTS = {"best_wga": "val WGA", "best_bca": "val BCA"}
 STAMP_FILE = "evaluated.json"  # in the results folder: the run states its results were computed from
@@ -82,6 +86,8 @@ def _frozen(value: Any) -> Any:
 def _format_value(value: Any) -> str:
     if isinstance(value, tuple):
         return "+".join(map(_format_value, value))
+    if isinstance(value, str) and "/" in value:  # another run's folder: its name, without its seed
+        return pathlib.PurePath(value).name.replace(f"_seed{SEED_PLACEHOLDER}", "")
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -128,8 +134,10 @@ def run_name(setting: Setting, seed: int) -> str:
 
 def run_config(setting: Setting, seed: int,
                common: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """The method's `configs/demo.py` config, then `common`, then the setting's overrides, then the seed."""
-    overrides = {**(common or {}), **setting.overrides}
+    """The method's `configs/demo.py` config, then `common`, then the setting's overrides, then the seed
+    (also put in place of `{seed}` in string overrides)."""
+    overrides = {key: value.replace(SEED_PLACEHOLDER, str(seed)) if isinstance(value, str) else value
+                 for key, value in {**(common or {}), **setting.overrides}.items()}
     if SEED_KEY in overrides:
         raise ValueError(f"{SEED_KEY} is set per run from the seeds; give it as a seed, not as an override")
     return config_utils.with_overrides(demo.get_config(setting.method), {**overrides, SEED_KEY: seed})

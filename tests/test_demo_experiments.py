@@ -197,6 +197,16 @@ def test_a_runs_own_overrides_win_over_the_common_ones():
         {"training.steps": 20, "data.taus": (0.03, 0.2), "data.dir": "/data/x"}
 
 
+def test_a_run_built_on_another_run_of_its_seed_names_it_by_folder():
+    # JTT's identification run of the same seed: `{seed}` becomes each run's seed, and the run's
+    # folder name carries the other run's folder name without its seed.
+    setting = Setting("jtt", {"method.jtt.identification_workdir": "/r/runs/erm_lr0.1_steps300_seed{seed}",
+                              "method.jtt.upweight": 5.0})
+    assert [grid.run_config(setting, seed).method.jtt.identification_workdir for seed in (0, 2)] == \
+        ["/r/runs/erm_lr0.1_steps300_seed0", "/r/runs/erm_lr0.1_steps300_seed2"]
+    assert grid.run_name(setting, 2) == "jtt_iderm_lr0.1_steps300_lambda5_seed2"
+
+
 # ---------------------------------------------------------------------------------------------------
 # run_grid end to end on a tiny DATA_DIR.
 # ---------------------------------------------------------------------------------------------------
@@ -248,3 +258,25 @@ def test_run_grid_trains_evaluates_tunes_and_reuses_its_results(tmp_path, monkey
     monkeypatch.setattr(evaluation, "evaluate_run", refuse)
     again = grid.run_grid(settings, [0], tmp_path / "grid", common=common)
     assert json.dumps(again) == json.dumps(summary)  # as text: one seed's std is NaN, never equal to itself
+
+
+def test_comparison_gives_every_method_the_same_budget_and_trains_what_jtt_builds_on(tmp_path):
+    from experiments import comparison
+
+    runs = tmp_path / "runs"
+    families = comparison.tuning_settings(runs, identification_steps=(30, 70))
+    assert {len(settings) for settings in families.values()} == {comparison.TUNING_BUDGET}
+    assert set(families) == set(comparison.FAMILIES)
+    # Each JTT setting names its identification run; exactly those are trained first, per seed.
+    needed = comparison.prerequisites(families["jtt"][2:], runs)
+    assert [s.overrides["training.steps"] for s in needed] == [70]
+    jtt = grid.run_config(families["jtt"][2], 1)
+    assert jtt.method.jtt.identification_workdir == str(runs / grid.run_name(needed[0], 1))
+    assert comparison.prerequisites(families["erm"], runs) == []
+    # chosen.json is portable: other runs' folders are stored relative to the runs folder.
+    comparison.save_chosen(tmp_path / "chosen.json", families["jtt"], runs)
+    assert str(tmp_path) not in (tmp_path / "chosen.json").read_text()
+    elsewhere = tmp_path / "other" / "runs"
+    moved = comparison.load_chosen(tmp_path / "chosen.json", elsewhere)
+    assert [s.name for s in moved] == [s.name for s in families["jtt"]]
+    assert grid.run_config(moved[0], 0).method.jtt.identification_workdir.startswith(str(elsewhere))

@@ -1,0 +1,217 @@
+"""The comparison table: ERM, resampling, GERNE, GroupDRO and JTT on the `sections` synthetic slides.
+
+    python -m experiments.comparison --root runs/comparison                  # tune on seed 0, then 3 seeds
+    python -m experiments.comparison --root runs/comparison_data1 --data-seed 1 --size 3072 \
+        --settings-from runs/comparison/chosen.json                          # another data set, no tuning
+
+Steps (resumable: finished runs are skipped, interrupted ones resume; see experiments/grid.py):
+1. data: `--slides` synthetic slides of the `sections` layout (both minority groups hard; README
+   "Synthetic slides"), 64-pixel patches, tau = 0.1.
+2. tuning on seed 0, the same budget for every method (`TUNING_BUDGET` settings each), all on the
+   tiny ResNet with GroupNorm: one network and normalisation for every row. Each method's setting is
+   chosen on validation WGA only (`best_wga` checkpoints); `ROOT/chosen.json` records the choice.
+   JTT's identification runs (ERM at `ERM_LR` for T steps) are trained first, per seed.
+3. seeds: every chosen setting with seeds 0, 1, 2 (`--seeds`); test mean and standard deviation.
+4. the best network of a method where it differs: GERNE with BatchNorm statistics shared by its two
+   batches and precise BatchNorm (the demo's GERNE), over the same seeds, reported in its own table.
+5. per-group test accuracies (mean over seeds) and the error rate against tissue ratio (seed 0).
+
+`--settings-from CHOSEN.json` skips step 2 and trains the settings chosen on another data set: the
+check that a finding does not depend on one generated data set. Writes `ROOT/results.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import stats, synthetic, tile_manifest
+from data_pipeline.tiling import TilingConfig
+from experiments import error_vs_tissue_ratio, grid
+from experiments.grid import Setting
+from experiments.tables import markdown_table, mean_std
+from gerne_jax import dataset, files
+
+LR = "optimizer.learning_rate"
+TAU = 0.1
+SEEDS = (0, 1, 2)
+TUNING_SEED = 0
+TUNING_BUDGET = 4  # settings tried per method on the tuning seed
+ERM_LR = 0.1  # configs/demo.py's ERM learning rate: the identification runs of JTT train at it
+IDENTIFICATION_STEPS = (300, 600)  # JTT's T, the identification run's steps (of the demo's 1,500)
+FAMILIES = ("erm", "resample", "gerne", "group_dro", "jtt")
+
+
+def identification_setting(steps: int) -> Setting:
+    """JTT's identification run: ERM at `ERM_LR` for T steps (its latest checkpoint is step T)."""
+    return Setting("erm", {LR: ERM_LR, "training.steps": steps})
+
+
+def tuning_settings(runs: pathlib.Path, identification_steps: Sequence[int]) -> dict[str, list[Setting]]:
+    """Per method, the `TUNING_BUDGET` settings tuning tries."""
+    learning_rates = (0.01, 0.03, 0.1, 0.3)
+    identification = {steps: str(runs / grid.run_name(identification_setting(steps), "{seed}"))
+                      for steps in identification_steps}
+    families = {
+        "erm": [Setting("erm", {LR: lr}) for lr in learning_rates],
+        "resample": [Setting("resample", {LR: lr}) for lr in learning_rates],
+        "gerne": [Setting("gerne", {"method.c": c, "method.beta": beta, LR: ERM_LR})
+                  for c, beta in ((0.5, 0.5), (0.5, 1.0), (1.0, 0.5), (1.0, 1.0))],
+        "group_dro": [Setting("group_dro", {"method.group_dro.eta": eta, LR: lr})
+                      for eta in (0.01, 0.1) for lr in (0.03, 0.1)],
+        "jtt": [Setting("jtt", {"method.jtt.identification_workdir": identification[steps],
+                                "method.jtt.upweight": upweight, LR: ERM_LR})
+                for steps in identification_steps for upweight in (5.0, 20.0)],
+    }
+    assert all(len(settings) == TUNING_BUDGET for settings in families.values())
+    return families
+
+
+def prerequisites(settings: Sequence[Setting], runs: pathlib.Path) -> list[Setting]:
+    """The runs `settings` build on (their `{seed}` folders under `runs`), as settings to train first:
+    identification runs, whose folder names (`identification_setting`) carry their step count."""
+    names = {pathlib.PurePath(value).name for setting in settings for value in setting.overrides.values()
+             if isinstance(value, str) and value.startswith(str(runs))}
+    return [identification_setting(int(re.search(r"_steps(\d+)_", name).group(1))) for name in sorted(names)]
+
+
+def best_network_settings() -> list[Setting]:
+    """The demo's GERNE: BatchNorm statistics shared by the two batches, precise BatchNorm."""
+    return [Setting("gerne", {"model.norm": "shared"})]
+
+
+def make_data(root: pathlib.Path, slides: int, size: int, data_seed: int) -> pathlib.Path:
+    """Step 1: `sections` slides, 64-pixel patches, group counts and the tissue-ratio plot."""
+    manifest, data = root / "slides" / "manifest.csv", root / "data"
+    if not manifest.is_file():
+        synthetic.generate(root / "slides", slides, size, seed=data_seed, layout="sections")
+    if not (data / "metadata.json").is_file():
+        tile_manifest.tile_manifest(manifest, data, TilingConfig(patch_size=64, stride=64), workers=2)
+        table = dataset.read_patch_table(data)
+        print(stats.format_group_counts(stats.split_group_counts(table, TAU), TAU))
+        stats.plot_tissue_ratio(table, (TAU,), data / stats.PLOT_FILE)
+    return data
+
+
+def train_prerequisites(settings: Sequence[Setting], seeds: Sequence[int], runs: pathlib.Path,
+                        common: Mapping[str, Any]) -> None:
+    grid.train_all({runs / grid.run_name(s, seed): grid.run_config(s, seed, common)
+                    for s in prerequisites(settings, runs) for seed in seeds})
+
+
+def save_chosen(path: pathlib.Path, settings: Sequence[Setting], runs: pathlib.Path) -> None:
+    """The chosen settings, with other runs' folders relative to the runs folder (portable)."""
+    document = [{"method": s.method, "overrides": {k: v.replace(str(runs), "{runs}") if isinstance(v, str) else v
+                                                   for k, v in s.overrides.items()}} for s in settings]
+    files.write_text_atomic(path, json.dumps(document, indent=2))
+
+
+def load_chosen(path: pathlib.Path, runs: pathlib.Path) -> list[Setting]:
+    return [Setting(entry["method"], {k: v.replace("{runs}", str(runs)) if isinstance(v, str) else v
+                                      for k, v in entry["overrides"].items()})
+            for entry in json.loads(pathlib.Path(path).read_text())]
+
+
+def group_accuracy_rows(results_dir: pathlib.Path, settings: Sequence[Setting],
+                        seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Per method, each group's test accuracy (mean over seeds) of its `best_wga` checkpoints."""
+    evaluated = json.loads((results_dir / "eval" / "best_wga_test.json").read_text())
+    rows = []
+    for setting in settings:
+        reports = [evaluated[grid.run_name(setting, seed)]["results"][f"tau={TAU:g}"] for seed in seeds]
+        accuracy = np.mean([r["group_accuracy"] for r in reports], axis=0)
+        counts, bins = reports[0]["group_count"], reports[0]["bin_names"]
+        row = {"method": setting.family}
+        for y, class_name in enumerate(dataset.CLASS_NAMES):
+            for a, bin_name in enumerate(bins):
+                row[f"{class_name}, {bin_name} (n={counts[y][a]})"] = f"{accuracy[y][a]:.3f}"
+        rows.append(row)
+    return rows
+
+
+def summary_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"method": e["family"], "chosen setting (val WGA)": e["chosen setting"], "seeds": e["seeds"],
+             **{f"{prefix} {metric}": mean_std(e, f"{prefix} {metric}", decimals=3)
+                for prefix in ("test", "val") for metric in ("WGA", "BCA")}}
+            for e in summary if e["checkpoint"] == "best_wga"]
+
+
+def write_report(root: pathlib.Path, args: argparse.Namespace, chosen: Sequence[Setting],
+                 summary: Sequence[Mapping[str, Any]], best_network: Sequence[Mapping[str, Any]]) -> pathlib.Path:
+    table = summary_rows(summary)
+    erm = next(e for e in summary if e["family"] == "erm" and e["checkpoint"] == "best_wga")
+
+    def points(a: Mapping[str, Any], a_metric: str, b: Mapping[str, Any], b_metric: str) -> str:
+        return f"{100 * (a[f'test {a_metric} mean'] - b[f'test {b_metric} mean']):+.1f}"
+
+    differences = [f"- ERM: test BCA - test WGA = {points(erm, 'BCA', erm, 'WGA')} points."]
+    differences += [f"- {e['family']} - ERM: test WGA {points(e, 'WGA', erm, 'WGA')} points, test BCA "
+                    f"{points(e, 'BCA', erm, 'BCA')} points."
+                    for e in summary if e["checkpoint"] == "best_wga" and e["family"] != "erm"]
+    tuning = ("settings chosen on another data set: " + str(args.settings_from) if args.settings_from else
+              f"tuned on seed {TUNING_SEED}, {TUNING_BUDGET} settings per method, on validation WGA only "
+              "([tuning/results.md](tuning/results.md))")
+    lines = [
+        "# Comparison on the `sections` synthetic slides", "",
+        f"Data: {args.slides} slides of about {args.size} pixels, data seed {args.data_seed}, 64-pixel patches, "
+        f"tau = {TAU:g}. Tiny ResNet with GroupNorm for every method; {tuning}. Test split, mean ± standard "
+        f"deviation over seeds {', '.join(map(str, args.seeds))}, `best_wga` checkpoints.", "",
+        markdown_table(table), "", "![test WGA and BCA](seeds/summary.png)", "",
+        "## Differences", "", *differences, "",
+        "## Per-group test accuracy (mean over seeds)", "",
+        markdown_table(group_accuracy_rows(root / "seeds", chosen, args.seeds)), "",
+        "## Best network where it differs: GERNE with shared BatchNorm and precise BatchNorm", "",
+        markdown_table(summary_rows(best_network)), "",
+        f"## Error rate against tissue ratio (seed {args.seeds[0]})", "",
+        "![error rate against tissue ratio](error_vs_tissue_ratio/error_vs_tissue_ratio.png)", ""]
+    files.write_text_atomic(root / "results.md", "\n".join(lines))
+    print("\n".join(lines[:6] + differences))
+    return root / "results.md"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, type=pathlib.Path)
+    parser.add_argument("--slides", type=int, default=12)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--settings-from", type=pathlib.Path, default=None,
+                        help="chosen.json of another comparison: train those settings, no tuning")
+    parser.add_argument("--identification-steps", type=int, nargs="+", default=list(IDENTIFICATION_STEPS),
+                        help="JTT's T values tried in tuning")
+    parser.add_argument("--set", default="", help="overrides of every run, e.g. steps=300 (a quick look)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = args.root
+    data = make_data(root, args.slides, args.size, args.data_seed)
+    runs = root / "runs"
+    common = {"data.dir": str(data), "data.taus": (TAU,), "model.norm": "group", **grid.parse_overrides(args.set)}
+    if args.settings_from:
+        chosen = load_chosen(args.settings_from, runs)
+    else:
+        families = tuning_settings(runs, args.identification_steps)
+        settings = [s for family in FAMILIES for s in families[family]]
+        train_prerequisites(settings, [TUNING_SEED], runs, common)
+        summary = grid.run_grid(settings, [TUNING_SEED], runs, common=common, out=root / "tuning")
+        chosen = grid.chosen_settings(summary, settings)["best_wga"]
+    save_chosen(root / "chosen.json", chosen, runs)
+    train_prerequisites(chosen, args.seeds, runs, common)
+    summary = grid.run_grid(chosen, args.seeds, runs, common=common, out=root / "seeds")
+    best_network = grid.run_grid(best_network_settings(), args.seeds, runs, common=common, out=root / "best_network")
+    error_vs_tissue_ratio.error_vs_tissue_ratio([runs / grid.run_name(s, args.seeds[0]) for s in chosen],
+                                                root / "error_vs_tissue_ratio")
+    write_report(root, args, chosen, summary, best_network)
+    return 0
+
+
+if __name__ == "__main__":
+    grid.run_script(main)
