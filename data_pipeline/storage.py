@@ -94,6 +94,12 @@ class RemotePath:
     def parent(self) -> RemotePath:
         return RemotePath(posixpath.dirname(self.url))
 
+    @property
+    def in_one_process(self) -> bool:
+        """Whether the file system is this process's memory (memory://: tests), unseen by other processes."""
+        protocol = self._fs_path[0].protocol
+        return "memory" in ((protocol,) if isinstance(protocol, str) else protocol)
+
     def is_absolute(self) -> bool:
         return True  # a URL means the same on every machine
 

@@ -200,6 +200,9 @@ def tile_manifest(
         raise InputError(f"--runner must be one of {list(RUNNERS)}, got {runner!r}")
     if beam_options and runner != "beam":
         raise InputError(f"--beam-option {list(beam_options)} needs --runner beam (the runner is {runner!r})")
+    if isinstance(data_dir, storage.RemotePath) and data_dir.in_one_process and runner == "local" and workers > 1:
+        raise InputError(f"--out {data_dir}: this file system lives in one process's memory, which worker "
+                         "processes do not share; use --workers 1")
     run_slides = (_beam_runner().slide_runner(beam_options, workers, show_progress) if runner == "beam" else
                   functools.partial(_run_jobs, workers=workers, show_progress=show_progress))
     specs = read_manifest(manifest)

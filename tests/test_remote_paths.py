@@ -145,6 +145,8 @@ def test_a_url_without_its_filesystem_package_names_what_to_install(slides, tmp_
         tile(slides / "manifest.csv", "gs://bucket/data", *BEAM_IN_PROCESS)
     with pytest.raises(InputError, match=r"'nosuch://bucket/data': Protocol not known: nosuch"):
         tile(slides / "manifest.csv", "nosuch://bucket/data")
+    with pytest.raises(InputError, match=r"--out memory://bucket/data: .* use --workers 1"):
+        tile(slides / "manifest.csv", "memory://bucket/data", "--workers", "2")
     assert list(tmp_path.iterdir()) == []
 
 
