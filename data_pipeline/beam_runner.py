@@ -5,18 +5,18 @@ splits, the header pass and dataset format, resume, failures, the report and pub
 is only its `SlideRunner` on Beam:
 
     Create(one element per slide; Beam reshuffles them, so the runner spreads them over its workers)
-    | ParDo(tile_manifest.tile_job: tiling.tile_slide -> the slide's array_record, QC PNG and sidecar)
-    | WriteToText(one JSON line per slide: tiled, or failed with its error; DATA_DIR/.work/beam/)
+    | ParDo(tile_manifest.tile_job: tiling.tile_slide -> the slide's array_record, QC PNG and sidecar,
+             then its result: a JSON file DATA_DIR/.work/beam/<slide_id>.json, tiled or failed with its error)
 
-When the pipeline has finished, the launching process reads the result lines, and each tiled slide's
+When the pipeline has finished, the launching process reads the results, and each tiled slide's
 sidecar from DATA_DIR, and yields the same results as the local pool; the DATA_DIR published from
 them is byte-identical to the local runner's.
 
-Storage: the workers write DATA_DIR themselves, with the same local-file code as the local pool
-(tifffile reads, array_record writes, renames), so the workers and the launching process must see
-the manifest's files and DATA_DIR at the same, absolute, paths: one machine (the DirectRunner), or
-a cluster sharing a POSIX file system (NFS, or a bucket mounted with gcsfuse). URLs such as gs://...
-are not supported as DATA_DIR or in the manifest.
+Storage: the workers write DATA_DIR themselves, through `data_pipeline.storage`: a local folder
+(then the workers and the launching process must share it at the same absolute path: one machine,
+or a cluster's shared POSIX file system), or a URL that fsspec writes (gs://, s3://, ...), which
+every machine reaches alike; a worker tiles a slide into its local temporary folder and uploads the
+files. The manifest's slides are read as local files, at the same absolute paths on every worker.
 
 Failures: `tile_job` turns a slide's error into a result, so a broken slide never fails its bundle
 (a runner would retry it and then fail the whole job); the launching process raises it, or reports
@@ -31,9 +31,6 @@ import contextlib
 import functools
 import io
 import json
-import os
-import pathlib
-import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -43,13 +40,12 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from tqdm import tqdm
 
-from data_pipeline import tile_manifest
+from data_pipeline import storage, tile_manifest
 from data_pipeline.manifest import SlideError, SlideSpec
 from data_pipeline.tiling import WORK_DIR, SlideFormat, TilingConfig, load_finished, slide_paths
 from gerne_jax.errors import InputError
 
-RESULTS_DIR = "beam"      # under DATA_DIR/.work: the pipeline's result lines, removed once read
-RESULTS_PREFIX = "results"
+RESULTS_DIR = "beam"      # under DATA_DIR/.work: one result file per slide, removed once read
 PROGRESS_INTERVAL_S = 1.0
 README_SECTION = "README, 'Tiling on Apache Beam'"
 LOCAL_LOG_LEVEL = ("--default_sdk_harness_log_level=ERROR",)
@@ -93,18 +89,23 @@ def slide_runner(flags: Sequence[str], workers: int, show_progress: bool) -> til
 
 
 class _TileSlide(beam.DoFn):
-    """One slide per element: `tile_job`'s result as a JSON line (its sidecar stays in DATA_DIR)."""
+    """One slide per element: `tile_job`'s result written as a JSON file (its sidecar stays in DATA_DIR).
+    A retried bundle rewrites the same file, whole."""
 
-    def __init__(self, data_dir: pathlib.Path, config: TilingConfig, expected: SlideFormat):
+    def __init__(self, data_dir: storage.AnyPath, config: TilingConfig, expected: SlideFormat):
         self._data_dir, self._config, self._expected = data_dir, config, expected
         self._positions = Metrics.counter("tiling", "grid_positions")
 
-    def process(self, spec: SlideSpec) -> Iterator[str]:
+    def process(self, spec: SlideSpec) -> None:
         result = tile_manifest.tile_job(spec, self._data_dir, self._config, self._expected, self._positions.inc)
-        yield json.dumps(_result_to_json(result))
+        storage.write_text(_result_path(self._data_dir, spec.slide_id), json.dumps(_result_to_json(result)))
 
 
-def run_slides(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: TilingConfig, expected: SlideFormat,
+def _result_path(data_dir: storage.AnyPath, slide_id: str) -> storage.AnyPath:
+    return data_dir / WORK_DIR / RESULTS_DIR / f"{slide_id}.json"
+
+
+def run_slides(jobs: Sequence[SlideSpec], data_dir: storage.AnyPath, config: TilingConfig, expected: SlideFormat,
                total_positions: int, *, options: PipelineOptions, show_progress: bool) -> Iterator[dict[str, Any]]:
     """Tiles `jobs` in one Beam pipeline; then yields `tile_job`'s result for each, in manifest order."""
     del total_positions  # the workers' progress reaches this process only as finished slides
@@ -117,7 +118,8 @@ def run_slides(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: Tiling
                              f"relative paths in their own working directory; give --manifest and --out as "
                              f"absolute paths (relative here: {relative[:3]})")
     results_dir = data_dir / WORK_DIR / RESULTS_DIR
-    shutil.rmtree(results_dir, ignore_errors=True)  # left by a killed run
+    storage.remove_tree(results_dir)  # left by a killed run
+    results_dir.mkdir(parents=True, exist_ok=True)
     for spec in jobs:
         # Not resumable (other settings or files) and about to be rewritten; removed so that the
         # progress bar counts only this run's sidecars.
@@ -125,16 +127,14 @@ def run_slides(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: Tiling
     with _sidecar_progress(jobs, data_dir, show_progress), beam.Pipeline(options=options) as pipeline:
         _ = (pipeline
              | "slides" >> beam.Create(list(jobs))
-             | "tile" >> beam.ParDo(_TileSlide(data_dir, config, expected))
-             | "results" >> beam.io.WriteToText(os.fspath(results_dir / RESULTS_PREFIX), file_name_suffix=".jsonl"))
+             | "tile" >> beam.ParDo(_TileSlide(data_dir, config, expected)))
     results = {}
-    for path in sorted(results_dir.glob(f"{RESULTS_PREFIX}*")):
-        for line in path.read_text().splitlines():
-            result = json.loads(line)
-            results[result["slide_id"]] = result  # a retried bundle may have written a slide twice
-    shutil.rmtree(results_dir, ignore_errors=True)
     for spec in jobs:
-        yield _result_from_json(results.get(spec.slide_id), spec, data_dir, config)
+        path = _result_path(data_dir, spec.slide_id)
+        results[spec.slide_id] = json.loads(path.read_text()) if path.exists() else None
+    storage.remove_tree(results_dir)
+    for spec in jobs:
+        yield _result_from_json(results[spec.slide_id], spec, data_dir, config)
 
 
 def _result_to_json(result: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def _result_to_json(result: dict[str, Any]) -> dict[str, Any]:
     return {"slide_id": result["slide_id"], "status": "failed", "error": result["error"], "unexpected": str(error)}
 
 
-def _result_from_json(result: dict[str, Any] | None, spec: SlideSpec, data_dir: pathlib.Path,
+def _result_from_json(result: dict[str, Any] | None, spec: SlideSpec, data_dir: storage.AnyPath,
                       config: TilingConfig) -> dict[str, Any]:
     """The result `tile_job` returned on the worker, its sidecar read back from DATA_DIR."""
     where = (f"the workers must write {str(data_dir)!r} on storage that this machine reads at the same "
@@ -169,20 +169,22 @@ def _result_from_json(result: dict[str, Any] | None, spec: SlideSpec, data_dir: 
 
 
 @contextlib.contextmanager
-def _sidecar_progress(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, show_progress: bool) -> Iterator[None]:
+def _sidecar_progress(jobs: Sequence[SlideSpec], data_dir: storage.AnyPath, show_progress: bool) -> Iterator[None]:
     """A bar of finished slides while the pipeline runs, counted from the sidecars in DATA_DIR (the
     workers may be other machines, so nothing else reaches this process before the end)."""
     if not show_progress:
         yield
         return
-    sidecars = [slide_paths(data_dir, spec.slide_id)["sidecar"] for spec in jobs]
+    sidecars = {slide_paths(data_dir, spec.slide_id)["sidecar"].name for spec in jobs}
+    work = data_dir / WORK_DIR
     stop = threading.Event()
 
     def watch() -> None:
         with tqdm(total=len(jobs), desc="slides (Beam)", unit="slide") as bar:
             while True:
                 stopping = stop.wait(PROGRESS_INTERVAL_S)
-                bar.update(sum(path.exists() for path in sidecars) - bar.n)
+                # One listing per interval, not one request per slide (a bucket answers each).
+                bar.update(len(sidecars.intersection(path.name for path in work.glob("*.json"))) - bar.n)
                 if stopping:
                     return
 

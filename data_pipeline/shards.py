@@ -16,7 +16,7 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +26,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tensorflow_datasets.core.utils import dtype_utils
 from tensorflow_datasets.proto import tf_example_pb2
 
+from data_pipeline import storage
 from gerne_jax import dataset, files
 from gerne_jax.dataset import DatasetError
 
@@ -230,7 +231,7 @@ def _unsigned_for(bound: int) -> type:
 class ShardPart:
     """One finished array_record file (a slide's, or a whole in-memory split) and its patch rows."""
 
-    path: pathlib.Path
+    path: storage.AnyPath               # a URL's file when the DATA_DIR is one
     rows: Sequence[Mapping[str, Any]]   # a `dataset.patch_row` per record, in record order
     moments: ChannelMoments             # over every pixel of every record of the file
 
@@ -265,13 +266,6 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{dataset.DATASET_NAME}-{split}.{SHARD_SUFFIX}-{index:05d}-of-{num_shards:05d}"
 
 
-def _link_or_copy(source: pathlib.Path, target: pathlib.Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(source, target)
-
-
 def _check_finite_statistics(data_dir: pathlib.Path, moments: ChannelMoments,
                              channel_names: Sequence[str] | None) -> None:
     """Training normalises with channel_mean / channel_std: a NaN or Inf there would turn every batch
@@ -284,7 +278,7 @@ def _check_finite_statistics(data_dir: pathlib.Path, moments: ChannelMoments,
 
 
 def finalize_dataset(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | storage.RemotePath,
     parts_by_split: Mapping[str, Sequence[ShardPart]],
     features: tfds.features.FeaturesDict,
     metadata: Mapping[str, Any],
@@ -297,8 +291,10 @@ def finalize_dataset(
 
     Everything is staged under `data_dir/.work/finalize` and moved in with renames: the old
     dataset_info.json goes first, the new one comes last, so a reader never loads a mix.
+    `data_dir` may be a URL (`storage.location`; the parts' paths are then on the same file system):
+    the shards are copied there (server-side on object stores), the tables written locally and uploaded.
     """
-    data_dir = pathlib.Path(data_dir)
+    data_dir = storage.location(data_dir)
     unknown = sorted(set(parts_by_split) - set(dataset.SPLITS))
     if unknown:
         raise ValueError(f"unknown split name(s) {unknown}; expected {list(dataset.SPLITS)}")
@@ -314,22 +310,35 @@ def finalize_dataset(
     metadata = dict(metadata, channel_mean=moments.mean.tolist(), channel_std=moments.std.tolist())
 
     staging = data_dir / ".work" / "finalize"
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.remove_tree(staging)
     staging.mkdir(parents=True)
     split_infos, rows_by_split = [], {}
     for split in (s for s in dataset.SPLITS if s in parts_by_split):
         parts = parts_by_split[split]
         for i, part in enumerate(parts):
-            _link_or_copy(part.path, staging / shard_name(split, i, len(parts)))
+            storage.copy(part.path, staging / shard_name(split, i, len(parts)))
         split_infos.append(tfds.core.SplitInfo(
             name=split, shard_lengths=[len(p.rows) for p in parts],
-            num_bytes=sum(p.path.stat().st_size for p in parts)))
+            num_bytes=sum(storage.size(p.path) for p in parts)))
         rows_by_split[split] = [row for part in parts for row in part.rows]
-    dataset.write_patch_table(staging / dataset.PATCHES_CSV, rows_by_split)
-    tfds.folder_dataset.write_metadata(
-        data_dir=staging, features=features, split_infos=split_infos,
-        filename_template=FILENAME_TEMPLATE, check_data=False,
-        metadata=tfds.core.MetadataDict(dataset.to_disk(metadata)))
+    with tempfile.TemporaryDirectory(prefix="finalize-") as local:
+        # The TFDS metadata writer and the table writer write local files; at a URL they are written
+        # to a local folder and uploaded. TFDS takes the shard names from the folder's files: there
+        # they are empty stand-ins for the shards staged at the URL.
+        tables = staging if isinstance(staging, pathlib.Path) else pathlib.Path(local)
+        shard_names = {p.name for p in staging.iterdir()}
+        if tables != staging:
+            for name in shard_names:
+                (tables / name).touch()
+        dataset.write_patch_table(tables / dataset.PATCHES_CSV, rows_by_split)
+        tfds.folder_dataset.write_metadata(
+            data_dir=tables, features=features, split_infos=split_infos,
+            filename_template=FILENAME_TEMPLATE, check_data=False,
+            metadata=tfds.core.MetadataDict(dataset.to_disk(metadata)))
+        if tables != staging:
+            for table in sorted(tables.iterdir()):
+                if table.name not in shard_names:
+                    storage.upload(table, staging / table.name)
 
     (data_dir / dataset.DATASET_INFO_FILE).unlink(missing_ok=True)
     staged = sorted(p.name for p in staging.iterdir())
@@ -340,9 +349,9 @@ def finalize_dataset(
     order = sorted(staged, key=lambda n: (not n.startswith(dataset.DATASET_NAME + "-"),
                                           n == dataset.DATASET_INFO_FILE))
     for name in order:
-        os.replace(staging / name, data_dir / name)
+        storage.replace(staging / name, data_dir / name)
     # rename() between two links of one inode (a shard republished unchanged) leaves the source.
-    shutil.rmtree(staging)
+    storage.remove_tree(staging)
     return {split: len(rows) for split, rows in rows_by_split.items()}
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -31,6 +32,7 @@ import pathlib
 import queue
 import re
 import sys
+import tempfile
 import traceback
 import types
 import warnings
@@ -40,12 +42,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline import shards
+from data_pipeline import shards, storage
 from data_pipeline.grid import THUMBNAIL_SIDE, grid_origins
 from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
 from data_pipeline.slides import SlideReader
 from data_pipeline.splits import assign_splits
 from data_pipeline.tiling import (
+    QC_DIR,
     WORK_DIR,
     SlideFormat,
     TilingConfig,
@@ -65,7 +68,7 @@ RUNNERS = ("local", "beam")
 
 # What runs the slides left to do: (jobs, data_dir, config, dataset format, their grid positions for
 # progress) -> one `tile_job` result per job, in any order.
-SlideRunner = Callable[[Sequence[SlideSpec], pathlib.Path, TilingConfig, SlideFormat, int],
+SlideRunner = Callable[[Sequence[SlideSpec], storage.AnyPath, TilingConfig, SlideFormat, int],
                        Iterable[dict[str, Any]]]
 
 
@@ -82,7 +85,7 @@ class _QueueProgress:
         self.progress_queue.put(positions)
 
 
-def tile_job(spec: SlideSpec, data_dir: pathlib.Path, config: TilingConfig, expected: SlideFormat,
+def tile_job(spec: SlideSpec, data_dir: storage.AnyPath, config: TilingConfig, expected: SlideFormat,
              progress: Callable[[int], None]) -> dict[str, Any]:
     """Runs `tile_slide` and turns its failure into a result, so the parent decides what to do.
 
@@ -90,7 +93,7 @@ def tile_job(spec: SlideSpec, data_dir: pathlib.Path, config: TilingConfig, expe
     "error": one line, "exception": what the parent raises without --skip-errors}`; both runners
     (`_run_jobs`, `beam_runner.run_slides`) yield these."""
     try:
-        sidecar = tile_slide(spec, data_dir, config, expected, progress)
+        sidecar = _tile_slide_to(spec, data_dir, config, expected, progress)
     except SlideError as error:
         return {"slide_id": spec.slide_id, "status": "failed", "error": str(error), "exception": error}
     except Exception as error:  # noqa: BLE001 - reported, and re-raised without --skip-errors
@@ -100,7 +103,23 @@ def tile_job(spec: SlideSpec, data_dir: pathlib.Path, config: TilingConfig, expe
     return {"slide_id": spec.slide_id, "status": "tiled", "sidecar": sidecar}
 
 
-def _run_jobs(jobs: Sequence[SlideSpec], data_dir: pathlib.Path, config: TilingConfig,
+def _tile_slide_to(spec: SlideSpec, data_dir: storage.AnyPath, config: TilingConfig, expected: SlideFormat,
+                   progress: Callable[[int], None]) -> dict[str, Any]:
+    """`tile_slide` into `data_dir`. At a URL: into a local temporary folder (the array_record and PNG
+    writers need local files), then uploaded, each file whole, the sidecar last as it marks the
+    slide finished."""
+    if isinstance(data_dir, pathlib.Path):
+        return tile_slide(spec, data_dir, config, expected, progress)
+    with tempfile.TemporaryDirectory(prefix=f"tile-{spec.slide_id}-") as local:
+        (pathlib.Path(local) / WORK_DIR).mkdir()
+        sidecar = tile_slide(spec, pathlib.Path(local), config, expected, progress)
+        written, remote = slide_paths(pathlib.Path(local), spec.slide_id), slide_paths(data_dir, spec.slide_id)
+        for key in ("records", "qc", "sidecar"):
+            storage.upload(written[key], remote[key])
+    return sidecar
+
+
+def _run_jobs(jobs: Sequence[SlideSpec], data_dir: storage.AnyPath, config: TilingConfig,
               expected: SlideFormat, total_positions: int, *, workers: int,
               show_progress: bool) -> Iterator[dict[str, Any]]:
     """The local `SlideRunner`: yields one result per job as slides finish, with progress bars.
@@ -166,6 +185,9 @@ def tile_manifest(
     to `tiling_report.json`). Raises SlideError on a bad slide unless `skip_errors`, and InputError
     when another run holds `data_dir` (its pid and host named) or the manifest is bad.
 
+    `data_dir` is a local folder or a URL that fsspec writes (gs://, s3://, file://, memory://;
+    `data_pipeline.storage`); the slides of the manifest are always read as local files.
+
     `runner` is "local" (a pool of `workers` processes) or "beam" (an Apache Beam pipeline with the
     pipeline options `beam_options`, e.g. ["--runner=DataflowRunner", ...]; without a `--runner` among
     them, Beam's DirectRunner on `workers` local processes).
@@ -173,11 +195,14 @@ def tile_manifest(
     The manifest and the runner's options are checked before the lock is taken, so bad input leaves no
     output folder behind.
     """
-    data_dir = pathlib.Path(data_dir)
+    data_dir = storage.location(data_dir)
     if runner not in RUNNERS:
         raise InputError(f"--runner must be one of {list(RUNNERS)}, got {runner!r}")
     if beam_options and runner != "beam":
         raise InputError(f"--beam-option {list(beam_options)} needs --runner beam (the runner is {runner!r})")
+    if isinstance(data_dir, storage.RemotePath) and data_dir.in_one_process and runner == "local" and workers > 1:
+        raise InputError(f"--out {data_dir}: this file system lives in one process's memory, which worker "
+                         "processes do not share; use --workers 1")
     run_slides = (_beam_runner().slide_runner(beam_options, workers, show_progress) if runner == "beam" else
                   functools.partial(_run_jobs, workers=workers, show_progress=show_progress))
     specs = read_manifest(manifest)
@@ -187,7 +212,10 @@ def tile_manifest(
                              "digits, '.', '_' and '-' (not starting with '.', '_' or '-')")
     split_of = assign_splits(specs, split_fractions, seed)
     # Two runs on one DATA_DIR would delete each other's temporary files and race in the finalize folder.
-    with files.exclusive_lock(data_dir, "tiling"):
+    # A URL has no such lock (object stores have no flock): start one run per DATA_DIR there.
+    lock = (files.exclusive_lock(data_dir, "tiling") if isinstance(data_dir, pathlib.Path) else
+            contextlib.nullcontext())
+    with lock:
         return _tile_locked(specs, split_of, data_dir, config, run_slides, skip_errors)
 
 
@@ -203,10 +231,14 @@ def _beam_runner() -> types.ModuleType:
     return beam_runner
 
 
-def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_dir: pathlib.Path,
+def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_dir: storage.AnyPath,
                  config: TilingConfig, run_slides: SlideRunner, skip_errors: bool) -> dict[str, Any]:
     """`tile_manifest` once it holds the DATA_DIR's lock; `run_slides` tiles the slides left to do."""
     (data_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    if isinstance(data_dir, storage.RemotePath):
+        for stale in [path for folder in (data_dir, data_dir / WORK_DIR, data_dir / QC_DIR)
+                      for path in folder.glob("*.tmp-*")]:
+            stale.unlink()  # an upload of a killed run (locally `tile_slide` and `files` clean these)
 
     report: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
@@ -274,7 +306,7 @@ def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_d
     return {"slides": report, "failed": sorted(failures)}
 
 
-def _publish(data_dir: pathlib.Path, sidecars: Mapping[str, dict[str, Any]], split_of: Mapping[str, str],
+def _publish(data_dir: storage.AnyPath, sidecars: Mapping[str, dict[str, Any]], split_of: Mapping[str, str],
              config: TilingConfig, dataset_format: SlideFormat) -> None:
     parts_by_split: dict[str, list[shards.ShardPart]] = {split: [] for split in dataset.SPLITS}
     for slide_id in sorted(sidecars):
@@ -295,9 +327,9 @@ def _publish(data_dir: pathlib.Path, sidecars: Mapping[str, dict[str, Any]], spl
     print("patches per split: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
 
 
-def _write_report(data_dir: pathlib.Path, report: Mapping[str, Any], config: TilingConfig) -> None:
+def _write_report(data_dir: storage.AnyPath, report: Mapping[str, Any], config: TilingConfig) -> None:
     content = {"config": config_on_disk(config), "slides": dict(sorted(report.items()))}
-    files.write_text_atomic(data_dir / REPORT_FILE, json.dumps(content, indent=2))
+    storage.write_text(data_dir / REPORT_FILE, json.dumps(content, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,7 +344,9 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, type=pathlib.Path, help="slide manifest CSV")
-    parser.add_argument("--out", required=True, type=pathlib.Path, help="output dataset folder (DATA_DIR)")
+    parser.add_argument("--out", required=True,
+                        help="output dataset folder (DATA_DIR): a local path, or a URL that fsspec writes "
+                             "(gs://BUCKET/data needs `pip install gcsfs`)")
     parser.add_argument("--patch-size", required=True, type=_positive_int, help="patch side P in pixels")
     parser.add_argument("--stride", type=_positive_int, default=None, help="grid stride S (default P)")
     parser.add_argument("--level", type=int, default=0, help="pyramid level to tile")
@@ -356,14 +390,15 @@ def run(args: argparse.Namespace) -> int:
         min_tissue_ratio=args.min_tissue_ratio, tissue_polarity=args.tissue_polarity,
         tumour_ids=tuple(args.tumour_ids) if args.tumour_ids else None,
         tissue_factor=args.tissue_factor)
-    report = tile_manifest(args.manifest, args.out, config, workers=args.workers,
+    out = storage.location(args.out)
+    report = tile_manifest(args.manifest, out, config, workers=args.workers,
                            skip_errors=args.skip_errors, split_fractions=args.split_fractions,
                            seed=args.seed, runner=args.runner, beam_options=args.beam_options)
     failed, total = len(report["failed"]), len(report["slides"])
     if failed == total:
         raise InputError(f"every slide of {str(args.manifest)!r} failed (listed above and in "
-                         f"{str(args.out / REPORT_FILE)!r}); nothing is published")
+                         f"{str(out / REPORT_FILE)!r}); nothing is published")
     if failed:
         raise InputError(f"{failed} of {total} slide(s) of {str(args.manifest)!r} failed and are left out "
-                         f"(listed above and in {str(args.out / REPORT_FILE)!r}); the others are published")
+                         f"(listed above and in {str(out / REPORT_FILE)!r}); the others are published")
     return 0

@@ -33,7 +33,7 @@ import dataclasses
 import json
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from data_pipeline.slides import SlideReader
 from data_pipeline.tissue import detect_tissue
 from gerne_jax import dataset, files
 from gerne_jax.errors import InputError
+
+if TYPE_CHECKING:
+    from data_pipeline.storage import AnyPath
 
 WORK_DIR = ".work"
 QC_DIR = "qc"
@@ -102,7 +105,8 @@ def _shards():
     return shards
 
 
-def slide_paths(data_dir: pathlib.Path, slide_id: str) -> dict[str, pathlib.Path]:
+def slide_paths(data_dir: AnyPath, slide_id: str) -> dict[str, AnyPath]:
+    """A slide's files in `data_dir` (a local folder, or a URL's `storage.RemotePath`)."""
     shards = _shards()
     work = data_dir / WORK_DIR
     return {"records": work / f"{slide_id}.{shards.SHARD_SUFFIX}", "sidecar": work / f"{slide_id}.json",
@@ -318,7 +322,7 @@ def _write_sidecar(path: pathlib.Path, sidecar: dict[str, Any]) -> None:
     files.write_text_atomic(path, json.dumps(dict(sidecar, rows=rows)))
 
 
-def load_finished(data_dir: pathlib.Path, spec: SlideSpec, config: TilingConfig) -> dict[str, Any] | None:
+def load_finished(data_dir: AnyPath, spec: SlideSpec, config: TilingConfig) -> dict[str, Any] | None:
     """The slide's sidecar (rows under code names) if it finished with the same settings and files,
     else None."""
     paths = slide_paths(data_dir, spec.slide_id)
