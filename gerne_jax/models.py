@@ -183,7 +183,8 @@ class ResNet(nn.Module):
                 x = self.block_cls(features=self.num_filters * 2**stage, strides=strides, conv=conv,
                                    norm=norm, name=f"layer{stage + 1}_{block}")(x)
         x = jnp.mean(x, axis=(1, 2))
-        self.sow(EMBEDDING, EMBEDDING, x)  # a no-op unless the collection is mutable
+        if not self.is_initializing():  # not a variable of `init`; a no-op unless the collection is mutable
+            self.sow(EMBEDDING, EMBEDDING, x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(x)
         return x.astype(jnp.float32)
 

@@ -99,6 +99,10 @@ def test_last_layer_is_scikit_learns_regression_on_balanced_validation_features(
     variables = {"params": base.params, "batch_stats": base.batch_stats}
     _, captured = base.apply_fn(variables, images, train=False, mutable=[models.EMBEDDING])
     features = np.asarray(captured[models.EMBEDDING][models.EMBEDDING][0], np.float64)
+    # The hook is the input of the last layer: the base's logits are its affine map of the embedding.
+    fc = base.params["fc"]
+    np.testing.assert_allclose(np.asarray(base.apply_fn(variables, images, train=False)),
+                               features @ np.asarray(fc["kernel"]) + np.asarray(fc["bias"]), rtol=1e-4, atol=1e-4)
 
     # Independent: the groups by hand, the halves and subsamples of the (tested) helpers, scikit-learn here.
     label = source["label"]
