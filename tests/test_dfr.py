@@ -52,6 +52,30 @@ def test_folded_standardisation_is_the_layer_on_standardised_features():
                                layer.logits((features - mean) / scale), rtol=1e-12, atol=1e-12)
 
 
+def test_balanced_refit_drops_a_spurious_feature_that_plain_regression_relies_on():
+    # Features [core, spurious]: the core one is noisy but follows the class in every group; the spurious
+    # one is sharp and follows the attribute, which matches the class in the two large groups only.
+    rng = np.random.default_rng(4)
+    sizes = {(0, 0): 600, (0, 1): 40, (1, 0): 40, (1, 1): 600}  # (class, attribute): count
+    label = np.concatenate([np.full(n, y) for (y, _), n in sizes.items()])
+    attribute = np.concatenate([np.full(n, a) for (_, a), n in sizes.items()])
+    features = np.stack([label + rng.normal(0, 0.6, label.size), attribute + rng.normal(0, 0.1, label.size)], 1)
+    tissue_ratio = np.where(attribute == 1, 0.5, 0.05)
+    fit = dfr.fit_last_layer(features, label, tissue_ratio, (0.1,), c_grid=(1.0, 0.1), num_subsamples=5,
+                             split_seed=0, subsample_seed=0)
+
+    group = 2 * label + attribute
+    half_a, half_b = dfr.split_halves(group, seed=0)
+    correct = np.argmax(fit.layer.logits(features[half_b]), -1) == label[half_b]
+    dfr_wga = _worst_group_accuracy(correct, group[half_b])
+    assert dfr_wga == pytest.approx(fit.half_b_report["worst_group_accuracy"])
+    # Independent: plain (unbalanced) logistic regression on all of half A.
+    plain = LogisticRegression(C=1.0).fit(features[half_a], label[half_a])
+    plain_wga = _worst_group_accuracy(plain.predict(features[half_b]) == label[half_b], group[half_b])
+    assert dfr_wga > plain_wga + 0.15, (dfr_wga, plain_wga)
+    assert abs(fit.layer.kernel[1, 1] - fit.layer.kernel[1, 0]) < abs(fit.layer.kernel[0, 1] - fit.layer.kernel[0, 0])
+
+
 def _erm_config(tiny_config):
     """Train-mode BatchNorm: GroupNorm's output vanishes on the tiny network's 1x1 maps of 8-pixel patches."""
     config = tiny_config("erm")
