@@ -12,7 +12,9 @@ first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every ot
   without computing the less-biased gradient;
 - resample: group-balanced resampling, c = 1 and beta = 0 (the less-biased batch decides);
 - group_dro: GroupDRO (Sagawa et al. 2020) on group-balanced batches, `method.group_dro.*`;
-- jtt: JTT's second run (Liu et al. 2021) after an ERM identification run, `method.jtt.*`.
+- jtt: JTT's second run (Liu et al. 2021) after an ERM identification run, `method.jtt.*`;
+- dfr: DFR (Kirichenko et al. 2022), a trained run's last layer refitted on group-balanced validation
+  data, `method.dfr.*` (one fit: `training.steps` = 1 labels its checkpoint).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import ml_collections
 from gerne_jax.config_utils import parse_arg
 from gerne_jax.errors import ConfigError
 
-METHODS = ("gerne", "erm", "resample", "group_dro", "jtt")
+METHODS = ("gerne", "erm", "resample", "group_dro", "jtt", "dfr")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,6 +58,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.jtt.identification_workdir = ""  # the ERM run of T steps whose errors are upweighted
     config.method.jtt.identification_step = 0     # T: its checkpoint of this step; 0: its latest
     config.method.jtt.upweight = 20.0             # lambda: error examples are drawn this many times as often
+    config.method.dfr = ml_collections.ConfigDict()  # read by method dfr only (gerne_jax/dfr.py)
+    config.method.dfr.base_workdir = ""           # the trained run whose last layer is refitted
+    config.method.dfr.base_checkpoint = "best_wga"  # its best_wga|best_bca|best_worst_class|latest|STEP
+    config.method.dfr.c_grid = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)  # inverse L1 strengths tried
+    config.method.dfr.num_subsamples = 10         # group-balanced subsamples of half A; weights averaged
+    config.method.dfr.split_seed = 0              # the validation split's stratified halves (fit / choose C)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model          # resnet18/34/50/101/152, tiny
@@ -73,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 0.01   # coupled (added to the gradient), as in the official code
 
     config.training = ml_collections.ConfigDict()
-    config.training.steps = 2000
+    config.training.steps = 1 if arg.method == "dfr" else 2000
     config.training.batch_per_group = 32   # B: each class gets A * B examples per batch
     config.training.eval_every = 100
     config.training.checkpoint_every = 100

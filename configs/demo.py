@@ -1,6 +1,7 @@
 """The `make demo` setting: the tiny ResNet on 64-pixel synthetic patches, minutes on 2 CPU cores.
 
-`get_config(arg)`: `arg` is the method switch, `erm`, `gerne` (default), `resample`, `group_dro` or `jtt`;
+`get_config(arg)`: `arg` is the method switch, `erm`, `gerne` (default), `resample`, `group_dro`, `jtt` or
+`dfr` (the last layer of the demo's ERM run, `runs/demo/erm`, refitted on group-balanced validation data);
 change anything else with `--config.<key>=<value>` (e.g. `--config.method.beta=1`).
 
 Why these values: ResNet-18 runs at about 13 patches/s on 2 CPU cores (a 1,500-step run would take
@@ -44,6 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # JTT also needs method.jtt.identification_workdir, an ERM run of this config.
         config.optimizer.learning_rate = 0.1
         config.model.norm = "group"
+    elif method == "dfr":  # the demo's ERM network (GroupNorm), one fit
+        config.method.dfr.base_workdir = "runs/demo/erm"
+        config.model.norm = "group"
+        config.training.steps = 1
     else:  # resample: c = 1, beta = 0 from the default config
         config.optimizer.learning_rate = 0.03
         config.model.norm = "shared"

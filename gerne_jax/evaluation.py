@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -85,8 +85,9 @@ class Evaluator:
         self.channel_mean, self.channel_std = channel_mean, channel_std
         self.name = name
 
-    def predict(self, state: TrainState) -> np.ndarray:
-        """Class probabilities `[M, K]` of every example, in index order."""
+    def predict(self, state: TrainState, step_fn: Callable[[TrainState, jax.Array], jax.Array] = eval_step,
+                ) -> np.ndarray:
+        """Class probabilities `[M, K]` of every example, in index order (or `step_fn(state, images)`'s rows)."""
         from gerne_jax import input_pipeline  # TensorFlow: loaded only to read a split (not by predict.py)
 
         batches = input_pipeline.eval_dataset(self.split["image"], batch_size=self.batch_size,
@@ -97,7 +98,7 @@ class Evaluator:
                                desc=self.name, leave=False, unit="batch",
                                disable=jax.process_index() != 0):
             images = sharding.shard_batch(batch, self.mesh, batch_axis=0)["image"]
-            outputs.append(np.asarray(multihost_utils.process_allgather(eval_step(state, images), tiled=True)))
+            outputs.append(np.asarray(multihost_utils.process_allgather(step_fn(state, images), tiled=True)))
         # Global batches in index order; the padding sits at the very end.
         return np.concatenate(outputs)[:num_examples]
 

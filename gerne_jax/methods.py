@@ -16,6 +16,9 @@ all three from the same fields, so they cannot disagree; it imports no TensorFlo
   step's loss is the robust loss under the online group weights, which the optimiser state carries.
 - `jtt` (`gerne_jax.jtt`): ERM's single class-balanced batch, drawn with the identification run's
   misclassified examples upweighted by lambda (`example_weights`).
+- `dfr` (`gerne_jax.dfr`): no training steps; another run's last layer refitted on group-balanced
+  validation data. `trainer.train_and_evaluate` hands it to `dfr.train_last_layer`, so it has no
+  `TrainingMethod`.
 
 A new method is a new `name` here: its sampler rows, its step and its config keys.
 """
@@ -32,7 +35,7 @@ from gerne_jax import dataset, extrapolation, group_dro, groups, jtt, models, tr
 from gerne_jax.errors import ConfigError
 from gerne_jax.groups import BIASED, LESS_BIASED
 
-METHOD_NAMES = ("gerne", "erm", "group_dro", "jtt")
+METHOD_NAMES = ("gerne", "erm", "group_dro", "jtt", "dfr")
 GROUP_DRO_SAMPLING = ("balanced", "natural")
 
 
@@ -153,6 +156,8 @@ def from_config(config: ml_collections.ConfigDict, label: np.ndarray, attribute:
     name = config.method.name
     if name not in METHOD_NAMES:
         raise ConfigError(f"config method.name must be one of {METHOD_NAMES}, got {name!r}")
+    if name == "dfr":
+        raise ValueError("DFR takes no training steps: gerne_jax.dfr.train_last_layer runs it")
     counts = dataset.group_counts(label, attribute, len(dataset.CLASS_NAMES), len(config.data.taus) + 1)
     c, weights = config.method.c, None
     if name == "group_dro":

@@ -47,6 +47,9 @@ TRAIN_MODE_BATCH_NORM = ("shared", "separate")  # modes whose running statistics
 _BN_MOMENTUM = 0.9
 _NORM_EPSILON = 1e-5
 _MAX_GROUPS = 32
+# The collection that holds the penultimate embedding (after global pooling, before `fc`) when it is
+# made mutable: `model.apply(variables, images, mutable=[EMBEDDING])` (DFR's features, gerne_jax.dfr).
+EMBEDDING = "embedding"
 
 
 def num_groups_for(features: int, max_groups: int = _MAX_GROUPS) -> int:
@@ -180,6 +183,8 @@ class ResNet(nn.Module):
                 x = self.block_cls(features=self.num_filters * 2**stage, strides=strides, conv=conv,
                                    norm=norm, name=f"layer{stage + 1}_{block}")(x)
         x = jnp.mean(x, axis=(1, 2))
+        if not self.is_initializing():  # not a variable of `init`; a no-op unless the collection is mutable
+            self.sow(EMBEDDING, EMBEDDING, x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(x)
         return x.astype(jnp.float32)
 

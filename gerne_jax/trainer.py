@@ -79,6 +79,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     (before anything is written) or a workdir that another run holds.
     """
     workdir = pathlib.Path(workdir)
+    if config.method.name == "dfr":  # one fit of the base run's last layer, no step loop (docs/design.md)
+        from gerne_jax import dfr  # scikit-learn: imported for DFR runs only
+
+        return dfr.train_last_layer(config, workdir)
 
     # ------------------------------------------------------------------------------------------
     # Data, method, model and initial state: validated before anything is written to the workdir.
