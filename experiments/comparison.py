@@ -1,4 +1,4 @@
-"""The comparison table: ERM, resampling, GERNE, GroupDRO and JTT on the `sections` synthetic slides.
+"""The comparison table: ERM, resampling, GERNE, GroupDRO, JTT and DFR on the `sections` synthetic slides.
 
     python -m experiments.comparison --root runs/comparison                  # tune on seed 0, then 3 seeds
     python -m experiments.comparison --root runs/comparison_data1 --data-seed 1 --size 3072 \
@@ -10,7 +10,9 @@ Steps (resumable: finished runs are skipped, interrupted ones resume; see experi
 2. tuning on seed 0, the same budget for every method (`TUNING_BUDGET` settings each), all on the
    tiny ResNet with GroupNorm: one network and normalisation for every row. Each method's setting is
    chosen on validation WGA only (`best_wga` checkpoints); `ROOT/chosen.json` records the choice.
-   JTT's identification runs (ERM at `ERM_LR` for T steps) are trained first, per seed.
+   The runs other methods build on are trained first, per seed: JTT's identification runs (ERM at
+   `ERM_LR` for T steps) and DFR's base runs (ERM's tuning runs at two learning rates). DFR fits its
+   last layer on half of the validation split and is selected on the other half (README "DFR").
 3. seeds: every chosen setting with seeds 0, 1, 2 (`--seeds`); test mean and standard deviation.
 4. the best network of a method where it differs: GERNE with BatchNorm statistics shared by its two
    batches and precise BatchNorm (the demo's GERNE), over the same seeds, reported in its own table.
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,7 +45,8 @@ TUNING_SEED = 0
 TUNING_BUDGET = 4  # settings tried per method on the tuning seed
 ERM_LR = 0.1  # configs/demo.py's ERM learning rate: the identification runs of JTT train at it
 IDENTIFICATION_STEPS = (300, 600)  # JTT's T, the identification run's steps (of the demo's 1,500)
-FAMILIES = ("erm", "resample", "gerne", "group_dro", "jtt")
+FAMILIES = ("erm", "resample", "gerne", "group_dro", "jtt", "dfr")
+LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)
 
 
 def identification_setting(steps: int) -> Setting:
@@ -52,14 +54,17 @@ def identification_setting(steps: int) -> Setting:
     return Setting("erm", {LR: ERM_LR, "training.steps": steps})
 
 
+def run_template(setting: Setting, runs: pathlib.Path) -> str:
+    """The folder of `setting`'s run under `runs` for any seed (`{seed}`: see experiments/grid.py)."""
+    return str(runs / grid.run_name(setting, grid.SEED_PLACEHOLDER))
+
+
 def tuning_settings(runs: pathlib.Path, identification_steps: Sequence[int]) -> dict[str, list[Setting]]:
     """Per method, the `TUNING_BUDGET` settings tuning tries."""
-    learning_rates = (0.01, 0.03, 0.1, 0.3)
-    identification = {steps: str(runs / grid.run_name(identification_setting(steps), "{seed}"))
-                      for steps in identification_steps}
+    identification = {steps: run_template(identification_setting(steps), runs) for steps in identification_steps}
     families = {
-        "erm": [Setting("erm", {LR: lr}) for lr in learning_rates],
-        "resample": [Setting("resample", {LR: lr}) for lr in learning_rates],
+        "erm": [Setting("erm", {LR: lr}) for lr in LEARNING_RATES],
+        "resample": [Setting("resample", {LR: lr}) for lr in LEARNING_RATES],
         "gerne": [Setting("gerne", {"method.c": c, "method.beta": beta, LR: ERM_LR})
                   for c, beta in ((0.5, 0.5), (0.5, 1.0), (1.0, 0.5), (1.0, 1.0))],
         "group_dro": [Setting("group_dro", {"method.group_dro.eta": eta, LR: lr})
@@ -67,17 +72,27 @@ def tuning_settings(runs: pathlib.Path, identification_steps: Sequence[int]) -> 
         "jtt": [Setting("jtt", {"method.jtt.identification_workdir": identification[steps],
                                 "method.jtt.upweight": upweight, LR: ERM_LR})
                 for steps in identification_steps for upweight in (5.0, 20.0)],
+        "dfr": [Setting("dfr", {"method.dfr.base_workdir": run_template(Setting("erm", {LR: lr}), runs),
+                                "method.dfr.base_checkpoint": checkpoint})
+                for lr in (0.03, ERM_LR) for checkpoint in ("best_bca", "latest")],
     }
     assert all(len(settings) == TUNING_BUDGET for settings in families.values())
     return families
 
 
-def prerequisites(settings: Sequence[Setting], runs: pathlib.Path) -> list[Setting]:
-    """The runs `settings` build on (their `{seed}` folders under `runs`), as settings to train first:
-    identification runs, whose folder names (`identification_setting`) carry their step count."""
-    names = {pathlib.PurePath(value).name for setting in settings for value in setting.overrides.values()
-             if isinstance(value, str) and value.startswith(str(runs))}
-    return [identification_setting(int(re.search(r"_steps(\d+)_", name).group(1))) for name in sorted(names)]
+def prerequisites(settings: Sequence[Setting], runs: pathlib.Path,
+                  identification_steps: Sequence[int]) -> list[Setting]:
+    """The runs `settings` build on (the `{seed}` folders under `runs` they name), to train first."""
+    candidates = [*(Setting("erm", {LR: lr}) for lr in LEARNING_RATES),
+                  *(identification_setting(steps) for steps in identification_steps)]
+    by_folder = {run_template(s, runs): s for s in candidates}
+    needed = dict.fromkeys(value for setting in settings for value in setting.overrides.values()
+                           if isinstance(value, str) and value.startswith(str(runs)))
+    unknown = [folder for folder in needed if folder not in by_folder]
+    if unknown:
+        raise ValueError(f"settings build on runs this comparison does not train: {unknown} (JTT's T values "
+                         "are --identification-steps)")
+    return [by_folder[folder] for folder in needed]
 
 
 def best_network_settings() -> list[Setting]:
@@ -99,9 +114,9 @@ def make_data(root: pathlib.Path, slides: int, size: int, data_seed: int) -> pat
 
 
 def train_prerequisites(settings: Sequence[Setting], seeds: Sequence[int], runs: pathlib.Path,
-                        common: Mapping[str, Any]) -> None:
+                        common: Mapping[str, Any], identification_steps: Sequence[int]) -> None:
     grid.train_all({runs / grid.run_name(s, seed): grid.run_config(s, seed, common)
-                    for s in prerequisites(settings, runs) for seed in seeds})
+                    for s in prerequisites(settings, runs, identification_steps) for seed in seeds})
 
 
 def save_chosen(path: pathlib.Path, settings: Sequence[Setting], runs: pathlib.Path) -> None:
@@ -200,11 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         families = tuning_settings(runs, args.identification_steps)
         settings = [s for family in FAMILIES for s in families[family]]
-        train_prerequisites(settings, [TUNING_SEED], runs, common)
+        train_prerequisites(settings, [TUNING_SEED], runs, common, args.identification_steps)
         summary = grid.run_grid(settings, [TUNING_SEED], runs, common=common, out=root / "tuning")
         chosen = grid.chosen_settings(summary, settings)["best_wga"]
     save_chosen(root / "chosen.json", chosen, runs)
-    train_prerequisites(chosen, args.seeds, runs, common)
+    train_prerequisites(chosen, args.seeds, runs, common, args.identification_steps)
     summary = grid.run_grid(chosen, args.seeds, runs, common=common, out=root / "seeds")
     best_network = grid.run_grid(best_network_settings(), args.seeds, runs, common=common, out=root / "best_network")
     error_vs_tissue_ratio.error_vs_tissue_ratio([runs / grid.run_name(s, args.seeds[0]) for s in chosen],

@@ -268,11 +268,16 @@ def test_comparison_gives_every_method_the_same_budget_and_trains_what_jtt_build
     assert {len(settings) for settings in families.values()} == {comparison.TUNING_BUDGET}
     assert set(families) == set(comparison.FAMILIES)
     # Each JTT setting names its identification run; exactly those are trained first, per seed.
-    needed = comparison.prerequisites(families["jtt"][2:], runs)
+    needed = comparison.prerequisites(families["jtt"][2:], runs, (30, 70))
     assert [s.overrides["training.steps"] for s in needed] == [70]
     jtt = grid.run_config(families["jtt"][2], 1)
     assert jtt.method.jtt.identification_workdir == str(runs / grid.run_name(needed[0], 1))
-    assert comparison.prerequisites(families["erm"], runs) == []
+    assert comparison.prerequisites(families["erm"], runs, (30, 70)) == []
+    # DFR refits the last layer of ERM's tuning runs of its seed.
+    bases = comparison.prerequisites(families["dfr"], runs, (30, 70))
+    assert bases == [s for s in families["erm"] if s.overrides[LR] in (0.03, 0.1)]
+    with pytest.raises(ValueError, match="does not train"):
+        comparison.prerequisites(families["jtt"], runs, (30,))
     # chosen.json is portable: other runs' folders are stored relative to the runs folder.
     comparison.save_chosen(tmp_path / "chosen.json", families["jtt"], runs)
     assert str(tmp_path) not in (tmp_path / "chosen.json").read_text()
