@@ -13,6 +13,8 @@ first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every ot
 - resample: group-balanced resampling, c = 1 and beta = 0 (the less-biased batch decides);
 - group_dro: GroupDRO (Sagawa et al. 2020) on group-balanced batches, `method.group_dro.*`;
 - jtt: JTT's second run (Liu et al. 2021) after an ERM identification run, `method.jtt.*`.
+
+GERNE with unknown attributes is `gerne` (or `resample`) with `method.pseudo_groups.scoring_workdir`.
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.jtt.identification_workdir = ""  # the ERM run of T steps whose errors are upweighted
     config.method.jtt.identification_step = 0     # T: its checkpoint of this step; 0: its latest
     config.method.jtt.upweight = 20.0             # lambda: error examples are drawn this many times as often
+    # gerne with unknown attributes (gerne_jax/pseudo_groups.py): pseudo-groups from a scoring ERM run
+    config.method.pseudo_groups = ml_collections.ConfigDict()
+    config.method.pseudo_groups.scoring_workdir = ""  # the scoring ERM run (lr / 10, weight decay x 2); "": off
+    config.method.pseudo_groups.scoring_checkpoint = "best_bca"  # its checkpoint that scores the training split
+    config.method.pseudo_groups.fraction = 0.2    # t: per class, this share with the lowest p_true is minority
 
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model          # resnet18/34/50/101/152, tiny
