@@ -235,3 +235,21 @@ def test_bad_pseudo_group_configs_are_named(scoring_run, tiny_config, tmp_path):
         with pytest.raises(ConfigError, match=re.escape(key)):
             trainer.train_and_evaluate(config, tmp_path / f"run{i}")
         assert not (tmp_path / f"run{i}").exists()
+
+
+def test_demo_switches_are_the_scoring_run_and_gerne_on_its_pseudo_groups():
+    from configs import demo
+
+    erm, scoring = demo.get_config("erm"), demo.get_config("erm_scoring")
+    gerne, pseudo = demo.get_config("gerne"), demo.get_config("gerne_pseudo")
+    # The scoring run is ERM with learning rate / 10 and weight decay x 2, nothing else changed.
+    assert scoring.optimizer.learning_rate == pytest.approx(erm.optimizer.learning_rate / 10)
+    assert scoring.optimizer.weight_decay == pytest.approx(erm.optimizer.weight_decay * 2)
+    for key in ("learning_rate", "weight_decay"):
+        scoring.optimizer[key] = erm.optimizer[key]
+    assert scoring.to_dict() == erm.to_dict()
+    # gerne_pseudo is the demo's GERNE on the scoring run's pseudo-groups.
+    assert pseudo_groups.enabled(pseudo) and not pseudo_groups.enabled(gerne)
+    assert pseudo.method.pseudo_groups.scoring_checkpoint == "best_bca"
+    pseudo.method.pseudo_groups.scoring_workdir = ""
+    assert pseudo.to_dict() == gerne.to_dict()
