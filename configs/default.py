@@ -15,6 +15,8 @@ first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every ot
 - jtt: JTT's second run (Liu et al. 2021) after an ERM identification run, `method.jtt.*`;
 - dfr: DFR (Kirichenko et al. 2022), a trained run's last layer refitted on group-balanced validation
   data, `method.dfr.*` (one fit: `training.steps` = 1 labels its checkpoint).
+
+GERNE with unknown attributes is `gerne` (or `resample`) with `method.pseudo_groups.scoring_workdir`.
 """
 from __future__ import annotations
 
@@ -64,6 +66,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.dfr.c_grid = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)  # inverse L1 strengths tried
     config.method.dfr.num_subsamples = 10         # group-balanced subsamples of half A; weights averaged
     config.method.dfr.split_seed = 0              # the validation split's stratified halves (fit / choose C)
+    # gerne with unknown attributes (gerne_jax/pseudo_groups.py): pseudo-groups from a scoring ERM run
+    config.method.pseudo_groups = ml_collections.ConfigDict()
+    config.method.pseudo_groups.scoring_workdir = ""  # the scoring ERM run (lr / 10, weight decay x 2); "": off
+    config.method.pseudo_groups.scoring_checkpoint = "best_bca"  # its checkpoint that scores the training split
+    config.method.pseudo_groups.fraction = 0.2    # t: per class, this share with the lowest p_true is minority
 
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model          # resnet18/34/50/101/152, tiny

@@ -2,7 +2,10 @@
 
 `get_config(arg)`: `arg` is the method switch, `erm`, `gerne` (default), `resample`, `group_dro`, `jtt` or
 `dfr` (the last layer of the demo's ERM run, `runs/demo/erm`, refitted on group-balanced validation data);
-change anything else with `--config.<key>=<value>` (e.g. `--config.method.beta=1`).
+change anything else with `--config.<key>=<value>` (e.g. `--config.method.beta=1`). GERNE with unknown
+attributes (README "GERNE with unknown attributes") is two more switches: `erm_scoring`, the scoring
+run (ERM with learning rate / 10 and weight decay x 2, as in the GERNE paper), and `gerne_pseudo`,
+GERNE on the pseudo-groups of its best_bca checkpoint (`runs/demo/erm_scoring`).
 
 Why these values: ResNet-18 runs at about 13 patches/s on 2 CPU cores (a 1,500-step run would take
 hours), the tiny ResNet at about 2,600/s, and it learns these data (validation BCA about 0.96). GERNE
@@ -21,7 +24,8 @@ from gerne_jax.config_utils import parse_arg
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     method = parse_arg(arg, method="gerne").method
-    config = default.get_config(f"method={method},model=tiny")
+    base = {"erm_scoring": "erm", "gerne_pseudo": "gerne"}.get(method, method)
+    config = default.get_config(f"method={base},model=tiny")
     config.data.dir = "runs/demo/data"
     config.method.fold_beta_into_loss = True
     config.optimizer.weight_decay = 1e-4
@@ -35,12 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # whose validation WGA swung between 0.0 and 0.92 (README "Precise BatchNorm"). No-op for ERM's
     # GroupNorm.
     config.training.precise_bn_batches = 20
-    if method == "gerne":
+    if base == "gerne":
         config.method.beta = 0.5
         config.method.c = 0.5
         config.optimizer.learning_rate = 0.1
         config.model.norm = "shared"
-    elif method in ("erm", "group_dro", "jtt"):
+    elif base in ("erm", "group_dro", "jtt"):
         # GroupDRO and JTT start from ERM's network and learning rate (not tuned by `make experiments`);
         # JTT also needs method.jtt.identification_workdir, an ERM run of this config.
         config.optimizer.learning_rate = 0.1
@@ -52,4 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:  # resample: c = 1, beta = 0 from the default config
         config.optimizer.learning_rate = 0.03
         config.model.norm = "shared"
+    if method == "erm_scoring":  # the scoring run of pseudo-groups: ERM's learning rate / 10, weight decay x 2
+        config.optimizer.learning_rate /= 10
+        config.optimizer.weight_decay *= 2
+    if method == "gerne_pseudo":
+        config.method.pseudo_groups.scoring_workdir = "runs/demo/erm_scoring"
     return config

@@ -6,9 +6,10 @@ the device exactly as the input pipeline does (float32 `(x - mean) / std`) and r
 probability of `evaluation.eval_step`, so a patch gets the probability `evaluate.py` gives it.
 
 Host reading and device compute overlap: `ordered_map` runs a pool of reader threads (mask
-arithmetic and copies in parallel with the decoding on zarr's I/O thread) that keeps a bounded number of blocks in flight, and
-`predict_batches` dispatches batch k + 1 to the jitted model before it fetches the result of batch k,
-so the device never waits on one Python thread and the host never holds more than a few blocks.
+arithmetic and copies in parallel with the decoding on zarr's I/O thread) that keeps a bounded
+number of blocks in flight, and `predict_batches` dispatches batch k + 1 to the jitted model before
+it fetches the result of batch k, so the device never waits on one Python thread and the host never
+holds more than a few blocks.
 """
 from __future__ import annotations
 

@@ -3,24 +3,22 @@
 Two `train.py` runs. The first (identification) is a plain ERM run of T steps. The second, with
 `method.name = "jtt"`, reads the first one's checkpoint of step T (`method.jtt.identification_workdir`,
 `method.jtt.identification_step`; 0 means its latest), predicts the training split with it and takes
-the misclassified examples, the error set. It caches them in the identification workdir
-(`jtt_errors_step{T}.json`), so every second run of a grid over lambda reuses one prediction pass. The
+the misclassified examples, the error set. The predictions are cached in the identification workdir
+(`gerne_jax.reference_run`), so every second run of a grid over lambda reuses one prediction pass. The
 second run then trains ERM with every error example drawn `lambda` times as often as the other
 examples of its class (`method.jtt.upweight`): class-balanced batches like ERM's, `A * B` draws per
 class, each with probability proportional to its weight (1, or lambda for an error example).
 """
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any
 
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from gerne_jax import checkpoints, distributed, files, groups, run_log
-from gerne_jax.errors import ConfigError, InputError
+from gerne_jax import checkpoints, groups, reference_run
+from gerne_jax.errors import ConfigError
 
 
 def error_set(probabilities: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -62,57 +60,19 @@ class UpsampledIndexSampler(groups.StepSampler):
         return self.draw(self.rng(step))
 
 
-def errors_file(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
-    return pathlib.Path(workdir) / f"jtt_errors_step{step}.json"
-
-
 def identification_errors(config: ml_collections.ConfigDict, train: dict[str, Any], metadata: dict[str, Any],
                           mesh: Mesh) -> np.ndarray:
     """The error set `[M]` (bool) of the identification run's checkpoint on this run's training split.
 
-    Read from the identification workdir's cache when it is there, else predicted and cached. Raises
-    ConfigError for a missing or unsuitable identification run (naming the key and the folder).
+    The checkpoint's probabilities come from `reference_run` (cached in the identification workdir).
+    Raises ConfigError for a missing or unsuitable identification run (naming the key and the folder).
     """
-    jtt = config.method.jtt
-    workdir = pathlib.Path(jtt.identification_workdir)
-    if not jtt.identification_workdir or not (workdir / run_log.CONFIG_FILE).is_file():
-        raise ConfigError(f"config method.jtt.identification_workdir = {jtt.identification_workdir!r} must be "
-                          "the workdir of a finished ERM run of T steps on the same data (train.py "
-                          "--config configs/default.py:erm --config.training.steps=T)")
-    run = checkpoints.RunCheckpoints(workdir, read_only=True)
-    try:
-        step = int(jtt.identification_step) or run.latest_step()
-        if step is None or not run.has(step):
-            raise ConfigError(f"config method.jtt.identification_step = {jtt.identification_step}: {workdir} has "
-                              f"no checkpoint of that step; it has {run.describe_available()}")
-    finally:
-        run.close()
-    num_examples = len(train["label"])
-    cache = errors_file(workdir, step)
-    if cache.is_file():
-        stored = json.loads(cache.read_text())
-        if stored["num_examples"] != num_examples:
-            raise InputError(f"{cache} is the error set of a training split of {stored['num_examples']} "
-                             f"examples, but {config.data.dir} has {num_examples}")
-        errors = np.zeros(num_examples, bool)
-        errors[stored["error_indices"]] = True
-        return errors
-
-    from gerne_jax import evaluation  # it imports the methods, which import this module
-
-    identification = run_log.read_config(workdir)
-    if pathlib.Path(identification.data.dir).resolve() != pathlib.Path(config.data.dir).resolve():
-        raise ConfigError(f"config method.jtt.identification_workdir = {str(workdir)!r} was trained on "
-                          f"{identification.data.dir}, not on data.dir = {config.data.dir}")
-    state, _ = evaluation.restore_checkpoint(workdir, str(step), identification, tuple(train["image"].shape[1:]),
-                                             mesh, config.data.dir)
-    evaluator = evaluation.Evaluator(train, taus_list=[tuple(config.data.taus)],
-                                     batch_size=config.data.eval_batch_size, mesh=mesh,
-                                     channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],
-                                     name="JTT error set")
-    errors = error_set(evaluator.predict(state), train["label"])
-    if distributed.is_main_process():
-        files.write_text_atomic(cache, json.dumps({
-            "identification_step": step, "num_examples": num_examples,
-            "error_indices": np.flatnonzero(errors).tolist()}))
-    return errors
+    settings = config.method.jtt
+    step = int(settings.identification_step)
+    probabilities = reference_run.training_probabilities(
+        config, train, metadata, mesh, workdir=settings.identification_workdir,
+        checkpoint=str(step) if step else checkpoints.LATEST,  # 0: the run's latest step
+        workdir_key="method.jtt.identification_workdir", checkpoint_key="method.jtt.identification_step",
+        expected_run="a finished ERM run of T steps on the same data (train.py --config "
+                     "configs/default.py:erm --config.training.steps=T)")
+    return error_set(probabilities, train["label"])

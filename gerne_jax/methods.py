@@ -20,6 +20,9 @@ all three from the same fields, so they cannot disagree; it imports no TensorFlo
   validation data. `trainer.train_and_evaluate` hands it to `dfr.train_last_layer`, so it has no
   `TrainingMethod`.
 
+`gerne` with `method.pseudo_groups.scoring_workdir` (`gerne_jax.pseudo_groups`) plans its batches on
+pseudo-groups (unknown attributes) instead of the tissue-ratio bins.
+
 A new method is a new `name` here: its sampler rows, its step and its config keys.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from gerne_jax import dataset, extrapolation, group_dro, groups, jtt, models, train_step
+from gerne_jax import dataset, extrapolation, group_dro, groups, jtt, models, pseudo_groups, train_step
 from gerne_jax.errors import ConfigError
 from gerne_jax.groups import BIASED, LESS_BIASED
 
@@ -87,6 +90,7 @@ class TrainingMethod:
     plan: groups.BatchPlan
     config: ml_collections.ConfigDict
     example_weights: np.ndarray | None = None  # JTT: each training example's sampling weight (1 or lambda)
+    pseudo_groups: pseudo_groups.PseudoGroups | None = None  # GERNE on pseudo-groups: the training groups
 
     @property
     def rows(self) -> tuple[int, ...]:
@@ -130,7 +134,7 @@ class TrainingMethod:
         plan = self.plan.describe()
         n = self.plan.batch_size
         if self.name == "gerne":
-            return plan
+            return plan if self.pseudo_groups is None else f"{plan}\n{self.pseudo_groups.describe()}"
         if self.name == "group_dro":
             settings = self.config.method.group_dro
             batch = "the less-biased batch (c = 1: group-balanced)" if self.rows == (LESS_BIASED,) else (
@@ -146,10 +150,13 @@ class TrainingMethod:
 
 
 def from_config(config: ml_collections.ConfigDict, label: np.ndarray, attribute: np.ndarray,
-                jtt_errors: np.ndarray | None = None) -> TrainingMethod:
+                jtt_errors: np.ndarray | None = None,
+                pseudo: pseudo_groups.PseudoGroups | None = None) -> TrainingMethod:
     """The configured method for a training split with these labels and attribute bins.
 
     `jtt_errors` is JTT's error set on this split (`jtt.identification_errors`), needed by `jtt` only.
+    `pseudo` are GERNE's pseudo-groups of this split (`pseudo_groups.from_scoring_run`), given when
+    `attribute` is `pseudo.attribute`: the plan then names their two bins.
     Raises ConfigError naming the config key at fault (for GERNE's batch plan with the allowed range
     on the first line and the alpha table below).
     """
@@ -158,7 +165,8 @@ def from_config(config: ml_collections.ConfigDict, label: np.ndarray, attribute:
         raise ConfigError(f"config method.name must be one of {METHOD_NAMES}, got {name!r}")
     if name == "dfr":
         raise ValueError("DFR takes no training steps: gerne_jax.dfr.train_last_layer runs it")
-    counts = dataset.group_counts(label, attribute, len(dataset.CLASS_NAMES), len(config.data.taus) + 1)
+    bin_names = pseudo_groups.BIN_NAMES if pseudo is not None else dataset.tissue_bin_names(config.data.taus)
+    counts = dataset.group_counts(label, attribute, len(dataset.CLASS_NAMES), len(bin_names))
     c, weights = config.method.c, None
     if name == "group_dro":
         settings = config.method.group_dro
@@ -180,5 +188,5 @@ def from_config(config: ml_collections.ConfigDict, label: np.ndarray, attribute:
         counts, c=c, beta=config.method.beta if name == "gerne" else 0.0,
         batch_per_group=config.training.batch_per_group, corr=config.method.corr,
         empty_group=config.method.empty_group, class_names=dataset.CLASS_NAMES,
-        bin_names=dataset.tissue_bin_names(config.data.taus))
-    return TrainingMethod(name=name, plan=plan, config=config, example_weights=weights)
+        bin_names=bin_names)
+    return TrainingMethod(name=name, plan=plan, config=config, example_weights=weights, pseudo_groups=pseudo)

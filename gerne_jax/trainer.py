@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` writes to the workdir `config.json`, `metrics.jsonl`
 (`gerne_jax.run_log`), TensorBoard event files under `tensorboard/` and orbax checkpoints
-(`checkpoints/latest`, `checkpoints/best_wga`, `checkpoints/best_bca`, ...). Started again on the same
+(`checkpoints/latest`, `checkpoints/best_wga`, `checkpoints/best_bca`, ...), and with pseudo-groups
+their precision and recall (`pseudo_groups.json`). Started again on the same
 workdir, it resumes from the latest checkpoint (the previous one if the latest is damaged) and ends
 exactly where an uninterrupted run would. The config, the data and the model are checked before
 anything is written (a bad one raises an `InputError` naming it); the run then holds the workdir's
@@ -49,6 +50,7 @@ from gerne_jax import (
     input_pipeline,
     jtt,
     methods,
+    pseudo_groups,
     run_log,
     sharding,
 )
@@ -96,13 +98,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
     jtt_errors = jtt.identification_errors(config, train, metadata, mesh) if config.method.name == "jtt" else None
-    method = methods.from_config(config, train["label"], attribute, jtt_errors)
+    pseudo = None
+    if pseudo_groups.enabled(config):  # unknown attributes: train on pseudo-groups; validate on the true ones
+        pseudo = pseudo_groups.from_scoring_run(config, train, metadata, mesh, attribute)
+        attribute = pseudo.attribute
+    method = methods.from_config(config, train["label"], attribute, jtt_errors, pseudo)
     model = experiment.create_model(config)
     state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
     with distributed.main_process_lock(workdir, "training"):
         run_log.check_config(workdir, config)  # every process, so that all stop on another run's config
         if distributed.is_main_process():
             run_log.write_config(workdir, config)
+            if pseudo is not None:
+                pseudo_groups.write_report(workdir, pseudo)
         log_info.info("Training split: %d patches, %d devices in %d process(es). Batch plan (%s):\n%s",
                       len(train["label"]), mesh.size, jax.process_count(), method.name, method.describe())
         return _train(config, workdir, metadata, train, validation, attribute, method, mesh, model, state)

@@ -3,7 +3,6 @@ the upsampling frequencies against the binomial expectation, and both runs throu
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from gerne_jax import dataset, evaluation, groups, jtt, run_log, sharding, trainer
+from gerne_jax import dataset, evaluation, groups, jtt, reference_run, run_log, sharding, trainer
 from gerne_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -100,9 +99,9 @@ def test_error_set_is_the_identification_models_mistakes(identification_run, tin
     np.testing.assert_array_equal(errors, expected)
     assert 0 < expected.sum() < expected.size  # a set worth upweighting, neither empty nor everything
 
-    cache = jtt.errors_file(workdir, IDENTIFICATION_STEPS)
-    stored = json.loads(cache.read_text())
-    assert stored["error_indices"] == np.flatnonzero(expected).tolist()
+    # The cached probabilities (reference_run, shared with pseudo-groups) give the same error set.
+    with np.load(reference_run.cache_file(workdir, str(IDENTIFICATION_STEPS), IDENTIFICATION_STEPS)) as stored:
+        np.testing.assert_array_equal(np.argmax(stored["probabilities"], axis=-1) != source["label"], expected)
     np.testing.assert_array_equal(jtt.identification_errors(config, train, metadata, mesh), expected)
 
 
@@ -130,4 +129,4 @@ def test_jtt_trains_end_to_end_through_train_py(identification_run, tiny_data, t
     assert [row["step"] for row in run_log.rows_of(rows, "train")] == list(range(1, config.training.steps + 1))
     assert all(np.isfinite(row["loss"]) for row in run_log.rows_of(rows, "train"))
     assert run_log.rows_of(rows, "validation")[-1]["step"] == config.training.steps
-    assert jtt.errors_file(identification, IDENTIFICATION_STEPS).is_file()
+    assert reference_run.cache_file(identification, str(IDENTIFICATION_STEPS), IDENTIFICATION_STEPS).is_file()
