@@ -1,4 +1,4 @@
-"""The comparison table: ERM, resampling, GERNE, GroupDRO, JTT and DFR on the `sections` synthetic slides.
+"""The comparison table: ERM, resampling, GERNE, GroupDRO, JTT, DFR and GERNE on pseudo-groups.
 
     python -m experiments.comparison --root runs/comparison                  # tune on seed 0, then 3 seeds
     python -m experiments.comparison --root runs/comparison_data1 --data-seed 1 --size 3072 \
@@ -11,8 +11,10 @@ Steps (resumable: finished runs are skipped, interrupted ones resume; see experi
    tiny ResNet with GroupNorm: one network and normalisation for every row. Each method's setting is
    chosen on validation WGA only (`best_wga` checkpoints); `ROOT/chosen.json` records the choice.
    The runs other methods build on are trained first, per seed: JTT's identification runs (ERM at
-   `ERM_LR` for T steps) and DFR's base runs (ERM's tuning runs at two learning rates). DFR fits its
-   last layer on half of the validation split and is selected on the other half (README "DFR").
+   `ERM_LR` for T steps), DFR's base runs (ERM's tuning runs at two learning rates) and the scoring
+   run of GERNE with unknown attributes (ERM at `ERM_LR` / 10, weight decay x 2; README "GERNE with
+   unknown attributes"). DFR fits its last layer on half of the validation split and is selected on
+   the other half (README "DFR"); the others only select on validation.
 3. seeds: every chosen setting with seeds 0, 1, 2 (`--seeds`); test mean and standard deviation.
 4. the best network of a method where it differs: GERNE with BatchNorm statistics shared by its two
    batches and precise BatchNorm (the demo's GERNE), over the same seeds, reported in its own table.
@@ -45,7 +47,8 @@ TUNING_SEED = 0
 TUNING_BUDGET = 4  # settings tried per method on the tuning seed
 ERM_LR = 0.1  # configs/demo.py's ERM learning rate: the identification runs of JTT train at it
 IDENTIFICATION_STEPS = (300, 600)  # JTT's T, the identification run's steps (of the demo's 1,500)
-FAMILIES = ("erm", "resample", "gerne", "group_dro", "jtt", "dfr")
+FAMILIES = ("erm", "resample", "gerne", "group_dro", "jtt", "dfr", "gerne_pseudo")
+SCORING = Setting("erm_scoring", {LR: ERM_LR / 10})  # configs/demo.py's switch: weight decay x 2
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)
 
 
@@ -75,6 +78,10 @@ def tuning_settings(runs: pathlib.Path, identification_steps: Sequence[int]) -> 
         "dfr": [Setting("dfr", {"method.dfr.base_workdir": run_template(Setting("erm", {LR: lr}), runs),
                                 "method.dfr.base_checkpoint": checkpoint})
                 for lr in (0.03, ERM_LR) for checkpoint in ("best_bca", "latest")],
+        "gerne_pseudo": [Setting("gerne_pseudo", {"method.beta": beta, LR: ERM_LR,
+                                                  "method.pseudo_groups.scoring_workdir": run_template(SCORING, runs),
+                                                  "method.pseudo_groups.fraction": fraction})
+                         for fraction in (0.1, 0.2) for beta in (0.5, 1.0)],
     }
     assert all(len(settings) == TUNING_BUDGET for settings in families.values())
     return families
@@ -83,7 +90,7 @@ def tuning_settings(runs: pathlib.Path, identification_steps: Sequence[int]) -> 
 def prerequisites(settings: Sequence[Setting], runs: pathlib.Path,
                   identification_steps: Sequence[int]) -> list[Setting]:
     """The runs `settings` build on (the `{seed}` folders under `runs` they name), to train first."""
-    candidates = [*(Setting("erm", {LR: lr}) for lr in LEARNING_RATES),
+    candidates = [*(Setting("erm", {LR: lr}) for lr in LEARNING_RATES), SCORING,
                   *(identification_setting(steps) for steps in identification_steps)]
     by_folder = {run_template(s, runs): s for s in candidates}
     needed = dict.fromkeys(value for setting in settings for value in setting.overrides.values()

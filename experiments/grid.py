@@ -62,7 +62,9 @@ from gerne_jax import cli, config_utils, evaluation, files, run_log, trainer  # 
 ALIASES = {"c": "method.c", "beta": "method.beta", "lr": "optimizer.learning_rate", "norm": "model.norm",
            "tau": "data.taus", "steps": "training.steps", "batch": "training.batch_per_group",
            "data_dir": "data.dir", "eta": "method.group_dro.eta", "id": "method.jtt.identification_workdir",
-           "lambda": "method.jtt.upweight"}
+           "lambda": "method.jtt.upweight", "base": "method.dfr.base_workdir",
+           "base_checkpoint": "method.dfr.base_checkpoint", "scoring": "method.pseudo_groups.scoring_workdir",
+           "t": "method.pseudo_groups.fraction"}
 _ALIAS_OF = {key: alias for alias, key in ALIASES.items()}
 SEED_KEY = "training.seed"  # set per run from the seeds, never by a setting
 # In a string override, replaced by the run's seed: a run that builds on another run of its own seed

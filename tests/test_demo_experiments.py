@@ -276,6 +276,11 @@ def test_comparison_gives_every_method_the_same_budget_and_trains_what_jtt_build
     # DFR refits the last layer of ERM's tuning runs of its seed.
     bases = comparison.prerequisites(families["dfr"], runs, (30, 70))
     assert bases == [s for s in families["erm"] if s.overrides[LR] in (0.03, 0.1)]
+    # GERNE on pseudo-groups builds on the scoring run (ERM, learning rate / 10) of its seed.
+    assert comparison.prerequisites(families["gerne_pseudo"], runs, (30, 70)) == [comparison.SCORING]
+    scoring, erm = grid.run_config(comparison.SCORING, 0), grid.run_config(Setting("erm"), 0)
+    assert scoring.optimizer.learning_rate == pytest.approx(erm.optimizer.learning_rate / 10)
+    assert scoring.optimizer.weight_decay == pytest.approx(erm.optimizer.weight_decay * 2)
     with pytest.raises(ValueError, match="does not train"):
         comparison.prerequisites(families["jtt"], runs, (30,))
     # chosen.json is portable: other runs' folders are stored relative to the runs folder.
