@@ -38,6 +38,8 @@ on N (axis 1), state replicated and donated. Inside, the step is a `shard_map`: 
 body on its N / D examples of each batch; losses and accuracies are averaged over "data" (so gradients
 are those of the global mean loss, JAX inserting the gradient all-reduce), and train-mode BatchNorm
 averages its statistics over "data" too. The sharded step therefore computes the single-device step.
+(Plain GSPMD partitioning would gather the batch: `vmap` over the pair axis merges [2, N] into one 2N
+batch, whose sharding on N it cannot express.) No TensorFlow here.
 
 Deterministic reduction (`deterministic_reduction=True`, config `mesh.deterministic_reduction`): an
 all-reduce may group the devices' values differently depending on how the devices are split over
@@ -45,11 +47,10 @@ processes (gloo's cross-process sum differs from the in-process one by an ulp), 
 devices and 2 processes of 2 devices end a few steps apart by ~1e-7. With this option each device
 differentiates its own shard's loss (the parameters cast to "varying" over "data"), and every
 reduction of the step -- gradients, losses, accuracies, an objective's sums -- is an all-gather
-followed by a sum in device order (`sharding.ordered_sum`): the result depends on the mesh's devices
-and the global batch only. Train-mode BatchNorm reduces its statistics inside Flax with an all-reduce,
+followed by a sum in device order (`sharding.ordered_sum`): as far as reductions go, the result
+depends on the mesh's devices and the global batch only (README "Multi-host training": each device's
+own kernels must be reproducible too). Train-mode BatchNorm reduces its statistics inside Flax with an all-reduce,
 so it is refused (`check_reduction`).
-(Plain GSPMD partitioning would gather the batch: `vmap` over the pair axis merges [2, N] into one 2N
-batch, whose sharding on N it cannot express.) No TensorFlow here.
 """
 
 from __future__ import annotations
