@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from gerne_jax import models, sharding, train_step
+from gerne_jax import models, sharding, train_step, trainer
 from gerne_jax.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # one subprocess compiling a dozen steps
@@ -171,6 +171,14 @@ def test_deterministic_reduction_refuses_train_mode_batch_norm(norm):
     with pytest.raises(ConfigError, match=f"mesh.deterministic_reduction = True .* model.norm = '{norm}'"):
         train_step.make_train_step(model, sharding.make_mesh(1), paired=True, deterministic_reduction=True)
     train_step.make_train_step(model, sharding.make_mesh(1), paired=True)  # the default reduction: fine
+
+
+def test_training_with_deterministic_reduction_and_batch_norm_stops_before_writing(tiny_config, tmp_path):
+    config = tiny_config("gerne")
+    config.model.norm, config.mesh.deterministic_reduction = "shared", True
+    with pytest.raises(ConfigError, match="mesh.deterministic_reduction = True .* model.norm = 'shared'"):
+        trainer.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_prefetch_to_mesh_yields_the_batches_in_order_with_the_batch_sharding(four_device_results):
