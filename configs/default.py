@@ -103,6 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.num_devices = 0            # 0: all devices (of all processes)
+    # Sum every cross-device reduction of the train step in device order (all-gather, then sum), so
+    # the parameters do not depend on how the devices are split over processes (README "Multi-host
+    # training"). Each device then holds one gradient copy per device: for small meshes and tests. Not
+    # with train-mode BatchNorm (model.norm shared|separate).
+    config.mesh.deterministic_reduction = False
     # Several processes (hosts) of one run (README "Multi-host training"); each process is told its own
     # process_id. auto: start JAX's distributed runtime when coordinator_address is set or srun, mpirun
     # or a TPU pod slice is detected; on: always (JAX reads unset values from the environment); off: never.

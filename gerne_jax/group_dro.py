@@ -20,7 +20,7 @@ with the weights it stopped with. The step reads it (`group_weights`), computes 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -103,19 +103,20 @@ class RobustLoss:
         return len(self.group_names)
 
     def __call__(self, example_losses: jax.Array, groups: jax.Array, opt_state: Any,
-                 axis_name: str | None = None) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+                 device_sum: Callable[[Any], Any] | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
         """The robust loss of one batch shard, the optimiser's extra arguments and metrics.
 
         Args:
           example_losses: `[n]` per-example cross-entropies of this device's shard.
           groups: `[n]` their group ids in `[0, G)`.
           opt_state: the optimiser state holding the current `q`.
-          axis_name: the mesh axis over which the shards of the global batch are summed (None: one shard).
+          device_sum: sums a pytree over the devices' shards of the global batch (None: one shard).
         """
         one_hot = jax.nn.one_hot(groups, self.num_groups, dtype=example_losses.dtype)
         sums, counts = example_losses @ one_hot, one_hot.sum(axis=0)
-        if axis_name is not None:
-            sums, counts = jax.lax.psum((sums, counts), axis_name)
+        if device_sum is not None:
+            sums, counts = device_sum((sums, counts))
         group_losses = sums / jnp.maximum(counts, 1.0)
         present = counts > 0
         q = update_group_weights(group_weights(opt_state), jax.lax.stop_gradient(group_losses), present,

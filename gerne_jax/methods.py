@@ -120,7 +120,8 @@ class TrainingMethod:
         return train_step.make_train_step(
             model, mesh, paired=self.paired, fold_beta=beta_schedule(self.config) if fold else None,
             divide_loss_by_num_classes=self.config.method.divide_loss_by_num_classes,
-            objective=self.robust_loss() if self.name == "group_dro" else None)
+            objective=self.robust_loss() if self.name == "group_dro" else None,
+            deterministic_reduction=self.config.mesh.deterministic_reduction)
 
     def robust_loss(self) -> group_dro.RobustLoss:
         """GroupDRO's objective for these training groups."""

@@ -40,6 +40,17 @@ are those of the global mean loss, JAX inserting the gradient all-reduce), and t
 averages its statistics over "data" too. The sharded step therefore computes the single-device step.
 (Plain GSPMD partitioning would gather the batch: `vmap` over the pair axis merges [2, N] into one 2N
 batch, whose sharding on N it cannot express.) No TensorFlow here.
+
+Deterministic reduction (`deterministic_reduction=True`, config `mesh.deterministic_reduction`): an
+all-reduce may group the devices' values differently depending on how the devices are split over
+processes (gloo's cross-process sum differs from the in-process one by an ulp), so one process of 4
+devices and 2 processes of 2 devices end a few steps apart by ~1e-7. With this option each device
+differentiates its own shard's loss (the parameters cast to "varying" over "data"), and every
+reduction of the step -- gradients, losses, accuracies, an objective's sums -- is an all-gather
+followed by a sum in device order (`sharding.ordered_sum`): as far as reductions go, the result
+depends on the mesh's devices and the global batch only (README "Multi-host training": each device's
+own kernels must be reproducible too). Train-mode BatchNorm reduces its statistics inside Flax with an all-reduce,
+so it is refused (`check_reduction`).
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from gerne_jax import extrapolation, sharding
+from gerne_jax.errors import ConfigError
 from gerne_jax.groups import BIASED, LESS_BIASED
 from gerne_jax.models import NORM_MODES, TRAIN_MODE_BATCH_NORM, ResNet
 from gerne_jax.train_state import TrainState
@@ -60,8 +72,9 @@ from gerne_jax.train_state import TrainState
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-# (per-example losses [n], group ids [n], optimiser state, mesh axis) -> (loss, optimiser args, metrics)
-Objective = Callable[[jax.Array, jax.Array, Any, str], tuple[jax.Array, dict[str, Any], Metrics]]
+# (per-example losses [n], group ids [n], optimiser state, sum of a pytree over the devices' shards)
+# -> (loss, optimiser args, metrics)
+Objective = Callable[[jax.Array, jax.Array, Any, Callable[[Any], Any]], tuple[jax.Array, dict[str, Any], Metrics]]
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array,
@@ -75,10 +88,20 @@ def _value(schedule: optax.ScalarOrSchedule, step: jax.Array) -> jax.Array:
     return jnp.asarray(schedule(step) if callable(schedule) else schedule, jnp.float32)
 
 
+def check_reduction(norm: str, deterministic_reduction: bool) -> None:
+    """Refuses (ConfigError) deterministic reduction with train-mode BatchNorm, whose statistics Flax
+    averages over the devices with an all-reduce that this module cannot order."""
+    if deterministic_reduction and norm in TRAIN_MODE_BATCH_NORM:
+        raise ConfigError(f"config mesh.deterministic_reduction = True needs a model without train-mode "
+                          f"BatchNorm, but model.norm = {norm!r} averages batch statistics over the devices "
+                          f"in no fixed order; use model.norm = 'group' or 'frozen'")
+
+
 def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
                     fold_beta: optax.ScalarOrSchedule | None = None,
                     divide_loss_by_num_classes: bool = True,
-                    objective: Objective | None = None) -> StepFn:
+                    objective: Objective | None = None,
+                    deterministic_reduction: bool = False) -> StepFn:
     """Returns the jitted `train_step(state, batch) -> (state, metrics)` for `model`; donates `state`.
 
     Args:
@@ -92,6 +115,11 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
       objective: for a single-batch step, a loss over the per-example cross-entropies and the batch's
         group ids (`batch["group"]`) in place of their mean, e.g. `group_dro.RobustLoss`; it also
         returns the optimiser's extra arguments and metrics of its own.
+      deterministic_reduction: sum every cross-device reduction in device order, so the step's result
+        does not depend on how the mesh's devices are split over processes (bit-identical parameters).
+        Costs memory: during the reduction each device holds one gradient per device of the mesh
+        (all-gather, then sum), fine for a few devices, not for a pod. Not with train-mode BatchNorm
+        (ConfigError).
 
     Metrics of a paired batch: `loss_biased`, `loss_less_biased`, `accuracy_biased`,
     `accuracy_less_biased`, `grad_norm_biased`, `grad_norm_less_biased`, `grad_cosine` (the three
@@ -106,6 +134,7 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
         raise ValueError("fold_beta folds the pair's two losses; a single-batch step has one")
     if objective is not None and paired:
         raise ValueError("an objective replaces a single batch's loss; a paired step has two")
+    check_reduction(norm, deterministic_reduction)
     rows = 2 if paired else 1
     updates_stats = norm in TRAIN_MODE_BATCH_NORM
     if updates_stats:  # statistics over the whole (global) batch, not one device's shard
@@ -120,12 +149,29 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
             return logits, mutated["batch_stats"]
         return model.apply(variables, images, train=True), batch_stats
 
+    def device_sum(tree):
+        """A pytree summed over the devices' shards: in device order, or by the all-reduce."""
+        if deterministic_reduction:
+            return sharding.ordered_sum(tree, sharding.DATA_AXIS)
+        return jax.lax.psum(tree, sharding.DATA_AXIS)
+
+    def device_mean(x):
+        return device_sum(x) / mesh.size
+
+    def local_gradients(params):
+        """The parameters to differentiate: per-device ("varying") when the step sums the gradients
+        itself, else the replicated ones (JAX then inserts the gradient all-reduce)."""
+        return jax.lax.pcast(params, sharding.DATA_AXIS, to="varying") if deterministic_reduction else params
+
+    def reduced(grads):
+        """The gradients of the global loss from `local_gradients`' parameters."""
+        return device_sum(grads) if deterministic_reduction else grads
+
     def loss_fn(logits, labels):
-        local_loss = classification_loss(logits, labels, divide_loss_by_num_classes)
-        return jax.lax.pmean(local_loss, sharding.DATA_AXIS)
+        return device_mean(classification_loss(logits, labels, divide_loss_by_num_classes))
 
     def accuracy(logits, labels):
-        return jax.lax.pmean(jnp.mean(jnp.argmax(logits, axis=-1) == labels), sharding.DATA_AXIS)
+        return device_mean(jnp.mean(jnp.argmax(logits, axis=-1) == labels))
 
     def single_batch_loss(params, batch_stats, images, labels):
         logits, new_stats = forward(params, batch_stats, images)
@@ -161,7 +207,8 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
 
     def single_step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
         (loss, (logits, new_stats)), grads = jax.value_and_grad(single_batch_loss, has_aux=True)(
-            state.params, state.batch_stats, images[0], labels[0])
+            local_gradients(state.params), state.batch_stats, images[0], labels[0])
+        grads = reduced(grads)
         state = state.apply_gradients(grads=grads, batch_stats=new_stats)
         return state, {"loss": loss, "accuracy": accuracy(logits, labels[0]),
                        "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
@@ -173,13 +220,13 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
         def objective_loss(params):
             logits, new_stats = forward(params, state.batch_stats, images[0])
             example_losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels[0])
-            loss, optimizer_args, metrics = objective(example_losses, groups[0], state.opt_state,
-                                                      sharding.DATA_AXIS)
+            loss, optimizer_args, metrics = objective(example_losses, groups[0], state.opt_state, device_sum)
             scale = 1.0 / logits.shape[-1] if divide_loss_by_num_classes else 1.0
             return loss * scale, (logits, new_stats, optimizer_args, metrics)
 
         (loss, (logits, new_stats, optimizer_args, metrics)), grads = jax.value_and_grad(
-            objective_loss, has_aux=True)(state.params)
+            objective_loss, has_aux=True)(local_gradients(state.params))
+        grads = reduced(grads)
         state = state.apply_gradients(grads=grads, optimizer_args=optimizer_args, batch_stats=new_stats)
         return state, {"loss": loss, "accuracy": accuracy(logits, labels[0]),
                        "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
@@ -196,14 +243,16 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
                 return jnp.dot(weights, losses), (losses, aux)
 
             (_, (losses, (logits, new_stats))), grads = jax.value_and_grad(folded_loss, has_aux=True)(
-                state.params)
+                local_gradients(state.params))
+            grads = reduced(grads)
             state = state.apply_gradients(grads=grads, batch_stats=new_stats)
             nan = jnp.full([], jnp.nan)
             grad_metrics = {"grad_norm_biased": nan, "grad_norm_less_biased": nan, "grad_cosine": nan,
                             "grad_norm": optax.tree.norm(grads)}
         else:
             losses, (logits, new_stats), g_b, g_lb = paired_gradients(
-                state.params, state.batch_stats, images, labels)
+                local_gradients(state.params), state.batch_stats, images, labels)
+            g_b, g_lb = reduced(g_b), reduced(g_lb)
             state = state.apply_gradients(grads=g_lb, optimizer_args={"biased_updates": g_b},
                                           batch_stats=new_stats)
             grad_metrics = _pair_gradient_metrics(

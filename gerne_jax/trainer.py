@@ -53,6 +53,7 @@ from gerne_jax import (
     pseudo_groups,
     run_log,
     sharding,
+    train_step,
 )
 from gerne_jax.errors import ConfigError, Interrupted
 from gerne_jax.models import ResNet
@@ -104,6 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         attribute = pseudo.attribute
     method = methods.from_config(config, train["label"], attribute, jtt_errors, pseudo)
     model = experiment.create_model(config)
+    train_step.check_reduction(model.norm, config.mesh.deterministic_reduction)
     state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
     with distributed.main_process_lock(workdir, "training"):
         run_log.check_config(workdir, config)  # every process, so that all stop on another run's config

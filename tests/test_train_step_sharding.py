@@ -1,5 +1,6 @@
 """Data parallelism on 4 simulated CPU devices: the sharded step equals the one-device step
-(docs/design.md §7), and `prefetch_to_mesh` places batches with the batch sharding.
+(docs/design.md §7), with the default all-reduce and with the deterministic (device-ordered)
+reduction, and `prefetch_to_mesh` places batches with the batch sharding.
 
 XLA_FLAGS must be set before jax is imported, so the checks run in a fresh subprocess.
 """
@@ -13,6 +14,9 @@ import textwrap
 
 import pytest
 
+from gerne_jax import models, sharding, train_step, trainer
+from gerne_jax.errors import ConfigError
+
 pytestmark = pytest.mark.slow  # one subprocess compiling a dozen steps
 
 NORMS = ("group", "shared", "separate")
@@ -20,7 +24,8 @@ NORMS = ("group", "shared", "separate")
 _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from gerne_jax import extrapolation, models, sharding, train_state, train_step as ts
+    import optax
+    from gerne_jax import extrapolation, group_dro, models, sharding, train_state, train_step as ts
 
     assert len(jax.devices()) == 4, jax.devices()
     rng = np.random.default_rng(0)
@@ -62,6 +67,44 @@ _SCRIPT = textwrap.dedent("""
           "update": relative(update(sharded), update(single)),
           "batch_stats": relative(sharded.batch_stats, single.batch_stats) if initial.batch_stats
                          else 0.0,
+      }
+
+    # The deterministic reduction (GroupNorm): single, paired, folded and GroupDRO's objective step on
+    # 4 devices against the default step on one device; the same step run twice from the same state.
+    groups = rng.integers(0, 4, size=(1, 2 * n)).astype(np.int32)
+    dro = group_dro.RobustLoss(eta=0.5, adjustment=np.array([0.0, 0.1, 0.2, 0.3], np.float32),
+                               group_names=["a", "b", "c", "d"])
+    for name, paired, fold_beta, objective in [("single", False, None, None), ("paired", True, None, None),
+                                               ("folded", True, 1.0, None), ("group_dro", False, None, dro)]:
+      data = batch if paired else {key: value.reshape(1, 2 * n, *value.shape[2:])
+                                   for key, value in batch.items()}
+      if objective is not None:
+        data = {**data, "group": groups}
+      model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4,
+                            num_classes=3, norm="group")
+      tx = extrapolation.make_optimizer(0.5, 1.0, momentum=0.9, weight_decay=0.01)
+      if objective is not None:
+        tx = optax.chain(group_dro.track_group_weights(4), tx)
+      state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), tx)
+      initial = jax.device_get(state)
+      kwargs = {"paired": paired, "fold_beta": fold_beta, "objective": objective}
+      reference, reference_metrics = ts.make_train_step(model, one_device, **kwargs)(
+          sharding.replicate(copy(state), one_device), data)
+      step = ts.make_train_step(model, four_devices, deterministic_reduction=True, **kwargs)
+      sharded_batch = sharding.shard_batch(data, four_devices)
+      first, metrics = step(sharding.replicate(copy(state), four_devices), sharded_batch)
+      second, _ = step(sharding.replicate(copy(state), four_devices), sharded_batch)
+      update = lambda s: jax.tree.map(lambda new, old: new - old, s.params, initial.params)
+      pairs = [(float(metrics[k]), float(reference_metrics[k])) for k in sorted(reference_metrics)
+               if np.isfinite(reference_metrics[k])]
+      results["deterministic-" + name] = {
+          "params": relative(first.params, reference.params),
+          "update": relative(update(first), update(reference)),
+          "opt_state": relative(first.opt_state, reference.opt_state),
+          "metrics": max(abs(a - b) / max(abs(b), 1.0) for a, b in pairs),
+          "metric_names": sorted(metrics) == sorted(reference_metrics),
+          "repeat_identical": all(np.array_equal(a, b) for a, b in zip(
+              jax.tree.leaves(jax.device_get(first)), jax.tree.leaves(jax.device_get(second)))),
       }
 
     # prefetch_to_mesh: the same batches, in order, with at most `size` taken ahead of the consumer.
@@ -110,6 +153,32 @@ def test_four_device_step_equals_single_device_step(four_device_results, case):
     assert result["params"] < 1e-5
     assert result["update"] < 1e-4  # the step itself, not just the (mostly unchanged) parameters
     assert result["batch_stats"] < 1e-5
+
+
+@pytest.mark.parametrize("case", ["single", "paired", "folded", "group_dro"])
+def test_deterministic_reduction_computes_the_one_device_step_and_repeats_bit_for_bit(four_device_results, case):
+    result = four_device_results["deterministic-" + case]
+    assert result["params"] < 1e-5
+    assert result["update"] < 1e-4
+    assert result["opt_state"] < 1e-5  # momentum, and GroupDRO's group weights
+    assert result["metric_names"] and result["metrics"] < 1e-5
+    assert result["repeat_identical"]
+
+
+@pytest.mark.parametrize("norm", ["shared", "separate"])
+def test_deterministic_reduction_refuses_train_mode_batch_norm(norm):
+    model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4, num_classes=3, norm=norm)
+    with pytest.raises(ConfigError, match=f"mesh.deterministic_reduction = True .* model.norm = '{norm}'"):
+        train_step.make_train_step(model, sharding.make_mesh(1), paired=True, deterministic_reduction=True)
+    train_step.make_train_step(model, sharding.make_mesh(1), paired=True)  # the default reduction: fine
+
+
+def test_training_with_deterministic_reduction_and_batch_norm_stops_before_writing(tiny_config, tmp_path):
+    config = tiny_config("gerne")
+    config.model.norm, config.mesh.deterministic_reduction = "shared", True
+    with pytest.raises(ConfigError, match="mesh.deterministic_reduction = True .* model.norm = 'shared'"):
+        trainer.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_prefetch_to_mesh_yields_the_batches_in_order_with_the_batch_sharding(four_device_results):
