@@ -484,6 +484,7 @@ class SlideReader:
         self.shape = self._image.shape
         self.dtype = self._image.dtype
         self.num_channels = self._image.num_channels
+        self.chunk_shape = self._image.chunk_shape  # the storage chunk in level pixels (decoded whole)
         self.channel_names = self._resolve_channel_names()
         self._tumour = (None if self.spec.mask_file is None
                         else self._open_mask(self.spec.mask_file, allow_upsample=False))

@@ -8,7 +8,7 @@ runs for each slide:
    (several bands per block when rows are narrow, column chunks of one band when they are wide;
    `grid.scan_plan`), so memory stays bounded whatever the slide's size; per patch, tumour and tissue
    pixel counts come from column prefix sums, vectorised over the band, and the image is read only
-   from a band's first to its last kept patch (background is not decoded). Steps 1-2 are `SlideScan`,
+   where a band keeps patches (background is not decoded). Steps 1-2 are `SlideScan`,
    which whole-slide prediction uses too, so it sees exactly the patches the tiler keeps;
 3. serialise the kept patches into the slide's own array_record file under `DATA_DIR/.work/`, write
    `qc/<slide_id>.png`, and last a JSON sidecar (patch rows, channel moments, settings). The sidecar
@@ -215,16 +215,29 @@ class SlideScan:
             tumour_pixels = window_counts(tumour[rows], local, P)
             tissue_ratio = window_counts(tissue[rows], local, P) / P**2
             kept = np.flatnonzero(tissue_ratio > config.min_tissue_ratio)
-            # The masks decide first, so a row's pixels are read only from its first to its last kept
-            # patch: background the row does not keep is never decoded.
             columns = local[kept]
-            left = int(columns[0]) if kept.size else 0
-            span = int(columns[-1]) + P - left if kept.size else 0
-            pixels = reader.read_region(y, x0 + left, P, span) if span else np.empty(
-                (P, 0, reader.num_channels), reader.dtype)
-            bands.append(PatchBand(y, xs[kept], columns - left, pixels, tumour_pixels[kept],
-                                   tissue_ratio[kept], len(xs)))
+            bands.append(PatchBand(y, xs[kept], columns - (columns[0] if kept.size else 0),
+                                   self._read_kept(y, x0, columns), tumour_pixels[kept], tissue_ratio[kept], len(xs)))
         return PatchBlock(y0, x0, tissue, tumour, bands)
+
+    def _read_kept(self, y: int, x0: int, columns: np.ndarray) -> np.ndarray:
+        """Rows y .. y + P from the first to the last kept patch (left edges `x0 + columns`), (P, w, C).
+
+        The masks decide first, so only pixels of kept patches are decoded: a gap between kept
+        patches wide enough to hold a whole storage chunk is not read (left zero there).
+        """
+        P, reader = self.config.patch_size, self.reader
+        if not columns.size:
+            return np.empty((P, 0, reader.num_channels), reader.dtype)
+        left, span = int(columns[0]), int(columns[-1]) + P - int(columns[0])
+        runs = np.split(columns, np.flatnonzero(np.diff(columns) - P >= reader.chunk_shape[1]) + 1)
+        if len(runs) == 1:
+            return reader.read_region(y, x0 + left, P, span)
+        pixels = np.zeros((P, span, reader.num_channels), reader.dtype)
+        for run in runs:
+            start, stop = int(run[0]), int(run[-1]) + P
+            pixels[:, start - left:stop - left] = reader.read_region(y, x0 + start, P, stop - start)
+        return pixels
 
     def blocks(self) -> Iterator[PatchBlock]:
         """Every block of `plan` in order, the next one read in a thread meanwhile."""

@@ -22,7 +22,7 @@ from PIL import Image
 from data_pipeline import qc, tile_manifest, tiling
 from data_pipeline.__main__ import main
 from data_pipeline.grid import scan_plan
-from data_pipeline.manifest import SlideError, SlideSpec
+from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
 from data_pipeline.slides import SlideReader
 from data_pipeline.tissue import detect_tissue
 from gerne_jax import dataset
@@ -465,3 +465,28 @@ def test_the_first_versions_flag_spelling_still_works():
     required = ["--manifest", "m.csv", "--out", "o", "--patch-size", "8"]
     for flag in ("--min-tumour-pixels", "--min-tumor-pixels"):
         assert parser.parse_args(required + [flag, "4"]).min_tumour_pixels == 4
+
+
+def test_scan_decodes_only_the_pixels_of_kept_patches(tmp_path):
+    """Two tissue islands far apart in one band of a TIFF in 16-pixel tiles: every kept patch has the
+    file's pixels, and the tiles between the islands are never read (left zero in the band)."""
+    P, height, width = 16, 32, 256
+    rng = np.random.default_rng(3)
+    image = rng.integers(1, 256, (height, width, 3)).astype(np.uint8)  # no zero pixel anywhere
+    tifffile.imwrite(tmp_path / "slide.tif", image, tile=(16, 16), photometric="rgb")
+    tissue_low = np.zeros((height // 4, width // 4), bool)
+    tissue_low[:, 1:7] = tissue_low[:, 50:53] = True  # level-0 columns 4-28 and 200-212
+    write_mask(tmp_path / "tissue.tif", tissue_low)
+    write_mask(tmp_path / "tumour.tif", np.zeros((height, width), bool))
+    manifest = write_manifest(tmp_path / "manifest.csv", [{"slide_id": "s", "image": "slide.tif", "mask": "tumour.tif",
+                                                            "tissue_mask": "tissue.tif", "split": "train"}])
+    (spec,) = read_manifest(manifest)
+    with SlideReader(spec) as reader:
+        scan = tiling.SlideScan(reader, tiling.TilingConfig(patch_size=P, stride=P, tissue_factor=4))
+        bands = [band for block in scan.blocks() for band in block.bands]
+    assert [band.x.tolist() for band in bands] == [[0, 16, 192, 208]] * 2
+    for band in bands:
+        for i, x in enumerate(band.x.tolist()):
+            np.testing.assert_array_equal(band.patch(i), image[band.y:band.y + P, x:x + P])
+        assert band.pixels.shape[1] == 224  # columns 0-224: first to last kept patch
+        assert not band.pixels[:, 32:192].any()  # the 10 tiles between the islands: not decoded
