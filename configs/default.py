@@ -3,16 +3,18 @@
   python train.py --config configs/default.py:method=gerne,model=resnet50 --workdir runs/x \
       --config.data.dir=runs/demo/data --config.method.beta=1.5
 
-`get_config(arg)` takes two declared switches, `method` (gerne, erm, resample, group_dro or jtt; a bare
-first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every other key is changed with
-`--config.<key>=<value>`. The methods are the special cases of docs/design.md §3:
+`get_config(arg)` takes two declared switches, `method` (gerne, erm, resample, group_dro, jtt or
+ratio_weighted; a bare first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every
+other key is changed with `--config.<key>=<value>`. The methods are the special cases of docs/design.md §3:
 
 - gerne: the official defaults, beta = 1, c = 0.5, corr = 0.5;
 - erm: the biased batch alone (class-balanced, natural group shares within each class), i.e. beta = -1
   without computing the less-biased gradient;
 - resample: group-balanced resampling, c = 1 and beta = 0 (the less-biased batch decides);
 - group_dro: GroupDRO (Sagawa et al. 2020) on group-balanced batches, `method.group_dro.*`;
-- jtt: JTT's second run (Liu et al. 2021) after an ERM identification run, `method.jtt.*`.
+- jtt: JTT's second run (Liu et al. 2021) after an ERM identification run, `method.jtt.*`;
+- ratio_weighted: class-balanced batches drawn with weight 1 / (density of the tissue ratio within the
+  class), no threshold, `method.ratio_weighted.*`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import ml_collections
 from gerne_jax.config_utils import parse_arg
 from gerne_jax.errors import ConfigError
 
-METHODS = ("gerne", "erm", "resample", "group_dro", "jtt")
+METHODS = ("gerne", "erm", "resample", "group_dro", "jtt", "ratio_weighted")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.jtt.identification_workdir = ""  # the ERM run of T steps whose errors are upweighted
     config.method.jtt.identification_step = 0     # T: its checkpoint of this step; 0: its latest
     config.method.jtt.upweight = 20.0             # lambda: error examples are drawn this many times as often
+    config.method.ratio_weighted = ml_collections.ConfigDict()  # read by method ratio_weighted only
+    config.method.ratio_weighted.bandwidth = 0.05  # kernel standard deviation of the tissue-ratio density
 
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model          # resnet18/34/50/101/152, tiny

@@ -92,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
     jtt_errors = jtt.identification_errors(config, train, metadata, mesh) if config.method.name == "jtt" else None
-    method = methods.from_config(config, train["label"], attribute, jtt_errors)
+    method = methods.from_config(config, train["label"], attribute, jtt_errors, tissue_ratio=train["tissue_ratio"])
     model = experiment.create_model(config)
     state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
     with distributed.main_process_lock(workdir, "training"):
