@@ -109,6 +109,17 @@ def method_figures(summary: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return row
 
 
+def readable_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A results row for the Markdown table: test figures as `mean ± std`, differences in points."""
+    out = {key: value for key, value in row.items() if " test " not in key and not key.endswith(("- WGA", "gain"))}
+    for family, difference in (("erm", "erm BCA - WGA"), ("gerne", "gerne WGA gain")):
+        for metric in ("WGA", "BCA"):
+            out[f"{family} test {metric}"] = (f"{row[f'{family} test {metric} mean']:.3f} ± "
+                                              f"{row[f'{family} test {metric} std']:.3f}")
+        out[f"{difference} (points)"] = f"{100 * row[difference]:+.1f}"
+    return out
+
+
 def plot(rows: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None:
     """ERM's gap and GERNE's gain (left) and the minority shares (right) against the patch size."""
     sizes = [row["patch size"] for row in rows]
@@ -159,10 +170,7 @@ def patch_size_study(root: str | pathlib.Path, *, patch_sizes: Sequence[int] = P
         rows.append({"patch size": patch_size, **strength, **method_figures(summary)})
     write_csv(rows, root / "results.csv")
     plot(rows, root / "patch_size.png")
-    table = markdown_table([{key: value for key, value in row.items() if not key.endswith(" std")}
-                            | {f"{family} test WGA": f"{row[f'{family} test WGA mean']:.3f} ± "
-                               f"{row[f'{family} test WGA std']:.3f}" for family in ("erm", "gerne")}
-                            for row in rows])
+    table = markdown_table([readable_row(row) for row in rows])
     files.write_text_atomic(root / "results.md", "\n".join([
         "# Patch size: the shortcut's strength, ERM's gap and GERNE's gain (synthetic `sections` slides)", "",
         f"{data.slides} slides of {data.size} pixels (data seed {data.seed}), tiled at P = "
