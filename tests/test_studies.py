@@ -90,9 +90,9 @@ def test_quantile_taus():
     rng = np.random.default_rng(2)
     ratio = rng.uniform(0, 1, 1000)
     for bins in (3, 4, 5):
-        assert continuous_attribute.quantile_taus(ratio, bins) == pytest.approx(
-            np.quantile(ratio, np.arange(1, bins) / bins))
-        shares = np.bincount(dataset.attribute_from_tissue_ratio(ratio, continuous_attribute.quantile_taus(ratio, bins)))
+        taus = continuous_attribute.quantile_taus(ratio, bins)
+        assert taus == pytest.approx(np.quantile(ratio, np.arange(1, bins) / bins))
+        shares = np.bincount(dataset.attribute_from_tissue_ratio(ratio, taus))
         assert shares.min() >= 1000 // bins - 1  # about equal bins
     # Half the ratios are exactly 1: the quantiles above 1/2 tie at 1 and merge into one threshold.
     tied = np.concatenate([rng.uniform(0, 0.9, 500), np.ones(500)])
