@@ -62,18 +62,22 @@ SMOKE = DataSize(slides=3, size=512, steps=3)
 
 
 def make_slides(root: pathlib.Path, data: DataSize) -> pathlib.Path:
-    """ROOT/slides: the study's synthetic slides (once); returns the manifest."""
+    """ROOT/slides: the study's synthetic slides (once); returns the manifest.
+
+    A second process of the study waits for the first one's slides (as for the tiling below)."""
     manifest = root / "slides" / "manifest.csv"
-    if not manifest.is_file():
-        synthetic.generate(root / "slides", data.slides, data.size, seed=data.seed, layout=LAYOUT)
+    with grid.claim(root / "slides", wait=True):
+        if not manifest.is_file():
+            synthetic.generate(root / "slides", data.slides, data.size, seed=data.seed, layout=LAYOUT)
     return manifest
 
 
 def tile(manifest: pathlib.Path, data_dir: pathlib.Path, patch_size: int) -> pathlib.Path:
     """The slides tiled at `patch_size` (stride = patch size) into `data_dir`, through the tiler (once)."""
-    if not (data_dir / "metadata.json").is_file():
-        tile_manifest.tile_manifest(manifest, data_dir, TilingConfig(patch_size=patch_size, stride=patch_size),
-                                    workers=2)
+    with grid.claim(data_dir, wait=True):
+        if not (data_dir / "metadata.json").is_file():
+            tile_manifest.tile_manifest(manifest, data_dir,
+                                        TilingConfig(patch_size=patch_size, stride=patch_size), workers=2)
     return data_dir
 
 
