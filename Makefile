@@ -34,13 +34,16 @@ demo: $(STAMP)
 	  --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS) --out $(DEMO_DIR)/report.md \
 	  --predictions $(DEMO_DIR)/predict/erm $(DEMO_DIR)/predict/gerne
 
-# The README's results: data, tuning on validation, 3 seeds, tau sweep, error vs tissue ratio (hours on CPU).
+# The README's results: data, tuning on validation, 3 seeds, tau sweep, error vs tissue ratio (hours on CPU),
+# then the open-question studies (patch size, continuous attribute; about 30 min each).
 # Two processes share the runs (experiments.grid locks each run while it trains).
 EXP_DIR ?= runs/exp
 experiments: $(STAMP)
 	$(BIN)/python -m experiments.reproduce --root $(EXP_DIR) --data-only
 	$(BIN)/python -m experiments.reproduce --root $(EXP_DIR) > $(EXP_DIR)/second_process.log 2>&1 & \
 	$(BIN)/python -m experiments.reproduce --root $(EXP_DIR); status=$$?; wait $$! && exit $$status
+	$(BIN)/python -m experiments.patch_size --root $(EXP_DIR)/patch_size
+	$(BIN)/python -m experiments.continuous_attribute --root $(EXP_DIR)/continuous
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

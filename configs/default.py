@@ -3,9 +3,9 @@
   python train.py --config configs/default.py:method=gerne,model=resnet50 --workdir runs/x \
       --config.data.dir=runs/demo/data --config.method.beta=1.5
 
-`get_config(arg)` takes two declared switches, `method` (gerne, erm, resample, group_dro or jtt; a bare
-first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every other key is changed with
-`--config.<key>=<value>`. The methods are the special cases of docs/design.md §3:
+`get_config(arg)` takes two declared switches, `method` (gerne, erm, resample, group_dro, jtt or
+ratio_weighted; a bare first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every
+other key is changed with `--config.<key>=<value>`. The methods are the special cases of docs/design.md §3:
 
 - gerne: the official defaults, beta = 1, c = 0.5, corr = 0.5;
 - erm: the biased batch alone (class-balanced, natural group shares within each class), i.e. beta = -1
@@ -14,7 +14,9 @@ first word is the method) and `model` (resnet18/34/50/101/152 or tiny); every ot
 - group_dro: GroupDRO (Sagawa et al. 2020) on group-balanced batches, `method.group_dro.*`;
 - jtt: JTT's second run (Liu et al. 2021) after an ERM identification run, `method.jtt.*`;
 - dfr: DFR (Kirichenko et al. 2022), a trained run's last layer refitted on group-balanced validation
-  data, `method.dfr.*` (one fit: `training.steps` = 1 labels its checkpoint).
+  data, `method.dfr.*` (one fit: `training.steps` = 1 labels its checkpoint);
+- ratio_weighted: class-balanced batches drawn with weight 1 / (density of the tissue ratio within the
+  class), no threshold, `method.ratio_weighted.*`.
 
 GERNE with unknown attributes is `gerne` (or `resample`) with `method.pseudo_groups.scoring_workdir`.
 """
@@ -25,7 +27,7 @@ import ml_collections
 from gerne_jax.config_utils import parse_arg
 from gerne_jax.errors import ConfigError
 
-METHODS = ("gerne", "erm", "resample", "group_dro", "jtt", "dfr")
+METHODS = ("gerne", "erm", "resample", "group_dro", "jtt", "ratio_weighted", "dfr")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -71,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.pseudo_groups.scoring_workdir = ""  # the scoring ERM run (lr / 10, weight decay x 2); "": off
     config.method.pseudo_groups.scoring_checkpoint = "best_bca"  # its checkpoint that scores the training split
     config.method.pseudo_groups.fraction = 0.2    # t: per class, this share with the lowest p_true is minority
+    config.method.ratio_weighted = ml_collections.ConfigDict()  # read by method ratio_weighted only
+    config.method.ratio_weighted.bandwidth = 0.05  # kernel standard deviation of the tissue-ratio density
 
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model          # resnet18/34/50/101/152, tiny

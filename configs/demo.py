@@ -1,11 +1,12 @@
 """The `make demo` setting: the tiny ResNet on 64-pixel synthetic patches, minutes on 2 CPU cores.
 
-`get_config(arg)`: `arg` is the method switch, `erm`, `gerne` (default), `resample`, `group_dro`, `jtt` or
-`dfr` (the last layer of the demo's ERM run, `runs/demo/erm`, refitted on group-balanced validation data);
-change anything else with `--config.<key>=<value>` (e.g. `--config.method.beta=1`). GERNE with unknown
-attributes (README "GERNE with unknown attributes") is two more switches: `erm_scoring`, the scoring
-run (ERM with learning rate / 10 and weight decay x 2, as in the GERNE paper), and `gerne_pseudo`,
-GERNE on the pseudo-groups of its best_bca checkpoint (`runs/demo/erm_scoring`).
+`get_config(arg)`: `arg` is the method switch, `erm`, `gerne` (default), `resample`, `group_dro`, `jtt`,
+`ratio_weighted` or `dfr` (the last layer of the demo's ERM run, `runs/demo/erm`, refitted on
+group-balanced validation data); change anything else with `--config.<key>=<value>` (e.g.
+`--config.method.beta=1`). GERNE with unknown attributes (README "GERNE with unknown attributes") is
+two more switches: `erm_scoring`, the scoring run (ERM with learning rate / 10 and weight decay x 2,
+as in the GERNE paper), and `gerne_pseudo`, GERNE on the pseudo-groups of its best_bca checkpoint
+(`runs/demo/erm_scoring`).
 
 Why these values: ResNet-18 runs at about 13 patches/s on 2 CPU cores (a 1,500-step run would take
 hours), the tiny ResNet at about 2,600/s, and it learns these data (validation BCA about 0.96). GERNE
@@ -44,8 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.method.c = 0.5
         config.optimizer.learning_rate = 0.1
         config.model.norm = "shared"
-    elif base in ("erm", "group_dro", "jtt"):
-        # GroupDRO and JTT start from ERM's network and learning rate (not tuned by `make experiments`);
+    elif base in ("erm", "group_dro", "jtt", "ratio_weighted"):
+        # GroupDRO, JTT and ratio_weighted start from ERM's network and learning rate (not tuned by
+        # `make experiments`);
         # JTT also needs method.jtt.identification_workdir, an ERM run of this config.
         config.optimizer.learning_rate = 0.1
         config.model.norm = "group"

@@ -22,6 +22,8 @@ all three from the same fields, so they cannot disagree; it imports no TensorFlo
 
 `gerne` with `method.pseudo_groups.scoring_workdir` (`gerne_jax.pseudo_groups`) plans its batches on
 pseudo-groups (unknown attributes) instead of the tissue-ratio bins.
+- `ratio_weighted` (`gerne_jax.ratio_weighting`): JTT's single class-balanced batch, each example drawn
+  with weight 1 / (kernel density of its tissue ratio within its class): no threshold tau.
 
 A new method is a new `name` here: its sampler rows, its step and its config keys.
 """
@@ -34,11 +36,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from gerne_jax import dataset, extrapolation, group_dro, groups, jtt, models, pseudo_groups, train_step
+from gerne_jax import dataset, extrapolation, group_dro, groups, jtt, models, pseudo_groups, ratio_weighting, train_step
 from gerne_jax.errors import ConfigError
 from gerne_jax.groups import BIASED, LESS_BIASED
 
-METHOD_NAMES = ("gerne", "erm", "group_dro", "jtt", "dfr")
+METHOD_NAMES = ("gerne", "erm", "group_dro", "jtt", "ratio_weighted", "dfr")
 GROUP_DRO_SAMPLING = ("balanced", "natural")
 
 
@@ -89,7 +91,7 @@ class TrainingMethod:
     name: str
     plan: groups.BatchPlan
     config: ml_collections.ConfigDict
-    example_weights: np.ndarray | None = None  # JTT: each training example's sampling weight (1 or lambda)
+    example_weights: np.ndarray | None = None  # JTT, ratio_weighted: each training example's sampling weight
     pseudo_groups: pseudo_groups.PseudoGroups | None = None  # GERNE on pseudo-groups: the training groups
 
     @property
@@ -97,7 +99,7 @@ class TrainingMethod:
         """The rows of the paired draws a step trains on (JTT's single row is its own upsampled draw)."""
         if self.name == "group_dro" and self.config.method.group_dro.sampling == "balanced":
             return (LESS_BIASED,)
-        return (BIASED,) if self.name in ("erm", "group_dro", "jtt") else (BIASED, LESS_BIASED)
+        return (BIASED,) if self.name in ("erm", "group_dro", "jtt", "ratio_weighted") else (BIASED, LESS_BIASED)
 
     @property
     def uses_groups(self) -> bool:
@@ -147,17 +149,22 @@ class TrainingMethod:
             return (f"{plan}\nJTT trains on one class-balanced batch ({n} examples per step) drawn with the "
                     f"identification run's {upweighted} misclassified training examples (of "
                     f"{self.example_weights.size}) upweighted x {self.config.method.jtt.upweight:g}.")
+        if self.name == "ratio_weighted":
+            return (f"{plan}\nratio_weighted trains on one class-balanced batch ({n} examples per step), each "
+                    "example drawn with weight 1 / (density of its tissue ratio within its class, bandwidth "
+                    f"{self.config.method.ratio_weighted.bandwidth:g}); the taus only name the groups.")
         return f"{plan}\nERM trains on the biased batch alone ({n} examples per step)."
 
 
 def from_config(config: ml_collections.ConfigDict, label: np.ndarray, attribute: np.ndarray,
-                jtt_errors: np.ndarray | None = None,
-                pseudo: pseudo_groups.PseudoGroups | None = None) -> TrainingMethod:
+                jtt_errors: np.ndarray | None = None, pseudo: pseudo_groups.PseudoGroups | None = None,
+                tissue_ratio: np.ndarray | None = None) -> TrainingMethod:
     """The configured method for a training split with these labels and attribute bins.
 
     `jtt_errors` is JTT's error set on this split (`jtt.identification_errors`), needed by `jtt` only.
     `pseudo` are GERNE's pseudo-groups of this split (`pseudo_groups.from_scoring_run`), given when
-    `attribute` is `pseudo.attribute`: the plan then names their two bins.
+    `attribute` is `pseudo.attribute`: the plan then names their two bins. `tissue_ratio` is the
+    split's tissue ratios, needed by `ratio_weighted` only.
     Raises ConfigError naming the config key at fault (for GERNE's batch plan with the allowed range
     on the first line and the alpha table below).
     """
@@ -184,6 +191,11 @@ def from_config(config: ml_collections.ConfigDict, label: np.ndarray, attribute:
             raise ValueError("JTT needs the identification run's error set on the training split "
                              "(jtt.identification_errors)")
         weights = jtt.example_weights(jtt_errors, config.method.jtt.upweight)
+    if name == "ratio_weighted":
+        if tissue_ratio is None or np.shape(tissue_ratio) != np.shape(label):
+            raise ValueError("ratio_weighted needs the training split's tissue ratios")
+        weights = ratio_weighting.inverse_density_weights(tissue_ratio, label, len(dataset.CLASS_NAMES),
+                                                          config.method.ratio_weighted.bandwidth)
     # Only GERNE extrapolates; the other methods' plans use beta = 0 (any valid value would do).
     plan = groups.make_batch_plan(
         counts, c=c, beta=config.method.beta if name == "gerne" else 0.0,

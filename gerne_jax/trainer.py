@@ -103,7 +103,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if pseudo_groups.enabled(config):  # unknown attributes: train on pseudo-groups; validate on the true ones
         pseudo = pseudo_groups.from_scoring_run(config, train, metadata, mesh, attribute)
         attribute = pseudo.attribute
-    method = methods.from_config(config, train["label"], attribute, jtt_errors, pseudo)
+    method = methods.from_config(config, train["label"], attribute, jtt_errors, pseudo,
+                                tissue_ratio=train["tissue_ratio"])
     model = experiment.create_model(config)
     train_step.check_reduction(model.norm, config.mesh.deterministic_reduction)
     state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
