@@ -139,15 +139,16 @@ def format_mismatch(spec: SlideSpec, found: SlideFormat, expected: SlideFormat) 
 
 @dataclasses.dataclass(frozen=True)
 class PatchBand:
-    """The kept patches of one grid row within a read block (chosen-level pixels)."""
+    """Kept patches of one grid row within a read block (chosen-level pixels): all of them, or one run of
+    them that a wide gap separates from the next."""
 
     y: int                     # top edge of the row's patches
     x: np.ndarray              # left edges of the kept patches [n]
     columns: np.ndarray        # their first column in `pixels` [n]
-    pixels: np.ndarray         # rows y .. y + P from the first to the last kept patch, (P, w, C), source dtype
+    pixels: np.ndarray         # rows y .. y + P from the band's first to its last patch, (P, w, C), source dtype
     tumour_pixels: np.ndarray  # [n] int64
     tissue_ratio: np.ndarray   # [n] float64
-    positions: int             # grid positions of the row scanned, kept or not
+    positions: int             # grid positions of the row scanned, kept or not (0 for a row's later runs)
 
     def patch(self, i: int) -> np.ndarray:
         """Patch i as a (P, P, C) view of `pixels`."""
@@ -215,29 +216,27 @@ class SlideScan:
             tumour_pixels = window_counts(tumour[rows], local, P)
             tissue_ratio = window_counts(tissue[rows], local, P) / P**2
             kept = np.flatnonzero(tissue_ratio > config.min_tissue_ratio)
-            columns = local[kept]
-            bands.append(PatchBand(y, xs[kept], columns - (columns[0] if kept.size else 0),
-                                   self._read_kept(y, x0, columns), tumour_pixels[kept], tissue_ratio[kept], len(xs)))
+            bands += self._read_row(y, x0, xs, local, kept, tumour_pixels[kept], tissue_ratio[kept])
         return PatchBlock(y0, x0, tissue, tumour, bands)
 
-    def _read_kept(self, y: int, x0: int, columns: np.ndarray) -> np.ndarray:
-        """Rows y .. y + P from the first to the last kept patch (left edges `x0 + columns`), (P, w, C).
-
-        The masks decide first, so only pixels of kept patches are decoded: a gap between kept
-        patches wide enough to hold a whole storage chunk is not read (left zero there).
-        """
+    def _read_row(self, y: int, x0: int, xs: np.ndarray, local: np.ndarray, kept: np.ndarray,
+                  tumour_pixels: np.ndarray, tissue_ratio: np.ndarray) -> list[PatchBand]:
+        """The kept patches of one grid row as bands of adjacent runs, each read from its first to its
+        last patch: the masks decide first, so background, and a gap between kept patches wide enough
+        to hold a whole storage chunk, is never decoded. The row's grid positions count in its first band."""
         P, reader = self.config.patch_size, self.reader
-        if not columns.size:
-            return np.empty((P, 0, reader.num_channels), reader.dtype)
-        left, span = int(columns[0]), int(columns[-1]) + P - int(columns[0])
-        runs = np.split(columns, np.flatnonzero(np.diff(columns) - P >= reader.chunk_shape[1]) + 1)
-        if len(runs) == 1:
-            return reader.read_region(y, x0 + left, P, span)
-        pixels = np.zeros((P, span, reader.num_channels), reader.dtype)
-        for run in runs:
-            start, stop = int(run[0]), int(run[-1]) + P
-            pixels[:, start - left:stop - left] = reader.read_region(y, x0 + start, P, stop - start)
-        return pixels
+        if not kept.size:
+            return [PatchBand(y, xs[kept], kept, np.empty((P, 0, reader.num_channels), reader.dtype),
+                              tumour_pixels, tissue_ratio, len(xs))]
+        columns = local[kept]
+        runs = np.split(np.arange(kept.size), np.flatnonzero(np.diff(columns) - P >= reader.chunk_shape[1]) + 1)
+        bands = []
+        for i, run in enumerate(runs):
+            left, right = int(columns[run[0]]), int(columns[run[-1]]) + P
+            pixels = reader.read_region(y, x0 + left, P, right - left)
+            bands.append(PatchBand(y, xs[kept][run], columns[run] - left, pixels, tumour_pixels[run],
+                                   tissue_ratio[run], len(xs) if i == 0 else 0))
+        return bands
 
     def blocks(self) -> Iterator[PatchBlock]:
         """Every block of `plan` in order, the next one read in a thread meanwhile."""
