@@ -44,6 +44,9 @@ experiments: $(STAMP)
 	$(BIN)/python -m experiments.reproduce --root $(EXP_DIR); status=$$?; wait $$! && exit $$status
 	$(BIN)/python -m experiments.patch_size --root $(EXP_DIR)/patch_size
 	$(BIN)/python -m experiments.continuous_attribute --root $(EXP_DIR)/continuous
+	$(BIN)/python -m experiments.comparison --root $(EXP_DIR)/comparison
+	$(BIN)/python -m experiments.comparison --root $(EXP_DIR)/comparison_data1 --data-seed 1 --size 3072 \
+	  --settings-from $(EXP_DIR)/comparison/chosen.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
