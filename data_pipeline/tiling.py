@@ -226,7 +226,7 @@ class SlideScan:
         to hold a whole storage chunk, is never decoded. The row's grid positions count in its first band."""
         P, reader = self.config.patch_size, self.reader
         if not kept.size:
-            return [PatchBand(y, xs[kept], kept, np.empty((P, 0, reader.num_channels), reader.dtype),
+            return [PatchBand(y, xs[kept], local[kept], np.empty((P, 0, reader.num_channels), reader.dtype),
                               tumour_pixels, tissue_ratio, len(xs))]
         columns = local[kept]
         runs = np.split(np.arange(kept.size), np.flatnonzero(np.diff(columns) - P >= reader.chunk_shape[1]) + 1)

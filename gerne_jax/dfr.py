@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -120,11 +121,6 @@ def fold_standardisation(layer: LastLayer, mean: np.ndarray, scale: np.ndarray) 
     return LastLayer(kernel=kernel, bias=layer.bias - mean @ kernel)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class Fit:
     """DFR's result: the layer for raw features, a JSON-friendly summary (the C chosen, half B's metrics
@@ -157,7 +153,7 @@ def fit_last_layer(features: np.ndarray, label: np.ndarray, tissue_ratio: np.nda
                 progress.update(1)
             layer = LastLayer(kernel=np.mean([f.kernel for f in fits], axis=0),
                               bias=np.mean([f.bias for f in fits], axis=0))
-            report = evaluation.report_per_tau(softmax(layer.logits(standardised[half_b])), label[half_b],
+            report = evaluation.report_per_tau(softmax(layer.logits(standardised[half_b]), axis=-1), label[half_b],
                                                tissue_ratio[half_b], [taus])[key]
             layers.append(layer)
             reports.append(report)

@@ -158,13 +158,13 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
     def device_mean(x):
         return device_sum(x) / mesh.size
 
-    def local_gradients(params):
+    def differentiated_params(params):
         """The parameters to differentiate: per-device ("varying") when the step sums the gradients
         itself, else the replicated ones (JAX then inserts the gradient all-reduce)."""
         return jax.lax.pcast(params, sharding.DATA_AXIS, to="varying") if deterministic_reduction else params
 
     def reduced(grads):
-        """The gradients of the global loss from `local_gradients`' parameters."""
+        """The gradients of the global loss from `differentiated_params`' parameters."""
         return device_sum(grads) if deterministic_reduction else grads
 
     def loss_fn(logits, labels):
@@ -207,7 +207,7 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
 
     def single_step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
         (loss, (logits, new_stats)), grads = jax.value_and_grad(single_batch_loss, has_aux=True)(
-            local_gradients(state.params), state.batch_stats, images[0], labels[0])
+            differentiated_params(state.params), state.batch_stats, images[0], labels[0])
         grads = reduced(grads)
         state = state.apply_gradients(grads=grads, batch_stats=new_stats)
         return state, {"loss": loss, "accuracy": accuracy(logits, labels[0]),
@@ -225,7 +225,7 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
             return loss * scale, (logits, new_stats, optimizer_args, metrics)
 
         (loss, (logits, new_stats, optimizer_args, metrics)), grads = jax.value_and_grad(
-            objective_loss, has_aux=True)(local_gradients(state.params))
+            objective_loss, has_aux=True)(differentiated_params(state.params))
         grads = reduced(grads)
         state = state.apply_gradients(grads=grads, optimizer_args=optimizer_args, batch_stats=new_stats)
         return state, {"loss": loss, "accuracy": accuracy(logits, labels[0]),
@@ -243,7 +243,7 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
                 return jnp.dot(weights, losses), (losses, aux)
 
             (_, (losses, (logits, new_stats))), grads = jax.value_and_grad(folded_loss, has_aux=True)(
-                local_gradients(state.params))
+                differentiated_params(state.params))
             grads = reduced(grads)
             state = state.apply_gradients(grads=grads, batch_stats=new_stats)
             nan = jnp.full([], jnp.nan)
@@ -251,7 +251,7 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
                             "grad_norm": optax.tree.norm(grads)}
         else:
             losses, (logits, new_stats), g_b, g_lb = paired_gradients(
-                local_gradients(state.params), state.batch_stats, images, labels)
+                differentiated_params(state.params), state.batch_stats, images, labels)
             g_b, g_lb = reduced(g_b), reduced(g_lb)
             state = state.apply_gradients(grads=g_lb, optimizer_args={"biased_updates": g_b},
                                           batch_stats=new_stats)

@@ -12,7 +12,6 @@ import pathlib
 import sys
 
 import pytest
-import tifffile
 from apache_beam.options.pipeline_options import DirectOptions
 
 import data_pipeline
@@ -20,6 +19,7 @@ from data_pipeline import beam_runner, tile_manifest
 from data_pipeline.__main__ import main
 from data_pipeline.manifest import SlideError
 from gerne_jax.errors import InputError
+from tests.tiff_layouts import write_with_corrupt_tile
 
 BEAM_TWO_WORKERS = ("--runner", "beam", "--beam-option=--direct_running_mode=multi_processing",
                     "--beam-option=--direct_num_workers=2")
@@ -35,14 +35,9 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("beam_slides")
     assert main(["synthetic", "--out", str(root), "--slides", "4", "--size", "384", "--seed", "3"]) == 0
     source = root / "slide_001.tif"
-    data = bytearray(source.read_bytes())
-    (root / "truncated.tif").write_bytes(bytes(data[: len(data) // 2]))
-    with tifffile.TiffFile(source) as tiff:
-        page = tiff.pages[0]
-        middle = len(page.dataoffsets) // 2
-        offset, length = page.dataoffsets[middle], page.databytecounts[middle]
-    data[offset:offset + length] = b"\xff" * length
-    (root / "corrupt.tif").write_bytes(bytes(data))
+    data = source.read_bytes()
+    (root / "truncated.tif").write_bytes(data[: len(data) // 2])
+    write_with_corrupt_tile(source, root / "corrupt.tif")
     return root
 
 

@@ -14,12 +14,12 @@ import pathlib
 
 import fsspec
 import pytest
-import tifffile
 
 from data_pipeline import storage, tile_manifest
 from data_pipeline.__main__ import main
 from data_pipeline.manifest import SlideError
 from gerne_jax.errors import InputError
+from tests.tiff_layouts import write_with_corrupt_tile
 
 BEAM_IN_PROCESS = ("--runner", "beam", "--beam-option=--direct_running_mode=in_memory")
 BEAM_TWO_PROCESSES = ("--runner", "beam", "--beam-option=--direct_running_mode=multi_processing",
@@ -33,14 +33,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     that only decoding its pixels fails (on the worker)."""
     root = tmp_path_factory.mktemp("remote_slides")
     assert main(["synthetic", "--out", str(root), "--slides", "4", "--size", "384", "--seed", "5"]) == 0
-    source = root / "slide_001.tif"
-    data = bytearray(source.read_bytes())
-    with tifffile.TiffFile(source) as tiff:
-        page = tiff.pages[0]
-        middle = len(page.dataoffsets) // 2
-        offset, length = page.dataoffsets[middle], page.databytecounts[middle]
-    data[offset:offset + length] = b"\xff" * length
-    (root / "corrupt.tif").write_bytes(bytes(data))
+    write_with_corrupt_tile(root / "slide_001.tif", root / "corrupt.tif")
     with open(root / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     with open(root / "with_corrupt.csv", "w", newline="") as f:

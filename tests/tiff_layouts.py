@@ -130,3 +130,16 @@ def write_layout(
                 writer.write(reduced, subfiletype=1, photometric=interleaved_photometric,
                              planarconfig="contig", **storage)
     return [file]
+
+
+def write_with_corrupt_tile(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+    """A copy of the TIFF `source` whose middle compressed chunk of page 0 is overwritten: the header
+    reads fine, only decoding that chunk's pixels fails."""
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tiff:
+        page = tiff.pages[0]
+        middle = len(page.dataoffsets) // 2
+        offset, length = page.dataoffsets[middle], page.databytecounts[middle]
+    data[offset:offset + length] = b"\xff" * length
+    target.write_bytes(bytes(data))
+    return target
