@@ -33,9 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import stats, synthetic, tile_manifest
-from data_pipeline.tiling import TilingConfig
-from experiments import error_vs_tissue_ratio, grid
+from data_pipeline import stats
+from experiments import error_vs_tissue_ratio, grid, patch_size
 from experiments.grid import Setting
 from experiments.tables import markdown_table, mean_std
 from gerne_jax import dataset, files
@@ -108,12 +107,13 @@ def best_network_settings() -> list[Setting]:
 
 
 def make_data(root: pathlib.Path, slides: int, size: int, data_seed: int) -> pathlib.Path:
-    """Step 1: `sections` slides, 64-pixel patches, group counts and the tissue-ratio plot."""
-    manifest, data = root / "slides" / "manifest.csv", root / "data"
-    if not manifest.is_file():
-        synthetic.generate(root / "slides", slides, size, seed=data_seed, layout="sections")
-    if not (data / "metadata.json").is_file():
-        tile_manifest.tile_manifest(manifest, data, TilingConfig(patch_size=64, stride=64), workers=2)
+    """Step 1: `sections` slides and 64-pixel patches (the studies' data steps, safe for several
+    processes), then the group counts and the tissue-ratio plot once."""
+    manifest = patch_size.make_slides(root, patch_size.DataSize(slides=slides, size=size, seed=data_seed))
+    data = root / "data"
+    tiled_before = (data / "metadata.json").is_file()
+    patch_size.tile(manifest, data, 64)
+    if not tiled_before:
         table = dataset.read_patch_table(data)
         print(stats.format_group_counts(stats.split_group_counts(table, TAU), TAU))
         stats.plot_tissue_ratio(table, (TAU,), data / stats.PLOT_FILE)
