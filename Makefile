@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# JAX's persistent compilation cache for the commands below (unless set already): the runs of a grid
+# compile the same programs, and a rerun of the demo compiles nothing again.
+demo experiments: export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/runs/.jax_compilation_cache
+
 # Synthetic slides -> patches -> ERM and GERNE (configs/demo.py) -> test-split report in $(DEMO_DIR),
 # then both runs predict the test slides whole (maps, overlays, regions) for the report's side-by-side overlay.
 DEMO_TAUS := 0.03 0.1 0.2
