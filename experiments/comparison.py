@@ -37,7 +37,7 @@ from data_pipeline import stats
 from experiments import error_vs_tissue_ratio, grid, patch_size
 from experiments.grid import Setting
 from experiments.tables import markdown_table, mean_std
-from gerne_jax import dataset, files
+from gerne_jax import dataset, files, pseudo_groups
 
 LR = "optimizer.learning_rate"
 TAU = 0.1
@@ -156,6 +156,26 @@ def group_accuracy_rows(results_dir: pathlib.Path, settings: Sequence[Setting],
     return rows
 
 
+def pseudo_minority_rows(runs: pathlib.Path, settings: Sequence[Setting],
+                         seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Precision and recall of the pseudo-minority against the true minority groups (overall and per
+    class, mean ± std over seeds), read from the pseudo-group runs' `pseudo_groups.json`."""
+    rows = []
+    for setting in (s for s in settings if s.family == "gerne_pseudo"):
+        reports = [json.loads((runs / grid.run_name(setting, seed) / pseudo_groups.REPORT_FILE).read_text())
+                   for seed in seeds]
+        parts = {"overall": [r["overall"] for r in reports],
+                 **{name: [r["per_class"][name] for r in reports] for name in dataset.CLASS_NAMES}}
+        for part, values in parts.items():
+            row = {"setting": f"t = {setting.overrides['method.pseudo_groups.fraction']:g}, "
+                              f"beta = {setting.overrides['method.beta']:g}", "examples": part}
+            for metric in ("precision", "recall"):
+                figures = np.array([v[metric] for v in values], float)
+                row[metric] = f"{np.mean(figures):.3f} ± {np.std(figures):.3f}"
+            rows.append(row)
+    return rows
+
+
 def summary_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{"method": e["family"], "chosen setting (val WGA)": e["chosen setting"], "seeds": e["seeds"],
              **{f"{prefix} {metric}": mean_std(e, f"{prefix} {metric}", decimals=3)
@@ -187,6 +207,8 @@ def write_report(root: pathlib.Path, args: argparse.Namespace, chosen: Sequence[
         "## Differences", "", *differences, "",
         "## Per-group test accuracy (mean over seeds)", "",
         markdown_table(group_accuracy_rows(root / "seeds", chosen, args.seeds)), "",
+        "## GERNE on pseudo-groups: the pseudo-minority against the true minority groups (training split)", "",
+        markdown_table(pseudo_minority_rows(root / "runs", chosen, args.seeds)), "",
         "## Best network where it differs: GERNE with shared BatchNorm and precise BatchNorm", "",
         markdown_table(summary_rows(best_network)), "",
         f"## Error rate against tissue ratio (seed {args.seeds[0]})", "",

@@ -290,3 +290,25 @@ def test_comparison_gives_every_method_the_same_budget_and_trains_what_jtt_build
     moved = comparison.load_chosen(tmp_path / "chosen.json", elsewhere)
     assert [s.name for s in moved] == [s.name for s in families["jtt"]]
     assert grid.run_config(moved[0], 0).method.jtt.identification_workdir.startswith(str(elsewhere))
+
+
+def test_comparison_reports_the_pseudo_minoritys_precision_and_recall_over_seeds(tmp_path):
+    from experiments import comparison
+
+    runs = tmp_path / "runs"
+    (setting,) = [s for s in comparison.tuning_settings(runs, (30, 70))["gerne_pseudo"]
+                  if s.overrides["method.pseudo_groups.fraction"] == 0.2 and s.overrides["method.beta"] == 1.0]
+    figures = {0: (0.5, 0.25, 0.75, 1.0), 1: (0.7, 0.35, 0.25, 0.5)}  # overall / non-tumour precision, recall
+    for seed, (p_all, p_non, r_all, r_non) in figures.items():
+        folder = runs / grid.run_name(setting, seed)
+        folder.mkdir(parents=True)
+        report = {"overall": {"precision": p_all, "recall": r_all},
+                  "per_class": {"non_tumour": {"precision": p_non, "recall": r_non},
+                                "tumour": {"precision": float("nan"), "recall": 0.0}}}
+        (folder / "pseudo_groups.json").write_text(json.dumps(report))
+    rows = comparison.pseudo_minority_rows(runs, [Setting("erm"), setting], [0, 1])
+    assert [(r["setting"], r["examples"]) for r in rows] == [
+        ("t = 0.2, beta = 1", "overall"), ("t = 0.2, beta = 1", "non_tumour"), ("t = 0.2, beta = 1", "tumour")]
+    assert rows[0]["precision"] == "0.600 ± 0.100" and rows[0]["recall"] == "0.500 ± 0.250"
+    assert rows[1]["precision"] == "0.300 ± 0.050" and rows[1]["recall"] == "0.750 ± 0.250"
+    assert rows[2]["precision"] == "nan ± nan"  # undefined for a seed: shown, not hidden
