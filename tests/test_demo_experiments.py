@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from configs import demo
 from data_pipeline.shards import write_patch_dataset
 from experiments import grid, reproduce
 from experiments.grid import Setting
@@ -187,6 +188,13 @@ def test_a_runs_own_overrides_win_over_the_common_ones():
     plain = grid.run_config(Setting("resample", {LR: 0.1}), 0, common)
     assert plain.model.norm == "group"  # from common, over configs/demo.py's default for resampling
     assert grid.run_config(Setting("resample"), 0).model.norm == "shared"
+    # The demo warms up and decays its learning rate; the experiments keep the constant one they were
+    # tuned with, unless a common or own override says otherwise.
+    assert (demo.get_config("gerne").optimizer.schedule, demo.get_config("gerne").optimizer.warmup_steps) == \
+        ("cosine", 100)
+    assert (plain.optimizer.schedule, plain.optimizer.warmup_steps) == ("constant", 0)
+    decayed = grid.run_config(Setting("erm", {"optimizer.schedule": "cosine"}), 0, {"optimizer.warmup_steps": 10})
+    assert (decayed.optimizer.schedule, decayed.optimizer.warmup_steps) == ("cosine", 10)
     # The seed is the grid's: a setting or common override of it is refused, not silently replaced.
     with pytest.raises(ValueError, match="training.seed"):
         grid.run_config(Setting("erm", {"training.seed": 3}), 0)
