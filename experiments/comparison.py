@@ -171,7 +171,8 @@ def pseudo_minority_rows(runs: pathlib.Path, settings: Sequence[Setting],
                               f"beta = {setting.overrides['method.beta']:g}", "examples": part}
             for metric in ("precision", "recall"):
                 figures = np.array([v[metric] for v in values], float)
-                row[metric] = f"{np.mean(figures):.3f} ± {np.std(figures):.3f}"
+                std = np.std(figures, ddof=1) if figures.size > 1 else float("nan")  # as the grid's tables
+                row[metric] = f"{np.mean(figures):.3f} ± {std:.3f}"
             rows.append(row)
     return rows
 

@@ -67,7 +67,11 @@ def plot_error_by_tissue_ratio(runs: Mapping[str, tuple[np.ndarray, np.ndarray, 
 
     `runs` maps a run name to (label, probabilities, tissue_ratio) of the same split.
     """
-    fig, axes = plt.subplots(1, len(class_names), figsize=(5 * len(class_names), 3.8), sharey=True)
+    # The legend goes under the panels, where many runs' long names do not cover the curves.
+    legend_rows = -(-len(runs) // 2)
+    legend_height = 0.22 * legend_rows
+    fig, axes = plt.subplots(1, len(class_names), figsize=(5 * len(class_names), 3.8 + legend_height),
+                             sharey=True)
     for name, (label, probabilities, tissue_ratio) in runs.items():
         edges, counts, rates = error_rate_by_tissue_ratio(label, probabilities, tissue_ratio)
         centres = (edges[:-1] + edges[1:]) / 2
@@ -81,8 +85,9 @@ def plot_error_by_tissue_ratio(runs: Mapping[str, tuple[np.ndarray, np.ndarray, 
         axis.set_xlim(0, 1)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("error rate")
-    axes[0].legend()
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (legend_height + 0.05) / (3.8 + legend_height), 1, 1))
     files.save_figure(fig, path)
 
 

@@ -317,6 +317,11 @@ def test_comparison_reports_the_pseudo_minoritys_precision_and_recall_over_seeds
     rows = comparison.pseudo_minority_rows(runs, [Setting("erm"), setting], [0, 1])
     assert [(r["setting"], r["examples"]) for r in rows] == [
         ("t = 0.2, beta = 1", "overall"), ("t = 0.2, beta = 1", "non_tumour"), ("t = 0.2, beta = 1", "tumour")]
-    assert rows[0]["precision"] == "0.600 ± 0.100" and rows[0]["recall"] == "0.500 ± 0.250"
-    assert rows[1]["precision"] == "0.300 ± 0.050" and rows[1]["recall"] == "0.750 ± 0.250"
+    def expected(a, b):  # mean and sample standard deviation of two seeds' figures
+        return f"{statistics.mean([a, b]):.3f} ± {statistics.stdev([a, b]):.3f}"
+
+    assert rows[0]["precision"] == expected(0.5, 0.7) and rows[0]["recall"] == expected(0.75, 0.25)
+    assert rows[1]["precision"] == expected(0.25, 0.35) and rows[1]["recall"] == expected(1.0, 0.5)
     assert rows[2]["precision"] == "nan ± nan"  # undefined for a seed: shown, not hidden
+    (one,) = [r for r in comparison.pseudo_minority_rows(runs, [setting], [1]) if r["examples"] == "overall"]
+    assert one["precision"] == "0.700 ± nan"  # one seed has no standard deviation
