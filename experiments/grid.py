@@ -13,10 +13,9 @@ or, from the shell, with the short keys of `ALIASES` (any dotted config key work
 A `Setting` is a method of `configs/demo.py` (erm, gerne, resample) and dotted config overrides.
 Each run's config is that method's config with a constant learning rate (`TUNED_SCHEDULE`), then the
 `common` overrides, then the setting's own (which win where both set a key), then `training.seed`
-from the seed. Every run trains in-process in
-`ROOT/<setting name>_seed<S>` (finished runs are skipped, interrupted ones resume: the trainer resumes
-a workdir); then each run's `best_wga` and `best_bca` checkpoints (both chosen on the validation split,
-docs/design.md §5) are evaluated on the test split.
+from the seed. Every run trains in-process in `ROOT/<setting name>_seed<S>` (finished runs are skipped,
+interrupted ones resume: the trainer resumes a workdir); then each run's `best_wga` and `best_bca`
+checkpoints (both chosen on the validation split, docs/design.md §5) are evaluated on the test split.
 
 Several processes given the same ROOT share the work: a run being trained holds a lock on its folder
 (released by the OS if the process dies), the others skip it and, before evaluating, wait for it to

@@ -317,6 +317,7 @@ def test_comparison_reports_the_pseudo_minoritys_precision_and_recall_over_seeds
     rows = comparison.pseudo_minority_rows(runs, [Setting("erm"), setting], [0, 1])
     assert [(r["setting"], r["examples"]) for r in rows] == [
         ("t = 0.2, beta = 1", "overall"), ("t = 0.2, beta = 1", "non_tumour"), ("t = 0.2, beta = 1", "tumour")]
+
     def expected(a, b):  # mean and sample standard deviation of two seeds' figures
         return f"{statistics.mean([a, b]):.3f} ± {statistics.stdev([a, b]):.3f}"
 
