@@ -36,7 +36,7 @@ import numpy as np
 from data_pipeline import stats
 from experiments import error_vs_tissue_ratio, grid, patch_size
 from experiments.grid import Setting
-from experiments.tables import markdown_table, mean_std
+from experiments.tables import markdown_table, mean_std, over_seeds
 from gerne_jax import dataset, files, pseudo_groups
 
 LR = "optimizer.learning_rate"
@@ -170,9 +170,8 @@ def pseudo_minority_rows(runs: pathlib.Path, settings: Sequence[Setting],
             row = {"setting": f"t = {setting.overrides['method.pseudo_groups.fraction']:g}, "
                               f"beta = {setting.overrides['method.beta']:g}", "examples": part}
             for metric in ("precision", "recall"):
-                figures = np.array([v[metric] for v in values], float)
-                std = np.std(figures, ddof=1) if figures.size > 1 else float("nan")  # as the grid's tables
-                row[metric] = f"{np.mean(figures):.3f} ± {std:.3f}"
+                mean, std = over_seeds([v[metric] for v in values])
+                row[metric] = f"{mean:.3f} ± {std:.3f}"
             rows.append(row)
     return rows
 

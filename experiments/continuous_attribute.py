@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from experiments import grid, patch_size  # noqa: E402
 from experiments.grid import Setting  # noqa: E402
-from experiments.tables import markdown_table  # noqa: E402
+from experiments.tables import markdown_table, over_seeds  # noqa: E402
 from gerne_jax import dataset, evaluation, files, run_log  # noqa: E402
 from gerne_jax.errors import InputError  # noqa: E402
 
@@ -155,9 +155,7 @@ def continuous_attribute_study(root: str | pathlib.Path, *, bins: Sequence[int] 
             row = {"method": v["method"], "attribute": v["attribute"],
                    "taus": "+".join(repr(t) for t in v["taus"]), "run": v["setting"].name}
             for key in [f"WGA {tau:g}" for tau in PAPER_TAUS] + ["BCA"]:
-                values = np.array([f[key] for f in figures])
-                row[f"test {key} mean"] = float(values.mean())
-                row[f"test {key} std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+                row[f"test {key} mean"], row[f"test {key} std"] = over_seeds([f[key] for f in figures])
             rows.append(row)
     with files.atomic_write(root / "results.csv") as temporary, open(temporary, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

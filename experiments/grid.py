@@ -54,7 +54,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import demo  # noqa: E402
-from experiments.tables import markdown_table  # noqa: E402
+from experiments.tables import markdown_table, over_seeds  # noqa: E402
 from gerne_jax import cli, config_utils, evaluation, files, run_log, trainer  # noqa: E402
 
 # Short names of the config keys a grid varies, for run folder names and the command line. Their order
@@ -265,10 +265,8 @@ def tuned_summary(rows: Sequence[Mapping[str, Any]], split: str) -> list[dict[st
                      "seeds": len(chosen)}
             for short, _ in METRICS:
                 for prefix in ("val", split):
-                    values = np.array([row[f"{prefix} {short}"] for row in chosen])
-                    entry[f"{prefix} {short} mean"] = float(values.mean())
-                    entry[f"{prefix} {short} std"] = (float(values.std(ddof=1)) if len(values) > 1
-                                                      else float("nan"))
+                    entry[f"{prefix} {short} mean"], entry[f"{prefix} {short} std"] = over_seeds(
+                        [row[f"{prefix} {short}"] for row in chosen])
             summary.append(entry)
     return summary
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 
 def format_cell(value: Any) -> str:
     """Floats with four decimals (the precision the reports compare at), anything else as `str`."""
@@ -19,6 +21,12 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(format_cell(row[key]) for key in header) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def over_seeds(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of one figure over seeds (the std is nan for one seed)."""
+    values = np.asarray(values, float)
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else float("nan")
 
 
 def mean_std(entry: Mapping[str, Any], name: str, decimals: int = 4) -> str:
