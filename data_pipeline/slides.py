@@ -610,11 +610,13 @@ class SlideReader:
         return _fit(thumb, target).astype(np.float32)
 
     # -- validation ---------------------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self, mask_values: bool = True) -> None:
         """Checks that need the pixels; raises SlideError.
 
         Empty slide (zero size, or one value everywhere; the scan stops at the first window that
         varies), mask values ({0,1} or {0,255}, else `tumour_ids` is required), unreadable data.
+        `mask_values=False` leaves the mask to `read_tumour`, which then checks every window it reads:
+        one decode of the mask instead of two, at the price of finding a label map only where it is read.
         """
         self._check_window(0, 0, 0, 0)
         first_file = self.spec.image_files[0]
@@ -628,7 +630,7 @@ class SlideReader:
                 break
         else:
             raise SlideError(self.slide_id, first_file, f"empty slide: every pixel is {low}")
-        if self._tumour is None:
+        if self._tumour is None or not mask_values:
             return
         mask = self._tumour.source
         found: set = set()

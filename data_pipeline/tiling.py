@@ -155,14 +155,6 @@ class PatchBand:
         P = self.pixels.shape[0]
         return self.pixels[:, self.columns[i]:self.columns[i] + P]
 
-    def patches(self) -> np.ndarray:
-        """The kept patches, (n, P, P, C)."""
-        P = self.pixels.shape[0]
-        if not self.x.size:
-            return np.empty((0, P, P, self.pixels.shape[-1]), self.pixels.dtype)
-        windows = np.lib.stride_tricks.sliding_window_view(self.pixels, P, axis=1)  # (P, w-P+1, C, P)
-        return windows[:, self.columns].transpose(1, 0, 3, 2)
-
 
 @dataclasses.dataclass(frozen=True)
 class PatchBlock:

@@ -156,29 +156,36 @@ def ordered_map(function: Callable[[Item], Result], items: Sequence[Item], worke
                 future.cancel()
 
 
-def rebatch(chunks: Iterable[tuple[np.ndarray, dict[str, np.ndarray]]],
+def rebatch(chunks: Iterable[tuple[Sequence[np.ndarray], dict[str, np.ndarray]]],
             batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Regroups `(images [m, ...], fields {name: [m]})` chunks of any size into batches of exactly
-    `batch_size` (the last one smaller), fields kept beside their images."""
-    images_parts: list[np.ndarray] = []
+    """Regroups `(patches, fields {name: [m]})` chunks of any size into batches `[batch_size, ...]`
+    (the last one smaller), fields kept beside their patches.
+
+    `patches` is an array `[m, ...]` or a sequence of m arrays of one shape, such as views into the rows
+    a reader thread read: each patch is copied once, straight into a new batch array (a strided gather
+    into a chunk array and then a concatenation would copy every byte three times).
+    """
+    batch: np.ndarray | None = None
     field_parts: list[dict[str, np.ndarray]] = []
     held = 0
-    for images, fields in chunks:
+    for patches, fields in chunks:
         start = 0
-        while start < len(images):
-            take = min(batch_size - held, len(images) - start)
-            images_parts.append(images[start:start + take])
+        while start < len(patches):
+            if batch is None:
+                first = np.asarray(patches[start])
+                batch = np.empty((batch_size, *first.shape), first.dtype)
+            take = min(batch_size - held, len(patches) - start)
+            for i in range(take):
+                batch[held + i] = patches[start + i]
             field_parts.append({name: values[start:start + take] for name, values in fields.items()})
             held += take
             start += take
             if held == batch_size:
-                yield _joined(images_parts, field_parts)
-                images_parts, field_parts, held = [], [], 0
+                yield batch, _joined(field_parts)
+                batch, field_parts, held = None, [], 0
     if held:
-        yield _joined(images_parts, field_parts)
+        yield batch[:held], _joined(field_parts)
 
 
-def _joined(images_parts: list[np.ndarray], field_parts: list[dict[str, np.ndarray]]):
-    images = images_parts[0] if len(images_parts) == 1 else np.concatenate(images_parts)
-    fields = {name: np.concatenate([part[name] for part in field_parts]) for name in field_parts[0]}
-    return images, fields
+def _joined(field_parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([part[name] for part in field_parts]) for name in field_parts[0]}

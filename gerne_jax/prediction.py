@@ -126,7 +126,9 @@ def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: infer
     with SlideReader(spec, level=config.level, downsample=config.downsample,
                      tumour_ids=config.tumour_ids) as reader:
         check_format(spec, reader, run.metadata)
-        reader.validate()
+        # The mask's values are checked block by block as the scan reads it (a label map stops the slide
+        # before anything is written): decoding the whole mask up front would cost a second pass.
+        reader.validate(mask_values=False)
         scan = SlideScan(reader, config, band_bytes=PREDICT_BLOCK_BYTES)
         d, factor = reader.level_downsample, scan.factor
         lowres_shape = scan.thumbnail.shape[:2]
@@ -140,7 +142,8 @@ def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: infer
             patches = scan.read_block(block)
             record_qc_rows(qc_tissue, qc_tumour, patches.tissue, patches.tumour, patches.y0, patches.x0, factor)
             bands = patches.bands
-            images = np.concatenate([band.patches() for band in bands])
+            # Views into the read rows: `rebatch` copies each patch once, straight into its batch.
+            images = [band.patch(i) for band in bands for i in range(band.x.size)]
             fields = {"x": np.concatenate([band.x for band in bands]),
                       "y": np.concatenate([np.full(band.x.size, band.y, np.int64) for band in bands]),
                       "tissue_ratio": np.concatenate([band.tissue_ratio for band in bands]),

@@ -61,6 +61,13 @@ def test_rebatch_regroups_chunks_into_fixed_batches():
     np.testing.assert_array_equal(np.concatenate([b for b, _ in batches]), np.concatenate([c for c, _ in chunks]))
     np.testing.assert_array_equal(np.concatenate([f["x"] for _, f in batches]),
                                   np.concatenate([f["x"] for _, f in chunks]))
+    # chunks of views (as the slide readers give): the same batches, and no batch aliases a chunk
+    views = [(list(images), fields) for images, fields in chunks]
+    from_views = list(inference.rebatch(iter(views), 8))
+    for (expected, expected_fields), (found, found_fields) in zip(batches, from_views, strict=True):
+        np.testing.assert_array_equal(found, expected)
+        np.testing.assert_array_equal(found_fields["x"], expected_fields["x"])
+        assert not any(np.shares_memory(found, images) for images, _ in chunks)
 
 
 @pytest.mark.parametrize("patch, stride", [(8, 8), (8, 4), (6, 4), (8, 12)])
@@ -270,11 +277,15 @@ def bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tm
     tifffile.imwrite(tmp_path / "tiny.tif", image[:20, :24], photometric="rgb")
     (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 40)
     tifffile.imwrite(tmp_path / "no_tissue_mask.tif", np.zeros(image.shape[:2], np.uint8))
+    label_map = tifffile.imread(good["mask"])
+    label_map[label_map.shape[0] // 2, label_map.shape[1] // 2] = 7  # one pixel inside the patch grid
+    tifffile.imwrite(tmp_path / "label_map.tif", label_map)
     rows += [{"slide_id": "one_channel", "image": str(tmp_path / "one_channel.tif")},
              {"slide_id": "eight_bit", "image": str(tmp_path / "eight_bit.tif")},
              {"slide_id": "tiny", "image": str(tmp_path / "tiny.tif")},
              {"slide_id": "broken", "image": str(tmp_path / "broken.tif")},
-             dict(good, slide_id="no_tissue", mask="", tissue_mask=str(tmp_path / "no_tissue_mask.tif"))]
+             dict(good, slide_id="no_tissue", mask="", tissue_mask=str(tmp_path / "no_tissue_mask.tif")),
+             dict(good, slide_id="label_map", mask=str(tmp_path / "label_map.tif"))]
     manifest = write_manifest(tmp_path / "manifest.csv", rows)
     out = tmp_path / "out"
     with pytest.raises(InputError, match=r"slide 'one_channel'.*1 channel\(s\) of uint16.*trained on 3 channel"):
@@ -283,8 +294,12 @@ def bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tm
         result = prediction.predict_manifest(run, manifest, out, settings_for(run), skip_errors=True,
                                              show_progress=False)
     status = {row["slide_id"]: row for row in result["slides"]}
-    assert result["failed"] == ["broken", "eight_bit", "one_channel"]
+    assert result["failed"] == ["broken", "eight_bit", "label_map", "one_channel"]
     assert "uint8" in status["eight_bit"]["error"] and "uint16" in status["eight_bit"]["error"]
+    # the mask's values are checked as the scan reads it: a label map stops its slide unfinished
+    assert "label_map.tif" in status["label_map"]["error"] and "label map" in status["label_map"]["error"]
+    assert "7" in status["label_map"]["error"]
+    assert not (prediction.slide_dir(out, "label_map") / prediction.SUMMARY_FILE).exists()
     assert "broken.tif" in status["broken"]["error"]
     for slide_id in ("tiny", "no_tissue"):
         assert status[slide_id]["status"] == "predicted" and status[slide_id]["patches"] == 0
@@ -296,7 +311,7 @@ def bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tm
     assert "WGA (tau=0.1)" not in status["no_mask"]
     with open(out / "slides.csv", newline="") as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == [
-            "resumed", "failed", "failed", "predicted", "failed", "predicted"]  # no_mask: first call
+            "resumed", "failed", "failed", "predicted", "failed", "predicted", "failed"]  # no_mask: first call
 
 
 def missing_checkpoint_lists_those_the_run_has(slide_run):
