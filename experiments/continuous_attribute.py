@@ -185,7 +185,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", required=True)
     parser.add_argument("--bins", type=int, nargs="+", default=list(BINS), help="A: quantile bins per run")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--slides", type=int, default=patch_size.DataSize.slides)
     parser.add_argument("--size", type=int, default=patch_size.DataSize.size, help="nominal slide side in pixels")
     parser.add_argument("--data-seed", type=int, default=patch_size.DataSize.seed)
