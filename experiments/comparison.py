@@ -38,6 +38,7 @@ from experiments import error_vs_tissue_ratio, grid, patch_size
 from experiments.grid import Setting
 from experiments.tables import markdown_table, mean_std, over_seeds
 from gerne_jax import dataset, files, pseudo_groups
+from gerne_jax.errors import InputError
 
 LR = "optimizer.learning_rate"
 TAU = 0.1
@@ -142,7 +143,13 @@ def load_chosen(path: pathlib.Path, runs: pathlib.Path) -> list[Setting]:
 def group_accuracy_rows(results_dir: pathlib.Path, settings: Sequence[Setting],
                         seeds: Sequence[int]) -> list[dict[str, Any]]:
     """Per method, each group's test accuracy (mean over seeds) of its `best_wga` checkpoints."""
-    evaluated = json.loads((results_dir / "eval" / "best_wga_test.json").read_text())
+    path = results_dir / "eval" / "best_wga_test.json"
+    evaluated = json.loads(path.read_text())
+    missing = [grid.run_name(s, seed) for s in settings for seed in seeds if grid.run_name(s, seed) not in evaluated]
+    if missing:  # the folder holds the last evaluation only: a process with other --seeds rewrote it
+        raise InputError(f"{path} has no evaluation of {', '.join(missing)}: another process sharing "
+                         f"{results_dir.parent} with other --seeds evaluated after this one; run the comparison "
+                         "once more with every seed (finished runs are reused)")
     rows = []
     for setting in settings:
         reports = [evaluated[grid.run_name(setting, seed)]["results"][f"tau={TAU:g}"] for seed in seeds]

@@ -17,6 +17,7 @@ from data_pipeline.shards import write_patch_dataset
 from experiments import grid, reproduce
 from experiments.grid import Setting
 from gerne_jax import evaluation, trainer
+from gerne_jax.errors import InputError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LR = "optimizer.learning_rate"
@@ -326,3 +327,26 @@ def test_comparison_reports_the_pseudo_minoritys_precision_and_recall_over_seeds
     assert rows[2]["precision"] == "nan ± nan"  # undefined for a seed: shown, not hidden
     (one,) = [r for r in comparison.pseudo_minority_rows(runs, [setting], [1]) if r["examples"] == "overall"]
     assert one["precision"] == "0.700 ± nan"  # one seed has no standard deviation
+
+
+def test_comparison_group_accuracies_are_seed_means_and_a_rewritten_evaluation_is_named(tmp_path):
+    from experiments import comparison
+
+    rng = np.random.default_rng(3)
+    settings = [Setting("erm"), Setting("gerne", {"method.beta": 1.0})]
+    accuracies = {(s.name, seed): rng.random((2, 2)) for s in settings for seed in (0, 1)}
+    bins = ["r < 0.1", "r >= 0.1"]
+    evaluated = {grid.run_name(s, seed): {"results": {"tau=0.1": {
+        "group_accuracy": accuracies[s.name, seed].tolist(), "group_count": [[3, 4], [5, 6]], "bin_names": bins}}}
+        for s in settings for seed in (0, 1)}
+    (tmp_path / "seeds" / "eval").mkdir(parents=True)
+    (tmp_path / "seeds" / "eval" / "best_wga_test.json").write_text(json.dumps(evaluated))
+    rows = comparison.group_accuracy_rows(tmp_path / "seeds", settings, [0, 1])
+    for setting, row in zip(settings, rows, strict=True):
+        mean = (accuracies[setting.name, 0] + accuracies[setting.name, 1]) / 2
+        assert row["method"] == setting.family
+        assert row["tumour, r < 0.1 (n=5)"] == f"{mean[1, 0]:.3f}"
+        assert row["non_tumour, r >= 0.1 (n=4)"] == f"{mean[0, 1]:.3f}"
+    # another process with other --seeds rewrote the folder: the missing runs are named, not a KeyError
+    with pytest.raises(InputError, match=r"no evaluation of erm_seed2, .*gerne.*seed2.*every seed"):
+        comparison.group_accuracy_rows(tmp_path / "seeds", settings, [0, 2])
