@@ -12,8 +12,10 @@ not matter for speed). Then, in each of --rounds rounds (the round with the medi
             the map, overlay, regions and tables
   (both also as CPU seconds of the process: on a machine shared with other jobs their ratio is the
   steadier figure)
-  memory    `predict.py` on the large slide in a fresh subprocess: its peak RSS (getrusage of the
-            children) and wall time including start-up
+  many      `predict_manifest` on --many-slides copies of a --many-size slide, beside the model alone
+            on as many patches: the pipelining of slides (one opened and one written while one is scanned)
+  memory    `predict.py` on the large slide in a fresh subprocess: its own peak RSS (`peak_rss.py`)
+            and wall time including start-up
 
 Target on CPU with the tiny model: predict >= 0.8 x model patches/s, and peak RSS < 2 GB on a
 30,000 x 30,000 slide. On an accelerator, `--model resnet50`.
@@ -28,9 +30,7 @@ import csv
 import importlib.util
 import os
 import pathlib
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +65,19 @@ def slide(work_dir: pathlib.Path, size: int, tile: int) -> pathlib.Path:
         tiling_benchmark().write_slide(folder, size, tile, "jpeg")
         print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
     return manifest
+
+
+def copies(manifest: pathlib.Path, count: int) -> pathlib.Path:
+    """A manifest of `count` copies of the manifest's one slide (ids s0, s1, ...), beside it."""
+    with open(manifest, newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    path = manifest.parent / f"copies_{count}.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "image", "mask"])
+        for i in range(count):
+            writer.writerow([f"s{i}", manifest.parent / row["image"], manifest.parent / row["mask"]])
+    return path
 
 
 def train_run(work_dir: pathlib.Path, manifest: pathlib.Path, patch_size: int, model: str) -> pathlib.Path:
@@ -118,17 +131,16 @@ def model_alone(classifier: inference.PatchClassifier, count: int, patch_shape: 
 
 
 def predict_subprocess(workdir: pathlib.Path, manifest: pathlib.Path, out: pathlib.Path, batch_size: int,
-                       workers: int) -> float:
+                       workers: int) -> tuple[float, float]:
+    """(wall seconds including start-up, peak RSS in MB) of `predict.py` in a fresh process."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "predict.py", "--workdir", str(workdir), "--checkpoint", "latest",
-               "--manifest", str(manifest), "--out", str(out), "--batch-size", str(batch_size),
-               "--workers", str(workers)]
-    start = time.perf_counter()
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                               env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3"))
+    command = ["predict.py", "--workdir", str(workdir), "--checkpoint", "latest", "--manifest", str(manifest),
+               "--out", str(out), "--batch-size", str(batch_size), "--workers", str(workers)]
+    seconds, peak_mb, completed = tiling_benchmark().measured(
+        command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3"))
     if completed.returncode != 0:
         sys.exit(f"predict.py failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return seconds, peak_mb
 
 
 def main() -> int:
@@ -141,6 +153,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="reader threads")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (predict, model alone); the median "
                         "round's figures are printed (the machine's speed drifts between runs)")
+    parser.add_argument("--many-slides", type=int, default=6, help="slides of the many-slides measurement "
+                        "(copies of one slide of --many-size; 0: skip)")
+    parser.add_argument("--many-size", type=int, default=8192, help="side of each of those slides")
     parser.add_argument("--model", default="tiny", help="model.name of the run (tiny on CPU, resnet50 on a GPU)")
     parser.add_argument("--work-dir", type=pathlib.Path,
                         default=pathlib.Path(tempfile.gettempdir()) / "gerne_predict_bench")
@@ -172,9 +187,18 @@ def main() -> int:
     median = int(np.argsort(ratios)[len(ratios) // 2])  # the round of the median ratio
     predict_seconds, predict_cpu, model_seconds, model_cpu = rounds[median]
 
-    subprocess_seconds = predict_subprocess(workdir, large, args.work_dir / "predict_subprocess",
-                                            args.batch_size, args.workers)
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    many = None
+    if args.many_slides:
+        manifest = copies(slide(args.work_dir, args.many_size, args.tile), args.many_slides)
+        shutil.rmtree(args.work_dir / "predict_many", ignore_errors=True)
+        results = []
+        many_seconds, many_cpu = timed(lambda: results.append(prediction.predict_manifest(
+            run, manifest, args.work_dir / "predict_many", settings, show_progress=False)))
+        many_patches = sum(int(row["patches"]) for row in results[0]["slides"])
+        many = (many_patches, many_seconds, many_cpu, *model_alone(classifier, many_patches, patch_shape))
+
+    subprocess_seconds, peak_mb = predict_subprocess(workdir, large, args.work_dir / "predict_subprocess",
+                                                     args.batch_size, args.workers)
     with open(args.work_dir / "predict_subprocess" / "slides.csv", newline="") as handle:
         assert int(next(csv.DictReader(handle))["patches"]) == patches
 
@@ -193,6 +217,13 @@ def main() -> int:
                                        f"{len(ratios)} rounds: {', '.join(f'{r:.2f}' for r in ratios)})"),
         ("predict / model, per CPU second", f"{model_cpu / predict_cpu:8.2f}  (the work ratio; steadier than "
                                             "wall time on a shared machine)"),
+        *([] if many is None else [
+            (f"predict, {args.many_slides} slides of {args.many_size}^2",
+             f"{many[1]:8.1f} s  {many[0] / many[1]:10.1f} patches/s  ({many[2]:.1f} CPU s; {many[0]} patches)"),
+            ("  model alone on as many patches", f"{many[3]:8.1f} s  {many[0] / many[3]:10.1f} patches/s"
+                                                 f"  ({many[4]:.1f} CPU s)"),
+            ("  predict / model over the slides", f"{many[3] / many[1]:8.2f}  (the slides pipelined: each one's "
+                                                  "opening and writing overlap another's scan)")]),
         ("predict.py subprocess (incl. start-up)", f"{subprocess_seconds:8.1f} s"),
         ("peak RSS of predict.py", f"{peak_mb:8.0f} MB  (limit {RSS_LIMIT_MB} MB: "
                                    f"{'ok' if peak_mb < RSS_LIMIT_MB else 'EXCEEDED'})"),

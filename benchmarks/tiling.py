@@ -7,7 +7,7 @@ coarse maps, so the writer's memory stays small. Then, in one run:
 
   decode   every level-0 tile through tifffile's zarr store, one row of tiles at a time
   tile     `python -m data_pipeline tile --patch-size 224` in a subprocess (its wall time includes
-           Python / TensorFlow start-up; its peak RSS is read from getrusage(RUSAGE_CHILDREN))
+           Python / TensorFlow start-up; its own peak RSS is reported by `peak_rss.py`)
   workers  --many-slides N slides of --many-size pixels (written once like the big one) tiled with
            `--workers 1` and `--workers 2`, the speed-up of two workers over one (0 skips it)
 
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -43,6 +44,7 @@ PYRAMID = (4, 16)         # downsamples of the reduced levels
 RSS_LIMIT_MB = 1500
 COLOURS = {"background": (236, 233, 240), "tissue": (196, 126, 176), "tumour": (150, 84, 162)}
 REPO = pathlib.Path(__file__).resolve().parents[1]
+PEAK_RSS = REPO / "benchmarks" / "peak_rss.py"  # runs a measured subprocess, reports its own peak memory
 
 
 def coarse_maps(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,20 +144,33 @@ def cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def measured(command: Sequence[str], python: Sequence[str] = (sys.executable,),
+             **run_options: Any) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, peak RSS in MB, the completed process) of a Python command line (`[SCRIPT, args]` or
+    `["-m", MODULE, args]`) run by `python` through `peak_rss.py`, which reports the program's own peak."""
+    with tempfile.TemporaryDirectory() as folder:
+        report = pathlib.Path(folder) / "peak_rss"
+        start = time.perf_counter()
+        completed = subprocess.run([*python, str(PEAK_RSS), str(report), *command], capture_output=True,
+                                   text=True, **run_options)
+        seconds = time.perf_counter() - start
+        peak = float(report.read_text()) if report.exists() else float("nan")
+    return seconds, peak, completed
+
+
 def tiling_run(manifest: pathlib.Path, out: pathlib.Path, patch_size: int, workers: int,
-               python: Sequence[str] = (sys.executable,)) -> tuple[float, int]:
-    """(wall seconds, patches) of the tiling CLI in a fresh subprocess started by `python`."""
+               python: Sequence[str] = (sys.executable,)) -> tuple[float, int, float]:
+    """(wall seconds, patches, peak RSS in MB of the main process) of the tiling CLI in a fresh subprocess
+    started by `python`."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [*python, "-m", "data_pipeline", "tile", "--manifest", str(manifest), "--out", str(out),
+    command = ["-m", "data_pipeline", "tile", "--manifest", str(manifest), "--out", str(out),
                "--patch-size", str(patch_size), "--workers", str(workers)]
-    start = time.perf_counter()
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, peak, completed = measured(command, python, cwd=REPO)
     if completed.returncode != 0:
         sys.exit(f"tiling failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
     with open(out / "patches.csv") as f:
         patches = sum(1 for _ in f) - 1
-    return seconds, patches
+    return seconds, patches, peak
 
 
 def profiled_python(py_spy: str | None, output: pathlib.Path) -> list[str]:
@@ -215,12 +230,11 @@ def main() -> int:
     megabytes = args.size * args.size * 3 / 1e6
     decode, decode_cpu = decode_seconds(folder / "slide.tif")
     cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
-    tiling, patches = tiling_run(manifest, args.work_dir / "data", args.patch_size, args.workers)
+    tiling, patches, peak_mb = tiling_run(manifest, args.work_dir / "data", args.patch_size, args.workers)
     tiling_cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
     if many is not None:  # one worker, then two, right after each other
-        one, many_patches = tiling_run(many, args.work_dir / "data_many", args.patch_size, 1)
-        two, _ = tiling_run(many, args.work_dir / "data_many", args.patch_size, 2)
+        one, many_patches, _ = tiling_run(many, args.work_dir / "data_many", args.patch_size, 1)
+        two, _, _ = tiling_run(many, args.work_dir / "data_many", args.patch_size, 2)
 
     file_mb = (folder / "slide.tif").stat().st_size / 1e6
     rows = [

@@ -1,13 +1,15 @@
 """Whole-slide prediction: every slide of a manifest through a trained run -> maps, regions, metrics.
 
-For each slide, `predict_slide` opens it with the run's data settings (level / downsample, patch size,
-stride, tissue detection, minimum tissue ratio: the DATA_DIR's `tiling_report.json` and metadata),
-checks its channel count and dtype against the run's data, and scans it with the tiler's own
-`data_pipeline.tiling.SlideScan`, so it classifies exactly the patches the tiler would keep. A pool of
-reader threads (sharing the slide's one `SlideReader` and its chunk cache) reads blocks ahead into a
-bounded queue; the patches
-are regrouped into fixed-size batches for the jitted, sharded `inference.PatchClassifier`. Nothing
-holds more than a few blocks of the slide.
+Each slide goes through three steps. `open_slide` opens it with the run's data settings (level /
+downsample, patch size, stride, tissue detection, minimum tissue ratio: the DATA_DIR's
+`tiling_report.json` and metadata), checks its channel count and dtype against the run's data and
+detects its tissue with the tiler's own `data_pipeline.tiling.SlideScan`, so it classifies exactly the
+patches the tiler would keep. `scan_slide` classifies them: a pool of reader threads (sharing the
+slide's one `SlideReader` and its chunk cache) reads blocks ahead into a bounded queue, and the patches
+are copied into fixed-size batches for the jitted, sharded `inference.PatchClassifier`; nothing holds
+more than a few blocks of the slide. `write_slide` writes its files. Over a manifest the steps are
+pipelined (`_predict_slides`): the next slide is opened and the last one written while the model works
+on the current one.
 
 Per slide, `OUT/slides/<slide_id>/`: `probability.tif`, `overlay.png`, `patches.csv`,
 `regions.geojson` and last `summary.json`, which marks the slide finished: a rerun with the same run,
@@ -17,6 +19,7 @@ same `evaluation.report_per_tau` as `evaluate.py`) and `OUT/error_vs_tissue_rati
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -112,59 +115,103 @@ def check_format(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any])
                          f"trained on {expected[0]} channel(s) of {expected[1]} at level downsample {expected[2]}")
 
 
-def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: inference.PatchClassifier,
-                  settings: PredictionSettings, out: pathlib.Path,
-                  progress: Callable[[int], None] = lambda positions: None) -> dict[str, Any]:
-    """Predicts one slide and writes its files (module docstring); returns its summary."""
+@dataclasses.dataclass
+class OpenedSlide:
+    """A slide opened, checked and with its tissue detected (`open_slide`), ready to scan; close it after."""
+
+    spec: SlideSpec
+    reader: SlideReader
+    scan: SlideScan
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+@dataclasses.dataclass
+class ScannedSlide:
+    """What the scan of one slide found (`scan_slide`): everything `write_slide` needs, no open file."""
+
+    spec: SlideSpec
+    shape: tuple[int, int]
+    level_downsample: int
+    factor: int
+    thumbnail: np.ndarray
+    qc_tissue: np.ndarray
+    qc_tumour: np.ndarray
+    probability_map: slide_outputs.ProbabilityMap
+    probabilities: np.ndarray              # [n, K]
+    fields: dict[str, np.ndarray]          # x, y (chosen level), tissue_ratio, tumour_pixels
+
+
+def open_slide(spec: SlideSpec, run: inference.RestoredRun, settings: PredictionSettings) -> OpenedSlide:
+    """Opens a slide with the run's data settings, checks its format and detects its tissue (SlideError)."""
     config = settings.tiling
-    P, folder = config.patch_size, slide_dir(out, spec.slide_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / SUMMARY_FILE).unlink(missing_ok=True)  # a rerun of a changed slide: not finished until the end
-    for stale in folder.glob("*.tmp-*"):
-        stale.unlink()  # left by a killed run
-    has_mask = spec.mask_file is not None
-    with SlideReader(spec, level=config.level, downsample=config.downsample,
-                     tumour_ids=config.tumour_ids) as reader:
+    reader = SlideReader(spec, level=config.level, downsample=config.downsample, tumour_ids=config.tumour_ids)
+    reader.__enter__()
+    try:
         check_format(spec, reader, run.metadata)
         # The mask's values are checked block by block as the scan reads it (a label map stops the slide
         # before anything is written): decoding the whole mask up front would cost a second pass.
         reader.validate(mask_values=False)
-        scan = SlideScan(reader, config, band_bytes=PREDICT_BLOCK_BYTES)
-        d, factor = reader.level_downsample, scan.factor
-        lowres_shape = scan.thumbnail.shape[:2]
-        qc_tissue = scan.detected.copy() if scan.detected is not None else np.zeros(lowres_shape, bool)
-        qc_tumour = np.zeros(lowres_shape, bool)
-        probability_map = slide_outputs.ProbabilityMap(reader.shape, P, config.stride)
+        return OpenedSlide(spec, reader, SlideScan(reader, config, band_bytes=PREDICT_BLOCK_BYTES))
+    except BaseException:
+        reader.close()
+        raise
 
-        # One reader for every reader thread: zarr decodes all chunks on its one I/O thread anyway, and
-        # one reader's chunk cache decodes a TIFF tile row shared by two blocks once, not once per thread.
-        def read(block):
-            patches = scan.read_block(block)
-            record_qc_rows(qc_tissue, qc_tumour, patches.tissue, patches.tumour, patches.y0, patches.x0, factor)
-            bands = patches.bands
-            # Views into the read rows: `rebatch` copies each patch once, straight into its batch.
-            images = [band.patch(i) for band in bands for i in range(band.x.size)]
-            fields = {"x": np.concatenate([band.x for band in bands]),
-                      "y": np.concatenate([np.full(band.x.size, band.y, np.int64) for band in bands]),
-                      "tissue_ratio": np.concatenate([band.tissue_ratio for band in bands]),
-                      "tumour_pixels": np.concatenate([band.tumour_pixels for band in bands])}
-            return images, fields, sum(band.positions for band in bands)
 
-        def chunks():
-            for images, fields, positions in inference.ordered_map(read, scan.plan, settings.workers):
-                progress(positions)
-                yield images, fields
+def scan_slide(opened: OpenedSlide, classifier: inference.PatchClassifier, settings: PredictionSettings,
+               progress: Callable[[int], None] = lambda positions: None) -> ScannedSlide:
+    """Classifies every patch the scan keeps: reader threads fill a bounded queue of blocks while the model
+    works on the batch before (module docstring)."""
+    reader, scan, config = opened.reader, opened.scan, settings.tiling
+    lowres_shape = scan.thumbnail.shape[:2]
+    qc_tissue = scan.detected.copy() if scan.detected is not None else np.zeros(lowres_shape, bool)
+    qc_tumour = np.zeros(lowres_shape, bool)
+    probability_map = slide_outputs.ProbabilityMap(reader.shape, config.patch_size, config.stride)
 
-        parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
-        for probabilities, fields in inference.predict_batches(
-                classifier, inference.rebatch(chunks(), classifier.batch_size)):
-            probability_map.add(fields["y"], fields["x"], probabilities[:, 1])
-            parts.append((probabilities, fields))
-        height, width = reader.shape
+    # One reader for every reader thread: zarr decodes all chunks on its one I/O thread anyway, and
+    # one reader's chunk cache decodes a TIFF tile row shared by two blocks once, not once per thread.
+    def read(block):
+        patches = scan.read_block(block)
+        record_qc_rows(qc_tissue, qc_tumour, patches.tissue, patches.tumour, patches.y0, patches.x0, scan.factor)
+        bands = patches.bands
+        # Views into the read rows: `rebatch` copies each patch once, straight into its batch.
+        images = [band.patch(i) for band in bands for i in range(band.x.size)]
+        fields = {"x": np.concatenate([band.x for band in bands]),
+                  "y": np.concatenate([np.full(band.x.size, band.y, np.int64) for band in bands]),
+                  "tissue_ratio": np.concatenate([band.tissue_ratio for band in bands]),
+                  "tumour_pixels": np.concatenate([band.tumour_pixels for band in bands])}
+        return images, fields, sum(band.positions for band in bands)
+
+    def chunks():
+        for images, fields, positions in inference.ordered_map(read, scan.plan, settings.workers):
+            progress(positions)
+            yield images, fields
+
+    parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+    for probabilities, fields in inference.predict_batches(
+            classifier, inference.rebatch(chunks(), classifier.batch_size)):
+        probability_map.add(fields["y"], fields["x"], probabilities[:, 1])
+        parts.append((probabilities, fields))
     probabilities = (np.concatenate([p for p, _ in parts]) if parts
                      else np.zeros((0, len(dataset.CLASS_NAMES)), np.float32))
-    fields = {name: np.concatenate([f[name] for _, f in parts]) if parts else np.zeros(0)
+    joined = {name: np.concatenate([f[name] for _, f in parts]) if parts else np.zeros(0)
               for name in ("x", "y", "tissue_ratio", "tumour_pixels")}
+    if not parts:
+        warnings.warn(f"slide {opened.spec.slide_id!r}: no patch to classify ({reader.shape[0]} x {reader.shape[1]} "
+                      f"pixels at level downsample {reader.level_downsample}, patch size {config.patch_size}, "
+                      f"tissue ratio must exceed {config.min_tissue_ratio}); its map is empty", stacklevel=2)
+    return ScannedSlide(opened.spec, reader.shape, reader.level_downsample, scan.factor, scan.thumbnail,
+                        qc_tissue, qc_tumour, probability_map, probabilities, joined)
+
+
+def write_slide(scanned: ScannedSlide, run: inference.RestoredRun, settings: PredictionSettings,
+                out: pathlib.Path) -> dict[str, Any]:
+    """Writes one scanned slide's files (module docstring), `summary.json` last; returns the summary."""
+    spec, config, d = scanned.spec, settings.tiling, scanned.level_downsample
+    P, folder = config.patch_size, slide_dir(out, spec.slide_id)
+    has_mask = spec.mask_file is not None
+    probabilities, fields = scanned.probabilities, scanned.fields
     table = {"x": fields["x"].astype(np.int64) * d, "y": fields["y"].astype(np.int64) * d,
              "tissue_ratio": fields["tissue_ratio"].astype(np.float32),
              "probability": probabilities[:, 1], "probability_non_tumour": probabilities[:, 0],
@@ -173,11 +220,8 @@ def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: infer
         table["label"] = (fields["tumour_pixels"] >= config.min_tumour_pixels).astype(np.int32)
         table["tumour_fraction"] = (fields["tumour_pixels"] / P**2).astype(np.float32)
     count = int(probabilities.shape[0])
-    if not count:
-        warnings.warn(f"slide {spec.slide_id!r}: no patch to classify ({height} x {width} pixels at level "
-                      f"downsample {d}, patch size {P}, tissue ratio must exceed {config.min_tissue_ratio}); "
-                      "its map is empty", stacklevel=2)
 
+    probability_map = scanned.probability_map
     values, scale = probability_map.values(), probability_map.cell * d
     slide_outputs.write_patch_table(folder / "patches.csv", spec.slide_id, table)
     slide_outputs.write_map_tiff(folder / "probability.tif", values, scale, {
@@ -189,11 +233,11 @@ def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: infer
     tumour_share = float(np.mean(table["prediction"] == 1)) if count else float("nan")
     title = (f"{spec.slide_id}: {count} patches, {tumour_share:.1%} predicted tumour"
              if count else f"{spec.slide_id}: no patch with tissue")
-    slide_outputs.save_overlay(folder / "overlay.png", scan.thumbnail, factor, qc_tissue,
-                               qc_tumour if has_mask else None, values, probability_map.cell,
+    slide_outputs.save_overlay(folder / "overlay.png", scanned.thumbnail, scanned.factor, scanned.qc_tissue,
+                               scanned.qc_tumour if has_mask else None, values, probability_map.cell,
                                f"{title} (run {run.workdir.name}, {run.checkpoint})")
     summary = {
-        "slide_id": spec.slide_id, "shape": [height, width], "level_downsample": d, "patches": count,
+        "slide_id": spec.slide_id, "shape": list(scanned.shape), "level_downsample": d, "patches": count,
         "tumour_patch_share": tumour_share,
         "above_threshold_share": float(np.mean(table["probability"] >= settings.threshold)) if count else float("nan"),
         "mean_probability": float(np.mean(table["probability"])) if count else float("nan"),
@@ -207,6 +251,15 @@ def predict_slide(spec: SlideSpec, run: inference.RestoredRun, classifier: infer
                                                         settings.taus_list) if count else {})
     files.write_text_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=True))
     return summary
+
+
+def start_slide(spec: SlideSpec, out: pathlib.Path) -> None:
+    """Marks a slide unfinished (its summary removed) and removes what a killed run left half-written."""
+    folder = slide_dir(out, spec.slide_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SUMMARY_FILE).unlink(missing_ok=True)  # a rerun of a changed slide: not finished until the end
+    for stale in folder.glob("*.tmp-*"):
+        stale.unlink()
 
 
 def load_finished(spec: SlideSpec, run: inference.RestoredRun, settings: PredictionSettings,
@@ -264,17 +317,10 @@ def predict_manifest(run: inference.RestoredRun, manifest: str | os.PathLike, ou
         slide_bar = tqdm.tqdm(total=len(todo), desc="slides", unit="slide", position=0, disable=not show_progress)
         patch_bar = tqdm.tqdm(desc="grid positions", unit="pos", position=1, disable=not show_progress,
                               smoothing=0.05)
+
         try:
-            for spec in todo:
-                slide_bar.set_postfix_str(spec.slide_id)
-                try:
-                    summaries[spec.slide_id] = predict_slide(spec, run, classifier, settings, out, patch_bar.update)
-                    statuses[spec.slide_id] = "predicted"
-                except SlideError as error:
-                    if not skip_errors:
-                        raise
-                    failures[spec.slide_id], statuses[spec.slide_id] = str(error), "failed"
-                slide_bar.update()
+            _predict_slides(todo, run, classifier, settings, out, skip_errors, summaries, statuses, failures,
+                            slide_bar, patch_bar)
         finally:
             patch_bar.close()
             slide_bar.close()
@@ -284,6 +330,57 @@ def predict_manifest(run: inference.RestoredRun, manifest: str | os.PathLike, ou
         for message in failures.values():
             print(f"  {message}", file=sys.stderr)
     return result
+
+
+def _predict_slides(todo: Sequence[SlideSpec], run: inference.RestoredRun, classifier: inference.PatchClassifier,
+                    settings: PredictionSettings, out: pathlib.Path, skip_errors: bool,
+                    summaries: dict[str, dict[str, Any]], statuses: dict[str, str], failures: dict[str, str],
+                    slide_bar: tqdm.tqdm, patch_bar: tqdm.tqdm) -> None:
+    """Opens, scans and writes every slide of `todo`, pipelined: while slide k is scanned (the model's
+    time), slide k + 1 is opened (thumbnail, tissue detection) on one thread and slide k - 1 written
+    (tables, map, overlay) on another, so the model does not wait for a slide's fixed costs. Each slide's
+    summary is still written last; an error stops the run after the slide being written is finished."""
+
+    def opening(spec: SlideSpec) -> OpenedSlide:
+        start_slide(spec, out)
+        return open_slide(spec, run, settings)
+
+    def finish(spec: SlideSpec, summary: concurrent.futures.Future) -> None:
+        summaries[spec.slide_id], statuses[spec.slide_id] = summary.result(), "predicted"
+        slide_bar.update()
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="open-slide") as opener, \
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write-slide") as writer:
+        upcoming = opener.submit(opening, todo[0]) if todo else None
+        writing = None  # (spec, future summary) of the slide being written
+        try:
+            for k, spec in enumerate(todo):
+                slide_bar.set_postfix_str(spec.slide_id)
+                current = upcoming
+                upcoming = opener.submit(opening, todo[k + 1]) if k + 1 < len(todo) else None
+                try:
+                    opened = current.result()
+                    try:
+                        scanned = scan_slide(opened, classifier, settings, patch_bar.update)
+                    finally:
+                        opened.close()
+                except SlideError as error:
+                    if not skip_errors:
+                        raise
+                    failures[spec.slide_id], statuses[spec.slide_id] = str(error), "failed"
+                    slide_bar.update()
+                    continue
+                if writing is not None:
+                    finish(*writing)
+                writing = (spec, writer.submit(write_slide, scanned, run, settings, out))
+            if writing is not None:
+                finish(*writing)
+        finally:
+            if upcoming is not None and not upcoming.cancel():  # opened ahead of a run that stopped
+                try:
+                    upcoming.result().close()
+                except BaseException:  # noqa: BLE001 - its own error is not this run's
+                    pass
 
 
 def _write_run_outputs(out: pathlib.Path, specs: Sequence[SlideSpec], summaries: dict[str, dict[str, Any]],
