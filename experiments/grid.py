@@ -19,7 +19,7 @@ checkpoints (both chosen on the validation split, docs/design.md §5) are evalua
 
 Several processes given the same ROOT share the work: a run being trained holds a lock on its folder
 (released by the OS if the process dies), the others skip it and, before evaluating, wait for it to
-finish; one of them evaluates, the others reuse its results (`OUT/evaluated.json` records the run
+finish (and resume it themselves if its process died); one of them evaluates, the others reuse its results (`OUT/evaluated.json` records the run
 states they come from, so a finished grid is not evaluated again). Start one process per device or,
 on CPU, two to overlap start-up and evaluation.
 
@@ -214,9 +214,9 @@ def train_all(configs: Mapping[pathlib.Path, ml_collections.ConfigDict]) -> None
                 pending.append(workdir)
     for workdir in pending:
         with claim(workdir, wait=True):
-            if not run_log.is_finished(workdir):
-                raise RuntimeError(f"{workdir} was not finished by the process that trained it; "
-                                   "run the grid again to resume it")
+            if not run_log.is_finished(workdir):  # the process training it stopped: resume it here
+                print(f"\n>>> {workdir.name}: left unfinished by another process; resuming", flush=True)
+                trainer.train_and_evaluate(configs[workdir], workdir)
 
 
 def evaluate_all(workdirs: Sequence[pathlib.Path], checkpoint: str, split: str, out: pathlib.Path,

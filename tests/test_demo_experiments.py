@@ -106,6 +106,21 @@ def test_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path):
         assert after_death
 
 
+def test_a_run_left_unfinished_by_another_process_is_resumed_not_reported(tmp_path, monkeypatch):
+    workdir = tmp_path / "erm_seed0"
+    # Another process claims the run and dies without finishing it (as a killed grid process does).
+    code = ("import os, pathlib, sys, time; from experiments import grid\n"
+            f"with grid.claim(pathlib.Path({str(workdir)!r})) as mine:\n"
+            "    print('claimed', mine, flush=True); time.sleep(1.0); os._exit(0)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().split() == ["claimed", "True"]
+    trained = []
+    monkeypatch.setattr(trainer, "train_and_evaluate", lambda config, folder: trained.append((config, folder)))
+    grid.train_all({workdir: "the run's config"})  # waits for the holder, then trains the run itself
+    holder.wait()
+    assert trained == [("the run's config", workdir)]
+
+
 def test_reproduce_settings_keep_the_family_and_replace_overrides():
     def gerne(c, beta, lr, **more):
         return Setting("gerne", {"method.c": c, "method.beta": beta, LR: lr, **more})
