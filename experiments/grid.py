@@ -19,9 +19,9 @@ checkpoints (both chosen on the validation split, docs/design.md §5) are evalua
 
 Several processes given the same ROOT share the work: a run being trained holds a lock on its folder
 (released by the OS if the process dies), the others skip it and, before evaluating, wait for it to
-finish (and resume it themselves if its process died); one of them evaluates, the others reuse its results (`OUT/evaluated.json` records the run
-states they come from, so a finished grid is not evaluated again). Start one process per device or,
-on CPU, two to overlap start-up and evaluation.
+finish (and resume it themselves if its process died); one of them evaluates, the others reuse its
+results (`OUT/evaluated.json` records the run states they come from, so a finished grid is not
+evaluated again). Start one process per device or, on CPU, two to overlap start-up and evaluation.
 
 Tuning never looks at the test split: within each method family the setting with the highest mean
 validation worst-group accuracy over the seeds is chosen (for the `best_bca` checkpoints: the highest
