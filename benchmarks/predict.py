@@ -187,15 +187,22 @@ def main() -> int:
     median = int(np.argsort(ratios)[len(ratios) // 2])  # the round of the median ratio
     predict_seconds, predict_cpu, model_seconds, model_cpu = rounds[median]
 
-    many = None
+    many_rows = []
     if args.many_slides:
         manifest = copies(slide(args.work_dir, args.many_size, args.tile), args.many_slides)
         shutil.rmtree(args.work_dir / "predict_many", ignore_errors=True)
         results = []
-        many_seconds, many_cpu = timed(lambda: results.append(prediction.predict_manifest(
+        seconds, cpu = timed(lambda: results.append(prediction.predict_manifest(
             run, manifest, args.work_dir / "predict_many", settings, show_progress=False)))
-        many_patches = sum(int(row["patches"]) for row in results[0]["slides"])
-        many = (many_patches, many_seconds, many_cpu, *model_alone(classifier, many_patches, patch_shape))
+        count = sum(int(row["patches"]) for row in results[0]["slides"])
+        alone_seconds, alone_cpu = model_alone(classifier, count, patch_shape)
+        many_rows = [
+            (f"predict, {args.many_slides} slides of {args.many_size}^2",
+             f"{seconds:8.1f} s  {count / seconds:10.1f} patches/s  ({cpu:.1f} CPU s; {count} patches)"),
+            ("  model alone on as many patches", f"{alone_seconds:8.1f} s  {count / alone_seconds:10.1f} patches/s"
+                                                 f"  ({alone_cpu:.1f} CPU s)"),
+            ("  predict / model over the slides", f"{alone_seconds / seconds:8.2f}  (the slides pipelined: each "
+                                                  "one's opening and writing overlap another's scan)")]
 
     subprocess_seconds, peak_mb = predict_subprocess(workdir, large, args.work_dir / "predict_subprocess",
                                                      args.batch_size, args.workers)
@@ -217,13 +224,7 @@ def main() -> int:
                                        f"{len(ratios)} rounds: {', '.join(f'{r:.2f}' for r in ratios)})"),
         ("predict / model, per CPU second", f"{model_cpu / predict_cpu:8.2f}  (the work ratio; steadier than "
                                             "wall time on a shared machine)"),
-        *([] if many is None else [
-            (f"predict, {args.many_slides} slides of {args.many_size}^2",
-             f"{many[1]:8.1f} s  {many[0] / many[1]:10.1f} patches/s  ({many[2]:.1f} CPU s; {many[0]} patches)"),
-            ("  model alone on as many patches", f"{many[3]:8.1f} s  {many[0] / many[3]:10.1f} patches/s"
-                                                 f"  ({many[4]:.1f} CPU s)"),
-            ("  predict / model over the slides", f"{many[3] / many[1]:8.2f}  (the slides pipelined: each one's "
-                                                  "opening and writing overlap another's scan)")]),
+        *many_rows,
         ("predict.py subprocess (incl. start-up)", f"{subprocess_seconds:8.1f} s"),
         ("peak RSS of predict.py", f"{peak_mb:8.0f} MB  (limit {RSS_LIMIT_MB} MB: "
                                    f"{'ok' if peak_mb < RSS_LIMIT_MB else 'EXCEEDED'})"),
