@@ -38,6 +38,9 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.portability.api import beam_provision_api_pb2
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from tqdm import tqdm
 
 from data_pipeline import storage, tile_manifest
@@ -83,6 +86,20 @@ def runs_on_this_machine(options: PipelineOptions) -> bool:
     return options.get_all_options()["runner"] in (None, "DirectRunner")
 
 
+def _pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """The pipeline of `options`; on this machine it runs on Beam's FnApiRunner (local worker processes).
+
+    Beam's DirectRunner would first try its Prism runner, which downloads a binary from GitHub: network
+    at run time, and without network a failed attempt that leaves a temporary folder behind before it
+    falls back to the FnApiRunner. This is the runner it falls back to, built the way it builds it.
+    """
+    if not runs_on_this_machine(options):
+        return beam.Pipeline(options=options)
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision), options=options)
+
+
 def slide_runner(flags: Sequence[str], workers: int, show_progress: bool) -> tile_manifest.SlideRunner:
     """`run_slides` with checked pipeline options, as `tile_manifest` calls a runner."""
     return functools.partial(run_slides, options=pipeline_options(flags, workers), show_progress=show_progress)
@@ -124,7 +141,7 @@ def run_slides(jobs: Sequence[SlideSpec], data_dir: storage.AnyPath, config: Til
         # Not resumable (other settings or files) and about to be rewritten; removed so that the
         # progress bar counts only this run's sidecars.
         slide_paths(data_dir, spec.slide_id)["sidecar"].unlink(missing_ok=True)
-    with _sidecar_progress(jobs, data_dir, show_progress), beam.Pipeline(options=options) as pipeline:
+    with _sidecar_progress(jobs, data_dir, show_progress), _pipeline(options) as pipeline:
         _ = (pipeline
              | "slides" >> beam.Create(list(jobs))
              | "tile" >> beam.ParDo(_TileSlide(data_dir, config, expected)))

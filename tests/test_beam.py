@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+import socket
 import sys
+import tempfile
 
 import pytest
 from apache_beam.options.pipeline_options import DirectOptions
@@ -75,10 +77,24 @@ def report(data_dir: pathlib.Path) -> dict:
 
 
 @pytest.mark.slow
-def test_beam_writes_the_local_runners_data_dir_byte_for_byte(slides, tmp_path):
+def test_beam_writes_the_local_runners_data_dir_byte_for_byte(slides, tmp_path, monkeypatch):
     manifest = slides / "manifest.csv"
     assert tile(manifest, tmp_path / "local") == 0
+    # A local pipeline needs no network (Beam's DirectRunner would try to download its Prism runner
+    # first) and leaves nothing in the temporary folder.
+    hosts_looked_up = []
+
+    def no_network(host, *args, **kwargs):
+        hosts_looked_up.append(host)
+        raise OSError(f"no network in this test ({host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     assert tile(manifest, tmp_path / "beam", *BEAM_TWO_WORKERS) == 0
+    assert hosts_looked_up == [] and list(temporary.iterdir()) == []
+    monkeypatch.undo()
     assert_same_data_dir(tmp_path / "local", tmp_path / "beam")
     assert len(list((tmp_path / "beam").glob("gerne_patches-*.array_record-*"))) == 4
     assert {s["status"] for s in report(tmp_path / "beam")["slides"].values()} == {"tiled"}
