@@ -190,12 +190,11 @@ def pipeline_patches_per_second(examples: int, patch_size: int, batch_per_group:
                                                   pathlib.Path(__file__).with_name("input_pipeline.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from gerne_jax import dataset, input_pipeline  # TensorFlow, only here
+    from gerne_jax import input_pipeline  # TensorFlow, only here
     with tempfile.TemporaryDirectory() as tmp:
         bench.write_data_dir(pathlib.Path(tmp), examples, patch_size, 3)
         split = input_pipeline.load_split(tmp, "train", in_memory=False)
-        rate = bench.paired_patches_per_second(split, dataset.read_metadata(tmp), batch_per_group, steps,
-                                               0.1, "array_record")
+        rate = bench.paired_patches_per_second(split, batch_per_group, steps, 0.1, "array_record")
     return {"patches_per_second": rate, "patch_size": patch_size, "batch_per_group": batch_per_group}
 
 

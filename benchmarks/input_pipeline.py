@@ -37,14 +37,13 @@ def write_data_dir(data_dir: pathlib.Path, num_examples: int, patch_size: int, c
     shards.write_patch_dataset(data_dir, {"train": train}, channel_names=[f"c{i}" for i in range(channels)])
 
 
-def paired_patches_per_second(split: dict, metadata: dict, batch_per_group: int, steps: int, tau: float,
-                              label: str) -> float:
+def paired_patches_per_second(split: dict, batch_per_group: int, steps: int, tau: float, label: str) -> float:
     attribute = dataset.attribute_from_tissue_ratio(split["tissue_ratio"], [tau])
     plan = groups.make_batch_plan(dataset.group_counts(split["label"], attribute, 2, 2), c=0.5, beta=1.0,
                                   batch_per_group=batch_per_group)
     batches = input_pipeline.train_dataset(
-        split["image"], split["label"], attribute, plan, seed=0, channel_mean=metadata["channel_mean"],
-        channel_std=metadata["channel_std"], process_index=0, process_count=1).as_numpy_iterator()
+        split["image"], split["label"], attribute, plan, seed=0, process_index=0,
+        process_count=1).as_numpy_iterator()
     for _ in range(5):                                   # warm-up: tracing, thread pools, prefetch
         next(batches)
     start = time.perf_counter()
@@ -83,13 +82,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = pathlib.Path(tmp)
             write_data_dir(data_dir, args.examples, patch_size, args.channels)
-            metadata = dataset.read_metadata(data_dir)
             rates = {}
             for in_memory in (True, False):
                 split = input_pipeline.load_split(data_dir, "train", in_memory=in_memory)
                 name = "in memory" if in_memory else "array_record"
-                rates[name] = paired_patches_per_second(split, metadata, args.batch_per_group, args.steps,
-                                                        args.tau, f"P={patch_size} {name}")
+                rates[name] = paired_patches_per_second(split, args.batch_per_group, args.steps, args.tau,
+                                                        f"P={patch_size} {name}")
         step_rate = (measure_step_rate(args.model, patch_size, args.step_batch, args.channels)
                      if measure_step_rate else float("nan"))
         rows.append((patch_size, rates["in memory"], rates["array_record"], step_rate))

@@ -31,7 +31,7 @@ import numpy as np
 
 from configs import demo
 from data_pipeline import shards
-from gerne_jax import dataset, experiment, input_pipeline, methods, run_log, sharding, trainer
+from gerne_jax import dataset, experiment, input_pipeline, methods, normalisation, run_log, sharding, trainer
 
 METHODS = ("gerne", "gerne-folded", "erm")
 
@@ -101,10 +101,11 @@ class BareStep:
         self.state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
         self.step = method.train_step(model, mesh)
         self.norm, self.images_per_step = model.norm, method.examples_per_step
-        batches = input_pipeline.training_batches(
-            method, train["image"], train["label"], attribute, channel_mean=metadata["channel_mean"],
-            channel_std=metadata["channel_std"]).as_numpy_iterator()
-        self.batches = [sharding.shard_batch(batch, mesh) for batch in itertools.islice(batches, cached_batches)]
+        batches = input_pipeline.training_batches(method, train["image"], train["label"], attribute)
+        standardise = normalisation.Standardiser(metadata["channel_mean"], metadata["channel_std"], mesh)
+        self.batches = [{**placed, "image": standardise(placed["image"])}
+                        for placed in map(lambda batch: sharding.shard_batch(batch, mesh),
+                                          itertools.islice(batches.as_numpy_iterator(), cached_batches))]
         self.state, _ = jax.block_until_ready(self.step(self.state, self.batches[0]))  # compiles
 
     def steps_per_second(self, steps: int) -> float:

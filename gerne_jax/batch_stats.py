@@ -26,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from gerne_jax import sharding
+from gerne_jax import normalisation, sharding
 from gerne_jax.models import TRAIN_MODE_BATCH_NORM, ResNet
 from gerne_jax.train_state import TrainState
 
@@ -65,21 +65,22 @@ _jitted_moments = jax.jit(batch_moments, static_argnums=0)
 
 
 def population_statistics(state: TrainState, model: ResNet, batches: Iterable[Mapping[str, np.ndarray]],
-                          mesh: Mesh) -> dict[str, Any]:
+                          mesh: Mesh, standardise: normalisation.Standardiser) -> dict[str, Any]:
     """The mean over `batches` of `batch_moments` under `state`'s parameters: the new `batch_stats`.
 
     Args:
       state: the train state (its `batch_stats` give the tree's structure; their values are not used).
       model: the model the state was created with (a train-mode BatchNorm norm, see `applies_to`).
-      batches: this process's share of each global batch, `{"image": [n, H, W, C] float32}`
+      batches: this process's share of each global batch, `{"image": [n, H, W, C]}` in source units
         (`input_pipeline.natural_batches`).
       mesh: the devices; each batch is sharded over them.
+      standardise: the data's normalisation, applied on the devices.
     """
     if not applies_to(model):
         raise ValueError(f"model norm {model.norm!r} has no train-mode BatchNorm statistics to recompute")
     total, count = None, 0
     for batch in batches:
-        images = sharding.shard_batch({"image": batch["image"]}, mesh, batch_axis=0)["image"]
+        images = standardise(sharding.shard_batch({"image": batch["image"]}, mesh, batch_axis=0)["image"])
         moments = _jitted_moments(model, {"params": state.params, "batch_stats": state.batch_stats}, images)
         total = moments if total is None else jax.tree.map(jnp.add, total, moments)
         count += 1
@@ -93,7 +94,7 @@ def population_statistics(state: TrainState, model: ResNet, batches: Iterable[Ma
 
 
 def recompute(state: TrainState, model: ResNet, batches: Iterable[Mapping[str, np.ndarray]],
-              mesh: Mesh) -> TrainState:
+              mesh: Mesh, standardise: normalisation.Standardiser) -> TrainState:
     """`state` with precise BatchNorm statistics (`population_statistics`), replicated over `mesh`."""
-    stats = population_statistics(state, model, batches, mesh)
+    stats = population_statistics(state, model, batches, mesh, standardise)
     return state.replace(batch_stats=sharding.replicate(stats, mesh))

@@ -19,7 +19,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gerne_jax import checkpoints, dataset, experiment, files, metrics, reports, run_log, sharding
+from gerne_jax import checkpoints, dataset, experiment, files, metrics, normalisation, reports, run_log, sharding
 from gerne_jax.train_state import TrainState
 
 Report = dict[str, Any]
@@ -82,7 +82,8 @@ class Evaluator:
         self.taus_list = [tuple(taus) for taus in taus_list]
         self.batch_size = batch_size
         self.mesh = mesh
-        self.channel_mean, self.channel_std = channel_mean, channel_std
+        self.standardise = normalisation.Standardiser(channel_mean, channel_std, mesh,
+                                                      num_channels=split["image"].shape[-1])
         self.name = name
 
     def predict(self, state: TrainState, step_fn: Callable[[TrainState, jax.Array], jax.Array] = eval_step,
@@ -90,14 +91,13 @@ class Evaluator:
         """Class probabilities `[M, K]` of every example, in index order (or `step_fn(state, images)`'s rows)."""
         from gerne_jax import input_pipeline  # TensorFlow: loaded only to read a split (not by predict.py)
 
-        batches = input_pipeline.eval_dataset(self.split["image"], batch_size=self.batch_size,
-                                              channel_mean=self.channel_mean, channel_std=self.channel_std)
+        batches = input_pipeline.eval_dataset(self.split["image"], batch_size=self.batch_size)
         num_examples = len(self.split["label"])
         outputs = []
         for batch in tqdm.tqdm(batches.as_numpy_iterator(), total=-(-num_examples // self.batch_size),
                                desc=self.name, leave=False, unit="batch",
                                disable=jax.process_index() != 0):
-            images = sharding.shard_batch(batch, self.mesh, batch_axis=0)["image"]
+            images = self.standardise(sharding.shard_batch(batch, self.mesh, batch_axis=0)["image"])
             outputs.append(np.asarray(multihost_utils.process_allgather(step_fn(state, images), tiled=True)))
         # Global batches in index order; the padding sits at the very end.
         return np.concatenate(outputs)[:num_examples]

@@ -22,11 +22,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gerne_jax import dataset, evaluation, run_log, sharding
+from gerne_jax import dataset, evaluation, normalisation, run_log, sharding
 from gerne_jax.errors import InputError
 from gerne_jax.train_state import TrainState
 
@@ -63,8 +62,8 @@ def load_run(workdir: str | os.PathLike, checkpoint: str = "best_wga",
 
 
 def _tumour_probability(state: TrainState, images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-    # The input pipeline's normalisation (float32 subtract, then divide), then evaluation's softmax.
-    return evaluation.eval_step(state, (images.astype(jnp.float32) - mean) / std)
+    # Training's normalisation, fused with evaluation's forward pass and softmax.
+    return evaluation.eval_step(state, normalisation.standardise(images, mean, std))
 
 
 class PatchClassifier:
@@ -82,16 +81,10 @@ class PatchClassifier:
                  channel_std: Sequence[float], batch_size: int):
         if batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-        mean = np.asarray(channel_mean, np.float32).reshape(-1)
-        std = np.asarray(channel_std, np.float32).reshape(-1)
-        if mean.size != std.size or not (np.all(np.isfinite(mean)) and np.all(std > 0)):
-            raise InputError(f"the data's normalisation needs a finite mean and a positive std per channel, "
-                             f"got mean {mean.tolist()}, std {std.tolist()}")
+        self._standardiser = normalisation.Standardiser(channel_mean, channel_std, mesh)
         devices = mesh.devices.size
         self.batch_size = -(-batch_size // devices) * devices
         self.state, self.mesh = state, mesh
-        replicated = sharding.replicated_sharding(mesh)
-        self._mean, self._std = jax.device_put(mean, replicated), jax.device_put(std, replicated)
         self._predict = jax.jit(_tumour_probability)
 
     @classmethod
@@ -108,7 +101,7 @@ class PatchClassifier:
             padded[:len(images)] = images
             images = padded
         placed = sharding.shard_batch({"image": images}, self.mesh, batch_axis=0)["image"]
-        return self._predict(self.state, placed, self._mean, self._std)
+        return self._predict(self.state, placed, self._standardiser.mean, self._standardiser.std)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities `[n, K]` float32 of any number of patches (blocking)."""

@@ -50,6 +50,7 @@ from gerne_jax import (
     input_pipeline,
     jtt,
     methods,
+    normalisation,
     pseudo_groups,
     run_log,
     sharding,
@@ -135,10 +136,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
         start_step, state = resumed
         log_info.info("Resuming from step %d of %s", start_step, workdir)
     train_step = method.train_step(model, mesh)
+    standardise = normalisation.Standardiser(metadata["channel_mean"], metadata["channel_std"], mesh,
+                                             num_channels=train["image"].shape[-1])
     batches = input_pipeline.training_batches(method, train["image"], train["label"], attribute,
-                                              channel_mean=metadata["channel_mean"],
-                                              channel_std=metadata["channel_std"], start_step=start_step)
-    device_batches = sharding.prefetch_to_mesh(batches.as_numpy_iterator(), mesh, size=2)
+                                              start_step=start_step)
+    # Source-dtype batches cross to the devices and are standardised there (`gerne_jax.normalisation`).
+    device_batches = ({**batch, "image": standardise(batch["image"])}
+                      for batch in sharding.prefetch_to_mesh(batches.as_numpy_iterator(), mesh, size=2))
     evaluator = evaluation.Evaluator(validation, taus_list=[tuple(config.data.taus)],
                                      batch_size=config.data.eval_batch_size, mesh=mesh,
                                      channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],
@@ -151,9 +155,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
             return state
         batches = input_pipeline.natural_batches(
             train["image"], num_batches=precise_bn, batch_size=config.data.eval_batch_size,
-            seed=config.training.seed, step=step, channel_mean=metadata["channel_mean"],
-            channel_std=metadata["channel_std"])
-        return batch_stats.recompute(state, model, batches.as_numpy_iterator(), mesh)
+            seed=config.training.seed, step=step)
+        return batch_stats.recompute(state, model, batches.as_numpy_iterator(), mesh, standardise)
 
     # ------------------------------------------------------------------------------------------
     # Logging.

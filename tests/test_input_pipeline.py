@@ -36,12 +36,12 @@ def make_plan(label, attribute, batch_per_group=32, **kwargs):
 
 
 def stream(images, label, attribute, plan, **kwargs):
-    config = dict(seed=7, channel_mean=[0.0, 0.0], channel_std=[1.0, 1.0]) | kwargs
+    config = dict(seed=7) | kwargs
     return input_pipeline.train_dataset(images, label, attribute, plan, **config).as_numpy_iterator()
 
 
 def decode_index(image: np.ndarray) -> np.ndarray:
-    """Example index from channel 0 of normalised (mean 0, std 1) index-encoded images."""
+    """Example index from channel 0 of index-encoded images."""
     return np.rint(image[..., 0, 0, 0]).astype(np.int64)
 
 
@@ -129,8 +129,7 @@ def test_each_process_gets_its_contiguous_share():
                 np.testing.assert_array_equal(joined, whole[step][key])
                 assert parts[0][step][key].shape[1] == 16 // count
     with pytest.raises(ValueError, match="does not divide among 3 processes"):
-        input_pipeline.train_dataset(images, label, attribute, plan, seed=0, channel_mean=[0, 0],
-                                     channel_std=[1, 1], process_index=0, process_count=3)
+        input_pipeline.train_dataset(images, label, attribute, plan, seed=0, process_index=0, process_count=3)
 
 
 def dihedral_images(image: np.ndarray) -> list[np.ndarray]:
@@ -159,22 +158,26 @@ def test_augmentation_applies_flips_and_rotations(flips, rotations, expected):
     assert seen == allowed[(flips, rotations)] and len(seen) == expected
 
 
-def test_normalisation_uses_channel_statistics():
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_batches_carry_the_source_pixels_unchanged(dtype):
+    """Standardisation happens on the device (tests/test_normalisation.py): the pipelines hand over the
+    drawn examples' pixels bit for bit, in their own dtype."""
     rng = np.random.default_rng(6)
-    images = rng.integers(0, 65535, size=(40, 3, 3, 3)).astype(np.uint16)
+    images = (rng.uniform(0, 250, size=(40, 3, 3, 3)) * (1 if dtype == np.float32 else 100)).astype(dtype)
+    images[..., 0] = np.arange(40)[:, None, None]
     label, attribute = np.arange(40) % 2, (np.arange(40) // 2) % 2
     plan = make_plan(label, attribute, batch_per_group=2)
-    mean, std = np.array([1000.0, 30000.0, 5.0]), np.array([50.0, 9000.0, 2.0])
     sampler = input_pipeline.PairedIndexSampler(plan, label, attribute, seed=7)
-    batch = next(stream(images, label, attribute, plan, channel_mean=mean, channel_std=std))
-    expected = (images[sampler(0)].astype(np.float64) - mean) / std
-    np.testing.assert_allclose(batch["image"], expected, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="channel 1 has mean .* std 0"):
-        input_pipeline.train_dataset(images, label, attribute, plan, seed=0, channel_mean=mean,
-                                     channel_std=[1.0, 0.0, 1.0])
-    with pytest.raises(ValueError, match="one value per image channel"):
-        input_pipeline.train_dataset(images, label, attribute, plan, seed=0, channel_mean=[0.0],
-                                     channel_std=[1.0])
+    batch = next(stream(images, label, attribute, plan))
+    assert batch["image"].dtype == dtype
+    np.testing.assert_array_equal(batch["image"], images[sampler(0)])
+    (natural,) = input_pipeline.natural_batches(images, num_batches=1, batch_size=8, seed=0, step=0).as_numpy_iterator()
+    assert natural["image"].dtype == dtype
+    np.testing.assert_array_equal(natural["image"], images[decode_index(natural["image"])])
+    evaluation_batches = input_pipeline.eval_dataset(images, batch_size=16).as_numpy_iterator()
+    evaluated = np.concatenate([b["image"] for b in evaluation_batches])
+    assert evaluated.dtype == dtype
+    np.testing.assert_array_equal(evaluated[:40], images)
 
 
 def test_plan_from_other_data_is_refused():
@@ -191,7 +194,7 @@ def test_eval_covers_every_example_once_in_order(process_count):
     images[..., 0] += 1                                              # index + 1: padding decodes to 0
     batch_size = 16
     per_process = [list(input_pipeline.eval_dataset(
-        images, batch_size=batch_size, channel_mean=[0, 0], channel_std=[1, 1], process_index=process,
+        images, batch_size=batch_size, process_index=process,
         process_count=process_count).as_numpy_iterator()) for process in range(process_count)]
     for batches in per_process:
         assert len(batches) == 7                                     # ceil(103 / 16), same on every process
@@ -230,8 +233,7 @@ def test_erm_batches_are_the_biased_row_of_gerne_batches():
         method = methods.from_config(config, label, attribute)
         sources[name] = RecordingImages(images)
         streams[name] = list(itertools.islice(input_pipeline.training_batches(
-            method, sources[name], label, attribute, channel_mean=[0, 0], channel_std=[1, 1],
-            start_step=3).as_numpy_iterator(), 4))
+            method, sources[name], label, attribute, start_step=3).as_numpy_iterator(), 4))
         batch_size = method.plan.batch_size                          # N = K * A * B = 16
         assert method.rows == ((0,) if name == "erm" else (0, 1))
         assert sources[name].reads and set(sources[name].reads) == {len(method.rows) * batch_size}
@@ -260,11 +262,8 @@ def test_data_dir_in_memory_and_lazy_give_the_same_stream(tiny_data):
 
     attribute = dataset.attribute_from_tissue_ratio(memory["tissue_ratio"], TAUS)
     plan = make_plan(memory["label"], attribute, batch_per_group=4)
-    mean, std = metadata["channel_mean"], metadata["channel_std"]
-    from_memory = list(itertools.islice(stream(memory["image"], memory["label"], attribute, plan,
-                                               channel_mean=mean, channel_std=std), 3))
-    from_shards = list(itertools.islice(stream(lazy["image"], lazy["label"], attribute, plan,
-                                               channel_mean=mean, channel_std=std), 3))
+    from_memory = list(itertools.islice(stream(memory["image"], memory["label"], attribute, plan), 3))
+    from_shards = list(itertools.islice(stream(lazy["image"], lazy["label"], attribute, plan), 3))
     for a, b in zip(from_memory, from_shards):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])

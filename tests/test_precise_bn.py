@@ -14,7 +14,7 @@ import optax
 import pytest
 from scipy import stats as scipy_stats
 
-from gerne_jax import batch_stats, dataset, input_pipeline, run_log, sharding, train_step, trainer
+from gerne_jax import batch_stats, dataset, input_pipeline, normalisation, run_log, sharding, train_step, trainer
 from gerne_jax.models import create_model
 from gerne_jax.train_state import create_train_state
 from tests.conftest import kill_training_at_step
@@ -54,14 +54,17 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_population_statistics_equal_numpy_moments_averaged_over_batches():
     model, state = _state("shared")
     rng = np.random.default_rng(0)
-    batches = [{"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32) + k} for k in range(3)]
+    # Source-unit batches, standardised on the device with the channel statistics.
+    batches = [{"image": rng.normal(100 + 10 * k, 50, size=(16, 8, 8, 3)).astype(np.float32)} for k in range(3)]
+    standardised = [(b["image"].astype(np.float64) - CHANNEL_MEAN) / CHANNEL_STD for b in batches]
     mesh = sharding.make_mesh()
-    result = batch_stats.population_statistics(state, model, batches, mesh)
+    result = batch_stats.population_statistics(state, model, batches, mesh,
+                                               normalisation.Standardiser(CHANNEL_MEAN, CHANNEL_STD, mesh))
     assert jax.tree.structure(result) == jax.tree.structure(state.batch_stats)
 
     # First BatchNorm layer: its input is the stem convolution of the images, computed here by hand.
     kernel = np.asarray(state.params["conv1"]["kernel"])
-    per_batch = [_moments(_stem_conv_numpy(b["image"], kernel)) for b in batches]
+    per_batch = [_moments(_stem_conv_numpy(images, kernel)) for images in standardised]
     np.testing.assert_allclose(result["bn1"]["mean"], np.mean([m for m, _ in per_batch], axis=0),
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(result["bn1"]["var"], np.mean([v for _, v in per_batch], axis=0),
@@ -70,8 +73,9 @@ def test_population_statistics_equal_numpy_moments_averaged_over_batches():
     # A deeper layer sees train-mode (batch-normalised) activations: its input is the captured output
     # of the convolution before it, in a train-mode forward pass of the same batch.
     per_batch = []
-    for b in batches:
-        _, captured = model.apply({"params": state.params, "batch_stats": state.batch_stats}, b["image"],
+    for images in standardised:
+        _, captured = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                  images.astype(np.float32),
                                   train=True, mutable=["batch_stats", "intermediates"],
                                   capture_intermediates=True)
         conv_out = np.asarray(captured["intermediates"]["layer2_0"]["conv2"]["__call__"][0], np.float64)
@@ -89,20 +93,18 @@ def test_population_statistics_refuse_models_without_train_mode_batch_norm(norm)
     model = create_model("tiny", num_classes=2, norm=norm)
     assert not batch_stats.applies_to(model)
     with pytest.raises(ValueError, match=norm):
-        batch_stats.population_statistics(None, model, [], sharding.make_mesh())
+        batch_stats.population_statistics(None, model, [], sharding.make_mesh(), None)
 
 
 def _example_ids(images: np.ndarray, split_images: np.ndarray) -> np.ndarray:
-    """Each normalised batch image's index in the split (the tiny images are all distinct)."""
+    """Each batch image's index in the split (the tiny images are all distinct)."""
     index = {hashlib.sha1(image.tobytes()).hexdigest(): i for i, image in enumerate(split_images)}
-    raw = np.rint(images * np.asarray(CHANNEL_STD) + np.asarray(CHANNEL_MEAN)).astype(split_images.dtype)
-    return np.array([index[hashlib.sha1(image.tobytes()).hexdigest()] for image in raw])
+    return np.array([index[hashlib.sha1(image.tobytes()).hexdigest()] for image in images])
 
 
 def _natural(images, step, num_batches=4, batch_size=32, **kwargs):
     return [b["image"] for b in input_pipeline.natural_batches(
-        images, num_batches=num_batches, batch_size=batch_size, seed=0, step=step, channel_mean=CHANNEL_MEAN,
-        channel_std=CHANNEL_STD, **kwargs).as_numpy_iterator()]
+        images, num_batches=num_batches, batch_size=batch_size, seed=0, step=step, **kwargs).as_numpy_iterator()]
 
 
 def test_natural_batches_are_uniform_distinct_and_a_function_of_seed_and_step(tiny_data):
@@ -152,10 +154,11 @@ def test_killed_and_resumed_run_with_precise_bn_equals_uninterrupted(tiny_config
     info = dataset.read_metadata(config.data.dir)
     batches = input_pipeline.natural_batches(
         tiny_data.splits["train"]["image"], num_batches=2, batch_size=config.data.eval_batch_size,
-        seed=config.training.seed, step=config.training.steps, channel_mean=info["channel_mean"],
-        channel_std=info["channel_std"]).as_numpy_iterator()
+        seed=config.training.seed, step=config.training.steps).as_numpy_iterator()
     model = create_model("tiny", num_classes=2, norm="shared")
-    expected = batch_stats.population_statistics(reference, model, batches, sharding.make_mesh())
+    mesh = sharding.make_mesh()
+    expected = batch_stats.population_statistics(
+        reference, model, batches, mesh, normalisation.Standardiser(info["channel_mean"], info["channel_std"], mesh))
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(reference.batch_stats), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
