@@ -9,7 +9,9 @@ save): from the train row of step `--skip` to the train row of the last step, so
 the loop pays per step, checkpoints included. The baseline is the same jitted step
 (`method.train_step`) called back to back on batches of the same pipeline already placed on the device
 (`--cached-batches` of them, cycled), timed just before and just after the loop; its rate is their
-mean. Ratio = loop steps/s / bare steps/s (target: at least 0.9).
+mean. Ratio = loop steps/s / bare steps/s (target: at least 0.9). Precise BatchNorm is off unless
+`--precise-bn-batches` is given: its forward passes at every save are the method's work (like the
+evaluation, which is outside the timed window), not the loop's.
 
   python benchmarks/train_loop.py --methods gerne erm --steps 350
 
@@ -63,6 +65,7 @@ def make_config(method: str, data_dir: pathlib.Path, args: argparse.Namespace) -
     config.training.eval_every = args.steps  # one evaluation, after the timed window
     config.training.checkpoint_every = args.checkpoint_every
     config.training.log_every = args.log_every
+    config.training.precise_bn_batches = args.precise_bn_batches
     return config
 
 
@@ -125,6 +128,9 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=50, help="steps before the timed window (a log step)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--precise-bn-batches", type=int, default=0,
+                        help="training.precise_bn_batches (the demo's GERNE config: 20): forward passes at every "
+                             "save, the method's work rather than the loop's, so off by default")
     parser.add_argument("--patch-size", type=int, default=64)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--examples", type=int, default=2048, help="training patches written")
