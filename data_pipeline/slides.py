@@ -338,9 +338,31 @@ def _read_png_mask(slide_id: str, file: pathlib.Path) -> _MemoryArray:
                          "give the mask as a tiled TIFF") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise SlideError(slide_id, file, f"cannot read PNG: {error}") from error
-    if not (mode in ("1", "L", "P") or mode.startswith("I")):  # I, I;16, I;16B, ...
+    if mode in ("RGB", "RGBA", "LA"):
+        array = _grey_of_colour_mask(slide_id, file, mode, array)
+    elif not (mode in ("1", "L", "P") or mode.startswith("I")):  # I, I;16, I;16B, ...
         raise SlideError(slide_id, file, f"mask must be single-channel, PNG mode is {mode}")
     return _MemoryArray(array, file)
+
+
+def _grey_of_colour_mask(slide_id: str, file: pathlib.Path, mode: str, array: np.ndarray) -> np.ndarray:
+    """The one channel of a grey mask that an editor saved in colour (R = G = B, alpha fully opaque).
+
+    A mask whose colour channels differ, or whose alpha is not opaque everywhere, could mean several
+    things (a colour-coded label map, a mask in the alpha channel); it is refused, naming what differs.
+    """
+    colours = array.shape[-1] - (1 if mode in ("RGBA", "LA") else 0)
+    if colours < array.shape[-1]:
+        transparent = int(np.count_nonzero(array[..., -1] != 255))
+        if transparent:
+            raise SlideError(slide_id, file, f"PNG mask in mode {mode} has {transparent} pixels that are not "
+                             "fully opaque; save the mask as a single-channel (L) PNG or TIFF")
+    grey = array[..., 0]
+    differing = int(np.count_nonzero((array[..., 1:colours] != grey[..., None]).any(axis=-1)))
+    if differing:
+        raise SlideError(slide_id, file, f"PNG mask in mode {mode} is not grey: {differing} pixels have "
+                         "differing colour channels; save the mask as a single-channel (L) PNG or TIFF")
+    return grey
 
 
 def _ome_channel_names(ome_xml: str | None) -> tuple[str, ...]:

@@ -319,6 +319,36 @@ def test_png_mask(tmp_path, mode):
         np.testing.assert_array_equal(reader.read_tumour(0, 0, HEIGHT, WIDTH), mask != 0)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA"])
+def test_grey_png_mask_saved_in_colour_is_read_as_its_grey(tmp_path, mode):
+    mask = random_mask(values=(0, 255))
+    opaque = np.full_like(mask, 255)
+    channels = {"RGB": [mask] * 3, "RGBA": [mask] * 3 + [opaque], "LA": [mask, opaque]}[mode]
+    png = tmp_path / "mask.png"
+    Image.fromarray(np.dstack(channels), mode=mode).save(png)
+    files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
+    with SlideReader(spec_for(files, png)) as reader:
+        reader.validate()
+        np.testing.assert_array_equal(reader.read_tumour(0, 0, HEIGHT, WIDTH), mask != 0)
+
+
+@pytest.mark.parametrize("mode, message", [("RGB", "1 pixels have differing colour channels"),
+                                           ("RGBA", "2 pixels that are not fully opaque")])
+def test_colour_png_mask_that_is_not_grey_is_refused(tmp_path, mode, message):
+    mask = random_mask(values=(0, 255))
+    array = np.dstack([mask] * 3 + ([np.full_like(mask, 255)] if mode == "RGBA" else []))
+    if mode == "RGB":
+        array[0, 0] = (255, 7, 255)      # one reddish-purple pixel
+    else:
+        array[:2, 0, 3] = 0              # two transparent pixels
+    png = tmp_path / "mask.png"
+    Image.fromarray(array, mode=mode).save(png)
+    files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
+    with pytest.raises(SlideError) as error:
+        SlideReader(spec_for(files, png)).__enter__()
+    assert_names(error.value, "mask.png", message)
+
+
 @pytest.mark.parametrize("downsample,layout", [(2, "ome_pyramid"), (3, "interleaved")])
 def test_level0_mask_read_at_reduced_level_is_nearest(tmp_path, downsample, layout):
     mask = random_mask(values=(0, 255))
@@ -473,13 +503,9 @@ def test_not_a_tiff(tmp_path):
     assert_names(error.value, "img.tif", "cannot read")
 
 
-def test_rgb_png_mask_and_float_mask_rejected(tmp_path):
+def test_float_mask_rejected(tmp_path):
+    """(A colour PNG mask: `test_colour_png_mask_that_is_not_grey_is_refused`.)"""
     files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
-    png = tmp_path / "rgb.png"
-    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(png)
-    with pytest.raises(SlideError) as error:
-        SlideReader(spec_for(files, png)).__enter__()
-    assert_names(error.value, "rgb.png", "single-channel")
     float_mask = write_mask(tmp_path / "float.tif", np.zeros((HEIGHT, WIDTH), np.float32))
     with pytest.raises(SlideError) as error:
         SlideReader(spec_for(files, float_mask)).__enter__()
