@@ -1,9 +1,10 @@
 """Batched, mesh-sharded inference of a trained run on a stream of patches (whole-slide prediction).
 
-`load_classifier` restores a run's checkpoint (as `evaluate.py` does) with the normalisation its data
+`load_run` restores a run's checkpoint (as `evaluate.py` does) with the normalisation its data
 was trained with (the DATA_DIR's channel mean and std). `PatchClassifier` standardises raw patches on
-the device exactly as the input pipeline does (float32 `(x - mean) / std`) and returns the tumour
-probability of `evaluation.eval_step`, so a patch gets the probability `evaluate.py` gives it.
+the device with training's and evaluation's own function (`normalisation.standardise`, fused into the
+jitted forward pass) and returns the tumour probability of `evaluation.eval_step`, so a patch gets the
+probability `evaluate.py` gives it.
 
 Host reading and device compute overlap: `ordered_map` runs a pool of reader threads (mask
 arithmetic and copies in parallel with the decoding on zarr's I/O thread) that keeps a bounded
