@@ -508,10 +508,8 @@ class SlideReader:
         self.num_channels = self._image.num_channels
         self.chunk_shape = self._image.chunk_shape  # the storage chunk in level pixels (decoded whole)
         self.channel_names = self._resolve_channel_names()
-        self._tumour = (None if self.spec.mask_file is None
-                        else self._open_mask(self.spec.mask_file, allow_upsample=False))
-        self._tissue = (None if self.spec.tissue_mask_file is None
-                        else self._open_mask(self.spec.tissue_mask_file, allow_upsample=True))
+        self._tumour = None if self.spec.mask_file is None else self._open_mask(self.spec.mask_file)
+        self._tissue = None if self.spec.tissue_mask_file is None else self._open_mask(self.spec.tissue_mask_file)
 
     def _level_sources(self, downsample: int) -> list[_TiffLevel]:
         sources = [_TiffLevel(tiff, level, self.slide_id, file) for tiff, level, file
@@ -545,7 +543,9 @@ class SlideReader:
                 return names
         return tuple(f"channel_{c}" for c in range(self.num_channels))
 
-    def _open_mask(self, file: pathlib.Path, allow_upsample: bool) -> _MaskView:
+    def _open_mask(self, file: pathlib.Path) -> _MaskView:
+        """A mask at the level's shape, level 0's, or an integer fraction of the level's (annotations are
+        often rasterised at a reduced scale; each mask pixel then covers factor x factor level pixels)."""
         if file.suffix.lower() == ".png":
             source = _read_png_mask(self.slide_id, file)
         else:
@@ -559,15 +559,12 @@ class SlideReader:
             return _MaskView(source, "same", 1)
         if self.level_downsample > 1 and source.shape == self._base_shape:
             return _MaskView(source, "subsample", self.level_downsample)
-        if allow_upsample:
-            factor = _integer_downsample(self.shape, source.shape)
-            if factor is not None and factor > 1:
-                return _MaskView(source, "upsample", factor)
-        allowed = "the level's or level 0's" + (", or an integer fraction of the level's"
-                                                if allow_upsample else "")
+        factor = _integer_downsample(self.shape, source.shape)
+        if factor is not None and factor > 1:
+            return _MaskView(source, "upsample", factor)
         raise SlideError(self.slide_id, file, f"mask shape {source.shape} does not match the image: "
                          f"level shape {self.shape}, level-0 shape {self._base_shape} "
-                         f"(must be {allowed})")
+                         "(must be the level's or level 0's, or an integer fraction of the level's)")
 
     # -- reading ------------------------------------------------------------------------------------
     def _check_window(self, y: int, x: int, h: int, w: int) -> None:

@@ -369,19 +369,26 @@ def test_mask_at_chosen_level_resolution(tmp_path):
         np.testing.assert_array_equal(reader.read_tumour(0, 0, *reader.shape), level_mask != 0)
 
 
+@pytest.mark.parametrize("which", ["tissue", "tumour"])
 @pytest.mark.parametrize("factor,rounding", [(1, "ceil"), (4, "ceil"), (4, "floor"), (5, "ceil")])
-def test_tissue_mask_nearest_upsampling(tmp_path, factor, rounding):
+def test_mask_at_a_fraction_of_the_level_is_upsampled_nearest(tmp_path, factor, rounding, which):
     shape = ((-(-HEIGHT // factor), -(-WIDTH // factor)) if rounding == "ceil"
              else (HEIGHT // factor, WIDTH // factor))
-    tissue = random_mask(shape=shape, values=(0, 255), seed=15)
+    small = random_mask(shape=shape, values=(0, 255), seed=15)
     files = write_layout(tmp_path / "img", random_image(np.uint8), "interleaved")
-    spec = spec_for(files, write_mask(tmp_path / "m.tif", np.zeros((HEIGHT, WIDTH), np.uint8)),
-                    tissue_mask_file=write_mask(tmp_path / "tissue.tif", tissue))
-    expected = np.array([[tissue[min(i // factor, shape[0] - 1), min(j // factor, shape[1] - 1)] != 0
+    empty = np.zeros((HEIGHT, WIDTH), np.uint8)
+    if which == "tissue":
+        spec = spec_for(files, write_mask(tmp_path / "m.tif", empty),
+                        tissue_mask_file=write_mask(tmp_path / "small.tif", small))
+    else:
+        spec = spec_for(files, write_mask(tmp_path / "small.tif", small))
+    expected = np.array([[small[min(i // factor, shape[0] - 1), min(j // factor, shape[1] - 1)] != 0
                           for j in range(WIDTH)] for i in range(HEIGHT)])
     with SlideReader(spec) as reader:
+        reader.validate()
+        read = reader.read_tissue_mask if which == "tissue" else reader.read_tumour
         for y, x, h, w in windows((HEIGHT, WIDTH)):
-            np.testing.assert_array_equal(reader.read_tissue_mask(y, x, h, w), expected[y:y + h, x:x + w])
+            np.testing.assert_array_equal(read(y, x, h, w), expected[y:y + h, x:x + w])
 
 
 # ---------------------------------------------------------------------------------------------------

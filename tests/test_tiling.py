@@ -358,7 +358,7 @@ def bad_inputs(level0, tmp_path):
     labels[10:20, 10:20], labels[40:50, 40:50] = 3, 7
     tifffile.imwrite(tmp_path / "labels.tif", labels)
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((101, 90, 3), np.uint16) + np.arange(3, dtype=np.uint16))
-    tifffile.imwrite(tmp_path / "small_mask.tif", np.zeros((50, 45), np.uint8))
+    tifffile.imwrite(tmp_path / "small_mask.tif", np.zeros((50, 31), np.uint8))  # no integer fraction of (101, 90)
     write_layout(tmp_path / "constant", np.full((101, 90, 4), 7, np.uint16), "interleaved")
     broken = {"truncated": dict(rows[0], slide_id="truncated", image=str(tmp_path / "truncated.tif")),
               "wrong_mask": dict(rows[0], slide_id="wrong_mask", mask=str(tmp_path / "small_mask.tif")),
@@ -373,7 +373,7 @@ def bad_inputs(level0, tmp_path):
     ("labelmap", "slide 'labelmap', file '.*labels.tif': mask is a label map", 1),
     ("labelmap", "slide 'labelmap', file '.*labels.tif': mask is a label map", 2),
     ("three_channels", "slide 'three_channels', file '.*rgb.tif': does not match the dataset's format", 1),
-    ("wrong_mask", r"slide 'wrong_mask', file '.*small_mask.tif': mask shape \(50, 45\) does not match", 1),
+    ("wrong_mask", r"slide 'wrong_mask', file '.*small_mask.tif': mask shape \(50, 31\) does not match", 1),
     ("constant", "slide 'constant', file '.*constant.tif': empty slide: every pixel is 7", 1),
 ])
 def test_bad_slide_stops_the_run_and_writes_nothing_of_it(bad_inputs, tmp_path, capsys, bad, message, workers):
