@@ -105,10 +105,10 @@ class BareStep:
         self.step = method.train_step(model, mesh)
         self.norm, self.images_per_step = model.norm, method.examples_per_step
         batches = input_pipeline.training_batches(method, train["image"], train["label"], attribute)
+        placed = [sharding.shard_batch(batch, mesh)
+                  for batch in itertools.islice(batches.as_numpy_iterator(), cached_batches)]
         standardise = normalisation.Standardiser(metadata["channel_mean"], metadata["channel_std"], mesh)
-        self.batches = [{**placed, "image": standardise(placed["image"])}
-                        for placed in map(lambda batch: sharding.shard_batch(batch, mesh),
-                                          itertools.islice(batches.as_numpy_iterator(), cached_batches))]
+        self.batches = [{**batch, "image": standardise(batch["image"])} for batch in placed]
         self.state, _ = jax.block_until_ready(self.step(self.state, self.batches[0]))  # compiles
 
     def steps_per_second(self, steps: int) -> float:

@@ -351,14 +351,15 @@ def _grey_of_colour_mask(slide_id: str, file: pathlib.Path, mode: str, array: np
     A mask whose colour channels differ, or whose alpha is not opaque everywhere, could mean several
     things (a colour-coded label map, a mask in the alpha channel); it is refused, naming what differs.
     """
-    colours = array.shape[-1] - (1 if mode in ("RGBA", "LA") else 0)
-    if colours < array.shape[-1]:
+    colour = array
+    if mode in ("RGBA", "LA"):
+        colour = array[..., :-1]
         transparent = int(np.count_nonzero(array[..., -1] != 255))
         if transparent:
             raise SlideError(slide_id, file, f"PNG mask in mode {mode} has {transparent} pixels that are not "
                              "fully opaque; save the mask as a single-channel (L) PNG or TIFF")
-    grey = array[..., 0]
-    differing = int(np.count_nonzero((array[..., 1:colours] != grey[..., None]).any(axis=-1)))
+    grey = colour[..., 0]
+    differing = int(np.count_nonzero((colour != grey[..., None]).any(axis=-1)))
     if differing:
         raise SlideError(slide_id, file, f"PNG mask in mode {mode} is not grey: {differing} pixels have "
                          "differing colour channels; save the mask as a single-channel (L) PNG or TIFF")
