@@ -2,8 +2,9 @@
 
 A slide is one multichannel TIFF, or one TIFF per channel (modality), plus a tumour mask and an
 optional tissue mask (a `SlideSpec`, from `data_pipeline.manifest.read_manifest`). `SlideReader` opens
-the files with tifffile and reads windows through tifffile's zarr store, so only the strips / tiles a
-window touches are decoded; no method ever holds a whole level in memory.
+the files with tifffile and reads windows straight from their strips / tiles (`tiff_windows`; tifffile's
+zarr store for rarer layouts), so only the strips / tiles a window touches are decoded; no method
+ever holds a whole level in memory.
 
 Supported image files: stripped or tiled, uncompressed / deflate / LZW / JPEG / zstd / anything
 tifffile+imagecodecs decode, classic or BigTIFF; samples interleaved (Y, X, C), planar (C, Y, X), or one
@@ -42,6 +43,7 @@ from PIL import Image
 from zarr.storage import WrapperStore
 
 from data_pipeline.manifest import SlideError, SlideSpec
+from data_pipeline.tiff_windows import PageWindows
 from gerne_jax import dataset
 
 SPATIAL_AXES = ("Y", "X")
@@ -88,15 +90,16 @@ class _TiffLevel:
         self._axes = axes
         self._channel_axis = extra[0] if extra else None
         self._check_not_truncated(tiff, level_series)
-        cache = _ChunkCache(series.aszarr(level=level))
-        self._array = zarr.open(cache, mode="r")
+        self._array = zarr.open(_ChunkCache(series.aszarr(level=level)), mode="r")
         # Storage chunk (strip or tile) in pixels: scans align to it so none is decoded twice.
         self.chunk_shape = (self._array.chunks[axes.index("Y")], self._array.chunks[axes.index("X")])
         # The next window of a band scan reads again the row of chunks the last one cut. Room for two
         # rows across the level keeps it while the windows of a band, read in column chunks, decode
         # the row below.
         chunk_row = self.chunk_shape[0] * (self.shape[1] + self.chunk_shape[1])
-        cache.capacity = min(2 * chunk_row * self.num_channels * self.dtype.itemsize, CHUNK_CACHE_BYTES)
+        capacity = min(2 * chunk_row * self.num_channels * self.dtype.itemsize, CHUNK_CACHE_BYTES)
+        self._windows = PageWindows.of_level(level_series, self.num_channels, capacity)
+        self._array.store.capacity = 0 if self._windows is not None else capacity
 
     def _check_not_truncated(self, tiff: tifffile.TiffFile, level_series) -> None:
         file_size = tiff.filehandle.size
@@ -110,6 +113,14 @@ class _TiffLevel:
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
         """Pixels [rows, cols] (slices may have steps) as (h, w, C) in the source dtype."""
+        with _reading(self._slide_id, self.file):
+            window = self._windows.read(rows, cols) if self._windows is not None else self._read_zarr(rows, cols)
+        if self.dtype.kind == "f":
+            self._check_finite(window, rows, cols)
+        return window
+
+    def _read_zarr(self, rows: slice, cols: slice) -> np.ndarray:
+        """`read` through tifffile's zarr store, for the layouts `PageWindows` leaves out."""
         index, kept_axes = [], []
         for axis in self._axes:
             if axis == "Y":
@@ -123,13 +134,9 @@ class _TiffLevel:
                 kept_axes.append(axis)
             else:
                 index.append(0)
-        with _reading(self._slide_id, self.file):
-            window = np.asarray(self._array[tuple(index)])
+        window = np.asarray(self._array[tuple(index)])
         channel = kept_axes.index(self._channel_axis) if self._channel_axis else None
-        window = window[..., None] if channel is None else np.moveaxis(window, channel, -1)
-        if self.dtype.kind == "f":
-            self._check_finite(window, rows, cols)
-        return window
+        return window[..., None] if channel is None else np.moveaxis(window, channel, -1)
 
     def _check_finite(self, window: np.ndarray, rows: slice, cols: slice) -> None:
         """NaN or Inf pixels would end up in the patches and make the channel statistics NaN, so

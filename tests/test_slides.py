@@ -617,9 +617,20 @@ def test_thumbnail_of_large_file_in_bounded_memory(large_slide, monkeypatch):
 # Decoded-chunk cache and mask value checks
 # ---------------------------------------------------------------------------------------------------
 def count_chunk_decodes(source) -> dict:
-    """Wraps the tifffile store under a `_TiffLevel`'s cache; returns {chunk key: times fetched}."""
+    """Wraps the segment decoder of a `_TiffLevel` (tifffile's `TiffPage.decode`, or tifffile's zarr
+    store when the level reads through zarr); returns {segment: times decoded}."""
+    fetched = {}
+    if source._windows is not None:
+        windows, resolve = source._windows, source._windows._resolve
+
+        def counting_resolve(future, key, *args):  # key: (page, segment index)
+            fetched[key] = fetched.get(key, 0) + 1
+            return resolve(future, key, *args)
+
+        windows._resolve = counting_resolve
+        return fetched
     store = source._array.store._store  # zarr array -> _ChunkCache -> tifffile's ZarrTiffStore
-    fetched, get = {}, store.get
+    get = store.get
 
     async def counting_get(key, *args, **kwargs):
         if key.split("/")[-1][0].isdigit():  # chunk keys ("c/0/1/0" or "0.1.0"), not metadata
