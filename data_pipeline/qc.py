@@ -15,8 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.collections import PatchCollection  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.collections import PolyCollection  # noqa: E402
 
 from gerne_jax import files  # noqa: E402
 
@@ -74,12 +73,14 @@ def save_qc_png(
         # contour needs at least 2 x 2 values: a slide thinner than 2 thumbnail pixels has no outline
         if min(mask.shape) >= 2 and mask.any() and not mask.all():
             axis.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.8)
+    side = patch_size / factor
+    square = np.array([[0.0, 0.0], [side, 0.0], [side, side], [0.0, side]])
     for label, colour in LABEL_COLOURS.items():
-        chosen = patch_yx[np.asarray(patch_labels) == label]
-        rectangles = [Rectangle((x / factor - 0.5, y / factor - 0.5), patch_size / factor,
-                                patch_size / factor) for y, x in chosen]
-        axis.add_collection(PatchCollection(rectangles, facecolor="none", edgecolor=colour,
-                                            linewidth=0.4))
+        # One polygon collection from a vertex array: a slide's ten thousand patches would cost a
+        # second as matplotlib Rectangle objects.
+        corners = patch_yx[np.asarray(patch_labels) == label][:, ::-1] / factor - 0.5  # top-left (x, y)
+        axis.add_collection(PolyCollection(corners[:, None, :] + square, facecolors="none", edgecolors=colour,
+                                           linewidths=0.4))
     counts = np.bincount(np.asarray(patch_labels, np.int64), minlength=2)
     axis.set_title(f"{title}\n{counts[1]} tumour (red) / {counts[0]} non-tumour (cyan) patches; "
                    "tissue white, tumour magenta", fontsize=9)
