@@ -7,7 +7,8 @@ Each channel is scaled to [0, 1] by its own robust percentiles (so one bright ch
 the others), the channels are averaged, lightly smoothed, and split by Otsu's threshold. Which side of
 the threshold is background ("polarity") is either given — "dark" for dark-field images
 (fluorescence, nonlinear microscopy), "bright" for brightfield (H&E) — or inferred ("auto", see
-`infer_background`). Small objects and small holes are then removed, relative to the thumbnail size.
+`infer_background`: the more uniform side, else the side covering the image border). Small
+objects and small holes are then removed, relative to the thumbnail size.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import numpy as np
 from skimage import filters, morphology
 
 POLARITIES = ("auto", "dark", "bright")
+# How many times more spread one side of the threshold must be to call the other side background.
+SPREAD_RATIO = 1.5
 
 
 def combine_channels(thumbnail: np.ndarray, low_percentile: float = 1.0,
@@ -51,17 +54,35 @@ def combine_channels(thumbnail: np.ndarray, low_percentile: float = 1.0,
     return total / used if used else total
 
 
-def infer_background(bright: np.ndarray) -> str:
+def infer_background(bright: np.ndarray, intensity: np.ndarray | None = None) -> str:
     """"bright" or "dark": which side of the threshold is background.
 
-    Rule: the background is the class covering more of the image border (tissue rarely fills the
-    frame of a whole-slide thumbnail); on an exact tie, the class covering more of the image.
+    Rule: background is the more uniform side. Glass in brightfield and the dark field of
+    fluorescence hold one level plus noise, while tissue mixes stains, structures and textures, so
+    when the spread of `intensity` on one side is at least `SPREAD_RATIO` times the other's, the
+    tighter side is background, whether or not tissue fills the frame and touches its border. The
+    spread is the median absolute deviation, which the pixels blurred across the edge between the
+    sides barely move. Otherwise (no intensity, or spreads alike) the background is the side
+    covering more of the image border (tissue rarely fills the frame of a whole-slide thumbnail);
+    on an exact tie, the side
+    covering more of the image.
     """
+    if intensity is not None and bright.any() and not bright.all():
+        bright_spread, dark_spread = _median_absolute_deviation(intensity[bright]), \
+            _median_absolute_deviation(intensity[~bright])
+        if bright_spread * SPREAD_RATIO <= dark_spread:
+            return "bright"
+        if dark_spread * SPREAD_RATIO <= bright_spread:
+            return "dark"
     border = np.concatenate([bright[0], bright[-1], bright[1:-1, 0], bright[1:-1, -1]])
     border_bright = border.mean() if border.size else 0.5
     if border_bright != 0.5:
         return "bright" if border_bright > 0.5 else "dark"
     return "bright" if bright.mean() > 0.5 else "dark"
+
+
+def _median_absolute_deviation(values: np.ndarray) -> float:
+    return float(np.median(np.abs(values - np.median(values))))
 
 
 def detect_tissue(thumbnail: np.ndarray, polarity: str = "auto", min_object_px: int | None = None,
@@ -86,7 +107,7 @@ def detect_tissue(thumbnail: np.ndarray, polarity: str = "auto", min_object_px: 
     if intensity.size == 0 or intensity.min() == intensity.max():
         return np.zeros(intensity.shape, dtype=bool)  # no contrast: nothing to call tissue
     bright = intensity > filters.threshold_otsu(intensity)
-    background = infer_background(bright) if polarity == "auto" else polarity
+    background = infer_background(bright, intensity) if polarity == "auto" else polarity
     tissue = ~bright if background == "bright" else bright
     num_pixels = tissue.size
     if min_object_px is None:

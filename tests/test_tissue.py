@@ -113,6 +113,46 @@ def test_small_specks_removed_and_small_holes_filled():
     np.testing.assert_array_equal(kept, (truth | speck) & ~hole)
 
 
+def filled_frame(kind: str, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnail, truth): tissue covers about 80 % of the frame and every edge of it (a region of
+    interest cropped from a slide), with a few background openings; brightfield or dark field."""
+    rng = np.random.default_rng(seed)
+    truth = ~disc_truth(discs=((40, 50, 25), (115, 150, 30), (120, 40, 14)))
+    if kind == "bright":
+        stains = np.array([[190.0, 110.0, 170.0], [140.0, 70.0, 150.0]])
+        texture = rng.integers(0, 2, (SHAPE[0] // 8 + 1, SHAPE[1] // 8 + 1)).repeat(8, 0).repeat(8, 1)
+        tissue_rgb = stains[texture[:SHAPE[0], :SHAPE[1]]]
+        image = np.where(truth[..., None], tissue_rgb, [242.0, 240.0, 245.0])
+        image = image + rng.normal(0, 6, SHAPE + (3,))
+    else:
+        signal = 0.5 * (1 + 0.4 * rng.standard_normal(SHAPE))
+        image = (rng.normal(0.05, 0.02, SHAPE) + truth * signal)[..., None]
+    return np.clip(image, 0, None).astype(np.float32), truth
+
+
+@pytest.mark.parametrize("kind", ["bright", "dark"])
+def test_tissue_filling_the_frame_found_with_auto_polarity(kind):
+    """Tissue touching every edge: the border holds mostly tissue, yet the uniform side is background."""
+    thumb, truth = filled_frame(kind)
+    bright = tissue.combine_channels(thumb) > 0.5
+    border = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
+    assert (border.mean() > 0.5) == (kind == "dark")  # the border alone would pick the wrong side
+    found = tissue.detect_tissue(thumb)
+    assert iou(found, truth) > 0.9
+    np.testing.assert_array_equal(found, tissue.detect_tissue(thumb, polarity=kind))
+
+
+def test_infer_background_prefers_the_uniform_side():
+    rng = np.random.default_rng(4)
+    bright = np.zeros((20, 20), bool)
+    bright[5:15, 5:15] = True
+    intensity = np.where(bright, rng.normal(0.8, 0.01, bright.shape), rng.normal(0.3, 0.1, bright.shape))
+    assert tissue.infer_background(bright, intensity) == "bright"  # the border says "dark"
+    assert tissue.infer_background(bright, 1 - intensity) == "bright"  # spreads of 0.1 vs 0.01 once more
+    similar = np.where(bright, rng.normal(0.8, 0.08, bright.shape), rng.normal(0.3, 0.1, bright.shape))
+    assert tissue.infer_background(bright, similar) == "dark"  # within SPREAD_RATIO: the border decides
+
+
 def test_infer_background_border_rule_and_tie():
     bright = np.zeros((10, 10), bool)
     bright[0, :] = bright[-1, :] = bright[:, 0] = bright[:, -1] = True  # bright frame
