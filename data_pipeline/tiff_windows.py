@@ -10,6 +10,9 @@ work with less overhead: it reads the segments (strips or tiles) a window touche
 copies each segment's part of the window once. Windows may have steps (masks read at a subsampled
 grid): only the segments holding a visited row and column are decoded.
 
+Uncompressed pages stored in one piece are memory-mapped (tifffile's `FileHandle.memmap_array`)
+and sliced, so a window of an image written as one strip reads only its own bytes.
+
 Decoded segments stay in an LRU of `capacity` segments: consecutive windows of a band scan share the
 row of segments their common edge cuts, which is then decoded once. Several threads may read at
 once; a segment that one of them is decoding is waited for, not decoded again.
@@ -76,7 +79,14 @@ class PageWindows:
         self._grid = (math.ceil(self.height / self._segment_shape[0]), math.ceil(self.width / self._segment_shape[1]))
         self._planes = planes
         segment_bytes = self._segment_shape[0] * self._segment_shape[1] * contig * self.dtype.itemsize
-        self._capacity = max(1, capacity_bytes // segment_bytes)
+        # A segment larger than the cache (a whole page in one strip) is decoded for each read, not kept.
+        self._capacity = capacity_bytes // segment_bytes
+        # Uncompressed pages stored in one piece (often a single strip of the whole image) are mapped
+        # into memory instead: a window then reads its own bytes only.
+        self._mapped = None
+        if all(page.is_memmappable for page in pages):
+            self._mapped = [self._fh.memmap_array(keyframe.parent.byteorder + keyframe._dtype.char, keyframe.shaped,
+                                                  offset=page.dataoffsets[0]) for page in pages]
         self._cache: collections.OrderedDict[tuple[int, int], concurrent.futures.Future] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -107,6 +117,10 @@ class PageWindows:
                         self.num_channels), self.dtype)
         if out.size == 0:
             return out
+        if self._mapped is not None:
+            parts = [mapped[:, 0, rows, cols, :] for mapped in self._mapped]  # (planes, h, w, contig) each
+            return np.concatenate([np.moveaxis(part, 0, 2).reshape(out.shape[0], out.shape[1], -1) for part in parts],
+                                  axis=-1, out=out)
         segment_h, segment_w = self._segment_shape
         segment_rows = np.unique(np.arange(row_start, row_stop, row_step) // segment_h)
         segment_cols = np.unique(np.arange(col_start, col_stop, col_step) // segment_w)
@@ -171,9 +185,10 @@ class PageWindows:
                         decoding.append(pool.submit(self._resolve, *task))
         except BaseException as error:
             concurrent.futures.wait(decoding)
-            for _, future in claimed:
+            for key, future in claimed:
                 if not future.done():
                     future.set_exception(error)
+                    self._forget(key, future)
             raise
 
     def _resolve(self, future: concurrent.futures.Future, key: tuple[int, int], data: bytes | None,
@@ -181,9 +196,13 @@ class PageWindows:
         try:
             segment, position, _ = self._decode(data, key[1], **arguments)
         except BaseException as error:
-            with self._cache_lock:  # a later read tries again rather than reusing the failure
-                if self._cache.get(key) is future:
-                    del self._cache[key]
+            self._forget(key, future)
             future.set_exception(error)
         else:
             future.set_result((segment, position))
+
+    def _forget(self, key: tuple[int, int], future: concurrent.futures.Future) -> None:
+        """Drops a failed segment from the cache: a later read tries again rather than reuse the failure."""
+        with self._cache_lock:
+            if self._cache.get(key) is future:
+                del self._cache[key]

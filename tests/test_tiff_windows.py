@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -214,3 +215,44 @@ def test_reader_uses_direct_windows_for_masks(tmp_path):
     with SlideReader(spec) as reader:
         assert isinstance(reader._tumour.source, slides._TiffLevel) and reader._tumour.source._windows is not None
         np.testing.assert_array_equal(reader.read_tumour(0, 0, 45, 67), mask != 0)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "planar", "multipage", "ome"])
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_uncompressed_pages_are_memory_mapped(tmp_path, layout, byteorder):
+    """Uncompressed pages in one piece are sliced from a memory map, in every layout and byte order."""
+    image = random_image(np.uint16, seed=12)
+    files = write_layout(tmp_path / "img", image, layout, rowsperstrip=image.shape[0])
+    if byteorder == ">":  # the same pixels, big-endian
+        with tifffile.TiffFile(files[0]) as tiff:
+            data, metadata = tiff.series[0].asarray(), tiff.series[0].axes
+        files = [tmp_path / "big_endian.tif"]
+        tifffile.imwrite(files[0], data, byteorder=">", photometric="minisblack",
+                         planarconfig={"planar": "separate", "interleaved": "contig"}.get(layout),
+                         metadata={"axes": metadata})
+    tiff, windows, whole = level_windows(files[0])
+    with tiff:
+        assert windows._mapped is not None
+        np.testing.assert_array_equal(whole, image)
+        for rows, cols in strided_windows(image.shape[:2]):
+            window = windows.read(rows, cols)
+            assert window.dtype == np.dtype(np.uint16) and window.dtype.isnative
+            np.testing.assert_array_equal(window, image[rows, cols])
+
+
+def test_window_of_a_single_strip_image_reads_only_its_bytes(tmp_path):
+    """A 2,000 x 3,000 uint16 image in one uncompressed strip (tifffile's default, ImageJ's too): a small
+    window costs memory for its own pixels, not the page's 12 MB."""
+    rng = np.random.default_rng(13)
+    image = rng.integers(0, 65535, (2000, 3000), dtype=np.uint16)
+    file = tmp_path / "one_strip.tif"
+    tifffile.imwrite(file, image, photometric="minisblack")
+    tiff, windows, _ = level_windows(file)
+    with tiff:
+        assert len(tiff.pages[0].dataoffsets) == 1
+        tracemalloc.start()
+        window = windows.read(slice(1500, 1540), slice(2000, 2030))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    np.testing.assert_array_equal(window[..., 0], image[1500:1540, 2000:2030])
+    assert peak < 1 << 20
