@@ -191,7 +191,7 @@ class SlideScan:
     def read_block(self, block: tuple[np.ndarray, np.ndarray]) -> PatchBlock:
         """The patches of one block of `plan`: per grid row, those whose tissue ratio exceeds the minimum.
 
-        Safe to call from several threads at once (the reader's decoding runs on zarr's I/O thread).
+        Safe to call from several threads at once (they share the reader's cache of decoded segments).
         """
         reader = self.reader
         P, config = self.config.patch_size, self.config

@@ -7,7 +7,7 @@ jitted forward pass) and returns the tumour probability of `evaluation.eval_step
 probability `evaluate.py` gives it.
 
 Host reading and device compute overlap: `ordered_map` runs a pool of reader threads (mask
-arithmetic and copies in parallel with the decoding on zarr's I/O thread) that keeps a bounded
+arithmetic and copies in parallel with the tile decoding on `tiff_windows`' pool) that keeps a bounded
 number of blocks in flight, and `predict_batches` dispatches batch k + 1 to the jitted model before
 it fetches the result of batch k, so the device never waits on one Python thread and the host never
 holds more than a few blocks.

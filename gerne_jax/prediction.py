@@ -169,8 +169,8 @@ def scan_slide(opened: OpenedSlide, classifier: inference.PatchClassifier, setti
     qc_tumour = np.zeros(lowres_shape, bool)
     probability_map = slide_outputs.ProbabilityMap(reader.shape, config.patch_size, config.stride)
 
-    # One reader for every reader thread: zarr decodes all chunks on its one I/O thread anyway, and
-    # one reader's chunk cache decodes a TIFF tile row shared by two blocks once, not once per thread.
+    # One reader for every reader thread: its cache of decoded segments decodes a TIFF tile row that
+    # two blocks share once, not once per thread (a thread needing a segment another decodes waits).
     def read(block):
         patches = scan.read_block(block)
         record_qc_rows(qc_tissue, qc_tumour, patches.tissue, patches.tumour, patches.y0, patches.x0, scan.factor)
