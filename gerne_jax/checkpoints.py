@@ -5,8 +5,14 @@ Layout under `WORKDIR/checkpoints/`:
 - `best_wga/<step>/`, `best_bca/<step>/`, ...: the single state with the best validation value of
   that metric so far (ties keep the earlier step).
 Each checkpoint holds the train state and a JSON `meta` item: the step, the config and the
-validation metrics it was chosen on. Saving is synchronous, and orbax writes every checkpoint to a
-temporary folder that it renames when complete, so a killed run never leaves a half-written one.
+validation metrics it was chosen on. In a one-process run saving is asynchronous: `save_latest` /
+`update_best` return once the state is copied off the devices (the next step may then reuse its donated
+buffers) and orbax writes it in the background; `wait_until_saved` blocks until every save has
+finished, and the trainer calls it before it writes a log row, so a logged step implies that the
+checkpoints before it are on disk. A run of several processes saves synchronously (orbax's background
+commits of several checkpoint managers wait at cross-process barriers, which deadlocked in the
+two-process test). Either way orbax writes every checkpoint to a temporary folder that it renames when
+complete, so a killed run never leaves a half-written one.
 A checkpoint damaged afterwards (disk, copying) is named with the file that cannot be read; a resumed
 run falls back from a damaged latest checkpoint to the previous one (`restore_for_resume`).
 """
@@ -22,6 +28,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from gerne_jax.errors import InputError, cause_chain
@@ -46,8 +53,9 @@ class DamagedCheckpointError(CheckpointError):
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    asynchronous = not read_only and jax.process_count() == 1  # see the module docstring
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           enable_async_checkpointing=False, read_only=read_only)
+                                           enable_async_checkpointing=asynchronous, read_only=read_only)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
@@ -154,9 +162,14 @@ class RunCheckpoints:
         manager = self._managers[name]
         if manager.latest_step() == step:  # re-saving the same step (e.g. after a resume) is a no-op
             return
+        manager.wait_until_finished()  # one save in flight per manager
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)), force=True)
-        manager.wait_until_finished()
+
+    def wait_until_saved(self) -> None:
+        """Blocks until every checkpoint save started so far is complete on disk."""
+        for manager in self._managers.values():
+            manager.wait_until_finished()
 
     def _restored_best_value(self, name: str) -> float | None:
         manager = self._managers[name]

@@ -165,6 +165,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
     metrics_log = run_log.MetricsLog(workdir, start_step) if is_main_process else None
 
     def log(step: int, split: str, values: dict[str, Any]) -> None:
+        # The checkpoints saved in the background are on disk before a later step is logged: a run killed
+        # after any log row resumes from the last save before that row.
+        ckpt.wait_until_saved()
         if metrics_log is None:
             return
         for name, value in metrics_log.write(step, split, values).items():

@@ -201,6 +201,30 @@ def test_sigterm_saves_and_exits(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigkill_any_time_leaves_the_checkpoint_before_the_last_logged_step(tiny_data, tmp_path):
+    """Checkpoints are written in the background; a logged step waits for the saves before it. So a
+    process killed outright (SIGKILL) at any moment has, for its last logged step s, the checkpoint of
+    step s - 1 or later on disk, and it restores."""
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+         f"--config.data.dir={tiny_data.path}", "--config.training.steps=100000",
+         "--config.training.eval_every=100000", "--config.training.checkpoint_every=1",
+         "--config.training.log_every=1", f"--workdir={workdir}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = workdir / run_log.METRICS_FILE
+    while process.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 6):
+        time.sleep(0.02)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    last_logged = max(row["step"] for row in run_log.read_metrics(workdir) if row["split"] == "train")
+    config = run_log.read_config(workdir)
+    _, meta = _restore_latest(workdir, config)
+    assert meta["step"] >= last_logged - 1
+
+
+@pytest.mark.slow
 def test_init_from_pretrained_weights_defaults_to_frozen_batch_norm(tiny_config, tmp_path):
     from safetensors.numpy import save_file
 
