@@ -290,6 +290,7 @@ def train_last_layer(config: ml_collections.ConfigDict, workdir: str | pathlib.P
                     "data_dir": str(pathlib.Path(config.data.dir).absolute())}
             ckpt.update_best(steps, state, meta)
             ckpt.save_latest(steps, state, meta)
+            ckpt.wait_until_saved()  # the metrics row and the report mark a finished run: checkpoints first
             if distributed.is_main_process():
                 metrics_log = run_log.MetricsLog(workdir, 0)
                 metrics_log.write(steps, "validation", evaluation.scalar_metrics(half_b_report))
