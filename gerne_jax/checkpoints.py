@@ -52,10 +52,14 @@ class DamagedCheckpointError(CheckpointError):
     """A checkpoint with a file that cannot be read (not a mismatch with the config); the message names it."""
 
 
+def _saves_in_background() -> bool:
+    """Whether checkpoints are written on orbax's background thread: in a one-process run (module docstring)."""
+    return jax.process_count() == 1
+
+
 def _manager(directory: pathlib.Path, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-    asynchronous = not read_only and jax.process_count() == 1  # see the module docstring
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           enable_async_checkpointing=asynchronous, read_only=read_only)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                           enable_async_checkpointing=not read_only and _saves_in_background())
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 

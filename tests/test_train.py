@@ -225,6 +225,31 @@ def test_sigkill_any_time_leaves_the_checkpoint_before_the_last_logged_step(tiny
 
 
 @pytest.mark.slow
+def test_background_saves_hold_the_states_synchronous_saves_hold(tiny_config, tmp_path, monkeypatch):
+    """The state is donated to the next step while orbax writes it in the background: every checkpoint
+    (latest steps and best ones) must still equal, leaf for leaf, what synchronous saving writes."""
+    config = tiny_config("gerne")
+    config.training.steps, config.training.checkpoint_every, config.training.eval_every = 8, 1, 1
+    config.training.precise_bn_batches = 2
+    trainer.train_and_evaluate(config, tmp_path / "background")
+    monkeypatch.setattr(checkpoints, "_saves_in_background", lambda: False)
+    trainer.train_and_evaluate(config, tmp_path / "synchronous")
+    model = experiment.create_model(config)
+    target = experiment.initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
+    runs = [checkpoints.RunCheckpoints(tmp_path / name, read_only=True) for name in ("background", "synchronous")]
+    try:
+        assert runs[0].describe_available() == runs[1].describe_available()
+        for name in [*checkpoints.BEST_CHECKPOINTS, 7, 8]:
+            (a, meta_a), (b, meta_b) = (run.restore(name, target) for run in runs)
+            assert meta_a["step"] == meta_b["step"]
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(name))
+    finally:
+        for run in runs:
+            run.close()
+
+
+@pytest.mark.slow
 def test_init_from_pretrained_weights_defaults_to_frozen_batch_norm(tiny_config, tmp_path):
     from safetensors.numpy import save_file
 
