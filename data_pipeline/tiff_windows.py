@@ -37,6 +37,15 @@ _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of its parent's threads: it starts a pool of its own on first use."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _decode_pool() -> concurrent.futures.ThreadPoolExecutor:
     """One process-wide pool for segment decoding (codecs release the GIL), created on first use."""
     global _pool

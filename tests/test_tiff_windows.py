@@ -1,6 +1,7 @@
 """Direct strip / tile reading (`data_pipeline.tiff_windows`) against tifffile's own whole-page decode."""
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import tracemalloc
 
@@ -256,3 +257,31 @@ def test_window_of_a_single_strip_image_reads_only_its_bytes(tmp_path):
         tracemalloc.stop()
     np.testing.assert_array_equal(window[..., 0], image[1500:1540, 2000:2030])
     assert peak < 1 << 20
+
+
+def _read_in_child(file, queue):
+    tiff, windows, whole = level_windows(file)
+    with tiff:
+        queue.put(bool(np.array_equal(windows.read(slice(None), slice(None)), whole)))
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's warning; the child reads TIFFs only
+def test_a_forked_child_decodes_with_its_own_pool(tmp_path):
+    """The parent's decoding pool has no threads in a forked child (multiprocessing's default on Linux):
+    the child gets a pool of its own instead of waiting forever on the parent's."""
+    image = random_image(np.uint8, shape=(64, 64, 3), seed=14)
+    file = tmp_path / "tiles.tif"
+    tifffile.imwrite(file, image, tile=(16, 16), compression="zlib", photometric="rgb")
+    tiff, windows, _ = level_windows(file)
+    with tiff:
+        windows.read(slice(None), slice(None))  # several tiles: the parent's pool is running
+    assert tiff_windows._pool is not None
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(file, queue))
+    child.start()
+    child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0 and queue.get(timeout=5)
