@@ -90,16 +90,22 @@ class _TiffLevel:
         self._axes = axes
         self._channel_axis = extra[0] if extra else None
         self._check_not_truncated(tiff, level_series)
-        self._array = zarr.open(_ChunkCache(series.aszarr(level=level)), mode="r")
         # Storage chunk (strip or tile) in pixels: scans align to it so none is decoded twice.
-        self.chunk_shape = (self._array.chunks[axes.index("Y")], self._array.chunks[axes.index("X")])
-        # The next window of a band scan reads again the row of chunks the last one cut. Room for two
-        # rows across the level keeps it while the windows of a band, read in column chunks, decode
-        # the row below.
+        self._windows = PageWindows.of_level(level_series, self.num_channels)
+        if self._windows is not None:
+            self.chunk_shape = self._windows.segment_shape
+            self._windows.set_cache_bytes(self._cache_bytes())
+        else:  # tifffile's zarr store, opened only for the layouts `PageWindows` leaves out
+            self._array = zarr.open(_ChunkCache(series.aszarr(level=level)), mode="r")
+            self.chunk_shape = (self._array.chunks[axes.index("Y")], self._array.chunks[axes.index("X")])
+            self._array.store.capacity = self._cache_bytes()
+
+    def _cache_bytes(self) -> int:
+        """Decoded chunks to keep: the next window of a band scan reads again the row of chunks the last one
+        cut. Room for two rows across the level keeps it while the windows of a band, read in column
+        chunks, decode the row below."""
         chunk_row = self.chunk_shape[0] * (self.shape[1] + self.chunk_shape[1])
-        capacity = min(2 * chunk_row * self.num_channels * self.dtype.itemsize, CHUNK_CACHE_BYTES)
-        self._windows = PageWindows.of_level(level_series, self.num_channels, capacity)
-        self._array.store.capacity = 0 if self._windows is not None else capacity
+        return min(2 * chunk_row * self.num_channels * self.dtype.itemsize, CHUNK_CACHE_BYTES)
 
     def _check_not_truncated(self, tiff: tifffile.TiffFile, level_series) -> None:
         file_size = tiff.filehandle.size

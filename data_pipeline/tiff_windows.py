@@ -13,7 +13,7 @@ grid): only the segments holding a visited row and column are decoded.
 Uncompressed pages stored in one piece are memory-mapped (tifffile's `FileHandle.memmap_array`)
 and sliced, so a window of an image written as one strip reads only its own bytes.
 
-Decoded segments stay in an LRU of `capacity` segments: consecutive windows of a band scan share the
+Decoded segments stay in an LRU (`set_cache_bytes`): consecutive windows of a band scan share the
 row of segments their common edge cuts, which is then decoded once. Several threads may read at
 once; a segment that one of them is decoding is waited for, not decoded again.
 
@@ -71,7 +71,7 @@ def _overlap(start: int, stop: int, step: int, segment_start: int, segment_stop:
 class PageWindows:
     """Reads (h, w, C) windows of a level stored as one page, or as one single-sample page per channel."""
 
-    def __init__(self, pages: Sequence[tifffile.TiffPage | tifffile.TiffFrame], capacity_bytes: int):
+    def __init__(self, pages: Sequence[tifffile.TiffPage | tifffile.TiffFrame]):
         keyframe = pages[0].keyframe
         self._pages = list(pages)
         self._decode = keyframe.decode
@@ -82,14 +82,13 @@ class PageWindows:
         planes, _, self.height, self.width, contig = keyframe.shaped
         self.num_channels = planes * contig * len(pages)
         if keyframe.is_tiled:
-            self._segment_shape = (keyframe.tilelength, keyframe.tilewidth)
+            self.segment_shape = (keyframe.tilelength, keyframe.tilewidth)
         else:
-            self._segment_shape = (min(keyframe.rowsperstrip, self.height), self.width)
-        self._grid = (math.ceil(self.height / self._segment_shape[0]), math.ceil(self.width / self._segment_shape[1]))
+            self.segment_shape = (min(keyframe.rowsperstrip, self.height), self.width)
+        self._grid = (math.ceil(self.height / self.segment_shape[0]), math.ceil(self.width / self.segment_shape[1]))
         self._planes = planes
-        segment_bytes = self._segment_shape[0] * self._segment_shape[1] * contig * self.dtype.itemsize
-        # A segment larger than the cache (a whole page in one strip) is decoded for each read, not kept.
-        self._capacity = capacity_bytes // segment_bytes
+        self._segment_bytes = self.segment_shape[0] * self.segment_shape[1] * contig * self.dtype.itemsize
+        self._capacity = 0  # segments kept (`set_cache_bytes`)
         # Uncompressed pages stored in one piece (often a single strip of the whole image) are mapped
         # into memory instead: a window then reads its own bytes only.
         self._mapped = None
@@ -99,9 +98,13 @@ class PageWindows:
         self._cache: collections.OrderedDict[tuple[int, int], concurrent.futures.Future] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
+    def set_cache_bytes(self, value: int) -> None:
+        """Bytes of decoded segments to keep; a segment larger than that (a whole page in one strip) is
+        decoded for each read, not kept."""
+        self._capacity = value // self._segment_bytes
+
     @classmethod
-    def of_level(cls, level_series: tifffile.TiffPageSeries, num_channels: int,
-                 capacity_bytes: int) -> PageWindows | None:
+    def of_level(cls, level_series: tifffile.TiffPageSeries, num_channels: int) -> PageWindows | None:
         """The reader of a level whose pages it handles (module docstring), else None."""
         pages = list(level_series.pages)
         if not pages or any(page is None for page in pages):
@@ -112,7 +115,7 @@ class PageWindows:
         planes, depth, height, width, contig = keyframe.shaped
         if depth != 1 or (len(pages) > 1 and planes * contig != 1):
             return None
-        windows = cls(pages, capacity_bytes)
+        windows = cls(pages)
         expected = math.prod(level_series.shape)
         if windows.num_channels != num_channels or expected != height * width * windows.num_channels:
             return None
@@ -130,7 +133,7 @@ class PageWindows:
             parts = [mapped[:, 0, rows, cols, :] for mapped in self._mapped]  # (planes, h, w, contig) each
             return np.concatenate([np.moveaxis(part, 0, 2).reshape(out.shape[0], out.shape[1], -1) for part in parts],
                                   axis=-1, out=out)
-        segment_h, segment_w = self._segment_shape
+        segment_h, segment_w = self.segment_shape
         segment_rows = np.unique(np.arange(row_start, row_stop, row_step) // segment_h)
         segment_cols = np.unique(np.arange(col_start, col_stop, col_step) // segment_w)
         per_plane = self._grid[0] * self._grid[1]

@@ -64,8 +64,7 @@ def infer_background(bright: np.ndarray, intensity: np.ndarray | None = None) ->
     spread is the median absolute deviation, which the pixels blurred across the edge between the
     sides barely move. Otherwise (no intensity, or spreads alike) the background is the side
     covering more of the image border (tissue rarely fills the frame of a whole-slide thumbnail);
-    on an exact tie, the side
-    covering more of the image.
+    on an exact tie, the side covering more of the image.
     """
     if intensity is not None and bright.any() and not bright.all():
         bright_spread, dark_spread = _median_absolute_deviation(intensity[bright]), \

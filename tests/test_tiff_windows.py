@@ -44,7 +44,10 @@ def level_windows(file, capacity=CAPACITY):
     else:
         whole = whole[..., None]
     whole = whole.reshape(whole.shape[-3:])
-    return tiff, PageWindows.of_level(series, whole.shape[-1], capacity), whole
+    windows = PageWindows.of_level(series, whole.shape[-1])
+    if windows is not None:
+        windows.set_cache_bytes(capacity)
+    return tiff, windows, whole
 
 
 def test_overlap_matches_brute_force():
@@ -206,7 +209,7 @@ def test_volume_pages_fall_back_to_zarr(tmp_path):
     tifffile.imwrite(file, volume, tile=(2, 16, 16), photometric="minisblack", volumetric=True)
     with tifffile.TiffFile(file) as tiff:
         assert tiff.pages[0].imagedepth == 4
-        assert PageWindows.of_level(tiff.series[0], 1, CAPACITY) is None
+        assert PageWindows.of_level(tiff.series[0], 1) is None
 
 
 def test_reader_uses_direct_windows_for_masks(tmp_path):
