@@ -38,6 +38,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         temporary.write_text(text)
 
 
+# zlib level of every figure's PNG: a slide's QC figure takes 0.43 s at 3 against 0.78 s at PIL's default
+# (6), for 1 % more bytes.
+PNG_COMPRESS_LEVEL = 3
+
+
 def save_figure(fig: Any, path: str | os.PathLike) -> None:
     """Writes a matplotlib figure as PNG to `path` (whole or not at all) and closes it."""
     import matplotlib.pyplot as plt  # here, so that modules writing no figure need no matplotlib
@@ -45,7 +50,7 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as temporary:
-        fig.savefig(temporary, dpi=110, format="png")
+        fig.savefig(temporary, dpi=110, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     plt.close(fig)
 
 
