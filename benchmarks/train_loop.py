@@ -30,6 +30,8 @@ import itertools
 import pathlib
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -122,7 +124,7 @@ class InterleavedBursts:
         self.bare, self.every, self.steps = bare, every, steps
         self.bursts: list[tuple[float, float]] = []
 
-    def wrap(self, step):
+    def wrap(self, step: Callable[..., Any]) -> Callable[..., Any]:
         calls = itertools.count(1)
 
         def step_with_bursts(state, batch):
