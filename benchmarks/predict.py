@@ -8,8 +8,9 @@ not matter for speed). Then, in each of --rounds rounds (the round with the medi
   model     the jitted, sharded classifier (`inference.PatchClassifier`) alone on in-memory uint8
             patches, as many as the slide has, in batches of --batch-size
   predict   `gerne_jax.prediction.predict_manifest` on the large slide, in this process after a
-            warm-up slide (compilation excluded): reading, tissue detection, batching, the model,
-            the map, overlay, regions and tables
+            warm-up on it (compilation excluded): reading, tissue detection, batching, the model,
+            the map, overlay, regions and tables; the model alone runs before and after it and the
+            two times are averaged (the machine's speed drifts within minutes; a linear drift cancels)
   (both also as CPU seconds of the process: on a machine shared with other jobs their ratio is the
   steadier figure)
   many      `predict_manifest` on --many-slides copies of a --many-size slide, beside the model alone
@@ -170,19 +171,25 @@ def main() -> int:
     settings = prediction.PredictionSettings(tiling=tiling, batch_size=args.batch_size, workers=args.workers,
                                              taus_list=(tuple(run.config.data.taus),))
 
+    # The warm-up (compilation, the file in the page cache) also counts the slide's patches for the model.
     shutil.rmtree(args.work_dir / "warm_up", ignore_errors=True)  # a finished warm-up would be skipped
-    prediction.predict_manifest(run, small, args.work_dir / "warm_up", settings, show_progress=False)
+    warm_up = prediction.predict_manifest(run, large, args.work_dir / "warm_up", settings, show_progress=False)
+    patches = int(warm_up["slides"][0]["patches"])
     out = args.work_dir / "predict_in_process"
     classifier = inference.PatchClassifier.from_run(run, args.batch_size)
     patch_shape = (args.patch_size, args.patch_size, len(run.metadata["channel_names"]))
     rounds = []  # (predict wall, predict CPU, model wall, model CPU) per round, side by side in time
     for _ in range(args.rounds):
         shutil.rmtree(out, ignore_errors=True)
+        # The model alone before and after the prediction, averaged: the machine's speed drifts by
+        # more than the overhead measured within a minute, and a linear drift cancels out this way.
+        before = model_alone(classifier, patches, patch_shape)
         results: list = []
         predicted = timed(lambda results=results: results.append(
             prediction.predict_manifest(run, large, out, settings, show_progress=False)))
-        patches = int(results[0]["slides"][0]["patches"])
-        rounds.append((*predicted, *model_alone(classifier, patches, patch_shape)))
+        assert int(results[0]["slides"][0]["patches"]) == patches
+        after = model_alone(classifier, patches, patch_shape)
+        rounds.append((*predicted, (before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
     ratios = [model_seconds / predict_seconds for predict_seconds, _, model_seconds, _ in rounds]
     median = int(np.argsort(ratios)[len(ratios) // 2])  # the round of the median ratio
     predict_seconds, predict_cpu, model_seconds, model_cpu = rounds[median]

@@ -30,6 +30,9 @@ from gerne_jax import dataset, evaluation, normalisation, run_log, sharding
 from gerne_jax.errors import InputError
 from gerne_jax.train_state import TrainState
 
+# Batches on the device at once in `predict_batches`, and the batch arrays `rebatch` cycles through for it.
+PIPELINE_DEPTH = 2
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -112,11 +115,13 @@ class PatchClassifier:
 
 
 def predict_batches(classifier: PatchClassifier, batches: Iterable[tuple[np.ndarray, Any]],
-                    depth: int = 2) -> Iterator[tuple[np.ndarray, Any]]:
+                    depth: int = PIPELINE_DEPTH) -> Iterator[tuple[np.ndarray, Any]]:
     """Yields `(probabilities [n, K], info)` for each `(images [n, P, P, C], info)` of `batches`, in order.
 
     Up to `depth` batches are on the device at once: the next batch is dispatched before the previous
-    result is fetched, so host reading (in `batches`) and device compute overlap.
+    result is fetched, so host reading (in `batches`) and device compute overlap. A batch's images are
+    no longer read once its result is fetched, which is before batch k + `depth` is asked for: `batches`
+    may refill the array of batch k for it (`rebatch(..., buffers=depth)`).
     """
     pending: collections.deque = collections.deque()
     for images, info in batches:
@@ -150,15 +155,22 @@ def ordered_map(function: Callable[[Item], Result], items: Sequence[Item], worke
                 future.cancel()
 
 
-def rebatch(chunks: Iterable[tuple[Sequence[np.ndarray], dict[str, np.ndarray]]],
-            batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+def rebatch(chunks: Iterable[tuple[Sequence[np.ndarray], dict[str, np.ndarray]]], batch_size: int,
+            buffers: int | None = None) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Regroups `(patches, fields {name: [m]})` chunks of any size into batches `[batch_size, ...]`
     (the last one smaller), fields kept beside their patches.
 
     `patches` is an array `[m, ...]` or a sequence of m arrays of one shape, such as views into the rows
-    a reader thread read: each patch is copied once, straight into a new batch array (a strided gather
-    into a chunk array and then a concatenation would copy every byte three times).
+    a reader thread read: each patch is copied once, straight into a batch array (a strided gather
+    into a chunk array and then a concatenation would copy every byte three times). With `buffers`,
+    the batches are written into that many arrays in turn, so batch k's array holds batch k + `buffers`
+    once that is asked for (the consumer must be done with it by then, as `predict_batches` is): a fresh
+    array per batch costs the kernel a page fault and a zeroed page per 4 KiB, more than the copy.
     """
+    if buffers is not None and buffers < 1:
+        raise ValueError(f"buffers must be >= 1, got {buffers}")
+    arrays: list[np.ndarray] = []
+    made = 0  # batches begun
     batch: np.ndarray | None = None
     field_parts: list[dict[str, np.ndarray]] = []
     held = 0
@@ -166,8 +178,14 @@ def rebatch(chunks: Iterable[tuple[Sequence[np.ndarray], dict[str, np.ndarray]]]
         start = 0
         while start < len(patches):
             if batch is None:
-                first = np.asarray(patches[start])
-                batch = np.empty((batch_size, *first.shape), first.dtype)
+                if buffers is not None and len(arrays) == buffers:
+                    batch = arrays[made % buffers]
+                else:
+                    first = np.asarray(patches[start])
+                    batch = np.empty((batch_size, *first.shape), first.dtype)
+                    if buffers is not None:
+                        arrays.append(batch)
+                made += 1
             take = min(batch_size - held, len(patches) - start)
             for i in range(take):
                 batch[held + i] = patches[start + i]

@@ -190,7 +190,7 @@ def scan_slide(opened: OpenedSlide, classifier: inference.PatchClassifier, setti
 
     parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
     for probabilities, fields in inference.predict_batches(
-            classifier, inference.rebatch(chunks(), classifier.batch_size)):
+            classifier, inference.rebatch(chunks(), classifier.batch_size, buffers=inference.PIPELINE_DEPTH)):
         probability_map.add(fields["y"], fields["x"], probabilities[:, 1])
         parts.append((probabilities, fields))
     probabilities = (np.concatenate([p for p, _ in parts]) if parts

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 import tifffile
@@ -68,6 +69,48 @@ def test_rebatch_regroups_chunks_into_fixed_batches():
         np.testing.assert_array_equal(found, expected)
         np.testing.assert_array_equal(found_fields["x"], expected_fields["x"])
         assert not any(np.shares_memory(found, images) for images, _ in chunks)
+
+
+def test_rebatch_with_buffers_cycles_through_that_many_arrays():
+    rng = np.random.default_rng(1)
+    chunks = [(rng.integers(0, 255, (n, 3, 3, 2), dtype=np.uint8), {"x": np.arange(n) + 100 * k})
+              for k, n in enumerate([7, 0, 12, 4, 9, 2])]
+    expected = list(inference.rebatch(iter(chunks), 5))
+    found, arrays = [], []
+    for images, fields in inference.rebatch(iter(chunks), 5, buffers=2):
+        found.append((images.copy(), fields))  # a batch's array is refilled two batches later
+        arrays.append(images)
+    assert len(found) == len(expected) == 7  # 34 patches
+    for (want, want_fields), (got, got_fields) in zip(expected, found, strict=True):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_fields["x"], want_fields["x"])
+    assert all(np.shares_memory(arrays[k], arrays[k + 2]) for k in range(len(arrays) - 2))
+    assert not np.shares_memory(arrays[0], arrays[1])
+    with pytest.raises(ValueError, match="buffers"):
+        next(inference.rebatch(iter(chunks), 5, buffers=0))
+
+
+def test_pipelined_batches_in_a_ring_of_arrays_get_each_patch_its_own_probability():
+    """`predict_batches` over `rebatch(..., buffers=PIPELINE_DEPTH)` (the predictor's loop) against the
+    classifier called on one patch at a time: refilling a batch's array must not reach a batch still
+    on its way to the device."""
+    import optax
+
+    from gerne_jax import models, sharding, train_state
+
+    model = models.create_model("tiny", num_classes=2, norm="group")
+    mesh = sharding.make_mesh(1)
+    state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), optax.sgd(0.1))
+    classifier = inference.PatchClassifier(state, mesh, [120.0, 110.0, 100.0], [50.0, 40.0, 30.0], batch_size=4)
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (23, 16, 16, 3), dtype=np.uint8)
+    chunks = [(list(images[a:b]), {"index": np.arange(a, b)}) for a, b in [(0, 3), (3, 11), (11, 12), (12, 23)]]
+    batches = inference.rebatch(iter(chunks), classifier.batch_size, buffers=inference.PIPELINE_DEPTH)
+    found = np.full((len(images), 2), np.nan, np.float32)
+    for probabilities, fields in inference.predict_batches(classifier, batches):
+        found[fields["index"]] = probabilities
+    one_by_one = np.concatenate([classifier(images[i:i + 1]) for i in range(len(images))])
+    np.testing.assert_allclose(found, one_by_one, atol=1e-6)
 
 
 @pytest.mark.parametrize("patch, stride", [(8, 8), (8, 4), (6, 4), (8, 12)])
