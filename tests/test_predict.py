@@ -92,8 +92,9 @@ def test_rebatch_with_buffers_cycles_through_that_many_arrays():
 
 def test_pipelined_batches_in_a_ring_of_arrays_get_each_patch_its_own_probability():
     """`predict_batches` over `rebatch(..., buffers=PIPELINE_DEPTH)` (the predictor's loop) against the
-    classifier called on one patch at a time: refilling a batch's array must not reach a batch still
-    on its way to the device."""
+    classifier called on one patch at a time: every patch keeps its own probability and fields through
+    the refilled arrays. (On CPU the transfer copies during the call; on an accelerator it may outlive
+    the call, which is why a batch's array is refilled only after its result was fetched.)"""
     import optax
 
     from gerne_jax import models, sharding, train_state
