@@ -2,7 +2,6 @@
 with each other and with a hand count of the tiny ResNet's FLOPs, so the accelerator benchmark never rots."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests import benchmark_scripts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device.py"
@@ -31,13 +32,6 @@ FC_MACS = 4 * 2
 # Training: the forward pass, the stem's weight gradient (the images are not differentiated) and both
 # the input and the weight gradients of the other layers.
 TRAIN_MACS = STEM_MACS + BLOCK_MACS + FC_MACS + STEM_MACS + 2 * (BLOCK_MACS + FC_MACS)
-
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("device_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +74,7 @@ def test_smoke_flops_match_a_hand_count(smoke_run):
 
 
 def test_peak_flops_table():
-    device = _load_module()
+    device = benchmark_scripts.load("device")
     assert device.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert device.peak_flops("NVIDIA H100 PCIe", "float32") == 378e12
     assert device.peak_flops("NVIDIA H200", "bfloat16") == 989e12

@@ -3,23 +3,14 @@ as many as the schedule puts there, and their time is taken out of the loop's, s
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("train_loop_benchmark", ROOT / "benchmarks" / "train_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests import benchmark_scripts
 
 
 def test_bursts_fall_in_the_window_and_leave_the_loop_its_own_time(tmp_path):
-    benchmark = _load_module()
+    benchmark = benchmark_scripts.load("train_loop")
     data_dir = tmp_path / "data"
     benchmark.write_data_dir(data_dir, {"train": 64, "validation": 32}, patch_size=32, channels=3)
     args = argparse.Namespace(norm="", steps=30, checkpoint_every=10, log_every=10, precise_bn_batches=0)
