@@ -3,17 +3,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# Exact versions of every dependency (all extras, every platform), generated from pyproject.toml by `make lock`.
+LOCK := requirements.lock
+UV_VERSION := 0.13.10
 
-.PHONY: install demo experiments lint test bench clean
+.PHONY: install lock demo experiments lint test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[test]"
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install -q -c $(LOCK) -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Today's releases within pyproject.toml's bounds, for Python 3.11+ on any platform; then `make test`.
+lock: | $(BIN)/python
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+	$(BIN)/uv pip compile pyproject.toml --all-extras --universal --python-version 3.11 --upgrade \
+	  --custom-compile-command "make lock" --quiet -o $(LOCK)
 
 # JAX's persistent compilation cache for the commands below (unless set already): the runs of a grid
 # compile the same programs, and a rerun of the demo compiles nothing again.
@@ -23,16 +32,16 @@ demo experiments: export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/runs/.jax_compil
 # then both runs predict the test slides whole (maps, overlays, regions) for the report's side-by-side overlay.
 DEMO_TAUS := 0.03 0.1 0.2
 demo: $(STAMP)
-	$(BIN)/python -m data_pipeline synthetic --out $(DEMO_DIR)/slides --slides 12 --size 2048 --seed 0
-	$(BIN)/python -m data_pipeline tile --manifest $(DEMO_DIR)/slides/manifest.csv --out $(DEMO_DIR)/data --patch-size 64 --workers 2
-	$(BIN)/python -m data_pipeline stats --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS)
-	$(BIN)/python train.py --config configs/demo.py:erm --config.data.dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/erm
-	$(BIN)/python train.py --config configs/demo.py:gerne --config.data.dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/gerne
+	$(BIN)/gerne-jax synthetic --out $(DEMO_DIR)/slides --slides 12 --size 2048 --seed 0
+	$(BIN)/gerne-jax tile --manifest $(DEMO_DIR)/slides/manifest.csv --out $(DEMO_DIR)/data --patch-size 64 --workers 2
+	$(BIN)/gerne-jax stats --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS)
+	$(BIN)/gerne-jax train --config demo:erm --config.data.dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/erm
+	$(BIN)/gerne-jax train --config demo:gerne --config.data.dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/gerne
 	for checkpoint in best_wga best_bca; do \
-	  $(BIN)/python evaluate.py --compare $(DEMO_DIR)/erm $(DEMO_DIR)/gerne --checkpoint $$checkpoint \
+	  $(BIN)/gerne-jax evaluate --compare $(DEMO_DIR)/erm $(DEMO_DIR)/gerne --checkpoint $$checkpoint \
 	    --split test --tau $(DEMO_TAUS) --out $(DEMO_DIR)/eval || exit 1; done
 	for run in gerne erm; do \
-	  $(BIN)/python predict.py --workdir $(DEMO_DIR)/$$run --data-dir $(DEMO_DIR)/data --split test \
+	  $(BIN)/gerne-jax predict --workdir $(DEMO_DIR)/$$run --data-dir $(DEMO_DIR)/data --split test \
 	    --manifest $(DEMO_DIR)/slides/manifest.csv --out $(DEMO_DIR)/predict/$$run --tau $(DEMO_TAUS) || exit 1; done
 	$(BIN)/python -m experiments.demo_report --eval-dir $(DEMO_DIR)/eval --runs $(DEMO_DIR)/erm $(DEMO_DIR)/gerne \
 	  --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS) --out $(DEMO_DIR)/report.md \

@@ -1,86 +1,9 @@
-"""Evaluates trained runs on a split, for any tissue-ratio thresholds (docs/design.md §5).
+"""`gerne-jax evaluate` from a checkout: `python evaluate.py --workdir runs/gerne [--split test]`.
 
-  python evaluate.py --workdir runs/gerne [--checkpoint best_wga|best_bca|latest|STEP]
-                     [--split test] [--tau 0.03 0.1 0.2] [--compare runs/erm runs/gerne ...]
-
-Prints the per-group table and WGA, GBA, BCA, average accuracy, worst-class accuracy and AUROC for
-each tau, and writes to `WORKDIR/eval/` (or `--out`): `<checkpoint>_<split>.json` and PNGs of the
-error rate against tissue ratio per class and of the per-group accuracies. With `--compare`, every
-run named is evaluated the same way and the runs are printed and plotted side by side.
-
-Several processes (hosts) evaluate together with the same flags as train.py's `mesh.*` config keys
-(`--coordinator-address host:port --num-processes N --process-id I`, or srun / mpirun / a TPU pod slice
-detected); process 0 prints and writes the results.
+The command is `gerne_jax.commands.evaluate` (`python evaluate.py --help`).
 """
-from __future__ import annotations
-
-import argparse
-import os
-import pathlib
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-from gerne_jax import checkpoints, cli, dataset, distributed, evaluation, reports  # noqa: E402
-
-# The launch flags, named in errors as `distributed.initialize` needs.
-LAUNCH_FLAGS = {"mode": "--distributed", "coordinator_address": "--coordinator-address",
-                "num_processes": "--num-processes", "process_id": "--process-id"}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs = parser.add_mutually_exclusive_group(required=True)
-    runs.add_argument("--workdir", help="a folder written by train.py")
-    runs.add_argument("--compare", nargs="+", metavar="WORKDIR", help="several runs, side by side")
-    parser.add_argument("--checkpoint", default="best_wga",
-                        help=f"{', '.join(checkpoints.BEST_CHECKPOINTS)}, latest, or a step number")
-    parser.add_argument("--split", default="test", choices=dataset.SPLITS)
-    parser.add_argument("--tau", type=float, nargs="+", default=None,
-                        help="tissue-ratio thresholds, each evaluated on its own (default: the run's)")
-    parser.add_argument("--data-dir", default=None, help="evaluate on another DATA_DIR than the run's")
-    parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval, or "
-                        "the first run's eval/compare_* with --compare)")
-    launch = parser.add_argument_group("several processes (README: Multi-host training)")
-    launch.add_argument("--distributed", default="auto", choices=distributed.MODES,
-                        help="auto: when --coordinator-address is given or srun, mpirun or a TPU pod is detected")
-    launch.add_argument("--coordinator-address", default="", help="host:port of process 0")
-    launch.add_argument("--num-processes", type=int, default=0, help="0: from the environment")
-    launch.add_argument("--process-id", type=int, default=-1, help="this process's id; -1: from the environment")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Evaluates and writes the results; raises InputError (named file or folder) for bad input."""
-    args = parse_args(argv)
-    distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id,
-                           names=LAUNCH_FLAGS)
-    cli.setup_logging(main_process=distributed.is_main_process())
-    workdirs = [pathlib.Path(w) for w in (args.compare or [args.workdir])]
-    taus_list = [(t,) for t in args.tau] if args.tau else None
-    split_cache: dict = {}
-    evaluations = {}
-    for name, workdir in zip(evaluation.run_names(workdirs), workdirs):
-        # A missing run, a damaged checkpoint or a DATA_DIR that is not one raises an InputError naming
-        # the file or folder, which `cli.run_command` prints as one line.
-        evaluations[name] = evaluation.evaluate_run(workdir, args.checkpoint, args.split, data_dir=args.data_dir,
-                                                    taus_list=taus_list, split_cache=split_cache)
-
-    if not distributed.is_main_process():  # every process predicted its share; process 0 reports
-        return 0
-    first = next(iter(evaluations.values()))
-    for key in first.reports:
-        print(f"\n=== {args.split} split, {key}, checkpoint {args.checkpoint} ===")
-        if len(evaluations) == 1:
-            print(reports.group_table(first.reports[key]))
-        else:
-            print(reports.comparison_table({name: e.reports[key] for name, e in evaluations.items()}))
-    out = pathlib.Path(args.out) if args.out else workdirs[0] / "eval" / (
-        f"compare_{args.checkpoint}_{args.split}" if args.compare else "")
-    path = evaluation.write_results(evaluations, out, keyed_by_run=bool(args.compare))
-    print(f"\nwrote {path} and PNGs beside it")
-    return 0
-
+from gerne_jax import cli
+from gerne_jax.commands.evaluate import main
 
 if __name__ == "__main__":
     cli.run_command(main)

@@ -1,80 +1,9 @@
-"""Whole-slide prediction with a trained run: probability maps, overlays, QuPath regions, slide metrics.
+"""`gerne-jax predict` from a checkout: `python predict.py --workdir RUN --manifest SLIDES.csv --out OUT`.
 
-  python predict.py --workdir runs/gerne --manifest slides.csv --out runs/gerne/predict
-                    [--checkpoint best_wga|best_bca|latest|STEP] [--stride S] [--batch-size N]
-                    [--workers W] [--threshold T] [--tau 0.03 0.1 0.2] [--split test] [--skip-errors]
-
-The manifest has the tiler's format (`mask` optional: without one a slide is predicted, not scored).
-Slides are read with the run's data settings (its DATA_DIR's tiling settings and normalisation), so the
-patches and probabilities are those `evaluate.py` sees for a tiled slide. Per slide, OUT/slides/<id>/
-holds probability.tif, overlay.png, patches.csv, regions.geojson and summary.json; OUT/slides.csv,
-OUT/index.md and, with masks, OUT/metrics.json and OUT/error_vs_tissue_ratio.png cover the run.
-Run it again to resume: finished slides are skipped.
+The command is `gerne_jax.commands.predict` (`python predict.py --help`).
 """
-from __future__ import annotations
-
-import argparse
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from gerne_jax import checkpoints, cli, dataset, inference, prediction, reports  # noqa: E402
-from gerne_jax.errors import InputError  # noqa: E402
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a folder written by train.py")
-    parser.add_argument("--checkpoint", default="best_wga",
-                        help=f"{', '.join(checkpoints.BEST_CHECKPOINTS)}, latest, or a step number")
-    parser.add_argument("--manifest", required=True, help="slide manifest CSV (the tiler's format, mask optional)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--split", default=None, choices=dataset.SPLITS,
-                        help="only the manifest's slides of this split of the run's data (its tiling report), "
-                             "e.g. the test slides of the manifest the data was tiled from")
-    parser.add_argument("--data-dir", default=None,
-                        help="the run's DATA_DIR if it moved (settings and normalisation are read there)")
-    parser.add_argument("--stride", type=int, default=None,
-                        help="grid stride in pixels of the predicted level (default: the data's); "
-                             "below the patch size, overlapping patches are averaged")
-    parser.add_argument("--min-tissue-ratio", type=float, default=None,
-                        help="classify patches whose tissue ratio is above this (default: the data's)")
-    parser.add_argument("--tissue-polarity", choices=("auto", "dark", "bright"), default=None,
-                        help="background of the tissue detection (default: the data's)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="patches per device batch (default: the run's data.eval_batch_size)")
-    parser.add_argument("--workers", type=int, default=2, help="reader threads")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="tumour probability at which the map's regions are drawn")
-    parser.add_argument("--tau", type=float, nargs="+", default=None,
-                        help="tissue-ratio thresholds of the metrics, each on its own (default: the run's)")
-    parser.add_argument("--skip-errors", action="store_true",
-                        help="skip broken slides, finish the others, list the failures (exit status 2)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    cli.setup_logging()
-    args = parse_args(argv)
-    run = inference.load_run(args.workdir, args.checkpoint, args.data_dir)
-    tiling = prediction.data_tiling_config(run.data_dir, run.metadata, stride=args.stride,
-                                           min_tissue_ratio=args.min_tissue_ratio,
-                                           tissue_polarity=args.tissue_polarity)
-    taus_list = tuple((t,) for t in args.tau) if args.tau else (tuple(run.config.data.taus),)
-    settings = prediction.PredictionSettings(
-        tiling=tiling, threshold=args.threshold, taus_list=taus_list,
-        batch_size=args.batch_size or run.config.data.eval_batch_size, workers=args.workers)
-    result = prediction.predict_manifest(run, args.manifest, args.out, settings, split=args.split,
-                                         skip_errors=args.skip_errors)
-    for key, report in result["pooled"].items():
-        print(f"\n=== pooled over the slides with masks, {key}, checkpoint {args.checkpoint} ===")
-        print(reports.group_table(report))
-    print(f"\nwrote {args.out}/index.md, slides.csv and one folder per slide under {args.out}/slides")
-    if result["failed"]:
-        raise InputError(f"{len(result['failed'])} of {len(result['slides'])} slide(s) failed "
-                         f"(listed above and in {args.out}/slides.csv); the others are written")
-    return 0
-
+from gerne_jax import cli
+from gerne_jax.commands.predict import main
 
 if __name__ == "__main__":
     cli.run_command(main)

@@ -32,7 +32,7 @@ import functools
 import io
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -113,9 +113,11 @@ class _TileSlide(beam.DoFn):
         self._data_dir, self._config, self._expected = data_dir, config, expected
         self._positions = Metrics.counter("tiling", "grid_positions")
 
-    def process(self, spec: SlideSpec) -> None:
+    def process(self, spec: SlideSpec) -> Iterable[None]:
+        # Outputs nothing: Beam reads the return annotation as the output type and wants an iterable.
         result = tile_manifest.tile_job(spec, self._data_dir, self._config, self._expected, self._positions.inc)
         storage.write_text(_result_path(self._data_dir, spec.slide_id), json.dumps(_result_to_json(result)))
+        return ()
 
 
 def _result_path(data_dir: storage.AnyPath, slide_id: str) -> storage.AnyPath:

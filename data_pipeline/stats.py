@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 from collections.abc import Sequence
 
 import matplotlib
@@ -77,14 +76,6 @@ def plot_tissue_ratio(table: dict[str, np.ndarray], taus: Sequence[float], path:
     figure.suptitle("tissue ratio per class; dashed: tau = " + ", ".join(f"{t:g}" for t in taus), fontsize=10)
     figure.tight_layout()
     files.save_figure(figure, path)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", required=True, type=pathlib.Path, help="tiled dataset (DATA_DIR)")
-    parser.add_argument("--tau", type=float, nargs="+", default=[0.03, 0.1, 0.2],
-                        help="tissue-ratio thresholds, each giving a = 1[r >= tau]")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help=f"PNG of the tissue-ratio distribution (default DATA_DIR/{PLOT_FILE})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -707,34 +707,6 @@ def generate(out_dir: str | os.PathLike, num_slides: int, size: int, seed: int =
     return manifest
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-    parse.__name__ = "integer"  # argparse names the type in its message for non-numbers
-    return parse
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
-    parser.add_argument("--slides", type=_int_at_least(1), default=12, help="number of slides")
-    parser.add_argument("--size", type=_int_at_least(MIN_SIZE), default=2048,
-                        help=f"nominal slide side in pixels (>= {MIN_SIZE}; each side is 92-100%% of it)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same args => same bytes)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="classic",
-                        help="classic: tumour bodies among strands and debris (the first generator); "
-                             "sections: tumour inside large sections with stroma, normal tissue and "
-                             "inflammation (harder)")
-    parser.add_argument("--write-tissue-masks", action="store_true",
-                        help="also write the true tissue masks and a tissue_mask manifest column")
-
-
 def run(args: argparse.Namespace) -> int:
     manifest = generate(args.out, args.slides, args.size, args.seed, args.write_tissue_masks,
                         layout=args.layout)

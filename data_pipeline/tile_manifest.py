@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline import shards, storage
-from data_pipeline.grid import THUMBNAIL_SIDE, grid_origins
+from data_pipeline.grid import grid_origins
 from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
 from data_pipeline.slides import SlideReader
 from data_pipeline.splits import assign_splits
@@ -330,55 +330,6 @@ def _publish(data_dir: storage.AnyPath, sidecars: Mapping[str, dict[str, Any]], 
 def _write_report(data_dir: storage.AnyPath, report: Mapping[str, Any], config: TilingConfig) -> None:
     content = {"config": config_on_disk(config), "slides": dict(sorted(report.items()))}
     storage.write_text(data_dir / REPORT_FILE, json.dumps(content, indent=2))
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True, type=pathlib.Path, help="slide manifest CSV")
-    parser.add_argument("--out", required=True,
-                        help="output dataset folder (DATA_DIR): a local path, or a URL that fsspec writes "
-                             "(gs://BUCKET/data needs `pip install gcsfs`)")
-    parser.add_argument("--patch-size", required=True, type=_positive_int, help="patch side P in pixels")
-    parser.add_argument("--stride", type=_positive_int, default=None, help="grid stride S (default P)")
-    parser.add_argument("--level", type=int, default=0, help="pyramid level to tile")
-    parser.add_argument("--downsample", type=_positive_int, default=None,
-                        help="tile at this downsample of level 0 (pyramid level or area mean)")
-    parser.add_argument("--workers", type=_positive_int, default=1,
-                        help="worker processes (with --runner beam: of Beam's local DirectRunner)")
-    parser.add_argument("--runner", choices=RUNNERS, default="local",
-                        help="run the slides in a local process pool, or as an Apache Beam pipeline "
-                             "(one element per slide; needs the 'beam' extra)")
-    parser.add_argument("--beam-option", dest="beam_options", action="append", default=[], metavar="--NAME=VALUE",
-                        help="a Beam pipeline option for --runner beam, written with '=' "
-                             "(--beam-option=--runner=DataflowRunner); repeat for several")
-    parser.add_argument("--skip-errors", action="store_true",
-                        help="skip broken slides, publish the others and report the broken ones "
-                             "(exit status 2 if any slide failed)")
-    parser.add_argument("--min-tumour-pixels", "--min-tumor-pixels", type=_positive_int, default=1,
-                        help="tumour pixels that make a patch label 1 (--min-tumor-pixels: the first "
-                             "version's spelling, still accepted)")
-    parser.add_argument("--min-tissue-ratio", type=float, default=0.0,
-                        help="keep patches whose tissue ratio is above this")
-    parser.add_argument("--tissue-polarity", choices=("auto", "dark", "bright"), default="auto",
-                        help="background of the tissue detection")
-    parser.add_argument("--tissue-factor", type=_positive_int, default=None,
-                        help=f"tissue detection at 1/F of the tiled level (default: the smallest power "
-                             f"of 2 giving a long side <= {THUMBNAIL_SIDE} px)")
-    parser.add_argument("--tumour-ids", type=int, nargs="+", default=None,
-                        help="mask labels that are tumour (for label-map masks)")
-    parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2),
-                        metavar=("TRAIN", "VALIDATION", "TEST"),
-                        help="split by patient with these fractions when the manifest has no split")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
 
 
 def run(args: argparse.Namespace) -> int:

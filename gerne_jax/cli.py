@@ -1,4 +1,5 @@
-"""What the command lines share: logging set-up, the one-line answer to bad input, the exit after SIGTERM."""
+"""What the command lines share: logging set-up, the one-line answer to bad input, the exit after SIGTERM,
+and the dispatch of `PROG COMMAND ...` to one command's `main(argv)`."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from absl import flags
@@ -64,6 +65,8 @@ def run_command(main: Callable[[], int | None]) -> NoReturn:
     Any other exception keeps its traceback (a bug). Noise that libraries print while the interpreter
     shuts down (asyncio's "Event loop is closed" from orbax's background loops) is dropped.
     """
+    # TensorFlow's C++ start-up chatter (INFO and WARNING), unless asked for: the commands import it after this.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.unraisablehook = _quiet_unraisable_hook(sys.unraisablehook)
     try:
         code = main()
@@ -83,6 +86,32 @@ def _quiet_unraisable_hook(default_hook: Callable[[Any], None]) -> Callable[[Any
         default_hook(unraisable)
 
     return hook
+
+
+Command = Callable[[list[str]], int | None]  # a command's `main(argv)`, its docstring its help summary
+LoadCommand = Callable[[], Command]  # imports the command's module only when called
+
+
+def dispatch(prog: str, commands: Mapping[str, LoadCommand], argv: list[str]) -> int | None:
+    """Runs `PROG COMMAND ARGS...`: `commands[COMMAND]()` is loaded, then called with ARGS.
+
+    Each command parses its own arguments (argparse or absl), so `PROG COMMAND --help` is the command's
+    own help. A command is loaded only to be run or, for `PROG --help`, for the first line of its docstring.
+    """
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"usage: {prog} COMMAND [ARGS...]  ({prog} COMMAND --help for a command's options)", "",
+                 "commands:"]
+        width = max(map(len, commands), default=0)
+        for name, load in commands.items():
+            summary = (load().__doc__ or "").strip().splitlines()
+            lines.append(f"  {name:<{width}}  {summary[0] if summary else ''}")
+        print("\n".join(lines))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        raise InputError(f"unknown command {name!r}{config_utils.did_you_mean(name, list(commands))}; "
+                         f"choose one of {', '.join(commands)} ({prog} --help)")
+    return commands[name]()(rest)
 
 
 def parse_config_flags(argv: list[str]) -> list[str]:
