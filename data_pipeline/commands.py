@@ -21,7 +21,7 @@ from gerne_jax import cli
 
 def synthetic(argv: list[str]) -> int:
     """Write built-in synthetic multimodal slides, their masks and a manifest."""
-    args = _parser("synthetic", synthetic, _synthetic_arguments).parse_args(argv)
+    args = parse_args("synthetic", argv)
     from data_pipeline import synthetic as module
 
     return module.run(args)
@@ -29,7 +29,7 @@ def synthetic(argv: list[str]) -> int:
 
 def tile(argv: list[str]) -> int:
     """Tile the slides of a manifest into a DATA_DIR of patch shards (resumable, local or Beam)."""
-    args = _parser("tile", tile, _tile_arguments).parse_args(argv)
+    args = parse_args("tile", argv)
     from data_pipeline import tile_manifest
 
     return tile_manifest.run(args)
@@ -37,7 +37,7 @@ def tile(argv: list[str]) -> int:
 
 def stats(argv: list[str]) -> int:
     """Print a DATA_DIR's group counts per split and tau; plot its tissue-ratio distribution."""
-    args = _parser("stats", stats, _stats_arguments).parse_args(argv)
+    args = parse_args("stats", argv)
     from data_pipeline import stats as module
 
     return module.run(args)
@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int | None:
                         sys.argv[1:] if argv is None else argv)
 
 
-def _parser(name: str, command: cli.Command, add_arguments: Callable[[argparse.ArgumentParser], None]
-            ) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"gerne-jax {name}", description=command.__doc__)
-    add_arguments(parser)
-    return parser
+def parse_args(name: str, argv: list[str]) -> argparse.Namespace:
+    """The arguments of command `name` (argparse exits with status 2 on a bad one)."""
+    parser = argparse.ArgumentParser(prog=f"gerne-jax {name}", description=COMMANDS[name].__doc__)
+    ARGUMENTS[name](parser)
+    return parser.parse_args(argv)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -130,3 +130,6 @@ def _stats_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tissue-ratio thresholds, each giving a = 1[r >= tau]")
     parser.add_argument("--out", type=pathlib.Path, default=None,
                         help="PNG of the tissue-ratio distribution (default DATA_DIR/tissue_ratio.png)")
+
+
+ARGUMENTS = {"synthetic": _synthetic_arguments, "tile": _tile_arguments, "stats": _stats_arguments}

@@ -114,7 +114,7 @@ def dispatch(prog: str, commands: Mapping[str, LoadCommand], argv: list[str]) ->
     return commands[name]()(rest)
 
 
-def parse_config_flags(argv: list[str]) -> list[str]:
+def parse_config_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's flag parsing for a command with an ml_collections `--config` file flag (train.py), with a bad
     flag, config switch or config key raised as a one-line InputError.
 
@@ -127,19 +127,19 @@ def parse_config_flags(argv: list[str]) -> list[str]:
         # ml_collections would defer this to the first use of the config, with a traceback.
         raise InputError(f"config file {spec.split(':', 1)[0]} does not exist (--config={spec})")
     try:
-        return flags.FLAGS(argv)
+        return flag_values(argv)
     except Exception as error:  # ml_collections raises KeyError/AttributeError for unknown keys
-        raise _flag_error(argv, error) from None
+        raise _flag_error(argv, error, flag_values) from None
 
 
-def _flag_error(argv: list[str], error: Exception) -> Exception:
+def _flag_error(argv: list[str], error: Exception, flag_values: flags.FlagValues) -> Exception:
     """The InputError that says what was wrong with the command line, or `error` itself when it is a bug."""
     # The innermost InputError: e.g. an unknown switch raised by the config file's get_config, which
     # ml_collections re-raises as the same type with the config file's traceback in the message.
     for cause in reversed(cause_chain(error)):
         if isinstance(cause, InputError):
             return cause
-    unknown = _unknown_config_key(argv)
+    unknown = _unknown_config_key(argv, flag_values)
     if unknown is not None:
         return unknown
     if isinstance(error, flags.Error):
@@ -147,13 +147,13 @@ def _flag_error(argv: list[str], error: Exception) -> Exception:
     return error
 
 
-def _unknown_config_key(argv: list[str]) -> ConfigError | None:
+def _unknown_config_key(argv: list[str], flag_values: flags.FlagValues) -> ConfigError | None:
     """A ConfigError for the first `--config.<key>=...` whose key the config does not have, naming the closest."""
     spec = _config_spec(argv)
     if spec is None:
         return None
     try:
-        config = flags.FLAGS["config"].parser.parse(spec)
+        config = flag_values["config"].parser.parse(spec)
     except Exception:  # the config file itself is at fault; absl's error says how
         return None
     flat = config_utils.flatten(config)

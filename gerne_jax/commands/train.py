@@ -12,11 +12,14 @@ and exit status 2, before anything is written into the workdir.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.resources
 import importlib.util
 import pathlib
 import re
+import sys
+from collections.abc import Iterator
 
 import ml_collections
 from absl import app, flags
@@ -28,10 +31,18 @@ from gerne_jax.errors import InputError
 PROG = "gerne-jax train"
 CONFIG_PACKAGE = "configs"
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A config by name (default, demo, tiny) or a .py file's path, "
-                                "`:SWITCHES` after it (e.g. default:erm).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and logs.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """`--config` (with its `--config.KEY` overrides) and `--workdir`, on `flag_values`."""
+    config_flags.DEFINE_config_file("config", None, "A config by name (default, demo, tiny) or a .py file's path, "
+                                    "`:SWITCHES` after it (e.g. default:erm).", flag_values=flag_values,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and logs.", flag_values=flag_values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
+define_flags(FLAGS)
 
 
 def main(argv: list[str]) -> int:
@@ -40,8 +51,32 @@ def main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv):
         print(help_text(argv))
         return 0
-    app.run(_train, argv=[PROG, *argv], flags_parser=cli.parse_config_flags)
+    # ml_collections finds the `--config.KEY=VALUE` overrides in sys.argv itself, whoever called `main`.
+    sys.argv = [PROG, *argv]
+    app.run(_train, argv=sys.argv, flags_parser=cli.parse_config_flags)
     return 0  # app.run exits itself
+
+
+def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """(config, workdir) of a command line, without training: a bad flag, switch or key raises InputError.
+
+    Parsed on flags of its own, so that it can be called again with other overrides.
+    """
+    argv = [PROG, *with_config_paths(argv)]
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    with _sys_argv(argv):  # where ml_collections reads the overrides
+        cli.parse_config_flags(argv, flag_values)
+    return flag_values.config, flag_values.workdir
+
+
+@contextlib.contextmanager
+def _sys_argv(argv: list[str]) -> Iterator[None]:
+    saved, sys.argv = sys.argv, argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def _train(argv: list[str]) -> None:
