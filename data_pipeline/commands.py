@@ -2,10 +2,10 @@
 
 The arguments are declared here and parsed before the command's module (`synthetic`, `tile_manifest`,
 `stats`, each with `run(args) -> int`) is imported: `--help` and a mistyped option answer at once,
-without loading the slide readers, TFDS or matplotlib. Known failures (a
-broken slide, a bad manifest or option, a missing dataset) raise an `InputError` naming what is wrong;
-`gerne_jax.cli.run_command` prints it as one line and exits with status 2, so every command answers
-bad input alike. The functions here let them propagate for callers and tests.
+without loading the slide readers, TFDS or matplotlib. Known failures (a broken slide, a bad manifest
+or option, a missing dataset) raise an `InputError` naming what is wrong; `gerne_jax.cli.run_command`
+prints it as one line and exits with status 2, so every command answers bad input alike. The
+functions here let them propagate for callers and tests.
 """
 from __future__ import annotations
 
