@@ -167,7 +167,7 @@ def main() -> int:
     large = slide(args.work_dir, args.size, args.tile)
     workdir = train_run(args.work_dir, small, args.patch_size, args.model)
     run = inference.load_run(workdir, "latest")
-    tiling = prediction.data_tiling_config(run.data_dir, run.metadata)
+    tiling = prediction.data_tiling_config(run)
     settings = prediction.PredictionSettings(tiling=tiling, batch_size=args.batch_size, workers=args.workers,
                                              taus_list=(tuple(run.config.data.taus),))
 

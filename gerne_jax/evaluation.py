@@ -71,7 +71,7 @@ class Evaluator:
       taus_list: one report per tuple of thresholds (`[(0.1,), (0.03, 0.1)]`).
       batch_size: global evaluation batch size.
       mesh: the devices; batches are sharded over them.
-      channel_mean, channel_std: the DATA_DIR's normalisation (its metadata).
+      channel_mean, channel_std: the training DATA_DIR's normalisation (its metadata, as the run stored it).
       name: shown on the progress bar.
     """
 
@@ -124,9 +124,13 @@ class RunEvaluation:
 
 
 def restore_checkpoint(workdir: str | os.PathLike, checkpoint: str, config: Any, patch_shape: tuple[int, ...],
-                       mesh: Mesh, data_dir: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
+                       mesh: Mesh, data_source: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
     """A run's checkpoint (best_wga|best_bca|...|latest|STEP) restored into the state `config` describes for
-    patches of `patch_shape`, and its meta; a state of another shape is an error naming the data."""
+    patches of `patch_shape`, and its meta; a state of another shape is an error naming the data.
+
+    Nothing is read from `data_source`: it is where `patch_shape` came from (a DATA_DIR, a run's
+    data_spec.json), named in that error only.
+    """
     model = experiment.create_model(config)
     target = experiment.abstract_state(config, model, patch_shape, mesh)
     run_checkpoints = checkpoints.RunCheckpoints(workdir, read_only=True)
@@ -138,7 +142,7 @@ def restore_checkpoint(workdir: str | os.PathLike, checkpoint: str, config: Any,
         if not run_checkpoints.has(checkpoint):
             raise
         raise checkpoints.CheckpointError(
-            f"{error} (does the run's config match the data in {data_dir}? patches there are "
+            f"{error} (does the run's config match the data in {data_source}? patches there are "
             f"{patch_shape}, model {config.model.name})") from None
     finally:
         run_checkpoints.close()
@@ -149,6 +153,8 @@ def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split
                  split_cache: dict[str, Any] | None = None) -> RunEvaluation:
     """Restores a run's checkpoint and evaluates it on a split of its DATA_DIR (or `data_dir`).
 
+    The patches come from that DATA_DIR; their normalisation is the run's own, the channel mean and std
+    of its data spec (`run_log.read_data_spec`; the same numbers as the DATA_DIR's it was trained on).
     `taus_list` defaults to the run's own thresholds. `split_cache` (a dict kept by the caller) lets
     several runs on the same data load the split once.
     """
@@ -161,7 +167,10 @@ def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split
 
         split_cache[data_dir, split_name] = (dataset.read_metadata(data_dir), input_pipeline.load_split(
             data_dir, split_name, in_memory=config.data.in_memory))
-    metadata, split = split_cache[data_dir, split_name]
+    data_metadata, split = split_cache[data_dir, split_name]
+    stored = run_log.read_data_spec(workdir)
+    # A run trained before runs stored their data spec is normalised with its DATA_DIR's values, as then.
+    metadata = stored.metadata if stored is not None else data_metadata
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
     state, meta = restore_checkpoint(workdir, checkpoint, config, tuple(split["image"].shape[1:]), mesh, data_dir)
     evaluator = Evaluator(split, taus_list=taus_list or [tuple(config.data.taus)],

@@ -1,7 +1,8 @@
 """Batched, mesh-sharded inference of a trained run on a stream of patches (whole-slide prediction).
 
-`load_run` restores a run's checkpoint (as `evaluate.py` does) with the normalisation its data
-was trained with (the DATA_DIR's channel mean and std). `PatchClassifier` standardises raw patches on
+`load_run` restores a run's checkpoint (as `evaluate.py` does) with the data spec the run stored when
+it was trained (`run_log.DataSpec`: patch shape, channels, dtype, the DATA_DIR's channel mean and std,
+tiling settings), so a workdir predicts without its training data. `PatchClassifier` standardises raw patches on
 the device with training's and evaluation's own function (`normalisation.standardise`, fused into the
 jitted forward pass) and returns the tumour probability of `evaluation.eval_step`, so a patch gets the
 probability `evaluate.py` gives it.
@@ -39,30 +40,42 @@ Result = TypeVar("Result")
 
 @dataclasses.dataclass
 class RestoredRun:
-    """A run's checkpoint ready for prediction, and the metadata of the data it was trained on."""
+    """A run's checkpoint ready for prediction, and the data spec of the data it was trained on."""
 
     workdir: pathlib.Path
     checkpoint: str
     checkpoint_meta: dict[str, Any]
     config: Any
-    data_dir: pathlib.Path
-    metadata: dict[str, Any]   # dataset.read_metadata of the run's DATA_DIR (code names)
+    data_dir: pathlib.Path     # the run's DATA_DIR (its data.dir or the override); read only for an old run
+    data_spec: run_log.DataSpec
     state: TrainState
     mesh: Mesh
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The training DATA_DIR's metadata (code names), as the run stored it."""
+        return self.data_spec.metadata
 
 
 def load_run(workdir: str | os.PathLike, checkpoint: str = "best_wga",
              data_dir: str | os.PathLike | None = None) -> RestoredRun:
-    """Restores `checkpoint` of the run in `workdir`; the patch shape and the normalisation come from its
-    DATA_DIR (`data_dir` overrides the run's `data.dir`, e.g. after moving it)."""
+    """Restores `checkpoint` of the run in `workdir`; the patch shape, normalisation and tiling settings
+    come from the run's data spec (`run_log.read_data_spec`), not from its DATA_DIR.
+
+    A run trained before runs stored their data spec has none: its DATA_DIR is read instead, as such a
+    run always was (`data_dir` overrides the run's `data.dir`, e.g. after moving it; it is not read for
+    a run with a data spec).
+    """
     workdir = pathlib.Path(workdir)
     config = run_log.read_config(workdir)
     data_dir = pathlib.Path(data_dir or config.data.dir)
-    metadata = dataset.read_metadata(data_dir)
+    # Old runs (no data_spec.json) keep working exactly as before: their DATA_DIR's current content.
+    data_spec = run_log.read_data_spec(workdir) or run_log.data_spec_of(data_dir)
+    metadata = data_spec.metadata
     patch_shape = (int(metadata["patch_size"]), int(metadata["patch_size"]), len(metadata["channel_names"]))
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    state, meta = evaluation.restore_checkpoint(workdir, checkpoint, config, patch_shape, mesh, data_dir)
-    return RestoredRun(workdir, checkpoint, meta, config, data_dir, metadata, state, mesh)
+    state, meta = evaluation.restore_checkpoint(workdir, checkpoint, config, patch_shape, mesh, data_spec.source)
+    return RestoredRun(workdir, checkpoint, meta, config, data_dir, data_spec, state, mesh)
 
 
 def _tumour_probability(state: TrainState, images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
@@ -76,7 +89,7 @@ class PatchClassifier:
     Args:
       state: a restored train state (replicated on `mesh`).
       mesh: the devices; each batch is split over them.
-      channel_mean, channel_std: the training data's normalisation, in source units.
+      channel_mean, channel_std: the training data's normalisation, in source units (the run's data spec).
       batch_size: patches per call, rounded up to a multiple of the mesh size; smaller inputs are
         zero-padded, so one compiled program serves every call.
     """

@@ -1,9 +1,10 @@
 """Whole-slide prediction: every slide of a manifest through a trained run -> maps, regions, metrics.
 
 Each slide goes through three steps. `open_slide` opens it with the run's data settings (level /
-downsample, patch size, stride, tissue detection, minimum tissue ratio: the DATA_DIR's
-`tiling_report.json` and metadata), checks its channel count and dtype against the run's data and
-detects its tissue with the tiler's own `data_pipeline.tiling.SlideScan`, so it classifies exactly the
+downsample, patch size, stride, tissue detection, minimum tissue ratio: the training DATA_DIR's
+`tiling_report.json` and metadata as the run stored them in its data spec, `run_log.DataSpec`), checks
+its channels (count, names and order), dtype and level downsample against the run's data and detects
+its tissue with the tiler's own `data_pipeline.tiling.SlideScan`, so it classifies exactly the
 patches the tiler would keep. `scan_slide` classifies them: a pool of reader threads (sharing the
 slide's one `SlideReader` and its chunk cache) reads blocks ahead into a bounded queue, and the patches
 are copied into fixed-size batches for the jitted, sharded `inference.PatchClassifier`; nothing holds
@@ -36,14 +37,14 @@ import tqdm
 from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
 from data_pipeline.slides import SlideReader
 from data_pipeline.tiling import SlideScan, TilingConfig, fingerprint, record_qc_rows
-from gerne_jax import dataset, evaluation, files, inference, reports, slide_outputs
+from gerne_jax import dataset, evaluation, files, inference, reports, run_log, slide_outputs
 from gerne_jax.errors import InputError
 
 log = logging.getLogger("predict")
 
 SLIDES_DIR = "slides"
 SUMMARY_FILE = "summary.json"
-TILING_REPORT = "tiling_report.json"  # written by `python -m data_pipeline tile` beside the shards
+TILING_REPORT = dataset.TILING_REPORT_FILE  # written by `python -m data_pipeline tile` beside the shards
 # Source bytes one read block may hold; several are in flight (2 per reader thread).
 PREDICT_BLOCK_BYTES = 32 << 20
 
@@ -67,19 +68,16 @@ class PredictionSettings:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
-def data_tiling_config(data_dir: str | os.PathLike, metadata: dict[str, Any], **overrides: Any) -> TilingConfig:
-    """The tiling settings the run's data was made with: `tiling_report.json`'s config where the DATA_DIR
-    has one (tissue polarity, factor, tumour ids too), else the metadata's; `overrides` (not None) win.
+def data_tiling_config(run: inference.RestoredRun, **overrides: Any) -> TilingConfig:
+    """The tiling settings the run's data was made with, from the run's data spec: its tiling report's
+    config where the DATA_DIR had one (tissue polarity, factor, tumour ids too), else its metadata's;
+    `overrides` (not None) win.
 
     Patch size, level and downsample are the model's input and cannot be overridden.
     """
-    report = pathlib.Path(data_dir) / TILING_REPORT
-    if report.is_file():
-        try:
-            stored = dataset.from_disk(json.loads(report.read_text())["config"])
-        except (OSError, ValueError, KeyError) as error:
-            raise dataset.DatasetError(f"{report}: cannot read the tiling settings ({error})") from None
-        stored["tumour_ids"] = tuple(stored["tumour_ids"]) if stored.get("tumour_ids") else None
+    stored, metadata = run.data_spec.tiling, run.metadata
+    if stored is not None:
+        stored = dict(stored, tumour_ids=tuple(stored["tumour_ids"]) if stored.get("tumour_ids") else None)
         settings = {field.name: stored[field.name] for field in dataclasses.fields(TilingConfig)
                     if field.name in stored}
     else:
@@ -106,13 +104,21 @@ def _run_fingerprint(spec: SlideSpec, run: inference.RestoredRun, settings: Pred
 
 
 def check_format(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any]) -> None:
-    """A slide must have the channel count, dtype and level downsample of the run's data."""
+    """A slide must have the channel count, dtype and level downsample of the run's data (`metadata`, the
+    run's data spec's), and its channel names in the same order where both name their channels."""
     found = (reader.num_channels, np.dtype(reader.dtype).name, int(reader.level_downsample))
     expected = (len(metadata["channel_names"]), str(metadata["source_dtype"]), int(metadata["level_downsample"]))
     if found != expected:
         raise SlideError(spec.slide_id, spec.image_files[0], f"does not match the run's data: the slide has "
                          f"{found[0]} channel(s) of {found[1]} at level downsample {found[2]}, the model was "
                          f"trained on {expected[0]} channel(s) of {expected[1]} at level downsample {expected[2]}")
+    names, trained = tuple(reader.channel_names), tuple(metadata["channel_names"])
+    # Placeholder names (no manifest column, no OME names) say nothing about the channels: a slide without
+    # names is taken in the manifest's order, as the tiler takes it.
+    placeholders = tuple(f"channel_{c}" for c in range(len(names)))
+    if names != trained and placeholders not in (names, trained):
+        raise SlideError(spec.slide_id, spec.image_files[0], f"does not match the run's data: the slide's "
+                         f"channels are {list(names)}, the model was trained on {list(trained)} (in this order)")
 
 
 @dataclasses.dataclass
@@ -275,15 +281,13 @@ def load_finished(spec: SlideSpec, run: inference.RestoredRun, settings: Predict
     return summary if summary.get("fingerprint") == _run_fingerprint(spec, run, settings) else None
 
 
-def slides_of_split(specs: Sequence[SlideSpec], data_dir: str | os.PathLike, split: str) -> list[SlideSpec]:
-    """The slides that went into `split` of the DATA_DIR (its tiling report), else the manifest's `split`."""
-    report = pathlib.Path(data_dir) / TILING_REPORT
-    tiled = json.loads(report.read_text())["slides"] if report.is_file() else {}
-    chosen = [spec for spec in specs
-              if (tiled.get(spec.slide_id, {}).get("split") or spec.split) == split]
+def slides_of_split(specs: Sequence[SlideSpec], data_spec: run_log.DataSpec, split: str) -> list[SlideSpec]:
+    """The slides that went into `split` of the run's data (its tiling report, stored in the run's data
+    spec), else those of the manifest's `split` column."""
+    chosen = [spec for spec in specs if (data_spec.slide_splits.get(spec.slide_id) or spec.split) == split]
     if not chosen:
-        raise InputError(f"no slide of the manifest is in the {split!r} split of {data_dir} (by its "
-                         f"{TILING_REPORT} or the manifest's split column)")
+        raise InputError(f"no slide of the manifest is in the {split!r} split of the run's data (by the "
+                         f"{TILING_REPORT} splits in {data_spec.source}, or the manifest's split column)")
     return chosen
 
 
@@ -299,7 +303,7 @@ def predict_manifest(run: inference.RestoredRun, manifest: str | os.PathLike, ou
     out = pathlib.Path(out)
     specs = read_manifest(manifest, require_mask=False)
     if split is not None:
-        specs = slides_of_split(specs, run.data_dir, split)
+        specs = slides_of_split(specs, run.data_spec, split)
     classifier = inference.PatchClassifier.from_run(run, settings.batch_size)
     with files.exclusive_lock(out, "prediction"):
         summaries: dict[str, dict[str, Any]] = {}

@@ -1,19 +1,24 @@
 """The training loop: data, method, state, then steps with logging, evaluation and checkpoints.
 
-`train_and_evaluate(config, workdir)` writes to the workdir `config.json`, `metrics.jsonl`
-(`gerne_jax.run_log`), TensorBoard event files under `tensorboard/` and orbax checkpoints
+`train_and_evaluate(config, workdir)` writes to the workdir `config.json`, `data_spec.json`,
+`metrics.jsonl` (`gerne_jax.run_log`), TensorBoard event files under `tensorboard/` and orbax checkpoints
 (`checkpoints/latest`, `checkpoints/best_wga`, `checkpoints/best_bca`, ...), and with pseudo-groups
-their precision and recall (`pseudo_groups.json`). Started again on the same
+their precision and recall (`pseudo_groups.json`). `data_spec.json` (`run_log.DataSpec`), written once
+before the first step, is what prediction and evaluation need of the DATA_DIR: its metadata (patch
+size, channel names, dtype, level downsample, channel mean and std, ...), its tiling settings and
+which slide is in which split, so the workdir predicts without its data. Started again on the same
 workdir, it resumes from the latest checkpoint (the previous one if the latest is damaged) and ends
-exactly where an uninterrupted run would. The config, the data and the model are checked before
-anything is written (a bad one raises an `InputError` naming it); the run then holds the workdir's
-`.lock` (`files.exclusive_lock`), so a second run on the same workdir stops at once, naming the first.
+exactly where an uninterrupted run would; a DATA_DIR whose content no longer matches the stored data
+spec is refused (an `InputError` naming `data_spec.json`). The config, the data and the model are
+checked before anything is written (a bad one raises an `InputError` naming it); the run then holds
+the workdir's `.lock` (`files.exclusive_lock`), so a second run on the same workdir stops at once,
+naming the first. A DFR run (`gerne_jax.dfr`, no step loop) writes its data spec once its fit is saved.
 
 Several processes (`gerne_jax.distributed`): every process runs this loop on the global mesh, feeds its
 own slice of each batch, evaluates and saves checkpoints with the others (orbax coordinates them);
-process 0 alone holds the lock and writes `config.json`, `metrics.jsonl`, TensorBoard events, the log
-and the progress bar. A SIGTERM that reaches some processes stops all of them at the next logging,
-evaluation or checkpoint step, where they agree on it.
+process 0 alone holds the lock and writes `config.json`, `data_spec.json`, `metrics.jsonl`, TensorBoard
+events, the log and the progress bar. A SIGTERM that reaches some processes stops all of them at the
+next logging, evaluation or checkpoint step, where they agree on it.
 
 Precise BatchNorm (`training.precise_bn_batches` = K > 0, train-mode BatchNorm models only): before
 every evaluation and every save, the state's BatchNorm statistics are recomputed with the current
@@ -86,7 +91,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if config.method.name == "dfr":  # one fit of the base run's last layer, no step loop (docs/design.md)
         from gerne_jax import dfr  # scikit-learn: imported for DFR runs only
 
-        return dfr.train_last_layer(config, workdir)
+        state = dfr.train_last_layer(config, workdir)
+        # After the fit, not before: DFR checks its config and base run before it writes anything.
+        with distributed.main_process_lock(workdir, "training"):
+            _record_data_spec(workdir, run_log.data_spec_of(config.data.dir))
+        return state
 
     # ------------------------------------------------------------------------------------------
     # Data, method, model and initial state: validated before anything is written to the workdir.
@@ -94,7 +103,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if config.training.precise_bn_batches < 0:
         raise ConfigError(f"config training.precise_bn_batches must be >= 0 (0: off), got "
                           f"{config.training.precise_bn_batches}")
-    metadata = dataset.read_metadata(config.data.dir)
+    data_spec = run_log.data_spec_of(config.data.dir)  # metadata and tiling report, read before any write
+    metadata = data_spec.metadata
     train = input_pipeline.load_split(config.data.dir, "train", in_memory=config.data.in_memory)
     validation = input_pipeline.load_split(config.data.dir, "validation", in_memory=config.data.in_memory)
     attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
@@ -111,6 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
     with distributed.main_process_lock(workdir, "training"):
         run_log.check_config(workdir, config)  # every process, so that all stop on another run's config
+        _record_data_spec(workdir, data_spec)
         if distributed.is_main_process():
             run_log.write_config(workdir, config)
             if pseudo is not None:
@@ -118,6 +129,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         log_info.info("Training split: %d patches, %d devices in %d process(es). Batch plan (%s):\n%s",
                       len(train["label"]), mesh.size, jax.process_count(), method.name, method.describe())
         return _train(config, workdir, metadata, train, validation, attribute, method, mesh, model, state)
+
+
+def _record_data_spec(workdir: pathlib.Path, data_spec: run_log.DataSpec) -> None:
+    """Stores the run's data spec (process 0), run while holding the workdir's lock; every process checks
+    it first, so that all stop when a resumed run's DATA_DIR no longer holds the data it started on."""
+    run_log.check_data_spec(workdir, data_spec)
+    if distributed.is_main_process():
+        run_log.write_data_spec(workdir, data_spec)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: dict[str, Any],

@@ -32,8 +32,8 @@ import jax
 import numpy as np
 import pytest
 
-import evaluate
 from gerne_jax import checkpoints, distributed, experiment, run_log, sharding
+from gerne_jax.commands import evaluate
 from gerne_jax.errors import ConfigError
 from tests.conftest import TINY_CHANNELS, TINY_PATCH
 

@@ -222,7 +222,7 @@ def write_manifest(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
 
 
 def settings_for(run: inference.RestoredRun, **overrides) -> prediction.PredictionSettings:
-    tiling = prediction.data_tiling_config(run.data_dir, run.metadata, stride=overrides.pop("stride", None))
+    tiling = prediction.data_tiling_config(run, stride=overrides.pop("stride", None))
     return prediction.PredictionSettings(tiling=tiling, taus_list=((TAU,), (0.2,)), batch_size=64, workers=2,
                                          **overrides)
 
@@ -367,11 +367,11 @@ def missing_checkpoint_lists_those_the_run_has(slide_run):
 
 def settings_come_from_the_data_and_bad_options_are_named(slide_run):
     run = slide_run["restored"]
-    tiling = prediction.data_tiling_config(run.data_dir, run.metadata)
+    tiling = prediction.data_tiling_config(run)
     assert (tiling.patch_size, tiling.stride, tiling.min_tissue_ratio) == (PATCH, PATCH, 0.0)
-    assert prediction.data_tiling_config(run.data_dir, run.metadata, stride=8, patch_size=99).patch_size == PATCH
+    assert prediction.data_tiling_config(run, stride=8, patch_size=99).patch_size == PATCH
     with pytest.raises(InputError, match="--stride"):
-        prediction.data_tiling_config(run.data_dir, run.metadata, stride=0)
+        prediction.data_tiling_config(run, stride=0)
     with pytest.raises(InputError, match="--threshold"):
         prediction.PredictionSettings(tiling=tiling, threshold=1.5)
 

@@ -5,10 +5,11 @@
                     [--workers W] [--threshold T] [--tau 0.03 0.1 0.2] [--split test] [--skip-errors]
 
 The manifest has the tiler's format (`mask` optional: without one a slide is predicted, not scored).
-Slides are read with the run's data settings (the tiling settings and normalisation recorded in the
-run when it was trained), so the patches and probabilities are those `gerne-jax evaluate` sees for a
-tiled slide. Per slide, OUT/slides/<id>/ holds probability.tif, overlay.png, patches.csv,
-regions.geojson and summary.json; OUT/slides.csv, OUT/index.md and, with masks, OUT/metrics.json and
+Slides are read with the run's data settings (the tiling settings, channels and normalisation recorded
+in the run's data_spec.json when it was trained), so the patches and probabilities are those
+`gerne-jax evaluate` sees for a tiled slide, and the run predicts without its training data. Per
+slide, OUT/slides/<id>/ holds probability.tif, overlay.png, patches.csv, regions.geojson and
+summary.json; OUT/slides.csv, OUT/index.md and, with masks, OUT/metrics.json and
 OUT/error_vs_tissue_ratio.png cover the run. Run it again to resume: finished slides are skipped.
 """
 from __future__ import annotations
@@ -28,10 +29,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", required=True, help="slide manifest CSV (the tiler's format, mask optional)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default=None, choices=dataset.SPLITS,
-                        help="only the manifest's slides of this split of the run's data (its tiling report), "
-                             "e.g. the test slides of the manifest the data was tiled from")
+                        help="only the manifest's slides of this split of the run's data (its tiling report, "
+                             "stored in the run), e.g. the test slides of the manifest the data was tiled from")
+    # A run trained before runs stored their data_spec.json reads its DATA_DIR instead (data settings and
+    # --split), as it always did: --data-dir points it there if the data moved. Newer runs ignore it.
     parser.add_argument("--data-dir", default=None,
-                        help="the run's DATA_DIR if it moved (only --split reads it: which slide is in which split)")
+                        help="the DATA_DIR of a run trained before runs stored their data_spec.json, if it moved "
+                             "(its data settings and --split's slide splits are read there); ignored for "
+                             "newer runs, which hold them")
     parser.add_argument("--stride", type=int, default=None,
                         help="grid stride in pixels of the predicted level (default: the data's); "
                              "below the patch size, overlapping patches are averaged")
@@ -58,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cli.setup_logging()
     run = inference.load_run(args.workdir, args.checkpoint, args.data_dir)
-    tiling = prediction.data_tiling_config(run.data_dir, run.metadata, stride=args.stride,
-                                           min_tissue_ratio=args.min_tissue_ratio,
+    tiling = prediction.data_tiling_config(run, stride=args.stride, min_tissue_ratio=args.min_tissue_ratio,
                                            tissue_polarity=args.tissue_polarity)
     taus_list = tuple((t,) for t in args.tau) if args.tau else (tuple(run.config.data.taus),)
     settings = prediction.PredictionSettings(
