@@ -1,6 +1,6 @@
-"""Default configuration: a ResNet-50 from scratch on a DATA_DIR written by `python -m data_pipeline tile`.
+"""Default configuration: a ResNet-50 from scratch on a DATA_DIR written by `gerne-jax tile`.
 
-  python train.py --config configs/default.py:method=gerne,model=resnet50 --workdir runs/x \
+  gerne-jax train --config default:method=gerne,model=resnet50 --workdir runs/x \
       --config.data.dir=runs/demo/data --config.method.beta=1.5
 
 `get_config(arg)` takes two declared switches, `method` (gerne, erm, resample, group_dro, jtt or
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
-    config.data.dir = "runs/demo/data"     # a DATA_DIR from `python -m data_pipeline tile`
+    config.data.dir = "runs/demo/data"     # a DATA_DIR from `gerne-jax tile`
     config.data.taus = (0.1,)              # tissue-ratio thresholds: a = #{tau : r >= tau}
     config.data.in_memory = True           # False: read the array_record shards by index
     config.data.flips = False              # augmentation, off as in the papers
@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.seed = 0
     # Precise BatchNorm: before each evaluation and save, recompute the BatchNorm statistics with the
     # current parameters on this many natural-distribution training batches of data.eval_batch_size
-    # (README "Precise BatchNorm"); only train-mode BatchNorm (model.norm shared|separate) is affected.
+    # (docs/methods.md "Precise BatchNorm"); only train-mode BatchNorm (model.norm shared|separate) is affected.
     # 0 (off) by default: the default norms (group from scratch, frozen with pretrained weights) have
     # nothing to recompute, and earlier shared-BatchNorm runs stay reproducible.
     config.training.precise_bn_batches = 0
@@ -108,11 +108,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.num_devices = 0            # 0: all devices (of all processes)
     # Sum every cross-device reduction of the train step in device order (all-gather, then sum), so
-    # the parameters do not depend on how the devices are split over processes (README "Multi-host
+    # the parameters do not depend on how the devices are split over processes (docs/scaling.md "Multi-host
     # training"). Each device then holds one gradient copy per device: for small meshes and tests. Not
     # with train-mode BatchNorm (model.norm shared|separate).
     config.mesh.deterministic_reduction = False
-    # Several processes (hosts) of one run (README "Multi-host training"); each process is told its own
+    # Several processes (hosts) of one run (docs/scaling.md "Multi-host training"); each process is told its own
     # process_id. auto: start JAX's distributed runtime when coordinator_address is set or srun, mpirun
     # or a TPU pod slice is detected; on: always (JAX reads unset values from the environment); off: never.
     config.mesh.distributed = "auto"

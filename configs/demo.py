@@ -3,7 +3,7 @@
 `get_config(arg)`: `arg` is the method switch, `erm`, `gerne` (default), `resample`, `group_dro`, `jtt`,
 `ratio_weighted` or `dfr` (the last layer of the demo's ERM run, `runs/demo/erm`, refitted on
 group-balanced validation data); change anything else with `--config.<key>=<value>` (e.g.
-`--config.method.beta=1`). GERNE with unknown attributes (README "GERNE with unknown attributes") is
+`--config.method.beta=1`). GERNE with unknown attributes (docs/methods.md "GERNE with unknown attributes") is
 two more switches: `erm_scoring`, the scoring run (ERM with learning rate / 10 and weight decay x 2,
 as in the GERNE paper), and `gerne_pseudo`, GERNE on the pseudo-groups of its best_bca checkpoint
 (`runs/demo/erm_scoring`).
@@ -13,7 +13,7 @@ hours), the tiny ResNet at about 2,600/s, and it learns these data (validation B
 folds beta into its loss: the same update as the two-gradient path at the cost of one gradient
 (docs/design.md §3: the gradient of `(1 + beta) * L_lb - beta * L_b`), which halves the demo's time.
 Per method, the learning rate, normalisation and (c, beta) are those `make experiments` chose on
-validation WGA (a 39-setting grid on seed 0, then the best 3-seed mean; see the README's results).
+validation WGA (a 39-setting grid on seed 0, then the best 3-seed mean; see docs/results.md).
 """
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.log_every = 50
     # Shared BatchNorm (gerne, resample): population statistics of 20 natural training batches of 256
     # (about twice the demo training split) before each evaluation and save, not running averages of resampled pairs,
-    # whose validation WGA swung between 0.0 and 0.92 (README "Precise BatchNorm"). No-op for ERM's
+    # whose validation WGA swung between 0.0 and 0.92 (docs/methods.md "Precise BatchNorm"). No-op for ERM's
     # GroupNorm.
     config.training.precise_bn_batches = 20
     # Warm-up, then cosine decay: at a constant learning rate of 0.1 the validation WGA of every method
     # kept dipping (GERNE to 0.35-0.46, ERM to 0.32) between good evaluations; decayed, the curves settle
-    # (README "Precise BatchNorm"). `make experiments` keeps the constant rate it was tuned with
+    # (docs/methods.md "Precise BatchNorm"). `make experiments` keeps the constant rate it was tuned with
     # (experiments/grid.py).
     config.optimizer.schedule = "cosine"
     config.optimizer.warmup_steps = 100

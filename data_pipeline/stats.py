@@ -1,4 +1,4 @@
-"""`python -m data_pipeline stats`: group counts per split and tau, and the tissue-ratio distribution.
+"""`gerne-jax stats`: group counts per split and tau, and the tissue-ratio distribution.
 
 Reads `DATA_DIR/patches.csv` only (no pixels, `dataset.read_patch_table`). For each threshold tau the
 attribute is `a = 1[tissue_ratio >= tau]` (docs/design.md §2, `dataset.attribute_from_tissue_ratio`) and

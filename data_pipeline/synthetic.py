@@ -1,6 +1,6 @@
 """Built-in synthetic multimodal slides (CARS, TPEF, SHG) with the tissue-amount shortcut of real data.
 
-`python -m data_pipeline synthetic --out DIR --slides N --size PIXELS --seed S [--layout L]` writes, per
+`gerne-jax synthetic --out DIR --slides N --size PIXELS --seed S [--layout L]` writes, per
 slide, a tiled interleaved (Y, X, 3) uint16 TIFF, a tiled uint8 0/1 tumour mask of the same height and
 width, and `DIR/manifest.csv` in the format of `data_pipeline.manifest` (relative paths, a
 deterministic split). Two layouts:
@@ -49,7 +49,7 @@ seed 0): median tissue ratio 0.88 for tumour patches and 0.06 for non-tumour one
 non-tumour patches with a tissue ratio >= 0.5 (classic: a few %), and at tau = 0.1 about 7% of
 patches in the group (tumour, r < 0.1) and 27% in (non-tumour, r >= 0.1). The textures were set so
 that ERM with the demo setting errs on both minority groups while its average accuracy stays above
-0.9; the README gives its per-group test accuracies.
+0.9; docs/results.md gives its per-group test accuracies.
 
 The same arguments always give byte-identical files.
 """
@@ -260,7 +260,7 @@ TUMOUR_TEXTURE = Texture("tumour", "nuclei_tumour", nuclei_cell=7.0, nuclei_dens
 # denser nuclei, a smaller channel shift. Inflammation comes closest (dense nuclei, little collagen) but
 # its nuclei stay small: the remaining contrast is subtle, yet learnable. With a wider contrast (0.5;
 # 0.8 with nuclei of radius 1.8) ERM learnt it and misclassified about 1% of the non-tumour patches
-# full of tissue (README, `synthetic` command).
+# full of tissue (docs/results.md, "ERM on the sections layout").
 NORMAL_TEXTURE = STROMA_TEXTURE.toward(TUMOUR_TEXTURE, 0.6, "normal_tissue")
 INFLAMMATION_TEXTURE = STROMA_TEXTURE.toward(TUMOUR_TEXTURE, 0.9, "inflammation", nuclei_radius=2.1)
 CLASSIC_TEXTURES = (STROMA_TEXTURE, TUMOUR_TEXTURE)

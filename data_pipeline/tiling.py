@@ -1,6 +1,6 @@
 """One slide of a manifest -> its array_record file, QC PNG and sidecar (docs/design.md §2).
 
-`tile_slide` is what a worker process of `python -m data_pipeline tile` (`data_pipeline.tile_manifest`)
+`tile_slide` is what a worker process of `gerne-jax tile` (`data_pipeline.tile_manifest`)
 runs for each slide:
 1. open and validate the slide; a thumbnail at 1/f of the chosen level gives the detected tissue
    (`detect_tissue`) unless the manifest names a tissue mask;

@@ -5,16 +5,16 @@
         --settings-from runs/comparison/chosen.json                          # another data set, no tuning
 
 Steps (resumable: finished runs are skipped, interrupted ones resume; see experiments/grid.py):
-1. data: `--slides` synthetic slides of the `sections` layout (both minority groups hard; README
-   "Synthetic slides"), 64-pixel patches, tau = 0.1.
+1. data: `--slides` synthetic slides of the `sections` layout (both minority groups hard; docs/data.md
+   "Built-in synthetic slides"), 64-pixel patches, tau = 0.1.
 2. tuning on seed 0, the same budget for every method (`TUNING_BUDGET` settings each), all on the
    tiny ResNet with GroupNorm: one network and normalisation for every row. Each method's setting is
    chosen on validation WGA only (`best_wga` checkpoints); `ROOT/chosen.json` records the choice.
    The runs other methods build on are trained first, per seed: JTT's identification runs (ERM at
    `ERM_LR` for T steps), DFR's base runs (ERM's tuning runs at two learning rates) and the scoring
-   run of GERNE with unknown attributes (ERM at `ERM_LR` / 10, weight decay x 2; README "GERNE with
+   run of GERNE with unknown attributes (ERM at `ERM_LR` / 10, weight decay x 2; docs/methods.md "GERNE with
    unknown attributes"). DFR fits its last layer on half of the validation split and is selected on
-   the other half (README "DFR"); the others only select on validation.
+   the other half (docs/methods.md "DFR"); the others only select on validation.
 3. seeds: every chosen setting with seeds 0, 1, 2 (`--seeds`); test mean and standard deviation.
 4. the best network of a method where it differs: GERNE with BatchNorm statistics shared by its two
    batches and precise BatchNorm (the demo's GERNE), over the same seeds, reported in its own table.

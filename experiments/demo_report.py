@@ -177,7 +177,7 @@ def write_report(args: argparse.Namespace) -> pathlib.Path:
     taus = args.tau or sorted({float(t) for config in configs.values() for t in config.data.taus})
 
     lines = ["# gerne-jax demo report (synthetic data)", "",
-             "Built-in synthetic slides (`python -m data_pipeline synthetic`), not real microscopy. "
+             "Built-in synthetic slides (`gerne-jax synthetic`), not real microscopy. "
              f"Every run is evaluated on the **{args.split}** split with checkpoints chosen on the "
              "validation split only (`best_wga`: best validation worst-group accuracy; `best_bca`: "
              "best validation balanced class accuracy).", "",

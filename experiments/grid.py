@@ -134,7 +134,7 @@ def run_name(setting: Setting, seed: int) -> str:
     return f"{setting.name}_seed{seed}"
 
 
-# The experiments' learning rate schedule: constant, as the settings of the recorded results (README)
+# The experiments' learning rate schedule: constant, as the settings of the recorded results (docs/results.md)
 # were tuned; configs/demo.py itself warms up and decays. `common` or a setting may change it.
 TUNED_SCHEDULE = {"optimizer.schedule": "constant", "optimizer.warmup_steps": 0}
 

@@ -1,4 +1,4 @@
-"""Reproduces the README's results on the synthetic slides, from data to tables, tuning on validation only.
+"""Reproduces docs/results.md's results on the synthetic slides, from data to tables, tuning on validation only.
 
   python -m experiments.reproduce --root runs/exp        # or `make experiments`: 1.5-2 hours on 2 CPU cores
 

@@ -1,6 +1,6 @@
 """The dataset contract: what a DATA_DIR holds, and the only reader of its tables.
 
-A DATA_DIR is written by `python -m data_pipeline tile` (or `data_pipeline.shards.write_patch_dataset`)
+A DATA_DIR is written by `gerne-jax tile` (or `data_pipeline.shards.write_patch_dataset`)
 and read by training, evaluation and `data_pipeline stats`. Everything both sides must agree on is
 declared here and nowhere else (docs/design.md §2):
 
@@ -82,7 +82,7 @@ def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
     path = pathlib.Path(data_dir) / METADATA_FILE
     if not (pathlib.Path(data_dir) / DATASET_INFO_FILE).is_file():
         raise DatasetError(f"{data_dir} is not a dataset: {DATASET_INFO_FILE} is missing (write one with "
-                           "`python -m data_pipeline tile`)")
+                           "`gerne-jax tile`)")
     try:
         stored = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -111,7 +111,7 @@ def read_patch_table(data_dir: str | os.PathLike, split: str | None = None) -> d
     path = pathlib.Path(data_dir) / PATCHES_CSV
     if not path.is_file():
         raise DatasetError(f"{path} is missing; is {data_dir} a dataset written by "
-                           "`python -m data_pipeline tile`?")
+                           "`gerne-jax tile`?")
     if split is not None and split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; a dataset has the splits {list(SPLITS)}")
     with path.open(newline="") as file:

@@ -1,6 +1,6 @@
 """The errors a user can fix: bad input, named in the message, answered by the commands with one line.
 
-Every command line (`python -m data_pipeline ...`, `train.py`, `evaluate.py`, the experiments) prints an
+Every command line (`gerne-jax synthetic|tile|stats|train|evaluate|predict`, the experiments) prints an
 `InputError` as `error: <what>, <where>` and exits with status 2 (`gerne_jax.cli.run_command`); any other
 exception is a bug and keeps its traceback. Subclasses say which kind of input is at fault.
 """

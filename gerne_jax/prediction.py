@@ -44,7 +44,7 @@ log = logging.getLogger("predict")
 
 SLIDES_DIR = "slides"
 SUMMARY_FILE = "summary.json"
-TILING_REPORT = dataset.TILING_REPORT_FILE  # written by `python -m data_pipeline tile` beside the shards
+TILING_REPORT = dataset.TILING_REPORT_FILE  # written by `gerne-jax tile` beside the shards
 # Source bytes one read block may hold; several are in flight (2 per reader thread).
 PREDICT_BLOCK_BYTES = 32 << 20
 

@@ -104,7 +104,7 @@ def _read_torch(path: str) -> dict[str, Any]:
         import torch
     except ImportError as e:
         raise ImportError(f"reading {path!r} needs torch; install it or convert the file to "
-                          ".safetensors (see README, 'Pretrained weights')") from e
+                          ".safetensors (see docs/methods.md, 'Pretrained weights')") from e
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise InputError(f"{path!r} holds a {type(state).__name__}, not a state dict")

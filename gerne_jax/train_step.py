@@ -48,7 +48,7 @@ devices and 2 processes of 2 devices end a few steps apart by ~1e-7. With this o
 differentiates its own shard's loss (the parameters cast to "varying" over "data"), and every
 reduction of the step -- gradients, losses, accuracies, an objective's sums -- is an all-gather
 followed by a sum in device order (`sharding.ordered_sum`): as far as reductions go, the result
-depends on the mesh's devices and the global batch only (README "Multi-host training": each device's
+depends on the mesh's devices and the global batch only (docs/scaling.md "Multi-host training": each device's
 own kernels must be reproducible too). Train-mode BatchNorm reduces its statistics inside Flax with an all-reduce,
 so it is refused (`check_reduction`).
 """
