@@ -1,4 +1,4 @@
-"""`python -m data_pipeline tile --runner beam`: the slides left to tile, run as an Apache Beam pipeline.
+"""`gerne-jax tile --runner beam`: the slides left to tile, run as an Apache Beam pipeline.
 
 `tile_manifest` does everything before and after the slides, the same for both runners: manifest and
 splits, the header pass and dataset format, resume, failures, the report and publishing. This module
@@ -31,6 +31,7 @@ import contextlib
 import functools
 import io
 import json
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -43,14 +44,14 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from tqdm import tqdm
 
-from data_pipeline import storage, tile_manifest
+from data_pipeline import parent_watch, storage, tile_manifest
 from data_pipeline.manifest import SlideError, SlideSpec
 from data_pipeline.tiling import WORK_DIR, SlideFormat, TilingConfig, load_finished, slide_paths
 from gerne_jax.errors import InputError
 
 RESULTS_DIR = "beam"      # under DATA_DIR/.work: one result file per slide, removed once read
 PROGRESS_INTERVAL_S = 1.0
-README_SECTION = "README, 'Tiling on Apache Beam'"
+README_SECTION = "docs/scaling.md, 'Tiling on Apache Beam'"
 LOCAL_LOG_LEVEL = ("--default_sdk_harness_log_level=ERROR",)
 
 
@@ -109,9 +110,17 @@ class _TileSlide(beam.DoFn):
     """One slide per element: `tile_job`'s result written as a JSON file (its sidecar stays in DATA_DIR).
     A retried bundle rewrites the same file, whole."""
 
-    def __init__(self, data_dir: storage.AnyPath, config: TilingConfig, expected: SlideFormat):
+    def __init__(self, data_dir: storage.AnyPath, config: TilingConfig, expected: SlideFormat,
+                 launcher_pid: int | None):
         self._data_dir, self._config, self._expected = data_dir, config, expected
+        self._launcher_pid = launcher_pid
         self._positions = Metrics.counter("tiling", "grid_positions")
+
+    def setup(self) -> None:
+        # A local worker process ends once the launching process has died, even by SIGKILL, whether or
+        # not Beam's worker notices its lost connection. (A no-op in the launching process itself.)
+        if self._launcher_pid is not None:
+            parent_watch.exit_with(self._launcher_pid)
 
     def process(self, spec: SlideSpec) -> Iterable[None]:
         # Outputs nothing: Beam reads the return annotation as the output type and wants an iterable.
@@ -146,7 +155,8 @@ def run_slides(jobs: Sequence[SlideSpec], data_dir: storage.AnyPath, config: Til
     with _sidecar_progress(jobs, data_dir, show_progress), _pipeline(options) as pipeline:
         _ = (pipeline
              | "slides" >> beam.Create(list(jobs))
-             | "tile" >> beam.ParDo(_TileSlide(data_dir, config, expected)))
+             | "tile" >> beam.ParDo(_TileSlide(data_dir, config, expected,
+                                               os.getpid() if runs_on_this_machine(options) else None)))
     results = {}
     for spec in jobs:
         path = _result_path(data_dir, spec.slide_id)

@@ -1,4 +1,4 @@
-"""`python -m data_pipeline tile`: the slides of a manifest -> a DATA_DIR of TFDS patch shards.
+"""`gerne-jax tile`: the slides of a manifest -> a DATA_DIR of TFDS patch shards.
 
 The DATA_DIR layout is declared in gerne_jax/dataset.py; the patch definitions are in docs/design.md §2
 and `data_pipeline.tiling`, which tiles one slide. This module runs a whole manifest:
@@ -12,7 +12,7 @@ and `data_pipeline.tiling`, which tiles one slide. This module runs a whole mani
 3. publish the finished files as the TFDS dataset (`shards.finalize_dataset`): per split, slides
    sorted by id, shard i = slide i.
 
-Errors: a slide's SlideError stops the run before anything is published; `python -m data_pipeline`
+Errors: a slide's SlideError stops the run before anything is published; `gerne-jax tile`
 prints it as one line and exits with status 2 (`gerne_jax.cli.run_command`). With `--skip-errors` the
 other slides finish and are published, failures are listed at the end and in `tiling_report.json`,
 and the exit status is still 2 when any slide failed, so scripts notice. One run at a time per
@@ -27,6 +27,7 @@ import contextlib
 import functools
 import json
 import multiprocessing
+import multiprocessing.managers
 import os
 import pathlib
 import queue
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline import shards, storage
+from data_pipeline import parent_watch, shards, storage
 from data_pipeline.grid import grid_origins
 from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
 from data_pipeline.slides import SlideReader
@@ -135,8 +136,14 @@ def _run_jobs(jobs: Sequence[SlideSpec], data_dir: storage.AnyPath, config: Tili
                 yield result
             return
         context = multiprocessing.get_context("spawn")
-        with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
-                max_workers=min(workers, len(jobs)), mp_context=context) as executor:
+        # The manager's server and the workers end when this process dies, even by SIGKILL (which runs no
+        # clean-up here): else they, and multiprocessing's resource tracker, would wait forever on it.
+        watch = parent_watch.initargs()
+        manager = multiprocessing.managers.SyncManager(ctx=context)
+        manager.start(parent_watch.exit_with, watch)
+        with manager, concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(workers, len(jobs)), mp_context=context,
+                initializer=parent_watch.exit_with, initargs=watch) as executor:
             progress_queue = manager.Queue()
             pending = set()
             try:
@@ -235,10 +242,11 @@ def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_d
                  config: TilingConfig, run_slides: SlideRunner, skip_errors: bool) -> dict[str, Any]:
     """`tile_manifest` once it holds the DATA_DIR's lock; `run_slides` tiles the slides left to do."""
     (data_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
-    if isinstance(data_dir, storage.RemotePath):
-        for stale in [path for folder in (data_dir, data_dir / WORK_DIR, data_dir / QC_DIR)
-                      for path in folder.glob("*.tmp-*")]:
-            stale.unlink()  # an upload of a killed run (locally `tile_slide` and `files` clean these)
+    # Files half-written by a killed run (an upload, or a local write cut by SIGKILL, which no clean-up
+    # survives); the lock is ours, so no other run is writing them.
+    for stale in [path for folder in (data_dir, data_dir / WORK_DIR, data_dir / QC_DIR)
+                  for path in folder.glob("*.tmp-*")]:
+        stale.unlink()
 
     report: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}

@@ -1,7 +1,6 @@
 """Tests of `python -m data_pipeline tile` against a brute-force numpy loop over the full arrays."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -19,7 +18,7 @@ import tifffile
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from PIL import Image
 
-from data_pipeline import qc, tile_manifest, tiling
+from data_pipeline import commands, qc, tiling
 from data_pipeline.__main__ import main
 from data_pipeline.grid import scan_plan
 from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
@@ -460,11 +459,9 @@ def test_qc_composite_gives_every_channel_a_colour(channels):
         assert lit == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
 
 def test_the_first_versions_flag_spelling_still_works():
-    parser = argparse.ArgumentParser()
-    tile_manifest.add_arguments(parser)
     required = ["--manifest", "m.csv", "--out", "o", "--patch-size", "8"]
     for flag in ("--min-tumour-pixels", "--min-tumor-pixels"):
-        assert parser.parse_args(required + [flag, "4"]).min_tumour_pixels == 4
+        assert commands.parse_args("tile", required + [flag, "4"]).min_tumour_pixels == 4
 
 
 def test_scan_decodes_only_the_pixels_of_kept_patches(tmp_path):
