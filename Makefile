@@ -7,7 +7,7 @@ DEMO_DIR ?= runs/demo
 LOCK := requirements.lock
 UV_VERSION := 0.13.10
 
-.PHONY: install lock demo experiments lint test bench clean
+.PHONY: install lock lowest demo experiments lint test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,14 @@ lock: | $(BIN)/python
 # JAX's persistent compilation cache for the commands below (unless set already): the runs of a grid
 # compile the same programs, and a rerun of the demo compiles nothing again.
 demo experiments: export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/runs/.jax_compilation_cache
+
+# The whole suite at pyproject.toml's lower bounds (uv's lowest-direct resolution) in its own venv.
+LOWEST_VENV := .venv-lowest
+lowest: | $(BIN)/python
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+	$(BIN)/uv venv -q --clear -p 3.11 $(LOWEST_VENV)
+	VIRTUAL_ENV=$(LOWEST_VENV) $(BIN)/uv pip install -q --resolution lowest-direct -e ".[test]"
+	$(LOWEST_VENV)/bin/python -m pytest -q -n 2 tests
 
 # Synthetic slides -> patches -> ERM and GERNE (configs/demo.py) -> test-split report in $(DEMO_DIR),
 # then both runs predict the test slides whole (maps, overlays, regions) for the report's side-by-side overlay.
@@ -71,4 +79,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tiling.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LOWEST_VENV) runs
