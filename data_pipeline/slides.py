@@ -439,6 +439,11 @@ def _fit(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # SlideReader
 # ---------------------------------------------------------------------------------------------------
+def placeholder_channel_names(num_channels: int) -> tuple[str, ...]:
+    """The names of channels that the manifest and the file leave unnamed: `channel_0`, `channel_1`, ..."""
+    return tuple(f"channel_{c}" for c in range(num_channels))
+
+
 class SlideReader:
     """Lazy reader of one slide at one resolution; use as a context manager.
 
@@ -555,7 +560,7 @@ class SlideReader:
             names = _ome_channel_names(self._tiffs[0].ome_metadata)
             if len(names) == self.num_channels and len(set(names)) == len(names):
                 return names
-        return tuple(f"channel_{c}" for c in range(self.num_channels))
+        return placeholder_channel_names(self.num_channels)
 
     def _open_mask(self, file: pathlib.Path) -> _MaskView:
         """A mask at the level's shape, level 0's, or an integer fraction of the level's (annotations are

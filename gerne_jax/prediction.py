@@ -35,7 +35,7 @@ import numpy as np
 import tqdm
 
 from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
-from data_pipeline.slides import SlideReader
+from data_pipeline.slides import SlideReader, placeholder_channel_names
 from data_pipeline.tiling import SlideScan, TilingConfig, fingerprint, record_qc_rows
 from gerne_jax import dataset, evaluation, files, inference, reports, run_log, slide_outputs
 from gerne_jax.errors import InputError
@@ -115,7 +115,7 @@ def check_format(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any])
     names, trained = tuple(reader.channel_names), tuple(metadata["channel_names"])
     # Placeholder names (no manifest column, no OME names) say nothing about the channels: a slide without
     # names is taken in the manifest's order, as the tiler takes it.
-    placeholders = tuple(f"channel_{c}" for c in range(len(names)))
+    placeholders = placeholder_channel_names(len(names))
     if names != trained and placeholders not in (names, trained):
         raise SlideError(spec.slide_id, spec.image_files[0], f"does not match the run's data: the slide's "
                          f"channels are {list(names)}, the model was trained on {list(trained)} (in this order)")
