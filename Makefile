@@ -28,11 +28,12 @@ lock: | $(BIN)/python
 # compile the same programs, and a rerun of the demo compiles nothing again.
 demo experiments: export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/runs/.jax_compilation_cache
 
-# The whole suite at pyproject.toml's lower bounds (uv's lowest-direct resolution) in its own venv.
+# The whole suite at pyproject.toml's lower bounds (uv's lowest-direct resolution) in its own venv
+# (seeded with pip, which the wheel test runs).
 LOWEST_VENV := .venv-lowest
 lowest: | $(BIN)/python
 	$(BIN)/pip install -q "uv==$(UV_VERSION)"
-	$(BIN)/uv venv -q --clear -p 3.11 $(LOWEST_VENV)
+	$(BIN)/uv venv -q --clear --seed -p 3.11 $(LOWEST_VENV)
 	VIRTUAL_ENV=$(LOWEST_VENV) $(BIN)/uv pip install -q --resolution lowest-direct -e ".[test]"
 	$(LOWEST_VENV)/bin/python -m pytest -q -n 2 tests
 

@@ -118,17 +118,20 @@ def _tile_parser():
     return parser
 
 
+def pip(args: list[str]) -> None:
+    completed = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    assert completed.returncode == 0, f"pip {' '.join(args)}:\n{completed.stderr[-3000:]}"
+
+
 @pytest.mark.slow
 def test_the_wheel_installed_without_dependencies_runs_the_pipeline_from_another_directory(tmp_path):
     source, wheels, target, elsewhere = (tmp_path / name for name in ("source", "wheels", "site", "elsewhere"))
     elsewhere.mkdir()
     # Built from a copy: setuptools writes build/ and *.egg-info/ into the tree it builds.
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "runs", "build", "*.egg-info", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(source)], check=True, capture_output=True)
+    pip(["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)])
     (wheel,) = wheels.glob("gerne_jax-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    pip(["install", "-q", "--no-deps", "--target", str(target), str(wheel)])
     env = {**os.environ, "PYTHONPATH": str(target)}
 
     def run(*args: str) -> subprocess.CompletedProcess:
