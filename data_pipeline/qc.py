@@ -10,14 +10,10 @@ import math
 import os
 import pathlib
 
-import matplotlib
+import numpy as np
+from matplotlib.collections import PolyCollection
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.collections import PolyCollection  # noqa: E402
-
-from gerne_jax import files  # noqa: E402
+from gerne_jax import files
 
 LABEL_COLOURS = {0: "#00e5ff", 1: "#ff1744"}  # non-tumour cyan, tumour red
 TISSUE_COLOUR = "#ffffff"
@@ -67,7 +63,7 @@ def save_qc_png(
     height, width = thumbnail.shape[:2]
     # Clamped, so that a slide one pixel wide still gives a figure of sensible size (imshow fits it).
     aspect = min(max(height / max(width, 1), 1 / MAX_ASPECT), MAX_ASPECT)
-    figure, axis = plt.subplots(figsize=(8, 8 * aspect + 0.6), dpi=120)
+    figure, axis = files.new_figure(figsize=(8, 8 * aspect + 0.6), dpi=120)
     axis.imshow(composite_rgb(thumbnail), interpolation="nearest")
     for mask, colour in ((tissue, TISSUE_COLOUR), (tumour, TUMOUR_COLOUR)):
         # contour needs at least 2 x 2 values: a slide thinner than 2 thumbnail pixels has no outline

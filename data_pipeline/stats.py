@@ -11,14 +11,10 @@ import argparse
 import os
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from gerne_jax import dataset, files  # noqa: E402
-from gerne_jax.errors import InputError  # noqa: E402
+from gerne_jax import dataset, files
+from gerne_jax.errors import InputError
 
 PLOT_FILE = "tissue_ratio.png"
 CLASS_COLOURS = ("#1f77b4", "#d62728")
@@ -57,7 +53,7 @@ def format_group_counts(counts: dict[str, np.ndarray], tau: float) -> str:
 def plot_tissue_ratio(table: dict[str, np.ndarray], taus: Sequence[float], path: str | os.PathLike) -> None:
     """Histogram of tissue ratio per class, one panel per split, tau as dashed lines (PNG)."""
     splits = [s for s in dataset.SPLITS if (table["split"] == s).any()]
-    figure, axes = plt.subplots(1, max(len(splits), 1), figsize=(4.5 * max(len(splits), 1), 3.6),
+    figure, axes = files.new_figure(1, max(len(splits), 1), figsize=(4.5 * max(len(splits), 1), 3.6),
                                 squeeze=False, dpi=120)
     bins = np.linspace(0.0, 1.0, 41)
     for axis, split in zip(axes[0], splits):

@@ -28,17 +28,13 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import grid, patch_size  # noqa: E402
-from experiments.grid import Setting  # noqa: E402
-from experiments.tables import markdown_table, over_seeds  # noqa: E402
-from gerne_jax import dataset, evaluation, files, run_log  # noqa: E402
-from gerne_jax.errors import InputError  # noqa: E402
+from experiments import grid, patch_size
+from experiments.grid import Setting
+from experiments.tables import markdown_table, over_seeds
+from gerne_jax import dataset, evaluation, files, run_log
+from gerne_jax.errors import InputError
 
 BINS = (3, 4, 5)
 PAPER_TAUS = (0.03, 0.1, 0.2)
@@ -110,7 +106,7 @@ def evaluate_cached(workdir: pathlib.Path, out: pathlib.Path, split_cache: dict[
 
 def plot(rows: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None:
     """Test WGA (mean, std over seeds) at each paper tau, one bar per run variant."""
-    fig, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2))
+    fig, axis = files.new_figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2))
     width = 0.8 / len(PAPER_TAUS)
     for i, tau in enumerate(PAPER_TAUS):
         axis.bar(np.arange(len(rows)) + (i - (len(PAPER_TAUS) - 1) / 2) * width,

@@ -21,16 +21,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib  # noqa: E402
+import matplotlib.image
+import ml_collections
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from data_pipeline import stats  # noqa: E402
-from experiments.tables import markdown_table  # noqa: E402
-from gerne_jax import dataset, files, reports, run_log  # noqa: E402
+from data_pipeline import stats
+from experiments.tables import markdown_table
+from gerne_jax import dataset, files, reports, run_log
 
 CURVE_METRICS = (("validation WGA", "worst_group_accuracy"), ("validation BCA", "balanced_class_accuracy"))
 CONFIG_COLUMNS = (("method", "method.name"), ("c", "method.c"), ("beta", "method.beta"),
@@ -77,9 +74,9 @@ def prediction_section(runs: Sequence[pathlib.Path], folders: Sequence[pathlib.P
              "detection, the training normalisation): probability maps, overlays, QuPath regions.", ""]
     if common:
         slide_id = common[0]
-        images = [plt.imread(folder / "slides" / slide_id / "overlay.png") for folder in folders]
+        images = [matplotlib.image.imread(folder / "slides" / slide_id / "overlay.png") for folder in folders]
         height, width = images[0].shape[:2]
-        figure, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 7 * height / width + 0.4))
+        figure, axes = files.new_figure(1, len(runs), figsize=(7 * len(runs), 7 * height / width + 0.4))
         for axis, run, image in zip(np.atleast_1d(axes), runs, images):
             axis.imshow(image)
             axis.set_title(run.name, fontsize=14)
@@ -111,7 +108,7 @@ def _number(text: str) -> Any:
 
 def plot_validation_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: pathlib.Path) -> None:
     """Validation WGA and BCA against the training step, one line per run (`run_log.read_metrics` rows)."""
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 3.6), sharey=True)
+    fig, axes = files.new_figure(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 3.6), sharey=True)
     for name, lines in logs.items():
         rows = run_log.rows_of(lines, "validation")
         for axis, (_, key) in zip(axes, CURVE_METRICS):

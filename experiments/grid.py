@@ -46,16 +46,12 @@ import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import matplotlib  # noqa: E402
+import ml_collections
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import demo  # noqa: E402
-from experiments.tables import markdown_table, over_seeds  # noqa: E402
-from gerne_jax import cli, config_utils, evaluation, files, run_log, trainer  # noqa: E402
+from configs import demo
+from experiments.tables import markdown_table, over_seeds
+from gerne_jax import cli, config_utils, evaluation, files, run_log, trainer
 
 # Short names of the config keys a grid varies, for run folder names and the command line. Their order
 # is the order of a name's parts: every run folder `make experiments` has written keeps its name.
@@ -283,7 +279,7 @@ def chosen_settings(summary: Sequence[Mapping[str, Any]],
 
 def plot_summary(summary: Sequence[Mapping[str, Any]], split: str, path: pathlib.Path) -> None:
     """Test WGA and BCA (mean, std over seeds) of each tuned family, per checkpoint rule."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.5 * len(METRICS), 3.8), sharey=True)
+    fig, axes = files.new_figure(1, len(METRICS), figsize=(5.5 * len(METRICS), 3.8), sharey=True)
     checkpoints = list(dict.fromkeys(entry["checkpoint"] for entry in summary))
     families = list(dict.fromkeys(entry["family"] for entry in summary))
     width = 0.8 / len(checkpoints)

@@ -26,19 +26,15 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from data_pipeline import stats, synthetic, tile_manifest  # noqa: E402
-from data_pipeline.tiling import TilingConfig  # noqa: E402
-from experiments import grid  # noqa: E402
-from experiments.grid import Setting  # noqa: E402
-from experiments.tables import markdown_table  # noqa: E402
-from gerne_jax import dataset, files  # noqa: E402
-from gerne_jax.errors import InputError  # noqa: E402
+from data_pipeline import stats, synthetic, tile_manifest
+from data_pipeline.tiling import TilingConfig
+from experiments import grid
+from experiments.grid import Setting
+from experiments.tables import markdown_table
+from gerne_jax import dataset, files
+from gerne_jax.errors import InputError
 
 PATCH_SIZES = (32, 64, 128)
 TAU = 0.1
@@ -127,7 +123,7 @@ def readable_row(row: Mapping[str, Any]) -> dict[str, Any]:
 def plot(rows: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None:
     """ERM's gap and GERNE's gain (left) and the minority shares (right) against the patch size."""
     sizes = [row["patch size"] for row in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = files.new_figure(1, 2, figsize=(10, 3.8))
     left.plot(sizes, [row["erm BCA - WGA"] for row in rows], marker="o", label="ERM test BCA - WGA")
     left.plot(sizes, [row["gerne WGA gain"] for row in rows], marker="s", label="GERNE test WGA - ERM test WGA")
     left.axhline(0.0, color="0.5", linewidth=0.8)

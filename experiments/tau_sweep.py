@@ -19,16 +19,12 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from data_pipeline import stats  # noqa: E402
-from experiments import grid  # noqa: E402
-from experiments.tables import markdown_table, mean_std  # noqa: E402
-from gerne_jax import dataset, files, run_log  # noqa: E402
+from data_pipeline import stats
+from experiments import grid
+from experiments.tables import markdown_table, mean_std
+from gerne_jax import dataset, files, run_log
 
 TAUS_KEY = "data.taus"
 
@@ -41,7 +37,7 @@ def plot_wga_vs_tau(summaries: Mapping[float, Sequence[Mapping[str, Any]]], path
     """Each family's tuned test WGA (mean, std over seeds) against tau."""
     taus = list(summaries)
     families = list(dict.fromkeys(entry["family"] for entries in summaries.values() for entry in entries))
-    fig, axis = plt.subplots(figsize=(5.5, 3.8))
+    fig, axis = files.new_figure(figsize=(5.5, 3.8))
     for name in families:
         entries = [next(e for e in summaries[tau] if e["family"] == name) for tau in taus]
         axis.errorbar(taus, [e["test WGA mean"] for e in entries],

@@ -43,15 +43,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 PNG_COMPRESS_LEVEL = 3
 
 
-def save_figure(fig: Any, path: str | os.PathLike) -> None:
-    """Writes a matplotlib figure as PNG to `path` (whole or not at all) and closes it."""
-    import matplotlib.pyplot as plt  # here, so that modules writing no figure need no matplotlib
+# `new_figure`'s keywords that place the axes; the others describe the figure (figsize, dpi, ...).
+_SUBPLOTS_KEYWORDS = ("sharex", "sharey", "squeeze", "width_ratios", "height_ratios", "subplot_kw", "gridspec_kw")
 
+
+def new_figure(nrows: int = 1, ncols: int = 1, **keywords: Any) -> tuple[Any, Any]:
+    """`(figure, axes)` as `pyplot.subplots` makes them, but without pyplot: no GUI backend to choose and
+    no global list of figures, so any thread may draw one; `save_figure` renders it with Agg."""
+    from matplotlib.figure import Figure  # here, so that modules writing no figure need no matplotlib
+
+    subplots = {key: keywords.pop(key) for key in _SUBPLOTS_KEYWORDS if key in keywords}
+    figure = Figure(**keywords)
+    return figure, figure.subplots(nrows, ncols, **subplots)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Writes a matplotlib figure as PNG to `path` (whole or not at all)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as temporary:
         fig.savefig(temporary, dpi=110, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
-    plt.close(fig)
 
 
 @contextlib.contextmanager

@@ -5,14 +5,10 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from gerne_jax import files  # noqa: E402
-from gerne_jax.dataset import CLASS_NAMES  # noqa: E402
+from gerne_jax import files
+from gerne_jax.dataset import CLASS_NAMES
 
 SUMMARY_METRICS = (("WGA", "worst_group_accuracy"), ("GBA", "group_balanced_accuracy"),
                    ("BCA", "balanced_class_accuracy"), ("avg acc", "average_accuracy"),
@@ -70,7 +66,7 @@ def plot_error_by_tissue_ratio(runs: Mapping[str, tuple[np.ndarray, np.ndarray, 
     # The legend goes under the panels, where many runs' long names do not cover the curves.
     legend_rows = -(-len(runs) // 2)
     legend_height = 0.22 * legend_rows
-    fig, axes = plt.subplots(1, len(class_names), figsize=(5 * len(class_names), 3.8 + legend_height),
+    fig, axes = files.new_figure(1, len(class_names), figsize=(5 * len(class_names), 3.8 + legend_height),
                              sharey=True)
     for name, (label, probabilities, tissue_ratio) in runs.items():
         edges, counts, rates = error_rate_by_tissue_ratio(label, probabilities, tissue_ratio)
@@ -100,7 +96,7 @@ def plot_group_accuracy(reports: Mapping[str, Mapping[str, Any]], path: str | pa
                     for bin_name, count in zip(first["bin_names"], counts)]
     positions = np.arange(len(group_labels))
     width = 0.8 / len(reports)
-    fig, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(group_labels)), 4.2))
+    fig, axis = files.new_figure(figsize=(max(6.0, 1.6 * len(group_labels)), 4.2))
     for i, (name, report) in enumerate(reports.items()):
         accuracies = np.asarray(report["group_accuracy"], dtype=float).ravel()
         axis.bar(positions + (i - (len(reports) - 1) / 2) * width, np.nan_to_num(accuracies), width,

@@ -23,15 +23,11 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
+import tifffile
+from skimage import measure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tifffile  # noqa: E402
-from skimage import measure  # noqa: E402
-
-from gerne_jax import files  # noqa: E402
+from gerne_jax import files
 
 # Cells a map may hold (float64 sums + int32 counts while predicting): 1/4 GiB of working memory.
 MAX_MAP_CELLS = 1 << 24
@@ -164,7 +160,7 @@ def save_overlay(path: str | os.PathLike, thumbnail: np.ndarray, factor: int, ti
     height, width = thumbnail.shape[:2]
     extent = (0, width * factor, height * factor, 0)  # everything drawn in level pixels
     aspect = min(max(height / max(width, 1), 1 / 8), 8)
-    figure, axis = plt.subplots(figsize=(8, 8 * aspect + 0.6), dpi=110)
+    figure, axis = files.new_figure(figsize=(8, 8 * aspect + 0.6), dpi=110)
     axis.imshow(composite_rgb(thumbnail), interpolation="nearest", extent=extent)
     heat = axis.imshow(np.ma.masked_invalid(values), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55,
                        interpolation="nearest", extent=(0, values.shape[1] * cell, values.shape[0] * cell, 0))

@@ -32,16 +32,15 @@ def test_temporary_names_differ_between_processes(tmp_path):
     assert mine.parent == path.parent and mine.name.startswith(path.name) and str(os.getpid()) in mine.name
 
 
-def test_save_figure_writes_a_whole_png_and_closes_the_figure(tmp_path):
-    import matplotlib
+def test_new_figure_is_saved_as_a_whole_png_without_pyplot(tmp_path):
+    from PIL import Image
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots()
-    axis.plot([0, 1], [1, 0])
+    fig, axes = files.new_figure(1, 2, figsize=(4, 2), sharey=True)
+    assert len(axes) == 2 and axes[0].get_shared_y_axes().joined(axes[0], axes[1])
+    axes[0].plot([0, 1], [1, 0])
     path = tmp_path / "plots" / "error.png"  # the folder is created
     files.save_figure(fig, path)
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert not plt.fignum_exists(fig.number)
+    assert Image.open(path).size == (4 * 110, 2 * 110)  # figsize in inches at save_figure's 110 dpi
     assert sorted(p.name for p in path.parent.iterdir()) == ["error.png"]
+    assert fig.canvas.manager is None  # pyplot neither made nor keeps it: nothing to close
