@@ -14,17 +14,14 @@ import pathlib
 import sys
 from collections.abc import Callable
 
+from data_pipeline import synthetic as synthetic_slides
 from data_pipeline.grid import THUMBNAIL_SIDE
-from data_pipeline.synthetic import LAYOUTS, MIN_SIZE
 from gerne_jax import cli
 
 
 def synthetic(argv: list[str]) -> int:
     """Write built-in synthetic multimodal slides, their masks and a manifest."""
-    args = parse_args("synthetic", argv)
-    from data_pipeline import synthetic as module
-
-    return module.run(args)
+    return synthetic_slides.run(parse_args("synthetic", argv))  # a light module, imported above
 
 
 def tile(argv: list[str]) -> int:
@@ -72,10 +69,11 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
     parser.add_argument("--slides", type=_int_at_least(1), default=12, help="number of slides")
-    parser.add_argument("--size", type=_int_at_least(MIN_SIZE), default=2048,
-                        help=f"nominal slide side in pixels (>= {MIN_SIZE}; each side is 92-100%% of it)")
+    parser.add_argument("--size", type=_int_at_least(synthetic_slides.MIN_SIZE), default=2048,
+                        help=f"nominal slide side in pixels (>= {synthetic_slides.MIN_SIZE}; each side is "
+                             "92-100%% of it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same args => same bytes)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="classic",
+    parser.add_argument("--layout", choices=synthetic_slides.LAYOUTS, default="classic",
                         help="classic: tumour bodies among strands and debris (the first generator); "
                              "sections: tumour inside large sections with stroma, normal tissue and "
                              "inflammation (harder)")

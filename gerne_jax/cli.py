@@ -122,7 +122,7 @@ def parse_config_flags(argv: list[str], flag_values: flags.FlagValues = flags.FL
     error" with a traceback of the config file (for a bad switch) or let ml_collections' KeyError escape
     with a traceback (for an unknown `--config.<key>`).
     """
-    spec = _config_spec(argv)
+    spec = config_spec(argv)
     if spec is not None and not os.path.isfile(spec.split(":", 1)[0]):
         # ml_collections would defer this to the first use of the config, with a traceback.
         raise InputError(f"config file {spec.split(':', 1)[0]} does not exist (--config={spec})")
@@ -149,7 +149,7 @@ def _flag_error(argv: list[str], error: Exception, flag_values: flags.FlagValues
 
 def _unknown_config_key(argv: list[str], flag_values: flags.FlagValues) -> ConfigError | None:
     """A ConfigError for the first `--config.<key>=...` whose key the config does not have, naming the closest."""
-    spec = _config_spec(argv)
+    spec = config_spec(argv)
     if spec is None:
         return None
     try:
@@ -166,7 +166,7 @@ def _unknown_config_key(argv: list[str], flag_values: flags.FlagValues) -> Confi
     return None
 
 
-def _config_spec(argv: list[str]) -> str | None:
+def config_spec(argv: list[str]) -> str | None:
     """The value of `--config=PATH[:ARG]` or `--config PATH[:ARG]`."""
     for i, arg in enumerate(argv):
         match = re.match(r"^--?config(=|$)", arg)

@@ -139,9 +139,7 @@ def help_text(argv: list[str]) -> str:
               "  --config CONFIG[:SWITCHES]  a config by name or a .py file's path",
               "  --workdir DIR               checkpoints, metrics.jsonl, logs; rerun the same command to resume",
               "  --config.KEY=VALUE          change one key (repeat for several)"]
-    spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
-    if spec is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
-        spec = argv[argv.index("--config") + 1]
+    spec = cli.config_spec(argv)
     if spec is not None:
         lines += ["", f"keys of --config={spec}:", str(_load_config(spec))]
     return "\n".join(lines)
