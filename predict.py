@@ -2,8 +2,8 @@
 
 The command is `gerne_jax.commands.predict` (`python predict.py --help`).
 """
-from gerne_jax import cli
 from gerne_jax.commands.predict import main
+from gerne_jax.core import cli
 
 if __name__ == "__main__":
     cli.run_command(main)

@@ -39,8 +39,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from gerne_jax import extrapolation, files, models, sharding, train_state
-from gerne_jax import train_step as ts
+from gerne_jax.core import files, sharding
+from gerne_jax.models import resnet
+from gerne_jax.train import extrapolation, train_state
+from gerne_jax.train import train_step as ts
 
 BETA, LEARNING_RATE = 1.0, 1e-3
 KINDS = ("erm", "gerne", "folded", "two-pass")
@@ -60,7 +62,7 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "TPU V6E": {"bfloat16": 918e12, "float32": 918e12},
 }
 # The smoke run's model: one basic block of 4 channels, the smallest ResNet with every kind of layer.
-ONE_BLOCK = functools.partial(models.ResNet, stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4)
+ONE_BLOCK = functools.partial(resnet.ResNet, stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4)
 SIZES = {  # model, patch size, B (images per batch of the pair), timed rounds, steps per round, pipeline
     "full": dict(model="resnet50", patch_size=224, batch_per_group=128, rounds=3, steps_per_round=10,
                  pipeline_examples=1024, pipeline_patch_size=224, pipeline_batch_per_group=32,
@@ -97,7 +99,7 @@ def _memory_bytes(compiled: Any) -> int | None:
 class Kind:
     """One kind of step: its lowered functions, then compiled, then `run(steps)` in seconds."""
 
-    def __init__(self, name: str, model: models.ResNet, paired: dict[str, jax.Array], mesh: jax.sharding.Mesh):
+    def __init__(self, name: str, model: resnet.ResNet, paired: dict[str, jax.Array], mesh: jax.sharding.Mesh):
         self.name = name
         tx = extrapolation.make_optimizer(LEARNING_RATE, BETA, weight_decay=0.01)
         state = train_state.create_train_state(jax.random.key(0), model,
@@ -113,7 +115,7 @@ class Kind:
         step = ts.make_train_step(model, mesh, paired=name != "erm", fold_beta=BETA if name == "folded" else None)
         self.lowered = [step.lower(self.state, self.batch)]
 
-    def _lower_two_pass(self, model: models.ResNet, paired: dict[str, jax.Array]) -> None:
+    def _lower_two_pass(self, model: resnet.ResNet, paired: dict[str, jax.Array]) -> None:
         def gradient(params, batch_stats, images, labels):
             variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
             return jax.grad(lambda p: ts.classification_loss(
@@ -154,11 +156,11 @@ def benchmark_steps(model_name: str, norm: str, dtype: str, patch_size: int, bat
                     rounds: int, steps_per_round: int, mesh: jax.sharding.Mesh) -> list[dict[str, Any]]:
     """One row per kind of step: images/s, time per image relative to ERM, FLOPs, MFU, memory."""
     model = (ONE_BLOCK(num_classes=2, norm=norm, dtype=dtype) if model_name == "one-block" else
-             models.create_model(model_name, num_classes=2, norm=norm, dtype=dtype))
+             resnet.create_model(model_name, num_classes=2, norm=norm, dtype=dtype))
     rng = np.random.default_rng(0)
     paired = {"image": rng.normal(size=(2, batch_per_group, patch_size, patch_size, 3)).astype(np.float32),
               "label": rng.integers(0, 2, size=(2, batch_per_group)).astype(np.int32)}
-    names = [k for k in KINDS if k != "two-pass" or norm not in models.TRAIN_MODE_BATCH_NORM]
+    names = [k for k in KINDS if k != "two-pass" or norm not in resnet.TRAIN_MODE_BATCH_NORM]
     kinds = {name: Kind(name, model, paired, mesh) for name in names}
     with concurrent.futures.ThreadPoolExecutor(len(kinds)) as pool:  # XLA compiles outside the GIL
         list(pool.map(Kind.compile, kinds.values()))
@@ -190,7 +192,7 @@ def pipeline_patches_per_second(examples: int, patch_size: int, batch_per_group:
                                                   pathlib.Path(__file__).with_name("input_pipeline.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from gerne_jax import input_pipeline  # TensorFlow, only here
+    from gerne_jax.data import input_pipeline  # TensorFlow, only here
     with tempfile.TemporaryDirectory() as tmp:
         bench.write_data_dir(pathlib.Path(tmp), examples, patch_size, 3)
         split = input_pipeline.load_split(tmp, "train", in_memory=False)
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, for CPUs and tests")
     parser.add_argument("--out", default="device_benchmark.json", help="JSON file written")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
-    parser.add_argument("--norm", default="frozen", choices=models.NORM_MODES)
+    parser.add_argument("--norm", default="frozen", choices=resnet.NORM_MODES)
     parser.add_argument("--batch-per-group", type=int, help="B, images per batch of the pair (ERM: 2B)")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline measure")
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from data_pipeline import shards
-from gerne_jax import dataset, groups, input_pipeline
+from gerne_jax.data import dataset, groups, input_pipeline
 
 
 def write_data_dir(data_dir: pathlib.Path, num_examples: int, patch_size: int, channels: int) -> None:

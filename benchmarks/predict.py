@@ -7,7 +7,7 @@ not matter for speed). Then, in each of --rounds rounds (the round with the medi
 
   model     the jitted, sharded classifier (`inference.PatchClassifier`) alone on in-memory uint8
             patches, as many as the slide has, in batches of --batch-size
-  predict   `gerne_jax.prediction.predict_manifest` on the large slide, in this process after a
+  predict   `gerne_jax.predict.prediction.predict_manifest` on the large slide, in this process after a
             warm-up on it (compilation excluded): reading, tissue detection, batching, the model,
             the map, overlay, regions and tables; the model alone runs before and after it and the
             two times are averaged (the machine's speed drifts within minutes; a linear drift cancels)
@@ -43,7 +43,9 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline.tile_manifest import tile_manifest  # noqa: E402
 from data_pipeline.tiling import TilingConfig  # noqa: E402
-from gerne_jax import cli, inference, prediction, trainer  # noqa: E402
+from gerne_jax.core import cli  # noqa: E402
+from gerne_jax.predict import inference, prediction  # noqa: E402
+from gerne_jax.train import trainer  # noqa: E402
 
 RSS_LIMIT_MB = 2000
 TARGET_RATIO = 0.8

@@ -39,7 +39,11 @@ import numpy as np
 
 from configs import demo
 from data_pipeline import shards
-from gerne_jax import dataset, experiment, input_pipeline, methods, normalisation, run_log, sharding, trainer
+from gerne_jax.core import sharding
+from gerne_jax.data import dataset, input_pipeline, normalisation
+from gerne_jax.methods import training_method
+from gerne_jax.runs import run_log
+from gerne_jax.train import experiment, trainer
 
 METHODS = ("gerne", "gerne-folded", "erm")
 
@@ -93,7 +97,7 @@ class BareStep:
         metadata = dataset.read_metadata(config.data.dir)
         train = input_pipeline.load_split(config.data.dir, "train")
         attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
-        method = methods.from_config(config, train["label"], attribute)
+        method = training_method.from_config(config, train["label"], attribute)
         mesh = sharding.make_mesh(config.mesh.num_devices or None)
         model = experiment.create_model(config)
         self.state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
@@ -146,12 +150,13 @@ def loop_and_bare_steps_per_second(config: ml_collections.ConfigDict, workdir: p
     """(loop steps/s without the bursts' time, bare steps/s of the bursts), over steps `skip`..last."""
     TimedMetricsLog.times = {}
     original_log, run_log.MetricsLog = run_log.MetricsLog, TimedMetricsLog
-    original_step = methods.TrainingMethod.train_step
-    methods.TrainingMethod.train_step = lambda method, model, mesh: bursts.wrap(original_step(method, model, mesh))
+    original_step = training_method.TrainingMethod.train_step
+    training_method.TrainingMethod.train_step = lambda method, model, mesh: bursts.wrap(
+        original_step(method, model, mesh))
     try:
         trainer.train_and_evaluate(config, workdir)
     finally:
-        run_log.MetricsLog, methods.TrainingMethod.train_step = original_log, original_step
+        run_log.MetricsLog, training_method.TrainingMethod.train_step = original_log, original_step
     last = config.training.steps
     start, end = TimedMetricsLog.times[skip], TimedMetricsLog.times[last]
     burst_times = bursts.within(start, end)

@@ -25,8 +25,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from gerne_jax import extrapolation, models, sharding, train_state
-from gerne_jax import train_step as ts
+from gerne_jax.core import sharding
+from gerne_jax.models import resnet
+from gerne_jax.train import extrapolation, train_state
+from gerne_jax.train import train_step as ts
 
 LEARNING_RATE, BETA = 1e-3, 1.0
 KINDS = ("erm", "gerne", "folded")
@@ -40,7 +42,7 @@ def make_batch(rows: int, batch_size: int, patch_size: int, channels: int,
             "label": rng.integers(0, num_classes, size=(rows, batch_size)).astype(np.int32)}
 
 
-def compiled_runner(model: models.ResNet, batch: dict[str, np.ndarray], mesh: Mesh, *,
+def compiled_runner(model: resnet.ResNet, batch: dict[str, np.ndarray], mesh: Mesh, *,
                     fold: bool) -> Callable[[int], float]:
     """Compiles the step (one warm-up step) and returns `run(steps) -> seconds` for that many steps."""
     paired = batch["image"].shape[0] == 2
@@ -80,7 +82,7 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
 def measure_step_rate(model: str, patch_size: int, batch_per_group: int, channels: int = 3,
                       timed_steps: int = 3) -> float:
     """Images per second of the two-gradient GERNE step (group norm, 2 x batch_per_group images)."""
-    net = models.create_model(model, num_classes=2, norm="group")
+    net = resnet.create_model(model, num_classes=2, norm="group")
     batch = make_batch(2, batch_per_group, patch_size, channels, num_classes=2)
     run = compiled_runner(net, batch, sharding.make_mesh(), fold=False)
     return 2 * batch_per_group * timed_steps / run(timed_steps)
@@ -94,7 +96,7 @@ def main() -> None:
                         help="B per model (GERNE: 2 x B images per step, ERM: one batch of 2B)")
     parser.add_argument("--patch-size", type=int, default=64)
     parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--norms", nargs="+", default=list(models.NORM_MODES))
+    parser.add_argument("--norms", nargs="+", default=list(resnet.NORM_MODES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=3)
     args = parser.parse_args()
@@ -114,7 +116,7 @@ def main() -> None:
                   for key, value in paired.items()}
         images = 2 * batch_per_group
         for norm in args.norms:
-            model = models.create_model(name, num_classes=2, norm=norm)
+            model = resnet.create_model(name, num_classes=2, norm=norm)
             runners = {"erm": compiled_runner(model, single, mesh, fold=False),
                        "gerne": compiled_runner(model, paired, mesh, fold=False),
                        "folded": compiled_runner(model, paired, mesh, fold=True)}

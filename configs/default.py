@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from gerne_jax.config_utils import parse_arg
-from gerne_jax.errors import ConfigError
+from gerne_jax.core.config_utils import parse_arg
+from gerne_jax.core.errors import ConfigError
 
 METHODS = ("gerne", "erm", "resample", "group_dro", "jtt", "ratio_weighted", "dfr")
 
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 256
 
     config.method = ml_collections.ConfigDict()
-    # gerne: paired batches; erm: biased alone; group_dro, jtt: see gerne_jax/methods.py
+    # gerne: paired batches; erm: biased alone; group_dro, jtt: see gerne_jax/methods/training_method.py
     config.method.name = "gerne" if arg.method == "resample" else arg.method
     config.method.beta = {"gerne": 1.0, "resample": 0.0}.get(arg.method, -1.0)  # GERNE's, in [-1, beta_max]
     config.method.beta_warmup_steps = 0    # beta ramps linearly from 0 (resampling) over these steps
@@ -62,13 +62,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.jtt.identification_workdir = ""  # the ERM run of T steps whose errors are upweighted
     config.method.jtt.identification_step = 0     # T: its checkpoint of this step; 0: its latest
     config.method.jtt.upweight = 20.0             # lambda: error examples are drawn this many times as often
-    config.method.dfr = ml_collections.ConfigDict()  # read by method dfr only (gerne_jax/dfr.py)
+    config.method.dfr = ml_collections.ConfigDict()  # read by method dfr only (gerne_jax/methods/dfr.py)
     config.method.dfr.base_workdir = ""           # the trained run whose last layer is refitted
     config.method.dfr.base_checkpoint = "best_wga"  # its best_wga|best_bca|best_worst_class|latest|STEP
     config.method.dfr.c_grid = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)  # inverse L1 strengths tried
     config.method.dfr.num_subsamples = 10         # group-balanced subsamples of half A; weights averaged
     config.method.dfr.split_seed = 0              # the validation split's stratified halves (fit / choose C)
-    # gerne with unknown attributes (gerne_jax/pseudo_groups.py): pseudo-groups from a scoring ERM run
+    # gerne with unknown attributes (gerne_jax/methods/pseudo_groups.py): pseudo-groups from a scoring ERM run
     config.method.pseudo_groups = ml_collections.ConfigDict()
     config.method.pseudo_groups.scoring_workdir = ""  # the scoring ERM run (lr / 10, weight decay x 2); "": off
     config.method.pseudo_groups.scoring_checkpoint = "best_bca"  # its checkpoint that scores the training split

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import default
-from gerne_jax.config_utils import parse_arg
+from gerne_jax.core.config_utils import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

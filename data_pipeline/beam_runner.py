@@ -45,9 +45,9 @@ from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from tqdm import tqdm
 
 from data_pipeline import parent_watch, storage, tile_manifest
-from data_pipeline.manifest import SlideError, SlideSpec
 from data_pipeline.tiling import WORK_DIR, SlideFormat, TilingConfig, load_finished, slide_paths
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.slides.manifest import SlideError, SlideSpec
 
 RESULTS_DIR = "beam"      # under DATA_DIR/.work: one result file per slide, removed once read
 PROGRESS_INTERVAL_S = 1.0

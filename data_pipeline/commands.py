@@ -3,7 +3,7 @@
 The arguments are declared here and parsed before the command's module (`synthetic`, `tile_manifest`,
 `stats`, each with `run(args) -> int`) is imported: `--help` and a mistyped option answer at once,
 without loading the slide readers, TFDS or matplotlib. Known failures (a broken slide, a bad manifest
-or option, a missing dataset) raise an `InputError` naming what is wrong; `gerne_jax.cli.run_command`
+or option, a missing dataset) raise an `InputError` naming what is wrong; `gerne_jax.core.cli.run_command`
 prints it as one line and exits with status 2, so every command answers bad input alike. The
 functions here let them propagate for callers and tests.
 """
@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable
 
 from data_pipeline import synthetic as synthetic_slides
-from data_pipeline.grid import THUMBNAIL_SIDE
-from gerne_jax import cli
+from gerne_jax.core import cli
+from gerne_jax.slides.grid import THUMBNAIL_SIDE
 
 
 def synthetic(argv: list[str]) -> int:

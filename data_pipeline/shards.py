@@ -2,7 +2,7 @@
 
 One module writes every patch dataset, whether the patches come from the tiler (one array_record file
 per slide, written as the slide is scanned) or from in-memory arrays (`write_patch_dataset`), in the
-DATA_DIR layout that gerne_jax/dataset.py declares (names, splits, dtypes, patches.csv; docs/design.md §2):
+DATA_DIR layout that gerne_jax/data/dataset.py declares (names, splits, dtypes, patches.csv; docs/design.md §2):
 `tfds.builder_from_directory(DATA_DIR).as_data_source(split)[i]` is row `index == i` of that split in
 patches.csv. Records are serialised deterministically, so the same patches give byte-identical shards.
 
@@ -27,8 +27,9 @@ from tensorflow_datasets.core.utils import dtype_utils
 from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipeline import storage
-from gerne_jax import dataset, files
-from gerne_jax.dataset import DatasetError
+from gerne_jax.core import files
+from gerne_jax.data import dataset
+from gerne_jax.data.dataset import DatasetError
 
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 SHARD_SUFFIX = "array_record"

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipeline.manifest import SlideSpec
-from gerne_jax import dataset
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
+from gerne_jax.slides.manifest import SlideSpec
 
 
 def split_counts(num_groups: int, fractions: Sequence[float]) -> list[int]:

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gerne_jax import dataset, files
-from gerne_jax.errors import InputError
+from gerne_jax.core import files
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
 
 PLOT_FILE = "tissue_ratio.png"
 CLASS_COLOURS = ("#1f77b4", "#d62728")

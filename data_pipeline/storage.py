@@ -32,8 +32,8 @@ from typing import Any
 import fsspec
 import fsspec.core
 
-from gerne_jax import files
-from gerne_jax.errors import InputError
+from gerne_jax.core import files
+from gerne_jax.core.errors import InputError
 
 URL_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 INSTALL_HINT = "gs:// needs `pip install gcsfs`, s3:// `pip install s3fs`"

@@ -2,7 +2,7 @@
 
 `gerne-jax synthetic --out DIR --slides N --size PIXELS --seed S [--layout L]` writes, per
 slide, a tiled interleaved (Y, X, 3) uint16 TIFF, a tiled uint8 0/1 tumour mask of the same height and
-width, and `DIR/manifest.csv` in the format of `data_pipeline.manifest` (relative paths, a
+width, and `DIR/manifest.csv` in the format of `gerne_jax.slides.manifest` (relative paths, a
 deterministic split). Two layouts:
 - `classic` (the default; the first generator, byte for byte): tumour bodies among strands and
   debris. Non-tumour tissue is strands, fragments and bands of stroma beside tumour, and never looks
@@ -69,8 +69,8 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from gerne_jax import files
-from gerne_jax.errors import InputError
+from gerne_jax.core import files
+from gerne_jax.core.errors import InputError
 
 CHANNEL_NAMES = ("CARS", "TPEF", "SHG")
 TILE = 256  # TIFF tile side and rendering unit (tifffile needs a multiple of 16)

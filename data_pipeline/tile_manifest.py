@@ -1,6 +1,6 @@
 """`gerne-jax tile`: the slides of a manifest -> a DATA_DIR of TFDS patch shards.
 
-The DATA_DIR layout is declared in gerne_jax/dataset.py; the patch definitions are in docs/design.md §2
+The DATA_DIR layout is declared in gerne_jax/data/dataset.py; the patch definitions are in docs/design.md §2
 and `data_pipeline.tiling`, which tiles one slide. This module runs a whole manifest:
 1. read the manifest, assign splits (`data_pipeline.splits`), and read every slide's header: the
    dataset format (channels, dtype, level downsample) comes from the first readable slide;
@@ -13,7 +13,7 @@ and `data_pipeline.tiling`, which tiles one slide. This module runs a whole mani
    sorted by id, shard i = slide i.
 
 Errors: a slide's SlideError stops the run before anything is published; `gerne-jax tile`
-prints it as one line and exits with status 2 (`gerne_jax.cli.run_command`). With `--skip-errors` the
+prints it as one line and exits with status 2 (`gerne_jax.core.cli.run_command`). With `--skip-errors` the
 other slides finish and are published, failures are listed at the end and in `tiling_report.json`,
 and the exit status is still 2 when any slide failed, so scripts notice. One run at a time per
 DATA_DIR: the run holds `DATA_DIR/.lock` (`files.exclusive_lock`), a second one stops at once naming
@@ -44,9 +44,6 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline import parent_watch, shards, storage
-from data_pipeline.grid import grid_origins
-from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
-from data_pipeline.slides import SlideReader
 from data_pipeline.splits import assign_splits
 from data_pipeline.tiling import (
     QC_DIR,
@@ -60,8 +57,12 @@ from data_pipeline.tiling import (
     slide_paths,
     tile_slide,
 )
-from gerne_jax import dataset, files
-from gerne_jax.errors import InputError
+from gerne_jax.core import files
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
+from gerne_jax.slides.grid import grid_origins
+from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
+from gerne_jax.slides.reader import SlideReader
 
 REPORT_FILE = "tiling_report.json"
 SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -22,7 +22,7 @@ Definitions at the chosen level (pixel (i, j); P patch size, S stride, f tissue 
     kept            tissue_ratio > min_tissue_ratio;  stored x, y = level coords * level_downsample
 
 Sidecars and the tiling report store settings and patch rows under the on-disk names
-(`min_tumor_pixels`, `tumor_fraction`; gerne_jax/dataset.py), so the work of a DATA_DIR tiled by an
+(`min_tumor_pixels`, `tumor_fraction`; gerne_jax/data/dataset.py), so the work of a DATA_DIR tiled by an
 earlier version still resumes.
 """
 from __future__ import annotations
@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data_pipeline import qc
-from data_pipeline.grid import lowres_window, scan_plan, tissue_factor_for, window_counts
-from data_pipeline.manifest import SlideError, SlideSpec
-from data_pipeline.slides import SlideReader
-from data_pipeline.tissue import detect_tissue
-from gerne_jax import dataset, files
-from gerne_jax.errors import InputError
+from gerne_jax.core import files
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
+from gerne_jax.slides import qc
+from gerne_jax.slides.grid import lowres_window, scan_plan, tissue_factor_for, window_counts
+from gerne_jax.slides.manifest import SlideError, SlideSpec
+from gerne_jax.slides.reader import SlideReader
+from gerne_jax.slides.tissue import detect_tissue
 
 if TYPE_CHECKING:
     from data_pipeline.storage import AnyPath
@@ -171,7 +172,7 @@ class SlideScan:
     """The patch grid of one opened slide and the patches it keeps, block by block.
 
     This is the one definition of which patches a slide yields (module docstring): the tiler
-    (`tile_slide`) and whole-slide prediction (`gerne_jax.prediction`) both scan through it. Opening
+    (`tile_slide`) and whole-slide prediction (`gerne_jax.predict.prediction`) both scan through it. Opening
     detects the tissue on a thumbnail at 1/f (unless the slide has a tissue mask); `read_block` reads
     one block of `plan` (from any thread) and
     `blocks()` yields them all in order, reading one ahead. `band_bytes` bounds a block's source

@@ -37,8 +37,10 @@ from data_pipeline import stats
 from experiments import error_vs_tissue_ratio, grid, patch_size
 from experiments.grid import Setting
 from experiments.tables import markdown_table, mean_std, over_seeds
-from gerne_jax import dataset, files, pseudo_groups
-from gerne_jax.errors import InputError
+from gerne_jax.core import files
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
+from gerne_jax.methods import pseudo_groups
 
 LR = "optimizer.learning_rate"
 TAU = 0.1

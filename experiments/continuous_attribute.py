@@ -11,11 +11,11 @@ step, in `ROOT/slides` and `ROOT/data_p64`), these runs train in `ROOT/runs/` (r
   quantiles are merged, which can leave fewer bins: the table gives the taus used);
 - the same two on the paper's single threshold tau = 0.1 (A = 2), for reference;
 - `ratio_weighted`: class-balanced batches drawn with weight 1 / (kernel density of the tissue ratio
-  within the class), no bins at all (`gerne_jax.ratio_weighting`, `method.ratio_weighted.bandwidth`);
+  within the class), no bins at all (`gerne_jax.methods.ratio_weighting`, `method.ratio_weighted.bandwidth`);
 - ERM.
 Each run's checkpoint is chosen on validation WGA at its own groups (the taus it trained with; ERM and
 ratio_weighted: tau = 0.1) and evaluated on the test split at the paper's thresholds 0.03, 0.1 and 0.2,
-each its own binary attribute (`evaluation.evaluate_run(..., taus_list=...)`, cached in `ROOT/eval/`).
+each its own binary attribute (`evaluate.evaluate_run(..., taus_list=...)`, cached in `ROOT/eval/`).
 Every run sets `method.empty_group = "drop"` (a quantile bin can miss a class on small data). Writes
 `ROOT/results.md`, `ROOT/results.csv` (mean and std over seeds) and `ROOT/continuous_attribute.png`.
 """
@@ -33,8 +33,11 @@ import numpy as np
 from experiments import grid, patch_size
 from experiments.grid import Setting
 from experiments.tables import markdown_table, over_seeds
-from gerne_jax import dataset, evaluation, files, run_log
-from gerne_jax.errors import InputError
+from gerne_jax.core import files
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
+from gerne_jax.evaluation import evaluate
+from gerne_jax.runs import run_log
 
 BINS = (3, 4, 5)
 PAPER_TAUS = (0.03, 0.1, 0.2)
@@ -93,11 +96,11 @@ def evaluate_cached(workdir: pathlib.Path, out: pathlib.Path, split_cache: dict[
         cached = json.loads(path.read_text())
         if cached["stamp"] == stamp:
             return cached
-    result = evaluation.evaluate_run(workdir, "best_wga", "test", taus_list=[(t,) for t in PAPER_TAUS],
+    result = evaluate.evaluate_run(workdir, "best_wga", "test", taus_list=[(t,) for t in PAPER_TAUS],
                                      split_cache=split_cache)
     figures = {"stamp": stamp, "step": int(result.checkpoint_meta["step"])}
     for tau in PAPER_TAUS:
-        report = result.reports[evaluation.tau_key((tau,))]
+        report = result.reports[evaluate.tau_key((tau,))]
         figures[f"WGA {tau:g}"] = float(report["worst_group_accuracy"])
         figures["BCA"] = float(report["balanced_class_accuracy"])
     files.write_text_atomic(path, json.dumps(figures))

@@ -4,7 +4,7 @@
       --data-dir runs/demo/data --out runs/demo/report.md
 
 Reads what `evaluate.py --compare ... --out EVAL_DIR` wrote (`<checkpoint>_<split>.json` and its
-PNGs), each run's config and validation metrics (`gerne_jax.run_log`; the curves are plotted here) and
+PNGs), each run's config and validation metrics (`gerne_jax.runs.run_log`; the curves are plotted here) and
 the data's `patches.csv` (group counts per split). With `--predictions` (one `predict.py --out` folder
 per run, in the order of `--runs`) it adds the whole-slide section: the runs' overlays of one slide side
 by side and their per-slide summaries. Computes nothing about the models itself: every figure in the
@@ -27,7 +27,10 @@ import numpy as np
 
 from data_pipeline import stats
 from experiments.tables import markdown_table
-from gerne_jax import dataset, files, reports, run_log
+from gerne_jax.core import files
+from gerne_jax.data import dataset
+from gerne_jax.evaluation import reports
+from gerne_jax.runs import run_log
 
 CURVE_METRICS = (("validation WGA", "worst_group_accuracy"), ("validation BCA", "balanced_class_accuracy"))
 CONFIG_COLUMNS = (("method", "method.name"), ("c", "method.c"), ("beta", "method.beta"),

@@ -3,7 +3,7 @@
     error_vs_tissue_ratio(["runs/grid/erm_lr0.1_seed0", "runs/grid/gerne_..._seed0"], "runs/error_vs_tissue")
 
 or `python -m experiments.error_vs_tissue_ratio --runs RUN... --out OUT [--checkpoint best_wga]
-[--split test] [--bins 10]`. Evaluates each run with `gerne_jax.evaluation.evaluate_run` (the checkpoint
+[--split test] [--bins 10]`. Evaluates each run with `gerne_jax.evaluation.evaluate.evaluate_run` (the checkpoint
 restore and prediction of evaluate.py) and writes `OUT/results.md` (per class and tissue-ratio bin:
 patch count and each run's error rate), `OUT/results.json` and `OUT/error_vs_tissue_ratio.png`.
 """
@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 from experiments import grid
 from experiments.tables import markdown_table
-from gerne_jax import dataset, evaluation, files, reports
+from gerne_jax.core import files
+from gerne_jax.data import dataset
+from gerne_jax.evaluation import evaluate, reports
 
 
 def error_vs_tissue_ratio(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
@@ -28,8 +30,8 @@ def error_vs_tissue_ratio(runs: Sequence[str | os.PathLike], out: str | os.PathL
     out.mkdir(parents=True, exist_ok=True)
     split_cache: dict = {}
     workdirs = [pathlib.Path(run) for run in runs]
-    evaluations = {name: evaluation.evaluate_run(workdir, checkpoint, split, split_cache=split_cache)
-                   for name, workdir in zip(evaluation.run_names(workdirs), workdirs)}
+    evaluations = {name: evaluate.evaluate_run(workdir, checkpoint, split, split_cache=split_cache)
+                   for name, workdir in zip(evaluate.run_names(workdirs), workdirs)}
     curves = {name: (e.split["label"], e.probabilities, e.split["tissue_ratio"])
               for name, e in evaluations.items()}
 

@@ -21,7 +21,7 @@ Several processes given the same ROOT share the work: a run being trained holds 
 (released by the OS if the process dies), the others skip it and, before evaluating, wait for it to
 finish (and resume it themselves if its process died); one of them evaluates, the others reuse its
 results (`OUT/evaluated.json` records the run states they come from, so a finished grid is not
-evaluated again). Start one process per device or, on CPU, two to overlap start-up and evaluation.
+evaluated again). Start one process per device or, on CPU, two to overlap start-up and evaluate.
 
 Tuning never looks at the test split: within each method family the setting with the highest mean
 validation worst-group accuracy over the seeds is chosen (for the `best_bca` checkpoints: the highest
@@ -51,7 +51,10 @@ import numpy as np
 
 from configs import demo
 from experiments.tables import markdown_table, over_seeds
-from gerne_jax import cli, config_utils, evaluation, files, run_log, trainer
+from gerne_jax.core import cli, config_utils, files
+from gerne_jax.evaluation import evaluate
+from gerne_jax.runs import run_log
+from gerne_jax.train import trainer
 
 # Short names of the config keys a grid varies, for run folder names and the command line. Their order
 # is the order of a name's parts: every run folder `make experiments` has written keeps its name.
@@ -216,16 +219,16 @@ def train_all(configs: Mapping[pathlib.Path, ml_collections.ConfigDict]) -> None
 
 
 def evaluate_all(workdirs: Sequence[pathlib.Path], checkpoint: str, split: str, out: pathlib.Path,
-                 split_cache: dict[str, Any]) -> dict[str, evaluation.RunEvaluation]:
+                 split_cache: dict[str, Any]) -> dict[str, evaluate.RunEvaluation]:
     """Every run's `checkpoint` on the split, keyed by run folder name; JSON and PNGs written to `out`."""
-    evaluations = {workdir.name: evaluation.evaluate_run(workdir, checkpoint, split, split_cache=split_cache)
+    evaluations = {workdir.name: evaluate.evaluate_run(workdir, checkpoint, split, split_cache=split_cache)
                    for workdir in workdirs}
-    evaluation.write_results(evaluations, out)
+    evaluate.write_results(evaluations, out)
     return evaluations
 
 
 def collect_rows(settings: Sequence[Setting], seeds: Sequence[int],
-                 evaluations: Mapping[str, Mapping[str, evaluation.RunEvaluation]]) -> list[dict[str, Any]]:
+                 evaluations: Mapping[str, Mapping[str, evaluate.RunEvaluation]]) -> list[dict[str, Any]]:
     """One row per (setting, seed, checkpoint): validation figures it was chosen on, and test figures."""
     rows = []
     for checkpoint, by_run in evaluations.items():

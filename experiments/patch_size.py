@@ -33,8 +33,9 @@ from data_pipeline.tiling import TilingConfig
 from experiments import grid
 from experiments.grid import Setting
 from experiments.tables import markdown_table
-from gerne_jax import dataset, files
-from gerne_jax.errors import InputError
+from gerne_jax.core import files
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
 
 PATCH_SIZES = (32, 64, 128)
 TAU = 0.1

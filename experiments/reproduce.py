@@ -38,7 +38,8 @@ from data_pipeline.tiling import TilingConfig
 from experiments import error_vs_tissue_ratio, grid, tau_sweep
 from experiments.grid import Setting
 from experiments.tables import markdown_table, mean_std
-from gerne_jax import dataset, files
+from gerne_jax.core import files
+from gerne_jax.data import dataset
 
 LR = "optimizer.learning_rate"
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)  # the same grid for every method

@@ -24,7 +24,9 @@ import numpy as np
 from data_pipeline import stats
 from experiments import grid
 from experiments.tables import markdown_table, mean_std
-from gerne_jax import dataset, files, run_log
+from gerne_jax.core import files
+from gerne_jax.data import dataset
+from gerne_jax.runs import run_log
 
 TAUS_KEY = "data.taus"
 

@@ -10,8 +10,8 @@ import sys
 from importlib import metadata
 from typing import NoReturn
 
-from gerne_jax import cli
-from gerne_jax.errors import InputError
+from gerne_jax.core import cli
+from gerne_jax.core.errors import InputError
 
 ENTRY_POINT_GROUP = "gerne_jax.commands"
 PROG = "gerne-jax"

@@ -88,7 +88,7 @@ def tiny_config(tiny_data: TinyDataset) -> Callable[..., ml_collections.ConfigDi
 def kill_training_at_step(monkeypatch, step: int):
     """Makes every train step built from now on raise KeyboardInterrupt (a simulated kill) as it starts `step`;
     returns the real `make_train_step` to put back."""
-    from gerne_jax import train_step
+    from gerne_jax.train import train_step
 
     real_make_train_step = train_step.make_train_step
 

@@ -19,8 +19,8 @@ from apache_beam.options.pipeline_options import DirectOptions
 import data_pipeline
 from data_pipeline import beam_runner, tile_manifest
 from data_pipeline.__main__ import main
-from data_pipeline.manifest import SlideError
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.slides.manifest import SlideError
 from tests.tiff_layouts import write_with_corrupt_tile
 
 BEAM_TWO_WORKERS = ("--runner", "beam", "--beam-option=--direct_running_mode=multi_processing",

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from gerne_jax import cli
+from gerne_jax.core import cli
 
 
 def _exc_info_raised_in(filename: str) -> tuple:

@@ -20,7 +20,7 @@ import pytest
 from configs import default
 from data_pipeline import commands as data_commands
 from gerne_jax.commands import evaluate, predict, train
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ("evaluate", "predict", "stats", "synthetic", "tile", "train")
@@ -100,7 +100,8 @@ def test_an_unknown_command_is_one_line_naming_the_closest():
 
 def test_choices_spelled_out_for_a_fast_help_are_the_modules_own():
     from data_pipeline import tile_manifest
-    from gerne_jax import checkpoints, distributed
+    from gerne_jax.core import distributed
+    from gerne_jax.runs import checkpoints
 
     assert evaluate.DISTRIBUTED_MODES == distributed.MODES
     names = ", ".join([*checkpoints.BEST_CHECKPOINTS, checkpoints.LATEST])

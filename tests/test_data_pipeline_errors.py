@@ -21,7 +21,7 @@ import pytest
 import tifffile
 
 from data_pipeline import shards
-from gerne_jax.dataset import DatasetError
+from gerne_jax.data.dataset import DatasetError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 120
@@ -191,7 +191,7 @@ def test_non_finite_channel_statistics_are_never_published(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys, time
-    from gerne_jax.files import exclusive_lock
+    from gerne_jax.core.files import exclusive_lock
     with exclusive_lock(sys.argv[1], "tiling"):
         print("holding", flush=True)
         time.sleep(120)

@@ -16,8 +16,9 @@ from configs import demo
 from data_pipeline.shards import write_patch_dataset
 from experiments import grid, reproduce
 from experiments.grid import Setting
-from gerne_jax import evaluation, trainer
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.evaluation import evaluate
+from gerne_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LR = "optimizer.learning_rate"
@@ -274,12 +275,12 @@ def test_run_grid_trains_evaluates_tunes_and_reuses_its_results(tmp_path, monkey
                  "eval/best_bca_test.json"):
         assert (tmp_path / "grid" / name).is_file(), name
 
-    # A second call finds every run finished and the stamp current: no training, no evaluation.
+    # A second call finds every run finished and the stamp current: no training, no evaluate.
     def refuse(*args, **kwargs):
         raise AssertionError("called again")
 
     monkeypatch.setattr(trainer, "train_and_evaluate", refuse)
-    monkeypatch.setattr(evaluation, "evaluate_run", refuse)
+    monkeypatch.setattr(evaluate, "evaluate_run", refuse)
     again = grid.run_grid(settings, [0], tmp_path / "grid", common=common)
     assert json.dumps(again) == json.dumps(summary)  # as text: one seed's std is NaN, never equal to itself
 

@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from gerne_jax import checkpoints, dataset, dfr, evaluation, models, run_log, sharding, trainer
-from gerne_jax.errors import ConfigError
+from gerne_jax.core import sharding
+from gerne_jax.core.errors import ConfigError
+from gerne_jax.data import dataset
+from gerne_jax.evaluation import evaluate
+from gerne_jax.methods import dfr
+from gerne_jax.models import resnet
+from gerne_jax.runs import checkpoints, run_log
+from gerne_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_STEPS = 4
@@ -103,7 +109,7 @@ def runs(tiny_config, tiny_data, tmp_path_factory):
 
 
 def _params(workdir, checkpoint, patch_shape, data_dir):
-    state, _ = evaluation.restore_checkpoint(workdir, checkpoint, run_log.read_config(workdir), patch_shape,
+    state, _ = evaluate.restore_checkpoint(workdir, checkpoint, run_log.read_config(workdir), patch_shape,
                                              sharding.make_mesh(), data_dir)
     return state
 
@@ -121,8 +127,8 @@ def test_last_layer_is_scikit_learns_regression_on_balanced_validation_features(
         metadata["channel_std"])
     base = _params(base_dir, "latest", images.shape[1:], tiny_data.path)
     variables = {"params": base.params, "batch_stats": base.batch_stats}
-    _, captured = base.apply_fn(variables, images, train=False, mutable=[models.EMBEDDING])
-    features = np.asarray(captured[models.EMBEDDING][models.EMBEDDING][0], np.float64)
+    _, captured = base.apply_fn(variables, images, train=False, mutable=[resnet.EMBEDDING])
+    features = np.asarray(captured[resnet.EMBEDDING][resnet.EMBEDDING][0], np.float64)
     # The hook is the input of the last layer: the base's logits are its affine map of the embedding.
     fc = base.params["fc"]
     np.testing.assert_allclose(np.asarray(base.apply_fn(variables, images, train=False)),
@@ -183,8 +189,8 @@ def test_dfr_workdir_evaluates_like_any_run_and_changes_the_predictions(runs, ti
         available.close()
 
     cache: dict = {}
-    result = evaluation.evaluate_run(workdir, "best_wga", "test", split_cache=cache)
-    base = evaluation.evaluate_run(base_dir, "latest", "test", split_cache=cache)
+    result = evaluate.evaluate_run(workdir, "best_wga", "test", split_cache=cache)
+    base = evaluate.evaluate_run(base_dir, "latest", "test", split_cache=cache)
     assert 0.0 <= result.reports["tau=0.1"]["worst_group_accuracy"] <= 1.0
     assert result.checkpoint_meta["metrics"]["worst_group_accuracy"] == json.loads(
         (workdir / dfr.REPORT_FILE).read_text())["half_b"]["worst_group_accuracy"]

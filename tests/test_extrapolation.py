@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from gerne_jax.extrapolation import extrapolate, hyperparameters, make_optimizer
+from gerne_jax.train.extrapolation import extrapolate, hyperparameters, make_optimizer
 
 
 def _params(rng: np.random.Generator) -> dict[str, Any]:

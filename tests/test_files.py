@@ -1,4 +1,4 @@
-"""gerne_jax.files: results are written whole or not at all, and concurrent writers never collide."""
+"""gerne_jax.core.files: results are written whole or not at all, and concurrent writers never collide."""
 import os
 import pathlib
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gerne_jax import files
+from gerne_jax.core import files
 
 
 def test_atomic_write_replaces_the_file_only_on_success(tmp_path):
@@ -25,7 +25,7 @@ def test_atomic_write_replaces_the_file_only_on_success(tmp_path):
 
 def test_temporary_names_differ_between_processes(tmp_path):
     path = tmp_path / "summary.png"
-    code = f"from gerne_jax import files; print(files.temporary_path({str(path)!r}))"
+    code = f"from gerne_jax.core import files; print(files.temporary_path({str(path)!r}))"
     other = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
     mine = files.temporary_path(path)
     assert mine != pathlib.Path(other)

@@ -1,10 +1,10 @@
-"""Tests of data_pipeline.grid: patch origins, windowed counts, read blocks, low-res upsampling."""
+"""Tests of gerne_jax.slides.grid: patch origins, windowed counts, read blocks, low-res upsampling."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from data_pipeline import grid
+from gerne_jax.slides import grid
 
 
 @pytest.mark.parametrize("P, S, W", [(5, 5, 23), (5, 3, 23), (4, 7, 30), (6, 2, 6), (8, 4, 7)])

@@ -18,8 +18,14 @@ import numpy as np
 import optax
 import pytest
 
-from gerne_jax import dataset, evaluation, group_dro, methods, models, run_log, sharding, train_state
-from gerne_jax.errors import ConfigError
+from gerne_jax.core import sharding
+from gerne_jax.core.errors import ConfigError
+from gerne_jax.data import dataset
+from gerne_jax.evaluation import evaluate
+from gerne_jax.methods import group_dro, training_method
+from gerne_jax.models import resnet
+from gerne_jax.runs import run_log
+from gerne_jax.train import train_state
 from tests.conftest import TINY_CHANNELS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -68,15 +74,15 @@ def test_step_gradient_is_that_of_the_weighted_group_losses():
     rng = np.random.default_rng(1)
     label = np.repeat([0, 1], 30)
     attribute = np.tile(np.repeat([0, 1], [10, 5]), 4)
-    method = methods.from_config(config, label, attribute)
+    method = training_method.from_config(config, label, attribute)
     assert method.rows == (1,) and method.uses_groups
 
-    model = models.create_model("tiny", num_classes=2, norm="group")
+    model = resnet.create_model("tiny", num_classes=2, norm="group")
     mesh = sharding.make_mesh(1)
     learning_rate = config.optimizer.learning_rate
     # 16 pixels: on 8 the tiny ResNet's GroupNorm sees 1 x 1 maps of one channel per group (zero output).
     shape = (1, 16, 16, len(TINY_CHANNELS))
-    state = train_state.create_train_state(jax.random.key(0), model, shape, methods.make_optimizer(config))
+    state = train_state.create_train_state(jax.random.key(0), model, shape, training_method.make_optimizer(config))
     q0 = np.array([0.1, 0.2, 0.3, 0.4], np.float32)  # a non-uniform starting point, as mid-run
     state = state.replace(opt_state=(group_dro.GroupWeightsState(jnp.asarray(q0)), state.opt_state[1]))
     n = 12
@@ -124,10 +130,10 @@ def test_group_dro_config_errors_name_the_key():
         config = _config()
         config.method.group_dro[key] = value
         with pytest.raises(ConfigError, match=f"method.group_dro.{key}"):
-            methods.from_config(config, label, attribute)
+            training_method.from_config(config, label, attribute)
     config = _config()
     config.method.group_dro.sampling = "natural"
-    assert methods.from_config(config, label, attribute).rows == (0,)
+    assert training_method.from_config(config, label, attribute).rows == (0,)
 
 
 @pytest.mark.slow
@@ -150,7 +156,7 @@ def test_group_dro_trains_end_to_end_through_train_py(tiny_data, tmp_path):
     # Group-balanced batches: every group's loss enters, and the weights have moved off uniform.
     assert not np.allclose(weights, 0.25)
     # The checkpoint holds the group weights of its step (a resumed run continues with them).
-    state, meta = evaluation.restore_checkpoint(workdir, "latest", config, (8, 8, len(TINY_CHANNELS)),
+    state, meta = evaluate.restore_checkpoint(workdir, "latest", config, (8, 8, len(TINY_CHANNELS)),
                                                 sharding.make_mesh(), tiny_data.path)
     assert meta["step"] == config.training.steps
     np.testing.assert_allclose(group_dro.group_weights(state.opt_state), weights, rtol=1e-6)
@@ -160,19 +166,23 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from configs import tiny
-    from gerne_jax import group_dro, methods, models, sharding, train_state
+    from gerne_jax.methods import group_dro, training_method
+    from gerne_jax.models import resnet
+    from gerne_jax.core import sharding
+    from gerne_jax.train import train_state
 
     assert len(jax.devices()) == 4, jax.devices()
     config = tiny.get_config("group_dro")
     config.method.group_dro.eta, config.method.group_dro.adjustment = 2.0, 1.0
-    method = methods.from_config(config, np.repeat([0, 1], 20), np.tile([0, 0, 1, 1], 10))
-    model = models.create_model("tiny", num_classes=2, norm="group")
+    method = training_method.from_config(config, np.repeat([0, 1], 20), np.tile([0, 0, 1, 1], 10))
+    model = resnet.create_model("tiny", num_classes=2, norm="group")
     rng = np.random.default_rng(0)
     n = 8  # 2 per device; groups spread unevenly over the devices
     batch = {"image": rng.normal(size=(1, n, 16, 16, 3)).astype(np.float32),
              "label": np.array([[0, 0, 0, 0, 0, 1, 1, 1]], np.int32),
              "group": np.array([[0, 0, 0, 1, 1, 2, 3, 3]], np.int32)}
-    state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), methods.make_optimizer(config))
+    state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3),
+                                           training_method.make_optimizer(config))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the steps donate their state
     results = []
     for devices in (1, 4):

@@ -1,7 +1,7 @@
 """Tests of the groups and the batch plan against brute-force references and docs/design.md §3's formulas.
 
 The group definitions (attribute bins, group ids and counts, largest-remainder rounding) live in
-`gerne_jax.dataset`, the alpha table, beta_max and the batch plan in `gerne_jax.groups`.
+`gerne_jax.data.dataset`, the alpha table, beta_max and the batch plan in `gerne_jax.data.groups`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gerne_jax import dataset, groups
+from gerne_jax.data import dataset, groups
 
 
 def brute_force_rounding(quotas: np.ndarray, total: int) -> np.ndarray:

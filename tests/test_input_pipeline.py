@@ -1,4 +1,4 @@
-"""Tests of gerne_jax.input_pipeline: paired batches per the plan, the rows a method loads, resume,
+"""Tests of gerne_jax.data.input_pipeline: paired batches per the plan, the rows a method loads, resume,
 process shares, evaluation batches, DATA_DIR loading (docs/design.md §2 and §7).
 
 Images encode their own example index (every pixel of image i holds i in channel 0), so each test reads
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gerne_jax import dataset, groups, input_pipeline, methods
+from gerne_jax.data import dataset, groups, input_pipeline
+from gerne_jax.methods import training_method
 
 TAUS = [0.1]
 
@@ -230,7 +231,7 @@ def test_erm_batches_are_the_biased_row_of_gerne_batches():
     for name in ("erm", "gerne"):
         config = tiny.get_config(name)
         config.training.batch_per_group, config.data.flips, config.data.rotations = 4, True, True
-        method = methods.from_config(config, label, attribute)
+        method = training_method.from_config(config, label, attribute)
         sources[name] = RecordingImages(images)
         streams[name] = list(itertools.islice(input_pipeline.training_batches(
             method, sources[name], label, attribute, start_step=3).as_numpy_iterator(), 4))

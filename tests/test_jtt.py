@@ -11,8 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from gerne_jax import dataset, evaluation, groups, jtt, reference_run, run_log, sharding, trainer
-from gerne_jax.errors import ConfigError
+from gerne_jax.core import sharding
+from gerne_jax.core.errors import ConfigError
+from gerne_jax.data import dataset, groups
+from gerne_jax.evaluation import evaluate
+from gerne_jax.methods import jtt, reference_run
+from gerne_jax.runs import run_log
+from gerne_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDENTIFICATION_STEPS = 4
@@ -80,7 +85,7 @@ def _jtt_config(tiny_config, workdir):
 def test_error_set_is_the_identification_models_mistakes(identification_run, tiny_config, tiny_data):
     workdir, erm_config = identification_run
     config = _jtt_config(tiny_config, workdir)
-    from gerne_jax import input_pipeline
+    from gerne_jax.data import input_pipeline
 
     train = input_pipeline.load_split(tiny_data.path, "train")
     metadata = dataset.read_metadata(tiny_data.path)
@@ -88,7 +93,7 @@ def test_error_set_is_the_identification_models_mistakes(identification_run, tin
     errors = jtt.identification_errors(config, train, metadata, mesh)
 
     # Independent: the checkpoint of step T applied to the source arrays, normalised by hand.
-    state, meta = evaluation.restore_checkpoint(workdir, str(IDENTIFICATION_STEPS), erm_config,
+    state, meta = evaluate.restore_checkpoint(workdir, str(IDENTIFICATION_STEPS), erm_config,
                                                 train["image"].shape[1:], mesh, tiny_data.path)
     assert meta["step"] == IDENTIFICATION_STEPS
     source = tiny_data.splits["train"]

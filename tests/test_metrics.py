@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from gerne_jax import metrics
+from gerne_jax.evaluation import metrics
 
 
 def _random_predictions(seed, n=500, num_classes=2, num_attributes=3):

@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gerne_jax import evaluation, extrapolation, models, sharding, train_state
-from gerne_jax import train_step as ts
+from gerne_jax.core import sharding
+from gerne_jax.evaluation import evaluate
+from gerne_jax.models import resnet
+from gerne_jax.train import extrapolation, train_state
+from gerne_jax.train import train_step as ts
 from tests.conftest import tiny_split
 
 TRAIN_STEPS, N = 25, 16
@@ -46,10 +49,10 @@ def _pairs(data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 @functools.cache
 def _run(dtype: str) -> dict:
     data = _data()
-    model = models.create_model("tiny", num_classes=2, norm="shared", dtype=dtype)
+    model = resnet.create_model("tiny", num_classes=2, norm="shared", dtype=dtype)
     mesh = sharding.make_mesh(1)
     tx = extrapolation.make_optimizer(0.02, 0.5, momentum=0.9, weight_decay=1e-4)
-    float32_model = models.create_model("tiny", num_classes=2, norm="shared")
+    float32_model = resnet.create_model("tiny", num_classes=2, norm="shared")
     variables = train_state.init_variables(jax.random.key(0), float32_model, (1, 8, 8, 3))
     state = train_state.create_train_state(jax.random.key(0), model, (1, 8, 8, 3), tx, variables)
     step = ts.make_train_step(model, mesh, paired=True)
@@ -57,7 +60,7 @@ def _run(dtype: str) -> dict:
     for batch in _pairs(data):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss_less_biased"]))
-    probabilities = jax.jit(evaluation.eval_step)(state, data["image"])
+    probabilities = jax.jit(evaluate.eval_step)(state, data["image"])
     accuracy = float(np.mean(np.argmax(probabilities, axis=-1) == data["label"]))
     return {"losses": np.asarray(losses), "accuracy": accuracy, "state": state,
             "probabilities_dtype": probabilities.dtype}
@@ -83,7 +86,7 @@ def test_bfloat16_keeps_float32_parameters_optimizer_state_and_statistics():
         dtypes = {leaf.dtype for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)}
         assert dtypes == {jnp.dtype(jnp.float32)}, f"{name}: {dtypes}"
     # The computation itself runs in bfloat16: a forward pass's activations are bfloat16.
-    model = models.create_model("tiny", num_classes=2, norm="shared", dtype="bfloat16")
+    model = resnet.create_model("tiny", num_classes=2, norm="shared", dtype="bfloat16")
     _, intermediates = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                                    jnp.zeros((1, 8, 8, 3)), capture_intermediates=True,
                                    mutable=["intermediates"])

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gerne_jax import models
+from gerne_jax.models import resnet
 
 # torchvision.models.resnet{18,34,50,101,152}(num_classes=1000): sum(p.numel() for p in parameters())
 TORCHVISION_PARAMETER_COUNTS = {
@@ -29,7 +29,7 @@ def _count(tree):
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMETER_COUNTS))
 @pytest.mark.parametrize("norm", ["frozen", "group"])
 def test_parameter_count_matches_torchvision(name, norm):
-    model = models.create_model(name, num_classes=1000, norm=norm)
+    model = resnet.create_model(name, num_classes=1000, norm=norm)
     variables = _abstract_variables(model, (1, 64, 64, 3))
     assert _count(variables["params"]) == TORCHVISION_PARAMETER_COUNTS[name]
     # Running statistics are buffers in torchvision, not parameters; GroupNorm has none.
@@ -37,7 +37,7 @@ def test_parameter_count_matches_torchvision(name, norm):
 
 
 def test_module_names_follow_torchvision():
-    variables = _abstract_variables(models.create_model("resnet50", num_classes=2, norm="shared"),
+    variables = _abstract_variables(resnet.create_model("resnet50", num_classes=2, norm="shared"),
                                     (1, 64, 64, 3))
     params = variables["params"]
     stages = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}
@@ -57,7 +57,7 @@ def test_module_names_follow_torchvision():
 
 @pytest.mark.parametrize("channels", [1, 3, 5])
 def test_any_number_of_input_channels_and_output_shape(channels):
-    model = models.create_model("resnet18", num_classes=7, norm="group")
+    model = resnet.create_model("resnet18", num_classes=7, norm="group")
     variables = _abstract_variables(model, (2, 32, 32, channels))
     assert variables["params"]["conv1"]["kernel"].shape == (7, 7, channels, 64)
     logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 32, 32, channels))), variables)
@@ -67,14 +67,14 @@ def test_any_number_of_input_channels_and_output_shape(channels):
 def test_num_groups_is_largest_divisor_up_to_32():
     for features in [1, 6, 8, 16, 24, 48, 64, 96, 100, 2048]:
         brute = max(g for g in range(1, 33) if features % g == 0)
-        assert models.num_groups_for(features) == brute
-    assert models.num_groups_for(64) == 32
+        assert resnet.num_groups_for(features) == brute
+    assert resnet.num_groups_for(64) == 32
 
 
 def test_std_conv_standardises_kernel_per_output_unit():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
-    std_conv = models.StdConv(4, (3, 3), use_bias=False)
+    std_conv = resnet.StdConv(4, (3, 3), use_bias=False)
     variables = std_conv.init(jax.random.key(1), x)
     kernel = np.asarray(variables["params"]["kernel"], np.float64)
     standardised = (kernel - kernel.mean(axis=(0, 1, 2))) / kernel.std(axis=(0, 1, 2))
@@ -84,7 +84,7 @@ def test_std_conv_standardises_kernel_per_output_unit():
 
 
 def _tiny_variables(norm, images):
-    model = models.create_model("tiny", num_classes=3, norm=norm)
+    model = resnet.create_model("tiny", num_classes=3, norm=norm)
     variables = model.init(jax.random.key(0), images[:1], train=False)
     return model, variables
 
@@ -126,8 +126,8 @@ def test_frozen_batchnorm_uses_running_statistics_in_training():
 def test_bfloat16_compute_keeps_float32_params():
     rng = np.random.default_rng(4)
     images = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
-    model32 = models.create_model("tiny", num_classes=3, norm="group")
-    model16 = models.create_model("tiny", num_classes=3, norm="group", dtype=jnp.bfloat16)
+    model32 = resnet.create_model("tiny", num_classes=3, norm="group")
+    model16 = resnet.create_model("tiny", num_classes=3, norm="group", dtype=jnp.bfloat16)
     variables = model16.init(jax.random.key(0), images, train=False)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
     logits16, intermediates = jax.jit(lambda v, x: model16.apply(
@@ -140,8 +140,8 @@ def test_bfloat16_compute_keeps_float32_params():
 
 def test_bad_configuration_is_rejected():
     with pytest.raises(ValueError, match="resnet5"):
-        models.create_model("resnet5", num_classes=2)
+        resnet.create_model("resnet5", num_classes=2)
     with pytest.raises(ValueError, match="'batch'"):
-        models.create_model("tiny", num_classes=2, norm="batch")
+        resnet.create_model("tiny", num_classes=2, norm="batch")
     with pytest.raises(ValueError, match="num_classes"):
-        models.create_model("tiny", num_classes=0)
+        resnet.create_model("tiny", num_classes=0)

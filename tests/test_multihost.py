@@ -32,9 +32,11 @@ import jax
 import numpy as np
 import pytest
 
-from gerne_jax import checkpoints, distributed, experiment, run_log, sharding
 from gerne_jax.commands import evaluate
-from gerne_jax.errors import ConfigError
+from gerne_jax.core import distributed, sharding
+from gerne_jax.core.errors import ConfigError
+from gerne_jax.runs import checkpoints, run_log
+from gerne_jax.train import experiment
 from tests.conftest import TINY_CHANNELS, TINY_PATCH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,7 +51,7 @@ LAUNCHER_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SL
 # `argv[1] + 1` (the state of step argv[1] is its input): a crash mid-run that no code of ours sees.
 _KILLED_TRAIN_PY = textwrap.dedent("""
     import os, runpy, signal, sys
-    from gerne_jax import train_step
+    from gerne_jax.train import train_step
     kill_at, real = int(sys.argv.pop(1)), train_step.make_train_step
     def make_train_step(*args, **kwargs):
         step_fn = real(*args, **kwargs)

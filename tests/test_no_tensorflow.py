@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-TENSORFLOW_FREE = ["gerne_jax.models", "gerne_jax.pretrained", "gerne_jax.extrapolation",
-                   "gerne_jax.methods", "gerne_jax.train_state", "gerne_jax.train_step", "gerne_jax.sharding",
-                   "gerne_jax.metrics", "gerne_jax.dataset", "gerne_jax.groups"]
+TENSORFLOW_FREE = ["gerne_jax.models.resnet", "gerne_jax.models.pretrained", "gerne_jax.train.extrapolation",
+                   "gerne_jax.methods.training_method", "gerne_jax.train.train_state", "gerne_jax.train.train_step",
+                   "gerne_jax.core.sharding", "gerne_jax.evaluation.metrics", "gerne_jax.data.dataset",
+                   "gerne_jax.data.groups"]
 
 
 @pytest.mark.parametrize("module", TENSORFLOW_FREE)

@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from gerne_jax import normalisation, sharding
-from gerne_jax.errors import InputError
+from gerne_jax.core import sharding
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import normalisation
 
 MEAN, STD = (180.5, 90.0, 200.25), (30.0, 45.5, 12.0)
 

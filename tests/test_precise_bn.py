@@ -14,9 +14,12 @@ import optax
 import pytest
 from scipy import stats as scipy_stats
 
-from gerne_jax import batch_stats, dataset, input_pipeline, normalisation, run_log, sharding, train_step, trainer
-from gerne_jax.models import create_model
-from gerne_jax.train_state import create_train_state
+from gerne_jax.core import sharding
+from gerne_jax.data import dataset, input_pipeline, normalisation
+from gerne_jax.models.resnet import create_model
+from gerne_jax.runs import run_log
+from gerne_jax.train import batch_stats, train_step, trainer
+from gerne_jax.train.train_state import create_train_state
 from tests.conftest import kill_training_at_step
 
 CHANNEL_MEAN, CHANNEL_STD = (100.0, 100.0, 100.0), (50.0, 50.0, 50.0)

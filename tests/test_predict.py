@@ -1,6 +1,6 @@
-"""Whole-slide prediction (`predict.py`, `gerne_jax.prediction`, `inference`, `slide_outputs`).
+"""Whole-slide prediction (`predict.py`, `gerne_jax.predict.prediction`, `inference`, `slide_outputs`).
 
-The reference for the slide-level test is `evaluate.py`'s own path (`evaluation.evaluate_run`) on the
+The reference for the slide-level test is `evaluate.py`'s own path (`evaluate.evaluate_run`) on the
 test split of the same tiling: the same patches, the same probabilities (float tolerance) and the
 same metrics. Maps, regions and the reader pool are checked against brute-force numpy and
 matplotlib's point-in-polygon.
@@ -25,8 +25,11 @@ from matplotlib.path import Path as PolygonPath
 from data_pipeline import synthetic
 from data_pipeline.tile_manifest import tile_manifest
 from data_pipeline.tiling import TilingConfig
-from gerne_jax import checkpoints, evaluation, inference, prediction, slide_outputs, trainer
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.evaluation import evaluate
+from gerne_jax.predict import inference, prediction, slide_outputs
+from gerne_jax.runs import checkpoints
+from gerne_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PATCH = 32
@@ -97,9 +100,11 @@ def test_pipelined_batches_in_a_ring_of_arrays_get_each_patch_its_own_probabilit
     the call, which is why a batch's array is refilled only after its result was fetched.)"""
     import optax
 
-    from gerne_jax import models, sharding, train_state
+    from gerne_jax.core import sharding
+    from gerne_jax.models import resnet
+    from gerne_jax.train import train_state
 
-    model = models.create_model("tiny", num_classes=2, norm="group")
+    model = resnet.create_model("tiny", num_classes=2, norm="group")
     mesh = sharding.make_mesh(1)
     state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), optax.sgd(0.1))
     classifier = inference.PatchClassifier(state, mesh, [120.0, 110.0, 100.0], [50.0, 40.0, 30.0], batch_size=4)
@@ -243,7 +248,7 @@ def matches_evaluate_on_the_test_split(slide_run, tmp_path):
     manifest = write_manifest(tmp_path / "test.csv", slide_run["test_rows"])
     out = tmp_path / "out"
     result = prediction.predict_manifest(run, manifest, out, settings_for(run), show_progress=False)
-    reference = evaluation.evaluate_run(slide_run["run"], "latest", "test", taus_list=[(TAU,), (0.2,)])
+    reference = evaluate.evaluate_run(slide_run["run"], "latest", "test", taus_list=[(TAU,), (0.2,)])
 
     split = reference.split
     expected = {(s, int(x), int(y)): (float(p), int(label), float(r)) for s, x, y, p, label, r in zip(

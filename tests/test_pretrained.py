@@ -1,4 +1,4 @@
-"""Tests of gerne_jax.pretrained: torchvision-layout state dicts into the Flax ResNets.
+"""Tests of gerne_jax.models.pretrained: torchvision-layout state dicts into the Flax ResNets.
 
 The reference is an independent numpy forward pass with torchvision's semantics (NCHW, torch
 weight layout, symmetric padding k // 2, max pool padded with -inf, eps 1e-5) computed straight
@@ -26,8 +26,8 @@ from flax import traverse_util
 from numpy.lib.stride_tricks import sliding_window_view
 from safetensors.numpy import load_file, save_file
 
-from gerne_jax import models, pretrained
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.models import pretrained, resnet
 
 EPS = 1e-5
 # ResNet depth -> (blocks per stage, bottleneck), as in torchvision.
@@ -174,7 +174,7 @@ def test_forward_matches_numpy_block_by_block(tmp_path, arch, size):
     path = save(tmp_path, state)
     images = np.random.default_rng(2).normal(size=(2, size, size, 3)).astype(np.float32)
     with jax.enable_x64(True):
-        model = models.create_model(arch, num_classes=2, norm="frozen", dtype=jnp.float64)
+        model = resnet.create_model(arch, num_classes=2, norm="frozen", dtype=jnp.float64)
         variables = pretrained.load_pretrained(path, model, init_variables(model, size, 3))
         variables64 = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
         logits, captured = jax.jit(lambda v, x: model.apply(v, x, train=False,
@@ -193,7 +193,7 @@ def test_forward_matches_numpy_block_by_block(tmp_path, arch, size):
 
 def test_every_variable_comes_from_the_checkpoint_except_the_head(tmp_path):
     state = torchvision_state_dict("tiny", num_classes=1000)
-    model = models.create_model("tiny", num_classes=2, norm="frozen")
+    model = resnet.create_model("tiny", num_classes=2, norm="frozen")
     template = init_variables(model, 16, 3)
     loaded = pretrained.load_pretrained(save(tmp_path, state), model, template)
     assert jax.tree.structure(loaded) == jax.tree.structure(template)
@@ -222,7 +222,7 @@ def test_checkpoint_without_head_and_module_prefix_loads(tmp_path):
     state = torchvision_state_dict("tiny")
     reference_path = save(tmp_path, state, "plain.safetensors")
     wrapped = {f"module.{key}": value for key, value in state.items() if not key.startswith("fc.")}
-    model = models.create_model("tiny", num_classes=3, norm="shared")
+    model = resnet.create_model("tiny", num_classes=3, norm="shared")
     template = init_variables(model, 16, 3)
     want = pretrained.load_pretrained(reference_path, model, template)
     got = pretrained.load_pretrained(save(tmp_path, wrapped, "wrapped.safetensors"), model, template)
@@ -244,7 +244,7 @@ def test_read_state_dict_drops_counters_and_makes_float32(tmp_path):
 def test_default_stem_is_rescaled_rgb_mean(tmp_path, channels):
     state = torchvision_state_dict("tiny")
     path = save(tmp_path, state)
-    model = models.create_model("tiny", num_classes=2, norm="frozen")
+    model = resnet.create_model("tiny", num_classes=2, norm="frozen")
     loaded = pretrained.load_pretrained(path, model, init_variables(model, 16, channels))
     rgb = state["conv1.weight"].astype(np.float64)  # [O, 3, 7, 7]
     want = np.repeat(rgb.mean(axis=1, keepdims=True), channels, axis=1) * 3 / channels
@@ -261,7 +261,7 @@ def test_default_stem_is_rescaled_rgb_mean(tmp_path, channels):
 
 def test_channel_mapping_selects_and_zeroes_filters(tmp_path):
     path = save(tmp_path, torchvision_state_dict("tiny"))
-    model = models.create_model("tiny", num_classes=2, norm="frozen")
+    model = resnet.create_model("tiny", num_classes=2, norm="frozen")
     rgb_variables = pretrained.load_pretrained(path, model, init_variables(model, 16, 3))
     images = np.random.default_rng(4).normal(size=(2, 16, 16, 4)).astype(np.float32)
     want = apply(model, rgb_variables, images[..., :3])
@@ -302,7 +302,7 @@ def test_bad_channel_mapping_is_named(mapping, channels, message):
 def test_multichannel_stem_loads_as_is_or_fails_clearly(tmp_path):
     state = torchvision_state_dict("tiny", in_channels=4)
     path = save(tmp_path, state)
-    model = models.create_model("tiny", num_classes=2, norm="frozen")
+    model = resnet.create_model("tiny", num_classes=2, norm="frozen")
     loaded = pretrained.load_pretrained(path, model, init_variables(model, 16, 4))
     np.testing.assert_array_equal(loaded["params"]["conv1"]["kernel"],
                                   state["conv1.weight"].transpose(2, 3, 1, 0))
@@ -317,7 +317,7 @@ def test_multichannel_stem_loads_as_is_or_fails_clearly(tmp_path):
 
 def test_wrong_depth_names_both_architectures_and_keys(tmp_path):
     path = save(tmp_path, torchvision_state_dict("resnet50"), "resnet50.safetensors")
-    model = models.create_model("resnet18", num_classes=2, norm="frozen")
+    model = resnet.create_model("resnet18", num_classes=2, norm="frozen")
     with pytest.raises(ValueError) as error:
         pretrained.load_pretrained(path, model, init_variables(model, 32, 3))
     message = str(error.value)
@@ -333,7 +333,7 @@ def test_missing_extra_and_misshapen_keys_are_listed(tmp_path):
     del state["layer1.0.bn2.running_var"]
     state["layer1.0.se.fc1.weight"] = np.zeros((2, 8), np.float32)
     state["layer2.0.conv2.weight"] = np.zeros((16, 8, 3, 3), np.float32)
-    model = models.create_model("tiny", num_classes=2, norm="frozen")
+    model = resnet.create_model("tiny", num_classes=2, norm="frozen")
     with pytest.raises(ValueError) as error:
         pretrained.load_pretrained(save(tmp_path, state), model, init_variables(model, 16, 3))
     message = str(error.value)
@@ -346,7 +346,7 @@ def test_missing_extra_and_misshapen_keys_are_listed(tmp_path):
 
 def test_group_norm_model_is_rejected(tmp_path):
     path = save(tmp_path, torchvision_state_dict("tiny"))
-    model = models.create_model("tiny", num_classes=2, norm="group")
+    model = resnet.create_model("tiny", num_classes=2, norm="group")
     with pytest.raises(ValueError, match="norm 'group'.*'frozen'"):
         pretrained.load_pretrained(path, model, init_variables(model, 16, 3))
     with pytest.raises(ValueError, match="no BatchNorm statistics"):
@@ -354,7 +354,7 @@ def test_group_norm_model_is_rejected(tmp_path):
 
 
 def test_bad_files(tmp_path):
-    model = models.create_model("tiny", num_classes=2, norm="frozen")
+    model = resnet.create_model("tiny", num_classes=2, norm="frozen")
     template = init_variables(model, 16, 3)
     with pytest.raises(InputError, match="nowhere.safetensors.*model.init_from"):
         pretrained.load_pretrained(tmp_path / "nowhere.safetensors", model, template)
@@ -386,7 +386,7 @@ def _has_module(name):
 @pytest.mark.skipif(_has_module("torch"), reason="torch is installed")
 def test_pth_without_torch_says_what_to_do(tmp_path):
     (tmp_path / "weights.pth").write_bytes(b"x")
-    model = models.create_model("tiny", num_classes=2, norm="frozen")
+    model = resnet.create_model("tiny", num_classes=2, norm="frozen")
     with pytest.raises(ImportError, match="weights.pth.*needs torch.*safetensors"):
         pretrained.load_pretrained(tmp_path / "weights.pth", model, init_variables(model, 16, 3))
 
@@ -396,7 +396,7 @@ def test_nested_pth_checkpoint(tmp_path):
     state = torchvision_state_dict("tiny")
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in state.items()}},
                tmp_path / "checkpoint.pth")
-    model = models.create_model("tiny", num_classes=2, norm="frozen")
+    model = resnet.create_model("tiny", num_classes=2, norm="frozen")
     template = init_variables(model, 16, 3)
     got = pretrained.load_pretrained(tmp_path / "checkpoint.pth", model, template)
     want = pretrained.load_pretrained(save(tmp_path, state), model, template)
@@ -448,7 +448,7 @@ def test_resnet50_matches_torchvision(tmp_path, size):
     state = load_file(str(tmp_path / "resnet50.safetensors"))
     head = {"kernel": jnp.asarray(state["fc.weight"].T), "bias": jnp.asarray(state["fc.bias"])}
 
-    model = models.create_model("resnet50", num_classes=1000, norm="frozen")
+    model = resnet.create_model("resnet50", num_classes=1000, norm="frozen")
     variables = pretrained.load_pretrained(tmp_path / "resnet50.safetensors", model,
                                            init_variables(model, size, 3))
     variables["params"]["fc"] = head
@@ -461,7 +461,7 @@ def test_resnet50_matches_torchvision(tmp_path, size):
 
     # In float64 both are exact up to the float32 rounding of the returned logits.
     with jax.enable_x64(True):
-        model64 = models.create_model("resnet50", num_classes=1000, norm="frozen", dtype=jnp.float64)
+        model64 = resnet.create_model("resnet50", num_classes=1000, norm="frozen", dtype=jnp.float64)
         variables64 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
         logits64 = apply(model64, variables64, images.astype(np.float64))
     want64 = np.load(tmp_path / "logits64.npy")

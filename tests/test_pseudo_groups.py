@@ -15,18 +15,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_score, recall_score
 
-from gerne_jax import (
-    dataset,
-    evaluation,
-    input_pipeline,
-    methods,
-    pseudo_groups,
-    reference_run,
-    run_log,
-    sharding,
-    trainer,
-)
-from gerne_jax.errors import ConfigError, InputError
+from gerne_jax.core import sharding
+from gerne_jax.core.errors import ConfigError, InputError
+from gerne_jax.data import dataset, input_pipeline
+from gerne_jax.evaluation import evaluate
+from gerne_jax.methods import pseudo_groups, reference_run, training_method
+from gerne_jax.runs import run_log
+from gerne_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCORING_STEPS = 4
@@ -141,7 +136,7 @@ def test_pseudo_groups_of_the_scoring_runs_best_bca_checkpoint(scoring_run, tiny
     groups = pseudo_groups.from_scoring_run(config, train, metadata, mesh, true_attribute)
 
     # Independent: the best_bca checkpoint applied to the source arrays, normalised by hand.
-    state, meta = evaluation.restore_checkpoint(workdir, "best_bca", scoring_config, train["image"].shape[1:],
+    state, meta = evaluate.restore_checkpoint(workdir, "best_bca", scoring_config, train["image"].shape[1:],
                                                 mesh, tiny_data.path)
     source = tiny_data.splits["train"]
     images = (source["image"].astype(np.float32) - np.float32(metadata["channel_mean"])) / np.float32(
@@ -161,7 +156,7 @@ def test_pseudo_groups_of_the_scoring_runs_best_bca_checkpoint(scoring_run, tiny
 
     # Resampling (c = 1, beta = 0) on the pseudo-groups: each class's less-biased batch is half minority.
     resample = _pseudo_config(tiny_config, workdir, "resample")
-    method = methods.from_config(resample, train["label"], groups.attribute, pseudo=groups)
+    method = training_method.from_config(resample, train["label"], groups.attribute, pseudo=groups)
     np.testing.assert_array_equal(method.plan.less_biased_counts, np.full((2, 2), resample.training.batch_per_group))
     assert method.plan.bin_names == pseudo_groups.BIN_NAMES
 

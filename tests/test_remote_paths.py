@@ -17,8 +17,8 @@ import pytest
 
 from data_pipeline import storage, tile_manifest
 from data_pipeline.__main__ import main
-from data_pipeline.manifest import SlideError
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.slides.manifest import SlideError
 from tests.tiff_layouts import write_with_corrupt_tile
 
 BEAM_IN_PROCESS = ("--runner", "beam", "--beam-option=--direct_running_mode=in_memory")

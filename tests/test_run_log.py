@@ -6,8 +6,8 @@ import json
 import pytest
 
 from configs import default
-from gerne_jax import run_log
-from gerne_jax.errors import ConfigError
+from gerne_jax.core.errors import ConfigError
+from gerne_jax.runs import run_log
 
 
 def _save_without(workdir, config, dropped: str) -> None:

@@ -13,10 +13,12 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipeline.manifest import SlideError
-from gerne_jax import inference, prediction, run_log, slide_outputs, trainer
 from gerne_jax.commands import predict as predict_command
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.predict import inference, prediction, slide_outputs
+from gerne_jax.runs import run_log
+from gerne_jax.slides.manifest import SlideError
+from gerne_jax.train import trainer
 from tests import test_predict
 from tests.test_predict import settings_for, write_manifest
 

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 from data_pipeline import shards
-from gerne_jax import dataset
+from gerne_jax.data import dataset
 
 
 def random_split(rng: np.random.Generator, n: int, patch: int, channels: int, dtype, slide_prefix: str):

@@ -14,9 +14,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from data_pipeline import slides
-from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
-from data_pipeline.slides import SlideReader
+from gerne_jax.slides import reader as slides
+from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
+from gerne_jax.slides.reader import SlideReader
 from tests.tiff_layouts import LAYOUTS, PLANE_PER_CHANNEL_LAYOUTS, PYRAMID_LAYOUTS, pyramid_levels, write_layout
 
 HEIGHT, WIDTH = 45, 67  # odd sizes: partial tiles / strips at the right and bottom edges

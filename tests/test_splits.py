@@ -5,8 +5,8 @@ import pathlib
 
 import pytest
 
-from data_pipeline.manifest import SlideSpec
 from data_pipeline.splits import assign_splits, split_counts
+from gerne_jax.slides.manifest import SlideSpec
 
 
 def spec(slide_id, patient=None, split=None):

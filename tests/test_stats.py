@@ -9,7 +9,7 @@ from PIL import Image
 
 from data_pipeline import shards
 from data_pipeline.__main__ import main
-from gerne_jax.dataset import DatasetError
+from gerne_jax.data.dataset import DatasetError
 
 TAUS = (0.03, 0.125, 0.25)
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from experiments import continuous_attribute, patch_size
-from gerne_jax import dataset, jtt, methods, ratio_weighting
-from gerne_jax.errors import ConfigError, InputError
-from gerne_jax.groups import BIASED
+from gerne_jax.core.errors import ConfigError, InputError
+from gerne_jax.data import dataset
+from gerne_jax.data.groups import BIASED
+from gerne_jax.methods import jtt, ratio_weighting, training_method
 
 
 def brute_force_density(samples: np.ndarray, points: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -53,7 +54,7 @@ def test_ratio_weighted_method_draws_by_inverse_density(tiny_config, tiny_data):
     train = tiny_data.splits["train"]
     config = tiny_config("ratio_weighted")
     attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
-    method = methods.from_config(config, train["label"], attribute, tissue_ratio=train["tissue_ratio"])
+    method = training_method.from_config(config, train["label"], attribute, tissue_ratio=train["tissue_ratio"])
     expected = ratio_weighting.inverse_density_weights(train["tissue_ratio"], train["label"], 2,
                                                        config.method.ratio_weighted.bandwidth)
     np.testing.assert_allclose(method.example_weights, expected)
@@ -68,7 +69,7 @@ def test_ratio_weighted_method_draws_by_inverse_density(tiny_config, tiny_data):
         target = expected[members] / expected[members].sum()
         assert np.abs(share - target).max() < 5 * np.sqrt(target.max() / frequency[members].sum())
     with pytest.raises(ValueError, match="tissue ratios"):
-        methods.from_config(config, train["label"], attribute)
+        training_method.from_config(config, train["label"], attribute)
 
 
 def test_shortcut_strength_matches_numpy(tiny_data):

@@ -13,7 +13,7 @@ import tifffile
 
 from data_pipeline import synthetic
 from data_pipeline.__main__ import main
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
 
 MANIFEST_COLUMNS = ["slide_id", "image", "mask", "patient_id", "split", "channel_names"]
 

@@ -1,4 +1,4 @@
-"""Direct strip / tile reading (`data_pipeline.tiff_windows`) against tifffile's own whole-page decode."""
+"""Direct strip / tile reading (`gerne_jax.slides.tiff_windows`) against tifffile's own whole-page decode."""
 from __future__ import annotations
 
 import multiprocessing
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from data_pipeline import slides, tiff_windows
-from data_pipeline.manifest import SlideError
-from data_pipeline.slides import SlideReader
-from data_pipeline.tiff_windows import PageWindows
+from gerne_jax.slides import tiff_windows
+from gerne_jax.slides.manifest import SlideError
+from gerne_jax.slides.reader import SlideReader
+from gerne_jax.slides.tiff_windows import PageWindows
 from tests.test_slides import COMPRESSIONS, DTYPES, TILE, open_layout, random_image, spec_for, write_mask
 from tests.tiff_layouts import LAYOUTS, write_layout, write_with_corrupt_tile
 
@@ -217,7 +217,7 @@ def test_reader_uses_direct_windows_for_masks(tmp_path):
     mask = (random_image(np.uint8, shape=(45, 67, 1), seed=11)[..., 0] > 200).astype(np.uint8)
     spec = open_layout(tmp_path, random_image(np.uint8), "interleaved", mask=mask)
     with SlideReader(spec) as reader:
-        assert isinstance(reader._tumour.source, slides._TiffLevel) and reader._tumour.source._windows is not None
+        assert isinstance(reader._tumour.source, reader._TiffLevel) and reader._tumour.source._windows is not None
         np.testing.assert_array_equal(reader.read_tumour(0, 0, 45, 67), mask != 0)
 
 

@@ -18,14 +18,15 @@ import tifffile
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from PIL import Image
 
-from data_pipeline import commands, qc, tiling
+from data_pipeline import commands, tiling
 from data_pipeline.__main__ import main
-from data_pipeline.grid import scan_plan
-from data_pipeline.manifest import SlideError, SlideSpec, read_manifest
-from data_pipeline.slides import SlideReader
-from data_pipeline.tissue import detect_tissue
-from gerne_jax import dataset
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
+from gerne_jax.slides import qc
+from gerne_jax.slides.grid import scan_plan
+from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
+from gerne_jax.slides.reader import SlideReader
+from gerne_jax.slides.tissue import detect_tissue
 from tests.tiff_layouts import pyramid_levels, write_layout
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

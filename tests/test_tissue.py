@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline import tissue
+from gerne_jax.slides import tissue
 
 SHAPE = (160, 200)
 DISCS = ((50, 60, 30), (110, 140, 35), (40, 160, 18))  # (centre y, centre x, radius)

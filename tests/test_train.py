@@ -23,8 +23,11 @@ import pytest
 import evaluate
 from configs import default, tiny
 from data_pipeline.shards import write_patch_dataset
-from gerne_jax import checkpoints, experiment, methods, run_log, sharding, train_step, trainer
-from gerne_jax.errors import InputError
+from gerne_jax.core import sharding
+from gerne_jax.core.errors import InputError
+from gerne_jax.methods import training_method
+from gerne_jax.runs import checkpoints, run_log
+from gerne_jax.train import experiment, train_step, trainer
 from tests.conftest import TINY_CHANNELS, TINY_PATCH, kill_training_at_step, tiny_split
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -300,15 +303,15 @@ def test_method_errors_name_the_config_key():
     config = tiny.get_config("gerne")
     config.method.name = "groupdro"
     with pytest.raises(ValueError, match=r"config method.name must be one of .*, got 'groupdro'"):
-        methods.from_config(config, label, attribute)
+        training_method.from_config(config, label, attribute)
     config = tiny.get_config("gerne")
     config.method.c = 1.5
     with pytest.raises(ValueError, match="c = 1.5 must lie in"):
-        methods.from_config(config, label, attribute)
+        training_method.from_config(config, label, attribute)
     config = tiny.get_config("gerne")
     config.optimizer.schedule = "linear"
     with pytest.raises(ValueError, match="config optimizer.schedule must be 'constant' or 'cosine'"):
-        methods.learning_rate_schedule(config)
+        training_method.learning_rate_schedule(config)
 
 
 @pytest.mark.parametrize("norm", ["group", "shared"])

@@ -18,7 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from gerne_jax import checkpoints, experiment, files, sharding
+from gerne_jax.core import files, sharding
+from gerne_jax.runs import checkpoints
+from gerne_jax.train import experiment
 from tests.conftest import TINY_CHANNELS, TINY_PATCH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +107,7 @@ def trained_run(tiny_data, tmp_path_factory) -> pathlib.Path:
     lock a SIGKILLed process left behind."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from gerne_jax import files\n"
+        [sys.executable, "-c", "import sys, time; from gerne_jax.core import files\n"
          f"with files.exclusive_lock({str(workdir)!r}, 'training'):\n    print('held', flush=True); time.sleep(600)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -15,21 +15,25 @@ import optax
 import pytest
 
 from configs import tiny
-from gerne_jax import evaluation, extrapolation, methods, models, sharding, train_state
-from gerne_jax import train_step as ts
+from gerne_jax.core import sharding
+from gerne_jax.evaluation import evaluate
+from gerne_jax.methods import training_method
+from gerne_jax.models import resnet
+from gerne_jax.train import extrapolation, train_state
+from gerne_jax.train import train_step as ts
 
 NUM_CLASSES, N, SIZE, CHANNELS = 3, 4, 16, 3
 LR, BETA = 0.1, 1.0
 # Each norm mode compiles its own steps and references (over 10 s on a CPU): "shared", the mode with
 # the most machinery (one pass over both batches, a vmapped VJP, running statistics), runs in the
 # quick selection (-m "not slow"), the others with the slow tests.
-NORMS = [pytest.param(norm, marks=() if norm == "shared" else pytest.mark.slow) for norm in models.NORM_MODES]
+NORMS = [pytest.param(norm, marks=() if norm == "shared" else pytest.mark.slow) for norm in resnet.NORM_MODES]
 
 
-def _model(norm: str, dtype: Any = jnp.float32) -> models.ResNet:
+def _model(norm: str, dtype: Any = jnp.float32) -> resnet.ResNet:
     """A one-block ResNet: the smallest model with every kind of layer the step handles (fast to
     compile; the full family is tested in test_models.py)."""
-    return models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4,
+    return resnet.ResNet(stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4,
                          num_classes=NUM_CLASSES, norm=norm, dtype=dtype)
 
 
@@ -96,9 +100,9 @@ def _initial_variables() -> dict[str, Any]:
     return train_state.init_variables(jax.random.key(0), _model("frozen"), (1, SIZE, SIZE, CHANNELS))
 
 
-def _state_for(model: models.ResNet, tx: optax.GradientTransformation) -> train_state.TrainState:
+def _state_for(model: resnet.ResNet, tx: optax.GradientTransformation) -> train_state.TrainState:
     initial = _copy(_initial_variables())
-    batch_stats = initial["batch_stats"] if model.norm in models.BATCH_NORM_MODES else {}
+    batch_stats = initial["batch_stats"] if model.norm in resnet.BATCH_NORM_MODES else {}
     return train_state.TrainState.create(apply_fn=model.apply, params=initial["params"],
                                          batch_stats=batch_stats, tx=tx)
 
@@ -247,7 +251,7 @@ def test_loss_not_divided_by_num_classes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", models.NORM_MODES)
+@pytest.mark.parametrize("norm", resnet.NORM_MODES)
 def test_erm_resampling_and_schedules_are_configurations_of_the_step(norm):
     """A beta schedule -1, 0, BETA: ERM (g_b), resampling (g_lb), then GERNE, each step checked
     against the independent gradients at its own starting parameters; lr and beta come back from
@@ -282,7 +286,7 @@ def test_folded_and_two_gradient_steps_report_the_same_beta_under_a_warm_up():
     results = {}
     for fold in (False, True):
         config.method.fold_beta_into_loss = fold
-        method = methods.from_config(config, label, attribute)
+        method = training_method.from_config(config, label, attribute)
         step = method.train_step(model, _mesh())
         state = _state_for(model, method.optimizer())
         betas = []
@@ -325,7 +329,7 @@ def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
     for tree in (new_state.params, new_state.opt_state):
         assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))
     assert np.isfinite(float(metrics["grad_norm"]))
-    probabilities = evaluation.eval_step(new_state, _paired_batch()["image"][0])
+    probabilities = evaluate.eval_step(new_state, _paired_batch()["image"][0])
     assert probabilities.dtype == jnp.float32
 
 
@@ -335,7 +339,7 @@ def test_eval_step_gives_inference_mode_probabilities():
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits = np.asarray(jax.jit(r["model"].apply)(variables, images), np.float64)
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    probabilities = evaluation.eval_step(state, images)
+    probabilities = evaluate.eval_step(state, images)
     np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.sum(probabilities, axis=1), 1.0, rtol=1e-6)
 

@@ -14,8 +14,10 @@ import textwrap
 
 import pytest
 
-from gerne_jax import models, sharding, train_step, trainer
-from gerne_jax.errors import ConfigError
+from gerne_jax.core import sharding
+from gerne_jax.core.errors import ConfigError
+from gerne_jax.models import resnet
+from gerne_jax.train import train_step, trainer
 
 pytestmark = pytest.mark.slow  # one subprocess compiling a dozen steps
 
@@ -25,7 +27,10 @@ _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     import optax
-    from gerne_jax import extrapolation, group_dro, models, sharding, train_state, train_step as ts
+    from gerne_jax.train import extrapolation, train_state, train_step as ts
+    from gerne_jax.methods import group_dro
+    from gerne_jax.models import resnet
+    from gerne_jax.core import sharding
 
     assert len(jax.devices()) == 4, jax.devices()
     rng = np.random.default_rng(0)
@@ -44,7 +49,7 @@ _SCRIPT = textwrap.dedent("""
     for name, norm, paired in cases:
       data = batch if paired else {key: value.reshape(1, 2 * n, *value.shape[2:])
                                    for key, value in batch.items()}
-      model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4,
+      model = resnet.ResNet(stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4,
                             num_classes=3, norm=norm)
       tx = extrapolation.make_optimizer(0.5, 1.0, momentum=0.9, weight_decay=0.01)
       state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), tx)
@@ -80,7 +85,7 @@ _SCRIPT = textwrap.dedent("""
                                    for key, value in batch.items()}
       if objective is not None:
         data = {**data, "group": groups}
-      model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4,
+      model = resnet.ResNet(stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4,
                             num_classes=3, norm="group")
       tx = extrapolation.make_optimizer(0.5, 1.0, momentum=0.9, weight_decay=0.01)
       if objective is not None:
@@ -167,7 +172,7 @@ def test_deterministic_reduction_computes_the_one_device_step_and_repeats_bit_fo
 
 @pytest.mark.parametrize("norm", ["shared", "separate"])
 def test_deterministic_reduction_refuses_train_mode_batch_norm(norm):
-    model = models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_filters=4, num_classes=3, norm=norm)
+    model = resnet.ResNet(stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4, num_classes=3, norm=norm)
     with pytest.raises(ConfigError, match=f"mesh.deterministic_reduction = True .* model.norm = '{norm}'"):
         train_step.make_train_step(model, sharding.make_mesh(1), paired=True, deterministic_reduction=True)
     train_step.make_train_step(model, sharding.make_mesh(1), paired=True)  # the default reduction: fine

@@ -1,7 +1,7 @@
 """Write one (H, W, C) array in every TIFF layout the slide reader supports (test helper).
 
 Shared by the reader and tiler tests: each layout is written with tifffile from a numpy array, so a
-test can compare what `data_pipeline.slides.SlideReader` returns with the array itself.
+test can compare what `gerne_jax.slides.reader.SlideReader` returns with the array itself.
 
     paths = write_layout(tmp_path / "slide", image, "ome_pyramid", compression="zlib", levels=3)
     expected_level_1 = pyramid_levels(image, 3)[1]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from gerne_jax import dataset
+from gerne_jax.data import dataset
 
 # The launch flags, named in errors as `distributed.initialize` needs.
 LAUNCH_FLAGS = {"mode": "--distributed", "coordinator_address": "--coordinator-address",
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     Raises InputError (naming the file or folder) for bad input.
     """
     args = parse_args(argv)
-    from gerne_jax import cli, distributed, evaluation, reports
+    from gerne_jax.core import cli, distributed
+    from gerne_jax.evaluation import evaluate, reports
 
     distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id,
                            names=LAUNCH_FLAGS)
@@ -65,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     taus_list = [(t,) for t in args.tau] if args.tau else None
     split_cache: dict = {}
     evaluations = {}
-    for name, workdir in zip(evaluation.run_names(workdirs), workdirs):
+    for name, workdir in zip(evaluate.run_names(workdirs), workdirs):
         # A missing run, a damaged checkpoint or a DATA_DIR that is not one raises an InputError naming
         # the file or folder, which `cli.run_command` prints as one line.
-        evaluations[name] = evaluation.evaluate_run(workdir, args.checkpoint, args.split, data_dir=args.data_dir,
+        evaluations[name] = evaluate.evaluate_run(workdir, args.checkpoint, args.split, data_dir=args.data_dir,
                                                     taus_list=taus_list, split_cache=split_cache)
 
     if not distributed.is_main_process():  # every process predicted its share; process 0 reports
@@ -82,6 +83,6 @@ def main(argv: list[str] | None = None) -> int:
             print(reports.comparison_table({name: e.reports[key] for name, e in evaluations.items()}))
     out = pathlib.Path(args.out) if args.out else workdirs[0] / "eval" / (
         f"compare_{args.checkpoint}_{args.split}" if args.compare else "")
-    path = evaluation.write_results(evaluations, out, keyed_by_run=bool(args.compare))
+    path = evaluate.write_results(evaluations, out, keyed_by_run=bool(args.compare))
     print(f"\nwrote {path} and PNGs beside it")
     return 0

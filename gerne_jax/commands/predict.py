@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from gerne_jax import dataset
 from gerne_jax.commands.evaluate import CHECKPOINT_HELP
-from gerne_jax.errors import InputError
+from gerne_jax.core.errors import InputError
+from gerne_jax.data import dataset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Predict whole slides with a trained run: probability maps, overlays, QuPath regions, slide metrics."""
     args = parse_args(argv)
-    from gerne_jax import cli, inference, prediction, reports
+    from gerne_jax.core import cli
+    from gerne_jax.evaluation import reports
+    from gerne_jax.predict import inference, prediction
 
     cli.setup_logging()
     run = inference.load_run(args.workdir, args.checkpoint, args.data_dir)

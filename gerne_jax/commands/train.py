@@ -4,7 +4,7 @@
 
 `--config` is a config of the package by name (`default`, `demo`, `tiny`) or the path of any Python
 file with `get_config(arg)`; after the colon come the config's switches (the method, e.g. `demo:erm`).
-Any key changes with `--config.KEY=VALUE`. The loop is `gerne_jax.trainer.train_and_evaluate` (what it
+Any key changes with `--config.KEY=VALUE`. The loop is `gerne_jax.train.trainer.train_and_evaluate` (what it
 writes, how it resumes). Bad input (a mistyped flag, config switch or key, a value outside its range, a
 DATA_DIR that is not one, a workdir another run is training in) is answered with one line `error: ...`
 and exit status 2, before anything is written into the workdir.
@@ -25,8 +25,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from gerne_jax import cli
-from gerne_jax.errors import InputError
+from gerne_jax.core import cli
+from gerne_jax.core.errors import InputError
 
 PROG = "gerne-jax train"
 CONFIG_PACKAGE = "configs"
@@ -81,7 +81,8 @@ def _sys_argv(argv: list[str]) -> Iterator[None]:
 
 def _train(argv: list[str]) -> None:
     del argv
-    from gerne_jax import distributed, trainer
+    from gerne_jax.core import distributed
+    from gerne_jax.train import trainer
 
     mesh = FLAGS.config.mesh  # several processes: docs/scaling.md
     distributed.initialize(mesh.distributed, mesh.coordinator_address, mesh.num_processes, mesh.process_id)
