@@ -112,7 +112,8 @@ class Kind:
         if name == "erm":
             batch = {key: value.reshape(1, -1, *value.shape[2:]) for key, value in paired.items()}
         self.batch = sharding.shard_batch(batch, mesh)
-        step = ts.make_train_step(model, mesh, paired=name != "erm", fold_beta=BETA if name == "folded" else None)
+        gradients = {"erm": ts.single_batch, "folded": ts.folded(BETA)}.get(name, ts.two_gradients)
+        step = ts.make_train_step(model, mesh, gradients, rows=1 if name == "erm" else 2)
         self.lowered = [step.lower(self.state, self.batch)]
 
     def _lower_two_pass(self, model: resnet.ResNet, paired: dict[str, jax.Array]) -> None:

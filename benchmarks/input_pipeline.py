@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from data_pipeline import shards
-from gerne_jax.data import dataset, groups, input_pipeline
+from gerne_jax.data import dataset, groups, input_pipeline, samplers
 
 
 def write_data_dir(data_dir: pathlib.Path, num_examples: int, patch_size: int, channels: int) -> None:
@@ -42,8 +42,8 @@ def paired_patches_per_second(split: dict, batch_per_group: int, steps: int, tau
     plan = groups.make_batch_plan(dataset.group_counts(split["label"], attribute, 2, 2), c=0.5, beta=1.0,
                                   batch_per_group=batch_per_group)
     batches = input_pipeline.train_dataset(
-        split["image"], split["label"], attribute, plan, seed=0, process_index=0,
-        process_count=1).as_numpy_iterator()
+        split["image"], split["label"], samplers.PairedIndexSampler(plan, split["label"], attribute, seed=0),
+        process_index=0, process_count=1).as_numpy_iterator()
     for _ in range(5):                                   # warm-up: tracing, thread pools, prefetch
         next(batches)
     start = time.perf_counter()

@@ -42,10 +42,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipeline.tile_manifest import tile_manifest  # noqa: E402
-from data_pipeline.tiling import TilingConfig  # noqa: E402
 from gerne_jax.core import cli  # noqa: E402
-from gerne_jax.predict import inference, prediction  # noqa: E402
-from gerne_jax.train import trainer  # noqa: E402
+from gerne_jax.methods import registry  # noqa: E402
+from gerne_jax.predict import inference, prediction, run_data  # noqa: E402
+from gerne_jax.slides.scan import TilingConfig  # noqa: E402
 
 RSS_LIMIT_MB = 2000
 TARGET_RATIO = 0.8
@@ -107,7 +107,7 @@ def train_run(work_dir: pathlib.Path, manifest: pathlib.Path, patch_size: int, m
         config.data.dir = str(data_dir)
         config.method.empty_group = "drop"
         config.training.steps = 2
-        trainer.train_and_evaluate(config, workdir)
+        registry.train(config, workdir)
     return workdir
 
 
@@ -169,8 +169,8 @@ def main() -> int:
     large = slide(args.work_dir, args.size, args.tile)
     workdir = train_run(args.work_dir, small, args.patch_size, args.model)
     run = inference.load_run(workdir, "latest")
-    tiling = prediction.data_tiling_config(run)
-    settings = prediction.PredictionSettings(tiling=tiling, batch_size=args.batch_size, workers=args.workers,
+    tiling = run_data.data_tiling_config(run)
+    settings = run_data.PredictionSettings(tiling=tiling, batch_size=args.batch_size, workers=args.workers,
                                              taus_list=(tuple(run.config.data.taus),))
 
     # The warm-up (compilation, the file in the page cache) also counts the slide's patches for the model.

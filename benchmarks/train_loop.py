@@ -41,9 +41,10 @@ from configs import demo
 from data_pipeline import shards
 from gerne_jax.core import sharding
 from gerne_jax.data import dataset, input_pipeline, normalisation
-from gerne_jax.methods import training_method
+from gerne_jax.methods import registry
+from gerne_jax.models import factory
 from gerne_jax.runs import run_log
-from gerne_jax.train import experiment, trainer
+from gerne_jax.train import train_state, train_step, trainer
 
 METHODS = ("gerne", "gerne-folded", "erm")
 
@@ -97,16 +98,23 @@ class BareStep:
         metadata = dataset.read_metadata(config.data.dir)
         train = input_pipeline.load_split(config.data.dir, "train")
         attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
-        method = training_method.from_config(config, train["label"], attribute)
-        mesh = sharding.make_mesh(config.mesh.num_devices or None)
-        model = experiment.create_model(config)
-        self.state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
-        self.step = method.train_step(model, mesh)
+        mesh = sharding.mesh_of(config.mesh)
+        method = registry.create(config)
+        method.prepare(train, attribute, trainer.Context(config, metadata, mesh))
+        model = factory.create_model(config.model)
+        self.state = train_state.initial_state(config.model, model, method.optimizer(),
+                                               tuple(train["image"].shape[1:]), mesh, config.training.seed)
+        self.step = train_step.make_train_step(
+            model, mesh, method.gradients(), rows=len(method.rows), with_groups=method.uses_groups,
+            divide_loss_by_num_classes=config.method.divide_loss_by_num_classes,
+            deterministic_reduction=config.mesh.deterministic_reduction)
         self.norm, self.images_per_step = model.norm, method.examples_per_step
-        batches = input_pipeline.training_batches(method, train["image"], train["label"], attribute)
+        batches = input_pipeline.train_dataset(
+            train["image"], train["label"], method.sampler(config.training.seed), rows=method.rows,
+            flips=config.data.flips, rotations=config.data.rotations)
         placed = [sharding.shard_batch(batch, mesh)
                   for batch in itertools.islice(batches.as_numpy_iterator(), cached_batches)]
-        standardise = normalisation.Standardiser(metadata["channel_mean"], metadata["channel_std"], mesh)
+        standardise = normalisation.Standardiser.of(metadata, mesh)
         self.batches = itertools.cycle([{**batch, "image": standardise(batch["image"])} for batch in placed])
         self.state, _ = jax.block_until_ready(self.step(self.state, next(self.batches)))  # compiles
 
@@ -150,13 +158,12 @@ def loop_and_bare_steps_per_second(config: ml_collections.ConfigDict, workdir: p
     """(loop steps/s without the bursts' time, bare steps/s of the bursts), over steps `skip`..last."""
     TimedMetricsLog.times = {}
     original_log, run_log.MetricsLog = run_log.MetricsLog, TimedMetricsLog
-    original_step = training_method.TrainingMethod.train_step
-    training_method.TrainingMethod.train_step = lambda method, model, mesh: bursts.wrap(
-        original_step(method, model, mesh))
+    original_step = train_step.make_train_step
+    train_step.make_train_step = lambda *args, **kwargs: bursts.wrap(original_step(*args, **kwargs))
     try:
-        trainer.train_and_evaluate(config, workdir)
+        registry.train(config, workdir)
     finally:
-        run_log.MetricsLog, training_method.TrainingMethod.train_step = original_log, original_step
+        run_log.MetricsLog, train_step.make_train_step = original_log, original_step
     last = config.training.steps
     start, end = TimedMetricsLog.times[skip], TimedMetricsLog.times[last]
     burst_times = bursts.within(start, end)

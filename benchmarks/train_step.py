@@ -49,7 +49,8 @@ def compiled_runner(model: resnet.ResNet, batch: dict[str, np.ndarray], mesh: Me
     tx = extrapolation.make_optimizer(LEARNING_RATE, BETA, weight_decay=0.01)
     state = train_state.create_train_state(jax.random.key(0), model, (1, *batch["image"].shape[2:]), tx)
     state = sharding.replicate(state, mesh)
-    step = ts.make_train_step(model, mesh, paired=paired, fold_beta=BETA if fold else None)
+    gradients = (ts.folded(BETA) if fold else ts.two_gradients) if paired else ts.single_batch
+    step = ts.make_train_step(model, mesh, gradients, rows=2 if paired else 1)
     device_batch = sharding.shard_batch(batch, mesh)
     holder = [jax.block_until_ready(step(state, device_batch))[0]]
 

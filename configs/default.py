@@ -25,15 +25,14 @@ from __future__ import annotations
 import ml_collections
 
 from gerne_jax.core.config_utils import parse_arg
-from gerne_jax.core.errors import ConfigError
+from gerne_jax.methods import registry
 
-METHODS = ("gerne", "erm", "resample", "group_dro", "jtt", "ratio_weighted", "dfr")
+RESAMPLE = "resample"  # the switch of group resampling: method.name = "gerne" with c = 1, beta = 0
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = parse_arg(arg, method="gerne", model="resnet50")
-    if arg.method not in METHODS:
-        raise ConfigError(f"config switch method={arg.method!r}; choose one of {METHODS}")
+    registry.check_name("gerne" if arg.method == RESAMPLE else arg.method)  # ConfigError naming the methods
     config = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
@@ -45,11 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 256
 
     config.method = ml_collections.ConfigDict()
-    # gerne: paired batches; erm: biased alone; group_dro, jtt: see gerne_jax/methods/training_method.py
-    config.method.name = "gerne" if arg.method == "resample" else arg.method
-    config.method.beta = {"gerne": 1.0, "resample": 0.0}.get(arg.method, -1.0)  # GERNE's, in [-1, beta_max]
+    # gerne: paired batches; erm: biased alone; the others: gerne_jax/methods/<name>.py (registry.py)
+    config.method.name = "gerne" if arg.method == RESAMPLE else arg.method
+    config.method.beta = {"gerne": 1.0, RESAMPLE: 0.0}.get(arg.method, -1.0)  # GERNE's, in [-1, beta_max]
     config.method.beta_warmup_steps = 0    # beta ramps linearly from 0 (resampling) over these steps
-    config.method.c = 1.0 if arg.method == "resample" else 0.5  # bias-reduction factor, in (0, 1]
+    config.method.c = 1.0 if arg.method == RESAMPLE else 0.5  # bias-reduction factor, in (0, 1]
     config.method.corr = 0.5               # overlap of the two batches' samples, in [0, 1]
     config.method.empty_group = "error"    # or "drop": leave empty groups out of the less-biased batch
     config.method.fold_beta_into_loss = False  # one-gradient fast path (no per-batch gradient metrics)

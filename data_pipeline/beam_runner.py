@@ -2,10 +2,10 @@
 
 `tile_manifest` does everything before and after the slides, the same for both runners: manifest and
 splits, the header pass and dataset format, resume, failures, the report and publishing. This module
-is only its `SlideRunner` on Beam:
+is only its `slide_jobs.SlideRunner` on Beam:
 
     Create(one element per slide; Beam reshuffles them, so the runner spreads them over its workers)
-    | ParDo(tile_manifest.tile_job: tiling.tile_slide -> the slide's array_record, QC PNG and sidecar,
+    | ParDo(slide_jobs.tile_job: tiling.tile_slide -> the slide's array_record, QC PNG and sidecar,
              then its result: a JSON file DATA_DIR/.work/beam/<slide_id>.json, tiled or failed with its error)
 
 When the pipeline has finished, the launching process reads the results, and each tiled slide's
@@ -44,10 +44,12 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from tqdm import tqdm
 
-from data_pipeline import parent_watch, storage, tile_manifest
-from data_pipeline.tiling import WORK_DIR, SlideFormat, TilingConfig, load_finished, slide_paths
+from data_pipeline import parent_watch, storage
+from data_pipeline.slide_jobs import SlideRunner, tile_job
+from data_pipeline.tiling import WORK_DIR, load_finished, slide_paths
 from gerne_jax.core.errors import InputError
 from gerne_jax.slides.manifest import SlideError, SlideSpec
+from gerne_jax.slides.scan import SlideFormat, TilingConfig
 
 RESULTS_DIR = "beam"      # under DATA_DIR/.work: one result file per slide, removed once read
 PROGRESS_INTERVAL_S = 1.0
@@ -101,7 +103,7 @@ def _pipeline(options: PipelineOptions) -> beam.Pipeline:
     return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision), options=options)
 
 
-def slide_runner(flags: Sequence[str], workers: int, show_progress: bool) -> tile_manifest.SlideRunner:
+def slide_runner(flags: Sequence[str], workers: int, show_progress: bool) -> SlideRunner:
     """`run_slides` with checked pipeline options, as `tile_manifest` calls a runner."""
     return functools.partial(run_slides, options=pipeline_options(flags, workers), show_progress=show_progress)
 
@@ -124,7 +126,7 @@ class _TileSlide(beam.DoFn):
 
     def process(self, spec: SlideSpec) -> Iterable[None]:
         # Outputs nothing: Beam reads the return annotation as the output type and wants an iterable.
-        result = tile_manifest.tile_job(spec, self._data_dir, self._config, self._expected, self._positions.inc)
+        result = tile_job(spec, self._data_dir, self._config, self._expected, self._positions.inc)
         storage.write_text(_result_path(self._data_dir, spec.slide_id), json.dumps(_result_to_json(result)))
         return ()
 

@@ -1,6 +1,6 @@
 """The tiling application's commands: `gerne-jax synthetic|tile|stats` (also `python -m data_pipeline ...`).
 
-The arguments are declared here and parsed before the command's module (`synthetic`, `tile_manifest`,
+The arguments are declared here and parsed before the command's module (`synthetic.writing`, `tile_manifest`,
 `stats`, each with `run(args) -> int`) is imported: `--help` and a mistyped option answer at once,
 without loading the slide readers, TFDS or matplotlib. Known failures (a broken slide, a bad manifest
 or option, a missing dataset) raise an `InputError` naming what is wrong; `gerne_jax.core.cli.run_command`
@@ -14,14 +14,14 @@ import pathlib
 import sys
 from collections.abc import Callable
 
-from data_pipeline import synthetic as synthetic_slides
+from data_pipeline.synthetic import layouts, writing
 from gerne_jax.core import cli
 from gerne_jax.slides.grid import THUMBNAIL_SIDE
 
 
 def synthetic(argv: list[str]) -> int:
     """Write built-in synthetic multimodal slides, their masks and a manifest."""
-    return synthetic_slides.run(parse_args("synthetic", argv))  # a light module, imported above
+    return writing.run(parse_args("synthetic", argv))  # a light module, imported above
 
 
 def tile(argv: list[str]) -> int:
@@ -69,11 +69,11 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
     parser.add_argument("--slides", type=_int_at_least(1), default=12, help="number of slides")
-    parser.add_argument("--size", type=_int_at_least(synthetic_slides.MIN_SIZE), default=2048,
-                        help=f"nominal slide side in pixels (>= {synthetic_slides.MIN_SIZE}; each side is "
+    parser.add_argument("--size", type=_int_at_least(writing.MIN_SIZE), default=2048,
+                        help=f"nominal slide side in pixels (>= {writing.MIN_SIZE}; each side is "
                              "92-100%% of it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same args => same bytes)")
-    parser.add_argument("--layout", choices=synthetic_slides.LAYOUTS, default="classic",
+    parser.add_argument("--layout", choices=layouts.LAYOUTS, default="classic",
                         help="classic: tumour bodies among strands and debris (the first generator); "
                              "sections: tumour inside large sections with stroma, normal tissue and "
                              "inflammation (harder)")

@@ -12,7 +12,7 @@ On a URL, every file appears whole or not at all: it is written to a temporary n
 server-side copy and a delete), but an object becomes visible only once complete, so a reader sees the
 old file or the new one, never a partial one. The array_record writer and the PNG writer need local
 files: a worker tiles a slide into a local temporary folder and uploads the results
-(`tile_manifest.tile_job`).
+(`slide_jobs.tile_job`).
 
 A `RemotePath` pickles as its URL, so Beam workers and pool processes each open their own file
 system client. File systems other than the local one and memory:// come from their fsspec package:

@@ -5,8 +5,9 @@ and `data_pipeline.tiling`, which tiles one slide. This module runs a whole mani
 1. read the manifest, assign splits (`data_pipeline.splits`), and read every slide's header: the
    dataset format (channels, dtype, level downsample) comes from the first readable slide;
 2. tile the slides not finished yet: by default in local worker processes (`--workers`), with
-   progress bars; with `--runner beam` as an Apache Beam pipeline (`data_pipeline.beam_runner`, one
-   element per slide). Both run `tile_job` per slide and hand its results back to one loop here, so
+   progress bars (`slide_jobs.run_local`); with `--runner beam` as an Apache Beam pipeline
+   (`data_pipeline.beam_runner`, one element per slide). Both run `slide_jobs.tile_job` per slide and
+   hand its results back to one loop here, so
    validation, failures, the report and publishing are the same code whatever ran the slides.
    Finished slides (same settings and files) are resumed from their sidecars;
 3. publish the finished files as the TFDS dataset (`shards.finalize_dataset`): per split, slides
@@ -14,7 +15,8 @@ and `data_pipeline.tiling`, which tiles one slide. This module runs a whole mani
 
 Errors: a slide's SlideError stops the run before anything is published; `gerne-jax tile`
 prints it as one line and exits with status 2 (`gerne_jax.core.cli.run_command`). With `--skip-errors` the
-other slides finish and are published, failures are listed at the end and in `tiling_report.json`,
+other slides finish and are published, failures are listed at the end and in `tiling_report.json`
+(`gerne_jax.slides.tiling_report`),
 and the exit status is still 2 when any slide failed, so scripts notice. One run at a time per
 DATA_DIR: the run holds `DATA_DIR/.lock` (`files.exclusive_lock`), a second one stops at once naming
 the holder, and the lock of a killed run is taken over.
@@ -22,160 +24,36 @@ the holder, and the lock of a killed run is taken over.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import functools
-import json
-import multiprocessing
-import multiprocessing.managers
 import os
 import pathlib
-import queue
 import re
 import sys
-import tempfile
-import traceback
 import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from data_pipeline import parent_watch, shards, storage
+from data_pipeline import shards, storage
+from data_pipeline.slide_jobs import SlideRunner, run_local
 from data_pipeline.splits import assign_splits
-from data_pipeline.tiling import (
-    QC_DIR,
-    WORK_DIR,
-    SlideFormat,
-    TilingConfig,
-    config_on_disk,
-    format_mismatch,
-    load_finished,
-    slide_format,
-    slide_paths,
-    tile_slide,
-)
+from data_pipeline.tiling import QC_DIR, WORK_DIR, load_finished, slide_paths
 from gerne_jax.core import files
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset
+from gerne_jax.slides import tiling_report
 from gerne_jax.slides.grid import grid_origins
 from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
 from gerne_jax.slides.reader import SlideReader
+from gerne_jax.slides.scan import SlideFormat, TilingConfig, format_mismatch, slide_format
 
-REPORT_FILE = "tiling_report.json"
 SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RUNNERS = ("local", "beam")
 
-# What runs the slides left to do: (jobs, data_dir, config, dataset format, their grid positions for
-# progress) -> one `tile_job` result per job, in any order.
-SlideRunner = Callable[[Sequence[SlideSpec], storage.AnyPath, TilingConfig, SlideFormat, int],
-                       Iterable[dict[str, Any]]]
 
-
-# ---------------------------------------------------------------------------------------------------
-# Worker processes
-# ---------------------------------------------------------------------------------------------------
-class _QueueProgress:
-    """Picklable progress callback of a worker process: sends counts to the parent's queue."""
-
-    def __init__(self, progress_queue):
-        self.progress_queue = progress_queue
-
-    def __call__(self, positions: int) -> None:
-        self.progress_queue.put(positions)
-
-
-def tile_job(spec: SlideSpec, data_dir: storage.AnyPath, config: TilingConfig, expected: SlideFormat,
-             progress: Callable[[int], None]) -> dict[str, Any]:
-    """Runs `tile_slide` and turns its failure into a result, so the parent decides what to do.
-
-    A result is `{"slide_id", "status": "tiled", "sidecar"}` or `{"slide_id", "status": "failed",
-    "error": one line, "exception": what the parent raises without --skip-errors}`; both runners
-    (`_run_jobs`, `beam_runner.run_slides`) yield these."""
-    try:
-        sidecar = _tile_slide_to(spec, data_dir, config, expected, progress)
-    except SlideError as error:
-        return {"slide_id": spec.slide_id, "status": "failed", "error": str(error), "exception": error}
-    except Exception as error:  # noqa: BLE001 - reported, and re-raised without --skip-errors
-        return {"slide_id": spec.slide_id, "status": "failed", "error": f"{type(error).__name__}: {error}",
-                "exception": RuntimeError(f"slide {spec.slide_id!r}: unexpected error\n"
-                                          f"{traceback.format_exc()}")}
-    return {"slide_id": spec.slide_id, "status": "tiled", "sidecar": sidecar}
-
-
-def _tile_slide_to(spec: SlideSpec, data_dir: storage.AnyPath, config: TilingConfig, expected: SlideFormat,
-                   progress: Callable[[int], None]) -> dict[str, Any]:
-    """`tile_slide` into `data_dir`. At a URL: into a local temporary folder (the array_record and PNG
-    writers need local files), then uploaded, each file whole, the sidecar last as it marks the
-    slide finished."""
-    if isinstance(data_dir, pathlib.Path):
-        return tile_slide(spec, data_dir, config, expected, progress)
-    with tempfile.TemporaryDirectory(prefix=f"tile-{spec.slide_id}-") as local:
-        (pathlib.Path(local) / WORK_DIR).mkdir()
-        sidecar = tile_slide(spec, pathlib.Path(local), config, expected, progress)
-        written, remote = slide_paths(pathlib.Path(local), spec.slide_id), slide_paths(data_dir, spec.slide_id)
-        for key in ("records", "qc", "sidecar"):
-            storage.upload(written[key], remote[key])
-    return sidecar
-
-
-def _run_jobs(jobs: Sequence[SlideSpec], data_dir: storage.AnyPath, config: TilingConfig,
-              expected: SlideFormat, total_positions: int, *, workers: int,
-              show_progress: bool) -> Iterator[dict[str, Any]]:
-    """The local `SlideRunner`: yields one result per job as slides finish, with progress bars.
-    Closing the generator (the caller stopping on an error) cancels the slides not started yet."""
-    slide_bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not show_progress)
-    patch_bar = tqdm(total=total_positions, desc="grid positions", unit="pos", position=1,
-                     disable=not show_progress, smoothing=0.05)
-    try:
-        if workers == 1 or len(jobs) <= 1:
-            for spec in jobs:
-                result = tile_job(spec, data_dir, config, expected, patch_bar.update)
-                slide_bar.update()
-                yield result
-            return
-        context = multiprocessing.get_context("spawn")
-        # The manager's server and the workers end when this process dies, even by SIGKILL (which runs no
-        # clean-up here): else they, and multiprocessing's resource tracker, would wait forever on it.
-        watch = parent_watch.initargs()
-        manager = multiprocessing.managers.SyncManager(ctx=context)
-        manager.start(parent_watch.exit_with, watch)
-        with manager, concurrent.futures.ProcessPoolExecutor(
-                max_workers=min(workers, len(jobs)), mp_context=context,
-                initializer=parent_watch.exit_with, initargs=watch) as executor:
-            progress_queue = manager.Queue()
-            pending = set()
-            try:
-                pending = {executor.submit(tile_job, spec, data_dir, config, expected,
-                                           _QueueProgress(progress_queue)) for spec in jobs}
-                while pending:
-                    done, pending = concurrent.futures.wait(
-                        pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
-                    _drain(progress_queue, patch_bar)
-                    for future in done:
-                        slide_bar.update()
-                        yield future.result()
-            finally:
-                for future in pending:
-                    future.cancel()
-    finally:
-        patch_bar.close()
-        slide_bar.close()
-
-
-def _drain(progress_queue, bar) -> None:
-    while True:
-        try:
-            bar.update(progress_queue.get_nowait())
-        except queue.Empty:
-            return
-
-
-# ---------------------------------------------------------------------------------------------------
-# The whole run
-# ---------------------------------------------------------------------------------------------------
 def tile_manifest(
     manifest: str | os.PathLike,
     data_dir: str | os.PathLike,
@@ -212,7 +90,7 @@ def tile_manifest(
         raise InputError(f"--out {data_dir}: this file system lives in one process's memory, which worker "
                          "processes do not share; use --workers 1")
     run_slides = (_beam_runner().slide_runner(beam_options, workers, show_progress) if runner == "beam" else
-                  functools.partial(_run_jobs, workers=workers, show_progress=show_progress))
+                  functools.partial(run_local, workers=workers, show_progress=show_progress))
     specs = read_manifest(manifest)
     for spec in specs:
         if not SLIDE_ID_PATTERN.fullmatch(spec.slide_id):
@@ -256,7 +134,7 @@ def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_d
         failures[slide_id] = str(error)
         report[slide_id] = {"status": "failed", "split": split_of[slide_id], "error": str(error)}
         if not skip_errors:
-            _write_report(data_dir, report, config)
+            tiling_report.write(data_dir, config, report, storage.write_text)
             raise error
 
     # Header pass: the dataset format (first readable slide) and the grid sizes for the progress bar.
@@ -309,7 +187,7 @@ def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_d
         print(f"{len(failures)} slide(s) failed and were skipped:", file=sys.stderr)
         for message in failures.values():
             print(f"  {message}", file=sys.stderr)
-    _write_report(data_dir, report, config)
+    tiling_report.write(data_dir, config, report, storage.write_text)
     if sidecars:
         _publish(data_dir, sidecars, split_of, config, expected)
     return {"slides": report, "failed": sorted(failures)}
@@ -336,11 +214,6 @@ def _publish(data_dir: storage.AnyPath, sidecars: Mapping[str, dict[str, Any]], 
     print("patches per split: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
 
 
-def _write_report(data_dir: storage.AnyPath, report: Mapping[str, Any], config: TilingConfig) -> None:
-    content = {"config": config_on_disk(config), "slides": dict(sorted(report.items()))}
-    storage.write_text(data_dir / REPORT_FILE, json.dumps(content, indent=2))
-
-
 def run(args: argparse.Namespace) -> int:
     """Tiles the manifest; bad input raises InputError (one line, exit 2 under `run_command`), and so
     does a `--skip-errors` run in which any slide failed, after the others are published."""
@@ -357,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
     failed, total = len(report["failed"]), len(report["slides"])
     if failed == total:
         raise InputError(f"every slide of {str(args.manifest)!r} failed (listed above and in "
-                         f"{str(out / REPORT_FILE)!r}); nothing is published")
+                         f"{str(out / tiling_report.FILE_NAME)!r}); nothing is published")
     if failed:
         raise InputError(f"{failed} of {total} slide(s) of {str(args.manifest)!r} failed and are left out "
-                         f"(listed above and in {str(out / REPORT_FILE)!r}); the others are published")
+                         f"(listed above and in {str(out / tiling_report.FILE_NAME)!r}); the others are published")
     return 0

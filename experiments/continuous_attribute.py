@@ -11,7 +11,7 @@ step, in `ROOT/slides` and `ROOT/data_p64`), these runs train in `ROOT/runs/` (r
   quantiles are merged, which can leave fewer bins: the table gives the taus used);
 - the same two on the paper's single threshold tau = 0.1 (A = 2), for reference;
 - `ratio_weighted`: class-balanced batches drawn with weight 1 / (kernel density of the tissue ratio
-  within the class), no bins at all (`gerne_jax.methods.ratio_weighting`, `method.ratio_weighted.bandwidth`);
+  within the class), no bins at all (`gerne_jax.methods.ratio_weighted`, `method.ratio_weighted.bandwidth`);
 - ERM.
 Each run's checkpoint is chosen on validation WGA at its own groups (the taus it trained with; ERM and
 ratio_weighted: tau = 0.1) and evaluated on the test split at the paper's thresholds 0.03, 0.1 and 0.2,

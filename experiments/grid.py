@@ -53,8 +53,8 @@ from configs import demo
 from experiments.tables import markdown_table, over_seeds
 from gerne_jax.core import cli, config_utils, files
 from gerne_jax.evaluation import evaluate
+from gerne_jax.methods import registry
 from gerne_jax.runs import run_log
-from gerne_jax.train import trainer
 
 # Short names of the config keys a grid varies, for run folder names and the command line. Their order
 # is the order of a name's parts: every run folder `make experiments` has written keeps its name.
@@ -207,7 +207,7 @@ def train_all(configs: Mapping[pathlib.Path, ml_collections.ConfigDict]) -> None
         with claim(workdir) as mine:
             if mine and not run_log.is_finished(workdir):  # another process may have finished it meanwhile
                 print(f"\n>>> {workdir.name}: training", flush=True)
-                trainer.train_and_evaluate(config, workdir)
+                registry.train(config, workdir)
             elif not mine:
                 print(f">>> {workdir.name}: being trained by another process", flush=True)
                 pending.append(workdir)
@@ -215,7 +215,7 @@ def train_all(configs: Mapping[pathlib.Path, ml_collections.ConfigDict]) -> None
         with claim(workdir, wait=True):
             if not run_log.is_finished(workdir):  # the process training it stopped: resume it here
                 print(f"\n>>> {workdir.name}: left unfinished by another process; resuming", flush=True)
-                trainer.train_and_evaluate(configs[workdir], workdir)
+                registry.train(configs[workdir], workdir)
 
 
 def evaluate_all(workdirs: Sequence[pathlib.Path], checkpoint: str, split: str, out: pathlib.Path,

@@ -28,14 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import stats, synthetic, tile_manifest
-from data_pipeline.tiling import TilingConfig
+from data_pipeline import stats, tile_manifest
+from data_pipeline.synthetic import writing
 from experiments import grid
 from experiments.grid import Setting
 from experiments.tables import markdown_table
 from gerne_jax.core import files
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset
+from gerne_jax.slides.scan import TilingConfig
 
 PATCH_SIZES = (32, 64, 128)
 TAU = 0.1
@@ -65,7 +66,7 @@ def make_slides(root: pathlib.Path, data: DataSize) -> pathlib.Path:
     manifest = root / "slides" / "manifest.csv"
     with grid.claim(root / "slides", wait=True):
         if not manifest.is_file():
-            synthetic.generate(root / "slides", data.slides, data.size, seed=data.seed, layout=LAYOUT)
+            writing.generate(root / "slides", data.slides, data.size, seed=data.seed, layout=LAYOUT)
     return manifest
 
 

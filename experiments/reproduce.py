@@ -33,13 +33,14 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from data_pipeline import stats, synthetic, tile_manifest
-from data_pipeline.tiling import TilingConfig
+from data_pipeline import stats, tile_manifest
+from data_pipeline.synthetic import writing
 from experiments import error_vs_tissue_ratio, grid, tau_sweep
 from experiments.grid import Setting
 from experiments.tables import markdown_table, mean_std
 from gerne_jax.core import files
 from gerne_jax.data import dataset
+from gerne_jax.slides.scan import TilingConfig
 
 LR = "optimizer.learning_rate"
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)  # the same grid for every method
@@ -142,7 +143,7 @@ def make_data(root: pathlib.Path, args: argparse.Namespace) -> pathlib.Path:
     """Step 1 through the data pipeline's functions: synthetic slides, tiling, group statistics."""
     manifest, data = root / "slides" / "manifest.csv", root / "data"
     if not manifest.is_file():
-        synthetic.generate(root / "slides", args.slides, args.size, seed=args.data_seed)
+        writing.generate(root / "slides", args.slides, args.size, seed=args.data_seed)
     if not (data / "metadata.json").is_file():
         tile_manifest.tile_manifest(manifest, data, TilingConfig(patch_size=64, stride=64), workers=2)
         table = dataset.read_patch_table(data)

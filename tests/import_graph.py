@@ -1,6 +1,6 @@
 """The project's import graph, read from its source: every import, at module level or inside a function.
 
-`python -m tests.import_graph` prints the module count, the import arrows, the levels (the longest chain
+`python -m tests.import_graph [CHECKOUT]` prints the module count, the import arrows, the levels (the longest chain
 of imports) and any cycle or upward import; `tests/test_layers.py` fails on the last two.
 
 The layers of `gerne_jax` (docs/design.md section 6), lowest first: a module may import its own layer's
@@ -140,18 +140,20 @@ def levels(graph: Mapping[str, set[str]]) -> dict[str, int]:
     return level
 
 
-def summary(graph: Mapping[str, set[str]], package: str) -> str:
-    """Modules, arrows and levels of `package`'s part of the graph."""
-    inside = {m: {t for t in targets if t == package or t.startswith(package + ".")}
-              for m, targets in graph.items() if m == package or m.startswith(package + ".")}
+def summary(graph: Mapping[str, set[str]], package: str, root: pathlib.Path = REPO) -> str:
+    """Modules (an empty `__init__.py` is none), arrows and levels of `package`'s part of the graph."""
+    files = module_files(root, [package])
+    inside = {m: {t for t in targets if t in files} for m, targets in graph.items()
+              if m in files and files[m].read_text().strip()}
     return (f"{package}: {len(inside)} modules, {sum(map(len, inside.values()))} import arrows, "
             f"{max(levels(inside).values(), default=0)} levels")
 
 
 def main() -> None:
-    graph = import_graph()
+    root = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else REPO
+    graph = import_graph(root)
     for package in PACKAGES:
-        print(summary(graph, package))
+        print(summary(graph, package, root))
     for component in cycles(graph):
         print("cycle:", " <-> ".join(component))
     for source, target in upward_imports(graph):

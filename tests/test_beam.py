@@ -17,9 +17,10 @@ import pytest
 from apache_beam.options.pipeline_options import DirectOptions
 
 import data_pipeline
-from data_pipeline import beam_runner, tile_manifest
+from data_pipeline import beam_runner
 from data_pipeline.__main__ import main
 from gerne_jax.core.errors import InputError
+from gerne_jax.slides import tiling_report
 from gerne_jax.slides.manifest import SlideError
 from tests.tiff_layouts import write_with_corrupt_tile
 
@@ -73,7 +74,7 @@ def assert_same_data_dir(local: pathlib.Path, beam: pathlib.Path) -> None:
 
 
 def report(data_dir: pathlib.Path) -> dict:
-    return json.loads((data_dir / tile_manifest.REPORT_FILE).read_text())
+    return json.loads((data_dir / tiling_report.FILE_NAME).read_text())
 
 
 @pytest.mark.slow

@@ -17,10 +17,10 @@ import textwrap
 
 import pytest
 
-from configs import default
 from data_pipeline import commands as data_commands
 from gerne_jax.commands import evaluate, predict, train
 from gerne_jax.core.errors import InputError
+from gerne_jax.methods import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ("evaluate", "predict", "stats", "synthetic", "tile", "train")
@@ -72,7 +72,7 @@ def test_train_help_names_the_configs_the_method_switches_and_where_the_keys_are
     text = console("train", "--help")["stdout"]
     for name in package_configs():
         assert f"\n  {name} " in text
-    for method in default.METHODS:
+    for method in (*registry.names(), "resample"):
         assert method in text
     assert "docs/configs.md" in text
     # With a config named, its keys and values follow.

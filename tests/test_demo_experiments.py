@@ -18,7 +18,7 @@ from experiments import grid, reproduce
 from experiments.grid import Setting
 from gerne_jax.core.errors import InputError
 from gerne_jax.evaluation import evaluate
-from gerne_jax.train import trainer
+from gerne_jax.methods import registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LR = "optimizer.learning_rate"
@@ -116,7 +116,7 @@ def test_a_run_left_unfinished_by_another_process_is_resumed_not_reported(tmp_pa
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().split() == ["claimed", "True"]
     trained = []
-    monkeypatch.setattr(trainer, "train_and_evaluate", lambda config, folder: trained.append((config, folder)))
+    monkeypatch.setattr(registry, "train", lambda config, folder: trained.append((config, folder)))
     grid.train_all({workdir: "the run's config"})  # waits for the holder, then trains the run itself
     holder.wait()
     assert trained == [("the run's config", workdir)]
@@ -279,7 +279,7 @@ def test_run_grid_trains_evaluates_tunes_and_reuses_its_results(tmp_path, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("called again")
 
-    monkeypatch.setattr(trainer, "train_and_evaluate", refuse)
+    monkeypatch.setattr(registry, "train", refuse)
     monkeypatch.setattr(evaluate, "evaluate_run", refuse)
     again = grid.run_grid(settings, [0], tmp_path / "grid", common=common)
     assert json.dumps(again) == json.dumps(summary)  # as text: one seed's std is NaN, never equal to itself

@@ -16,10 +16,10 @@ from gerne_jax.core import sharding
 from gerne_jax.core.errors import ConfigError
 from gerne_jax.data import dataset
 from gerne_jax.evaluation import evaluate
-from gerne_jax.methods import dfr
+from gerne_jax.methods import dfr, registry
 from gerne_jax.models import resnet
 from gerne_jax.runs import checkpoints, run_log
-from gerne_jax.train import trainer
+from gerne_jax.runs import run as run_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_STEPS = 4
@@ -95,7 +95,7 @@ def runs(tiny_config, tiny_data, tmp_path_factory):
     """An ERM base run of a few steps, then DFR on it through train.py (and the DFR run's stderr)."""
     root = tmp_path_factory.mktemp("dfr")
     base = root / "erm"
-    trainer.train_and_evaluate(_erm_config(tiny_config), base)
+    registry.train(_erm_config(tiny_config), base)
     workdir = root / "dfr"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}:dfr",
@@ -109,9 +109,8 @@ def runs(tiny_config, tiny_data, tmp_path_factory):
 
 
 def _params(workdir, checkpoint, patch_shape, data_dir):
-    state, _ = evaluate.restore_checkpoint(workdir, checkpoint, run_log.read_config(workdir), patch_shape,
-                                             sharding.make_mesh(), data_dir)
-    return state
+    model, _ = run_lib.Run.open(workdir, mesh=sharding.make_mesh()).restore_model(checkpoint, patch_shape, data_dir)
+    return model
 
 
 def _worst_group_accuracy(correct, group):
@@ -127,11 +126,11 @@ def test_last_layer_is_scikit_learns_regression_on_balanced_validation_features(
         metadata["channel_std"])
     base = _params(base_dir, "latest", images.shape[1:], tiny_data.path)
     variables = {"params": base.params, "batch_stats": base.batch_stats}
-    _, captured = base.apply_fn(variables, images, train=False, mutable=[resnet.EMBEDDING])
+    _, captured = base.module.apply(variables, images, train=False, mutable=[resnet.EMBEDDING])
     features = np.asarray(captured[resnet.EMBEDDING][resnet.EMBEDDING][0], np.float64)
     # The hook is the input of the last layer: the base's logits are its affine map of the embedding.
     fc = base.params["fc"]
-    np.testing.assert_allclose(np.asarray(base.apply_fn(variables, images, train=False)),
+    np.testing.assert_allclose(np.asarray(base.module.apply(variables, images, train=False)),
                                features @ np.asarray(fc["kernel"]) + np.asarray(fc["bias"]), rtol=1e-4, atol=1e-4)
 
     # Independent: the groups by hand, the halves and subsamples of the (tested) helpers, scikit-learn here.
@@ -159,8 +158,8 @@ def test_last_layer_is_scikit_learns_regression_on_balanced_validation_features(
 
     # The DFR network computes the averaged regression on the raw images: logit difference = decision.
     state = _params(workdir, "best_wga", images.shape[1:], tiny_data.path)
-    logits = np.asarray(state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
-                                       train=False))
+    logits = np.asarray(state.module.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                                           train=False))
     assert np.ptp(decisions[chosen]) > 0.1  # the features separate something: a comparison with content
     # Tolerance: float32 features (batched and jitted in DFR, not here) and liblinear's stopping tolerance.
     np.testing.assert_allclose(logits[:, 1] - logits[:, 0], decisions[chosen], rtol=1e-3, atol=2e-3)
@@ -206,7 +205,7 @@ def test_dfr_workdir_evaluates_like_any_run_and_changes_the_predictions(runs, ti
     dfr_config.model.norm = "shared"
     for key, value in run_log.read_config(workdir).method.dfr.items():
         dfr_config.method.dfr[key] = tuple(value) if isinstance(value, list) else value
-    state = trainer.train_and_evaluate(dfr_config, workdir)
+    state = registry.train(dfr_config, workdir)
     assert int(state.step) == config.training.steps
     assert written(workdir) == before
 
@@ -215,11 +214,11 @@ def test_bad_dfr_config_is_named(tiny_config, tmp_path):
     config = tiny_config("dfr")
     config.method.dfr.base_workdir = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="method.dfr.base_workdir"):
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        registry.train(config, tmp_path / "run")
     assert not (tmp_path / "run" / run_log.CONFIG_FILE).exists()
     config.method.dfr.base_workdir = ""
     with pytest.raises(ConfigError, match="method.dfr.base_workdir"):
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        registry.train(config, tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -228,12 +227,12 @@ def test_dfr_refuses_another_network_or_a_missing_checkpoint(runs, tiny_config, 
     config = tiny_config("dfr")
     config.method.dfr.base_workdir = str(base_dir)
     with pytest.raises(ConfigError, match="model.norm"):  # the base has shared BatchNorm, this config GroupNorm
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        registry.train(config, tmp_path / "run")
     config.model.norm = "shared"
     config.method.dfr.base_checkpoint = "999"
     with pytest.raises(ConfigError, match="method.dfr.base_checkpoint"):
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        registry.train(config, tmp_path / "run")
     config.method.dfr.c_grid = (0.1, -1.0)
     with pytest.raises(ConfigError, match="method.dfr.c_grid"):
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        registry.train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -21,12 +21,11 @@ import pytest
 from gerne_jax.core import sharding
 from gerne_jax.core.errors import ConfigError
 from gerne_jax.data import dataset
-from gerne_jax.evaluation import evaluate
-from gerne_jax.methods import group_dro, training_method
-from gerne_jax.models import resnet
-from gerne_jax.runs import run_log
-from gerne_jax.train import train_state
-from tests.conftest import TINY_CHANNELS
+from gerne_jax.methods import group_dro, registry
+from gerne_jax.models import factory, resnet
+from gerne_jax.runs import checkpoints, run_log
+from gerne_jax.train import extrapolation, train_state, train_step, trainer
+from tests.helpers import TINY_CHANNELS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,6 +57,13 @@ def test_weight_moves_to_the_worst_group():
                                                               jnp.ones(4, bool), 0.0), q, rtol=1e-6)
 
 
+def _prepared(config, label, attribute):
+    """The configured method prepared on a training split with these labels and attribute bins."""
+    method = registry.create(config)
+    method.prepare({"label": label}, attribute, trainer.Context(config, {}, None))
+    return method
+
+
 def _config(eta=0.3, adjustment=0.5):
     from configs import tiny
 
@@ -74,7 +80,7 @@ def test_step_gradient_is_that_of_the_weighted_group_losses():
     rng = np.random.default_rng(1)
     label = np.repeat([0, 1], 30)
     attribute = np.tile(np.repeat([0, 1], [10, 5]), 4)
-    method = training_method.from_config(config, label, attribute)
+    method = _prepared(config, label, attribute)
     assert method.rows == (1,) and method.uses_groups
 
     model = resnet.create_model("tiny", num_classes=2, norm="group")
@@ -82,7 +88,7 @@ def test_step_gradient_is_that_of_the_weighted_group_losses():
     learning_rate = config.optimizer.learning_rate
     # 16 pixels: on 8 the tiny ResNet's GroupNorm sees 1 x 1 maps of one channel per group (zero output).
     shape = (1, 16, 16, len(TINY_CHANNELS))
-    state = train_state.create_train_state(jax.random.key(0), model, shape, training_method.make_optimizer(config))
+    state = train_state.create_train_state(jax.random.key(0), model, shape, method.optimizer())
     q0 = np.array([0.1, 0.2, 0.3, 0.4], np.float32)  # a non-uniform starting point, as mid-run
     state = state.replace(opt_state=(group_dro.GroupWeightsState(jnp.asarray(q0)), state.opt_state[1]))
     n = 12
@@ -111,7 +117,7 @@ def test_step_gradient_is_that_of_the_weighted_group_losses():
     scale = 0.5  # the loss divided by K = 2 (method.divide_loss_by_num_classes)
     expected = jax.tree.map(lambda j: scale * np.tensordot(q, np.asarray(j), axes=1), jacobian)
 
-    step = method.train_step(model, mesh)
+    step = train_step.make_train_step(model, mesh, method.gradients(), rows=1, with_groups=True)
     batch = sharding.shard_batch({"image": images, "label": labels, "group": groups}, mesh)
     new_state, metrics = step(state, batch)
     got = jax.tree.map(lambda before, after: (before - np.asarray(after)) / learning_rate, params,
@@ -130,10 +136,10 @@ def test_group_dro_config_errors_name_the_key():
         config = _config()
         config.method.group_dro[key] = value
         with pytest.raises(ConfigError, match=f"method.group_dro.{key}"):
-            training_method.from_config(config, label, attribute)
+            _prepared(config, label, attribute)
     config = _config()
     config.method.group_dro.sampling = "natural"
-    assert training_method.from_config(config, label, attribute).rows == (0,)
+    assert _prepared(config, label, attribute).rows == (0,)
 
 
 @pytest.mark.slow
@@ -156,8 +162,16 @@ def test_group_dro_trains_end_to_end_through_train_py(tiny_data, tmp_path):
     # Group-balanced batches: every group's loss enters, and the weights have moved off uniform.
     assert not np.allclose(weights, 0.25)
     # The checkpoint holds the group weights of its step (a resumed run continues with them).
-    state, meta = evaluate.restore_checkpoint(workdir, "latest", config, (8, 8, len(TINY_CHANNELS)),
-                                                sharding.make_mesh(), tiny_data.path)
+    # (The resume target: the common optimiser after GroupDRO's link over the K * A = 4 groups.)
+    optimizer = optax.chain(group_dro.track_group_weights(4), extrapolation.optimizer_from_config(
+        config.optimizer, config.training.steps, extrapolation.beta_schedule(config.method)))
+    target = train_state.abstract_state(factory.create_model(config.model), optimizer, (8, 8, len(TINY_CHANNELS)),
+                                        sharding.make_mesh(), config.training.seed)
+    run = checkpoints.RunCheckpoints(workdir, read_only=True)
+    try:
+        state, meta = run.restore(checkpoints.LATEST, target)
+    finally:
+        run.close()
     assert meta["step"] == config.training.steps
     np.testing.assert_allclose(group_dro.group_weights(state.opt_state), weights, rtol=1e-6)
 
@@ -166,29 +180,29 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from configs import tiny
-    from gerne_jax.methods import group_dro, training_method
+    from gerne_jax.methods import group_dro, registry
     from gerne_jax.models import resnet
     from gerne_jax.core import sharding
-    from gerne_jax.train import train_state
+    from gerne_jax.train import train_state, train_step, trainer
 
     assert len(jax.devices()) == 4, jax.devices()
     config = tiny.get_config("group_dro")
     config.method.group_dro.eta, config.method.group_dro.adjustment = 2.0, 1.0
-    method = training_method.from_config(config, np.repeat([0, 1], 20), np.tile([0, 0, 1, 1], 10))
+    method = registry.create(config)
+    method.prepare({"label": np.repeat([0, 1], 20)}, np.tile([0, 0, 1, 1], 10), trainer.Context(config, {}, None))
     model = resnet.create_model("tiny", num_classes=2, norm="group")
     rng = np.random.default_rng(0)
     n = 8  # 2 per device; groups spread unevenly over the devices
     batch = {"image": rng.normal(size=(1, n, 16, 16, 3)).astype(np.float32),
              "label": np.array([[0, 0, 0, 0, 0, 1, 1, 1]], np.int32),
              "group": np.array([[0, 0, 0, 1, 1, 2, 3, 3]], np.int32)}
-    state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3),
-                                           training_method.make_optimizer(config))
+    state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), method.optimizer())
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the steps donate their state
     results = []
     for devices in (1, 4):
         mesh = sharding.make_mesh(devices)
-        new, metrics = method.train_step(model, mesh)(sharding.replicate(copy(state), mesh),
-                                                      sharding.shard_batch(batch, mesh))
+        step = train_step.make_train_step(model, mesh, method.gradients(), rows=1, with_groups=True)
+        new, metrics = step(sharding.replicate(copy(state), mesh), sharding.shard_batch(batch, mesh))
         results.append([np.asarray(group_dro.group_weights(new.opt_state)).tolist(), float(metrics["loss"]),
                         [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(new.params)]])
     print(json.dumps(results))

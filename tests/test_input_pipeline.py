@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gerne_jax.data import dataset, groups, input_pipeline
-from gerne_jax.methods import training_method
+from gerne_jax.data import dataset, groups, input_pipeline, samplers
+from gerne_jax.methods import registry
+from gerne_jax.train import trainer
 
 TAUS = [0.1]
 
@@ -36,9 +37,9 @@ def make_plan(label, attribute, batch_per_group=32, **kwargs):
     return groups.make_batch_plan(counts, batch_per_group=batch_per_group, **config)
 
 
-def stream(images, label, attribute, plan, **kwargs):
-    config = dict(seed=7) | kwargs
-    return input_pipeline.train_dataset(images, label, attribute, plan, **config).as_numpy_iterator()
+def stream(images, label, attribute, plan, seed=7, **kwargs):
+    sampler = samplers.PairedIndexSampler(plan, label, attribute, seed)
+    return input_pipeline.train_dataset(images, label, sampler, **kwargs).as_numpy_iterator()
 
 
 def decode_index(image: np.ndarray) -> np.ndarray:
@@ -72,7 +73,7 @@ def test_sampler_overlap_window():
     group = 2 * label + attribute
     for corr in (0.0, 0.5, 1.0):
         plan = make_plan(label, attribute, batch_per_group=16, corr=corr, c=1.0, beta=0.0)
-        sampler = input_pipeline.PairedIndexSampler(plan, label, attribute, seed=3)
+        sampler = samplers.PairedIndexSampler(plan, label, attribute, seed=3)
         shared = np.zeros(4)
         for step in range(200):
             biased, less_biased = sampler(step)
@@ -92,7 +93,7 @@ def test_small_group_repeats_members():
     attribute = np.array([0] * 48 + [1] * 2 + [1] * 50)               # group (0, 1) has 2 members
     plan = groups.make_batch_plan(dataset.group_counts(label, attribute, 2, 2), c=1.0, beta=0.0,
                                   batch_per_group=8, empty_group="drop")
-    sampler = input_pipeline.PairedIndexSampler(plan, label, attribute, seed=0)
+    sampler = samplers.PairedIndexSampler(plan, label, attribute, seed=0)
     _, less_biased = sampler(0)
     assert set(less_biased[(label[less_biased] == 0) & (attribute[less_biased] == 1)]) <= {48, 49}
     assert np.sum((label[less_biased] == 0) & (attribute[less_biased] == 1)) == 8
@@ -130,7 +131,7 @@ def test_each_process_gets_its_contiguous_share():
                 np.testing.assert_array_equal(joined, whole[step][key])
                 assert parts[0][step][key].shape[1] == 16 // count
     with pytest.raises(ValueError, match="does not divide among 3 processes"):
-        input_pipeline.train_dataset(images, label, attribute, plan, seed=0, process_index=0, process_count=3)
+        stream(images, label, attribute, plan, seed=0, process_index=0, process_count=3)
 
 
 def dihedral_images(image: np.ndarray) -> list[np.ndarray]:
@@ -168,7 +169,7 @@ def test_batches_carry_the_source_pixels_unchanged(dtype):
     images[..., 0] = np.arange(40)[:, None, None]
     label, attribute = np.arange(40) % 2, (np.arange(40) // 2) % 2
     plan = make_plan(label, attribute, batch_per_group=2)
-    sampler = input_pipeline.PairedIndexSampler(plan, label, attribute, seed=7)
+    sampler = samplers.PairedIndexSampler(plan, label, attribute, seed=7)
     batch = next(stream(images, label, attribute, plan))
     assert batch["image"].dtype == dtype
     np.testing.assert_array_equal(batch["image"], images[sampler(0)])
@@ -186,7 +187,7 @@ def test_plan_from_other_data_is_refused():
     attribute = dataset.attribute_from_tissue_ratio(ratio, TAUS)
     plan = make_plan(label, attribute)
     with pytest.raises(ValueError, match="the plan was made for group counts"):
-        input_pipeline.PairedIndexSampler(plan, label, 1 - attribute, seed=0)
+        samplers.PairedIndexSampler(plan, label, 1 - attribute, seed=0)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
@@ -231,10 +232,12 @@ def test_erm_batches_are_the_biased_row_of_gerne_batches():
     for name in ("erm", "gerne"):
         config = tiny.get_config(name)
         config.training.batch_per_group, config.data.flips, config.data.rotations = 4, True, True
-        method = training_method.from_config(config, label, attribute)
+        method = registry.get(name)()
+        method.prepare({"label": label}, attribute, trainer.Context(config, {}, None))
         sources[name] = RecordingImages(images)
-        streams[name] = list(itertools.islice(input_pipeline.training_batches(
-            method, sources[name], label, attribute, start_step=3).as_numpy_iterator(), 4))
+        streams[name] = list(itertools.islice(input_pipeline.train_dataset(
+            sources[name], label, method.sampler(config.training.seed), start_step=3, rows=method.rows,
+            flips=config.data.flips, rotations=config.data.rotations).as_numpy_iterator(), 4))
         batch_size = method.plan.batch_size                          # N = K * A * B = 16
         assert method.rows == ((0,) if name == "erm" else (0, 1))
         assert sources[name].reads and set(sources[name].reads) == {len(method.rows) * batch_size}

@@ -13,11 +13,10 @@ import pytest
 
 from gerne_jax.core import sharding
 from gerne_jax.core.errors import ConfigError
-from gerne_jax.data import dataset, groups
-from gerne_jax.evaluation import evaluate
-from gerne_jax.methods import jtt, reference_run
+from gerne_jax.data import dataset, groups, samplers
+from gerne_jax.methods import jtt, reference_run, registry
+from gerne_jax.runs import run as run_lib
 from gerne_jax.runs import run_log
-from gerne_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDENTIFICATION_STEPS = 4
@@ -31,7 +30,7 @@ def test_upsampled_sampler_draws_error_examples_lambda_times_as_often():
     errors = rng.random(label.size) < 0.3
     upweight, steps = 4.0, 3000
     plan = groups.make_batch_plan(dataset.group_counts(label, attribute, 2, 2), c=0.5, beta=0.0, batch_per_group=3)
-    sampler = jtt.UpsampledIndexSampler(plan, label, jtt.example_weights(errors, upweight), seed=7)
+    sampler = samplers.UpsampledIndexSampler(plan, label, jtt.example_weights(errors, upweight), seed=7)
     draws = np.stack([sampler(step) for step in range(steps)])  # [steps, 1, N]
     assert draws.shape == (steps, 1, plan.batch_size)
     per_class = 2 * 3
@@ -68,7 +67,7 @@ def identification_run(tiny_config, tmp_path_factory):
     config.model.norm = "shared"
     config.training.steps = IDENTIFICATION_STEPS
     workdir = tmp_path_factory.mktemp("jtt") / "identification"
-    trainer.train_and_evaluate(config, workdir)
+    registry.train(config, workdir)
     return workdir, config
 
 
@@ -93,13 +92,13 @@ def test_error_set_is_the_identification_models_mistakes(identification_run, tin
     errors = jtt.identification_errors(config, train, metadata, mesh)
 
     # Independent: the checkpoint of step T applied to the source arrays, normalised by hand.
-    state, meta = evaluate.restore_checkpoint(workdir, str(IDENTIFICATION_STEPS), erm_config,
-                                                train["image"].shape[1:], mesh, tiny_data.path)
+    model, meta = run_lib.Run.open(workdir, mesh=mesh).restore_model(str(IDENTIFICATION_STEPS),
+                                                                     train["image"].shape[1:], tiny_data.path)
     assert meta["step"] == IDENTIFICATION_STEPS
     source = tiny_data.splits["train"]
     images = (source["image"].astype(np.float32) - np.float32(metadata["channel_mean"])) / np.float32(
         metadata["channel_std"])
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    logits = model.module.apply({"params": model.params, "batch_stats": model.batch_stats}, images, train=False)
     expected = np.argmax(np.asarray(jax.device_get(logits)), axis=-1) != source["label"]
     np.testing.assert_array_equal(errors, expected)
     assert 0 < expected.sum() < expected.size  # a set worth upweighting, neither empty nor everything
@@ -113,7 +112,7 @@ def test_error_set_is_the_identification_models_mistakes(identification_run, tin
 def test_missing_identification_run_is_named(tiny_config, tmp_path):
     config = _jtt_config(tiny_config, tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="method.jtt.identification_workdir"):
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        registry.train(config, tmp_path / "run")
     assert not (tmp_path / "run" / run_log.CONFIG_FILE).exists()
 
 

@@ -35,9 +35,10 @@ import pytest
 from gerne_jax.commands import evaluate
 from gerne_jax.core import distributed, sharding
 from gerne_jax.core.errors import ConfigError
+from gerne_jax.models import factory
 from gerne_jax.runs import checkpoints, run_log
-from gerne_jax.train import experiment
-from tests.conftest import TINY_CHANNELS, TINY_PATCH
+from gerne_jax.train import extrapolation, train_state
+from tests.helpers import TINY_CHANNELS, TINY_PATCH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIMIT_S = 480  # for all launches: about 160 CPU-seconds, 80 s on 2 idle cores
@@ -137,9 +138,11 @@ def _checked(launches: list[Launch], statuses: list[int]) -> None:
 def _params(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
     """The parameters and BatchNorm statistics (if any) of checkpoint `latest/<step>`, restored on one device."""
     config = run_log.read_config(workdir)
-    model = experiment.create_model(config)
-    target = experiment.abstract_state(config, model, (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS)),
-                                       sharding.make_mesh(1))
+    model = factory.create_model(config.model)
+    optimizer = extrapolation.optimizer_from_config(config.optimizer, config.training.steps,
+                                                    extrapolation.beta_schedule(config.method))
+    target = train_state.abstract_state(model, optimizer, (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS)),
+                                        sharding.make_mesh(1), config.training.seed)
     run = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
         state, meta = run.restore(step, target)

@@ -8,9 +8,10 @@ import sys
 import pytest
 
 TENSORFLOW_FREE = ["gerne_jax.models.resnet", "gerne_jax.models.pretrained", "gerne_jax.train.extrapolation",
-                   "gerne_jax.methods.training_method", "gerne_jax.train.train_state", "gerne_jax.train.train_step",
+                   "gerne_jax.methods.registry", "gerne_jax.train.method", "gerne_jax.train.train_state",
+                   "gerne_jax.train.train_step",
                    "gerne_jax.core.sharding", "gerne_jax.evaluation.metrics", "gerne_jax.data.dataset",
-                   "gerne_jax.data.groups"]
+                   "gerne_jax.data.groups", "gerne_jax.data.samplers"]
 
 
 @pytest.mark.parametrize("module", TENSORFLOW_FREE)

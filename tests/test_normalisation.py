@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -35,6 +36,16 @@ def test_standardiser_equals_numpy_float32_and_keeps_the_batch_sharding(dtype):
 def test_bad_channel_statistics_name_the_channel(mean, std, channels, message):
     with pytest.raises(InputError, match=message):
         normalisation.Standardiser(mean, std, sharding.make_mesh(), num_channels=channels)
+
+
+def test_standardiser_of_metadata_takes_its_channel_statistics_and_checks_them():
+    mesh = sharding.mesh_of(ml_collections.ConfigDict({"num_devices": 0}))  # 0: every device
+    assert mesh.devices.size == jax.device_count()
+    standardise = normalisation.Standardiser.of({"channel_mean": list(MEAN), "channel_std": list(STD)}, mesh, 3)
+    np.testing.assert_array_equal(np.asarray(standardise.mean), np.float32(MEAN))
+    np.testing.assert_array_equal(np.asarray(standardise.std), np.float32(STD))
+    with pytest.raises(InputError, match=r"one value per image channel \(4\)"):
+        normalisation.Standardiser.of({"channel_mean": list(MEAN), "channel_std": list(STD)}, mesh, 4)
 
 
 def test_standardise_inside_a_jitted_function_fuses_with_the_consumer():

@@ -16,11 +16,12 @@ from scipy import stats as scipy_stats
 
 from gerne_jax.core import sharding
 from gerne_jax.data import dataset, input_pipeline, normalisation
+from gerne_jax.methods import registry
 from gerne_jax.models.resnet import create_model
 from gerne_jax.runs import run_log
-from gerne_jax.train import batch_stats, train_step, trainer
+from gerne_jax.train import batch_stats, train_step
 from gerne_jax.train.train_state import create_train_state
-from tests.conftest import kill_training_at_step
+from tests.helpers import kill_training_at_step
 
 CHANNEL_MEAN, CHANNEL_STD = (100.0, 100.0, 100.0), (50.0, 50.0, 50.0)
 
@@ -132,7 +133,7 @@ def _run(tiny_config, workdir, norm, precise_bn_batches):
     config = tiny_config()
     config.model.norm = norm
     config.training.precise_bn_batches = precise_bn_batches
-    return config, trainer.train_and_evaluate(config, workdir)
+    return config, registry.train(config, workdir)
 
 
 @pytest.mark.slow
@@ -167,9 +168,9 @@ def test_killed_and_resumed_run_with_precise_bn_equals_uninterrupted(tiny_config
 
     real_make_train_step = kill_training_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train_and_evaluate(config, tmp_path / "killed")
+        registry.train(config, tmp_path / "killed")
     monkeypatch.setattr(train_step, "make_train_step", real_make_train_step)
-    resumed = trainer.train_and_evaluate(config, tmp_path / "killed")
+    resumed = registry.train(config, tmp_path / "killed")
     for a, b in zip(jax.tree.leaves((reference.params, reference.batch_stats)),
                     jax.tree.leaves((resumed.params, resumed.batch_stats)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -22,14 +22,14 @@ import pytest
 import tifffile
 from matplotlib.path import Path as PolygonPath
 
-from data_pipeline import synthetic
+from data_pipeline.synthetic import writing
 from data_pipeline.tile_manifest import tile_manifest
-from data_pipeline.tiling import TilingConfig
 from gerne_jax.core.errors import InputError
 from gerne_jax.evaluation import evaluate
-from gerne_jax.predict import inference, prediction, slide_outputs
+from gerne_jax.methods import registry
+from gerne_jax.predict import inference, prediction, run_data, slide_outputs, slide_prediction
 from gerne_jax.runs import checkpoints
-from gerne_jax.train import trainer
+from gerne_jax.slides.scan import TilingConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PATCH = 32
@@ -98,16 +98,17 @@ def test_pipelined_batches_in_a_ring_of_arrays_get_each_patch_its_own_probabilit
     classifier called on one patch at a time: every patch keeps its own probability and fields through
     the refilled arrays. (On CPU the transfer copies during the call; on an accelerator it may outlive
     the call, which is why a batch's array is refilled only after its result was fetched.)"""
-    import optax
-
     from gerne_jax.core import sharding
+    from gerne_jax.data import normalisation
     from gerne_jax.models import resnet
-    from gerne_jax.train import train_state
+    from gerne_jax.runs import run as run_lib
 
     model = resnet.create_model("tiny", num_classes=2, norm="group")
     mesh = sharding.make_mesh(1)
-    state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), optax.sgd(0.1))
-    classifier = inference.PatchClassifier(state, mesh, [120.0, 110.0, 100.0], [50.0, 40.0, 30.0], batch_size=4)
+    variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
+    standardise = normalisation.Standardiser([120.0, 110.0, 100.0], [50.0, 40.0, 30.0], mesh)
+    classifier = inference.PatchClassifier(run_lib.RestoredModel(model, variables["params"], {}), mesh, standardise,
+                                           batch_size=4)
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (23, 16, 16, 3), dtype=np.uint8)
     chunks = [(list(images[a:b]), {"index": np.arange(a, b)}) for a, b in [(0, 3), (3, 11), (11, 12), (12, 23)]]
@@ -202,13 +203,13 @@ def slide_run(tmp_path_factory):
     from configs import tiny
 
     root = tmp_path_factory.mktemp("predict")
-    manifest = synthetic.generate(root / "slides", 3, 384, seed=0, show_progress=False)
+    manifest = writing.generate(root / "slides", 3, 384, seed=0, show_progress=False)
     tile_manifest(manifest, root / "data", TilingConfig(patch_size=PATCH, stride=PATCH), show_progress=False)
     config = tiny.get_config("erm")
     config.data.dir = str(root / "data")
     config.data.taus = (TAU,)
     config.method.empty_group = "drop"
-    trainer.train_and_evaluate(config, root / "run")
+    registry.train(config, root / "run")
     with open(manifest, newline="") as handle:
         rows = list(csv.DictReader(handle))
     test_rows = [dict(row, image=str(root / "slides" / row["image"]), mask=str(root / "slides" / row["mask"]))
@@ -226,9 +227,9 @@ def write_manifest(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
     return path
 
 
-def settings_for(run: inference.RestoredRun, **overrides) -> prediction.PredictionSettings:
-    tiling = prediction.data_tiling_config(run, stride=overrides.pop("stride", None))
-    return prediction.PredictionSettings(tiling=tiling, taus_list=((TAU,), (0.2,)), batch_size=64, workers=2,
+def settings_for(run: inference.RestoredRun, **overrides) -> run_data.PredictionSettings:
+    tiling = run_data.data_tiling_config(run, stride=overrides.pop("stride", None))
+    return run_data.PredictionSettings(tiling=tiling, taus_list=((TAU,), (0.2,)), batch_size=64, workers=2,
                                          **overrides)
 
 
@@ -256,7 +257,7 @@ def matches_evaluate_on_the_test_split(slide_run, tmp_path):
         split["tissue_ratio"])}
     found = {}
     for row in slide_run["test_rows"]:
-        table = slide_outputs.read_patch_table(prediction.slide_dir(out, row["slide_id"]) / "patches.csv")
+        table = slide_outputs.read_patch_table(slide_prediction.slide_dir(out, row["slide_id"]) / "patches.csv")
         for x, y, p, label, r in zip(table["x"], table["y"], table["probability"], table["label"],
                                      table["tissue_ratio"]):
             found[row["slide_id"], int(x), int(y)] = (float(p), int(label), float(r))
@@ -274,7 +275,7 @@ def matches_evaluate_on_the_test_split(slide_run, tmp_path):
 
     # Every per-slide file is there; the map is the per-patch probabilities at the level-0 scale.
     slide_id = slide_run["test_rows"][0]["slide_id"]
-    folder = prediction.slide_dir(out, slide_id)
+    folder = slide_prediction.slide_dir(out, slide_id)
     for name in ("overlay.png", "regions.geojson", "summary.json", "probability.tif"):
         assert (folder / name).stat().st_size > 0
     assert (out / "index.md").read_text().count("overlay.png") == len(slide_run["test_rows"])
@@ -295,7 +296,7 @@ def matches_evaluate_on_the_test_split(slide_run, tmp_path):
     np.testing.assert_array_equal(inside_regions(regions, centres), np.nan_to_num(values, nan=0).ravel() >= 0.5)
 
     # Resume: a finished slide is skipped; a slide without its summary (killed) is predicted again.
-    stamps = {row["slide_id"]: (prediction.slide_dir(out, row["slide_id"]) / "patches.csv").stat().st_mtime_ns
+    stamps = {row["slide_id"]: (slide_prediction.slide_dir(out, row["slide_id"]) / "patches.csv").stat().st_mtime_ns
               for row in slide_run["test_rows"]}
     again = prediction.predict_manifest(run, manifest, out, settings_for(run), show_progress=False)
     assert {row["status"] for row in again["slides"]} == {"resumed"}
@@ -309,7 +310,7 @@ def matches_evaluate_on_the_test_split(slide_run, tmp_path):
     half = prediction.predict_manifest(run, manifest, tmp_path / "half", settings_for(run, stride=PATCH // 2),
                                        show_progress=False)
     assert half["slides"][0]["patches"] > 3 * summary["patches"]
-    fine = slide_outputs.read_patch_table(prediction.slide_dir(tmp_path / "half", slide_id) / "patches.csv")
+    fine = slide_outputs.read_patch_table(slide_prediction.slide_dir(tmp_path / "half", slide_id) / "patches.csv")
     fine_probability = {(int(x), int(y)): p for x, y, p in zip(fine["x"], fine["y"], fine["probability"])}
     for x, y, p in zip(table["x"], table["y"], table["probability"]):
         assert fine_probability[int(x), int(y)] == pytest.approx(p, abs=1e-5)
@@ -348,14 +349,14 @@ def bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tm
     # the mask's values are checked as the scan reads it: a label map stops its slide unfinished
     assert "label_map.tif" in status["label_map"]["error"] and "label map" in status["label_map"]["error"]
     assert "7" in status["label_map"]["error"]
-    assert not (prediction.slide_dir(out, "label_map") / prediction.SUMMARY_FILE).exists()
+    assert not (slide_prediction.slide_dir(out, "label_map") / slide_prediction.SUMMARY_FILE).exists()
     assert "broken.tif" in status["broken"]["error"]
     for slide_id in ("tiny", "no_tissue"):
         assert status[slide_id]["status"] == "predicted" and status[slide_id]["patches"] == 0
-        with tifffile.TiffFile(prediction.slide_dir(out, slide_id) / "probability.tif") as tiff:
+        with tifffile.TiffFile(slide_prediction.slide_dir(out, slide_id) / "probability.tif") as tiff:
             assert np.isnan(tiff.pages[0].asarray()).all()
     # without a mask a slide is predicted, not scored
-    no_mask = slide_outputs.read_patch_table(prediction.slide_dir(out, "no_mask") / "patches.csv")
+    no_mask = slide_outputs.read_patch_table(slide_prediction.slide_dir(out, "no_mask") / "patches.csv")
     assert "label" not in no_mask and len(no_mask["x"]) > 0
     assert "WGA (tau=0.1)" not in status["no_mask"]
     with open(out / "slides.csv", newline="") as handle:
@@ -372,13 +373,13 @@ def missing_checkpoint_lists_those_the_run_has(slide_run):
 
 def settings_come_from_the_data_and_bad_options_are_named(slide_run):
     run = slide_run["restored"]
-    tiling = prediction.data_tiling_config(run)
+    tiling = run_data.data_tiling_config(run)
     assert (tiling.patch_size, tiling.stride, tiling.min_tissue_ratio) == (PATCH, PATCH, 0.0)
-    assert prediction.data_tiling_config(run, stride=8, patch_size=99).patch_size == PATCH
+    assert run_data.data_tiling_config(run, stride=8, patch_size=99).patch_size == PATCH
     with pytest.raises(InputError, match="--stride"):
-        prediction.data_tiling_config(run, stride=0)
+        run_data.data_tiling_config(run, stride=0)
     with pytest.raises(InputError, match="--threshold"):
-        prediction.PredictionSettings(tiling=tiling, threshold=1.5)
+        run_data.PredictionSettings(tiling=tiling, threshold=1.5)
 
 
 @pytest.mark.slow

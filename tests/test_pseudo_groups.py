@@ -18,8 +18,8 @@ from sklearn.metrics import precision_score, recall_score
 from gerne_jax.core import sharding
 from gerne_jax.core.errors import ConfigError, InputError
 from gerne_jax.data import dataset, input_pipeline
-from gerne_jax.evaluation import evaluate
-from gerne_jax.methods import pseudo_groups, reference_run, training_method
+from gerne_jax.methods import pseudo_groups, reference_run, registry
+from gerne_jax.runs import run as run_lib
 from gerne_jax.runs import run_log
 from gerne_jax.train import trainer
 
@@ -113,7 +113,7 @@ def scoring_run(tiny_config, tmp_path_factory):
     config.optimizer.weight_decay *= 2
     config.training.steps = SCORING_STEPS
     workdir = tmp_path_factory.mktemp("pseudo") / "scoring"
-    trainer.train_and_evaluate(config, workdir)
+    registry.train(config, workdir)
     return workdir, config
 
 
@@ -136,12 +136,12 @@ def test_pseudo_groups_of_the_scoring_runs_best_bca_checkpoint(scoring_run, tiny
     groups = pseudo_groups.from_scoring_run(config, train, metadata, mesh, true_attribute)
 
     # Independent: the best_bca checkpoint applied to the source arrays, normalised by hand.
-    state, meta = evaluate.restore_checkpoint(workdir, "best_bca", scoring_config, train["image"].shape[1:],
-                                                mesh, tiny_data.path)
+    model, meta = run_lib.Run.open(workdir, mesh=mesh).restore_model("best_bca", train["image"].shape[1:],
+                                                                     tiny_data.path)
     source = tiny_data.splits["train"]
     images = (source["image"].astype(np.float32) - np.float32(metadata["channel_mean"])) / np.float32(
         metadata["channel_std"])
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    logits = model.module.apply({"params": model.params, "batch_stats": model.batch_stats}, images, train=False)
     expected_probabilities = np.asarray(jax.nn.softmax(jax.device_get(logits), axis=-1))
     cache = reference_run.cache_file(workdir, "best_bca", meta["step"])
     with np.load(cache) as stored:
@@ -156,7 +156,9 @@ def test_pseudo_groups_of_the_scoring_runs_best_bca_checkpoint(scoring_run, tiny
 
     # Resampling (c = 1, beta = 0) on the pseudo-groups: each class's less-biased batch is half minority.
     resample = _pseudo_config(tiny_config, workdir, "resample")
-    method = training_method.from_config(resample, train["label"], groups.attribute, pseudo=groups)
+    method = registry.create(resample)
+    method.prepare(train, true_attribute, trainer.Context(resample, metadata, mesh))
+    np.testing.assert_array_equal(method.attribute, groups.attribute)
     np.testing.assert_array_equal(method.plan.less_biased_counts, np.full((2, 2), resample.training.batch_per_group))
     assert method.plan.bin_names == pseudo_groups.BIN_NAMES
 
@@ -228,7 +230,7 @@ def test_bad_pseudo_group_configs_are_named(scoring_run, tiny_config, tmp_path):
         cases.append((config, "method.pseudo_groups.scoring_checkpoint"))
     for i, (config, key) in enumerate(cases):
         with pytest.raises(ConfigError, match=re.escape(key)):
-            trainer.train_and_evaluate(config, tmp_path / f"run{i}")
+            registry.train(config, tmp_path / f"run{i}")
         assert not (tmp_path / f"run{i}").exists()
 
 

@@ -15,9 +15,10 @@ import pathlib
 import fsspec
 import pytest
 
-from data_pipeline import storage, tile_manifest
+from data_pipeline import storage
 from data_pipeline.__main__ import main
 from gerne_jax.core.errors import InputError
+from gerne_jax.slides import tiling_report
 from gerne_jax.slides.manifest import SlideError
 from tests.tiff_layouts import write_with_corrupt_tile
 
@@ -81,7 +82,7 @@ def memory_url(request) -> str:
 
 
 def report(files: dict[str, bytes]) -> dict:
-    return json.loads(files[tile_manifest.REPORT_FILE])
+    return json.loads(files[tiling_report.FILE_NAME])
 
 
 def test_beam_writes_the_local_data_dir_to_a_memory_url(slides, reference, memory_url):
@@ -97,8 +98,8 @@ def test_beam_writes_the_local_data_dir_to_a_memory_url(slides, reference, memor
     assert tile(slides / "manifest.csv", memory_url, *BEAM_IN_PROCESS) == 0
     rerun = url_files(memory_url)
     assert {s["status"] for s in report(rerun)["slides"].values()} == {"resumed"}
-    assert {k: v for k, v in rerun.items() if k != tile_manifest.REPORT_FILE} == {
-        k: v for k, v in written.items() if k != tile_manifest.REPORT_FILE}
+    assert {k: v for k, v in rerun.items() if k != tiling_report.FILE_NAME} == {
+        k: v for k, v in written.items() if k != tiling_report.FILE_NAME}
 
 
 @pytest.mark.slow

@@ -24,7 +24,9 @@ def _save_without(workdir, config, dropped: str) -> None:
 def test_a_key_added_later_at_its_default_is_no_change(tmp_path):
     config = default.get_config("method=gerne,model=tiny")
     _save_without(tmp_path, config, "method.group_dro.eta")
-    run_log.check_config(tmp_path, config)  # resumes
+    run_log.check_config(tmp_path, config, default.get_config())  # resumes
+    with pytest.raises(ConfigError, match=r"another config \(method.group_dro.eta: None -> "):
+        run_log.check_config(tmp_path, config)  # without the defaults, an added key is a change
 
 
 def test_a_key_added_later_but_set_away_from_its_default_is_a_change(tmp_path):
@@ -32,7 +34,7 @@ def test_a_key_added_later_but_set_away_from_its_default_is_a_change(tmp_path):
     _save_without(tmp_path, config, "method.group_dro.eta")
     config.method.group_dro.eta = 2 * config.method.group_dro.eta
     with pytest.raises(ConfigError, match=r"another config \(method.group_dro.eta: None -> "):
-        run_log.check_config(tmp_path, config)
+        run_log.check_config(tmp_path, config, default.get_config())
 
 
 def test_a_changed_key_is_named(tmp_path):
@@ -40,4 +42,4 @@ def test_a_changed_key_is_named(tmp_path):
     run_log.write_config(tmp_path, config)
     config.method.beta = config.method.beta + 0.25
     with pytest.raises(ConfigError, match=r"method.beta"):
-        run_log.check_config(tmp_path, config)
+        run_log.check_config(tmp_path, config, default.get_config())

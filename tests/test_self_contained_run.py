@@ -15,10 +15,10 @@ import pytest
 
 from gerne_jax.commands import predict as predict_command
 from gerne_jax.core.errors import InputError
-from gerne_jax.predict import inference, prediction, slide_outputs
+from gerne_jax.methods import registry
+from gerne_jax.predict import inference, prediction, run_data, slide_outputs, slide_prediction
 from gerne_jax.runs import run_log
 from gerne_jax.slides.manifest import SlideError
-from gerne_jax.train import trainer
 from tests import test_predict
 from tests.test_predict import settings_for, write_manifest
 
@@ -44,7 +44,7 @@ def predict(workdir, manifest, out, *options):
 
 
 def probabilities(out, slide_id):
-    table = slide_outputs.read_patch_table(prediction.slide_dir(out, slide_id) / "patches.csv")
+    table = slide_outputs.read_patch_table(slide_prediction.slide_dir(out, slide_id) / "patches.csv")
     order = np.lexsort((table["x"], table["y"]))
     return table["x"][order], table["y"][order], table["probability"][order]
 
@@ -104,7 +104,7 @@ def test_stored_spec_is_the_data_dirs_metadata_and_tiling_report(slide_run, tmp_
     old_run = inference.load_run(old, "latest")
     assert old_run.data_spec.source == str(slide_run["data"])
     assert old_run.metadata == run.metadata and old_run.data_spec.slide_splits == run.data_spec.slide_splits
-    assert prediction.data_tiling_config(old_run) == prediction.data_tiling_config(run)
+    assert run_data.data_tiling_config(old_run) == run_data.data_tiling_config(run)
 
 
 @pytest.mark.slow
@@ -124,14 +124,14 @@ def test_resumed_run_keeps_its_data_spec_and_refuses_changed_data(tiny_data, tin
     config.data.dir = str(data)
     config.training.steps = 2
     workdir = tmp_path / "run"
-    trainer.train_and_evaluate(config, workdir)
+    registry.train(config, workdir)
     path = workdir / run_log.DATA_SPEC_FILE
     written, stamp = path.read_bytes(), path.stat().st_mtime_ns
     assert run_log.read_data_spec(workdir).metadata["channel_names"] == ["CARS", "TPEF", "SHG"]
     assert run_log.read_data_spec(workdir).tiling is None  # a DATA_DIR without tiling report
 
     config.training.steps = 3  # resumed on unchanged data: the spec is kept as it was
-    trainer.train_and_evaluate(config, workdir)
+    registry.train(config, workdir)
     assert path.read_bytes() == written and path.stat().st_mtime_ns == stamp
 
     metadata = json.loads((data / "metadata.json").read_text())
@@ -139,6 +139,6 @@ def test_resumed_run_keeps_its_data_spec_and_refuses_changed_data(tiny_data, tin
     (data / "metadata.json").write_text(json.dumps(metadata))
     config.training.steps = 4
     with pytest.raises(InputError, match=rf"{path}.*metadata\.channel_mean") as error:
-        trainer.train_and_evaluate(config, workdir)
+        registry.train(config, workdir)
     assert "\n" not in str(error.value)
     assert path.read_bytes() == written

@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from gerne_jax.slides import reader as slides
+from gerne_jax.slides import masks, tiff_levels
 from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
 from gerne_jax.slides.reader import SlideReader
 from tests.tiff_layouts import LAYOUTS, PLANE_PER_CHANNEL_LAYOUTS, PYRAMID_LAYOUTS, pyramid_levels, write_layout
@@ -205,7 +205,7 @@ def test_integer_downsample_matches_brute_force():
         for reduced in [(h, w) for h in range(1, base[0] + 1) for w in range(1, base[1] + 1)]:
             candidates = [d for d in range(1, max(base) + 2)
                           if all(valid(f, s, d) for f, s in zip(base, reduced))]
-            assert slides._integer_downsample(base, reduced) == (min(candidates) if candidates else None)
+            assert tiff_levels.integer_downsample(base, reduced) == (min(candidates) if candidates else None)
 
 
 def brute_force_thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
@@ -218,12 +218,12 @@ def brute_force_thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
     return thumb
 
 
-@pytest.mark.parametrize("scan_bytes", [8 * 4 * WIDTH * 3, slides.SCAN_BYTES], ids=["tiny", "default"])
+@pytest.mark.parametrize("scan_bytes", [8 * 4 * WIDTH * 3, tiff_levels.SCAN_BYTES], ids=["tiny", "default"])
 @pytest.mark.parametrize("factor", [1, 4, 7])
 def test_thumbnail_is_block_mean(tmp_path, monkeypatch, factor, scan_bytes):
     image = random_image(np.uint16, seed=10)
     # A tiny scan budget gives many small windows, so window seams are exercised.
-    monkeypatch.setattr(slides, "SCAN_BYTES", scan_bytes)
+    monkeypatch.setattr(tiff_levels, "SCAN_BYTES", scan_bytes)
     with SlideReader(open_layout(tmp_path, image, "planar", tile=TILE)) as reader:
         thumb = reader.thumbnail(factor)
     assert thumb.dtype == np.float32
@@ -239,8 +239,8 @@ def test_thumbnail_is_block_mean(tmp_path, monkeypatch, factor, scan_bytes):
     ((50, 1000), (1, 1), 7, 100),        # windows narrower than the width
 ])
 def test_scan_windows_tile_the_level_once(monkeypatch, shape, chunk, multiple_of, budget_px):
-    monkeypatch.setattr(slides, "SCAN_BYTES", budget_px * 8)
-    windows_ = list(slides._scan_windows(shape, chunk, 8, multiple_of))
+    monkeypatch.setattr(tiff_levels, "SCAN_BYTES", budget_px * 8)
+    windows_ = list(tiff_levels.scan_windows(shape, chunk, 8, multiple_of))
     covered = np.zeros(shape, int)
     for y, x, h, w in windows_:
         covered[y:y + h, x:x + w] += 1
@@ -601,13 +601,13 @@ def test_small_region_of_large_tiled_file_reads_only_its_tiles(large_slide):
 
 def test_thumbnail_of_large_file_in_bounded_memory(large_slide, monkeypatch):
     """The whole image as float64 would be 384 MiB; the scan stays within about SCAN_BYTES."""
-    monkeypatch.setattr(slides, "SCAN_BYTES", 8 << 20)
+    monkeypatch.setattr(tiff_levels, "SCAN_BYTES", 8 << 20)
     with SlideReader(large_slide) as reader:
         tracemalloc.start()
         thumb = reader.thumbnail(128)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    assert peak < 2 * slides.SCAN_BYTES
+    assert peak < 2 * tiff_levels.SCAN_BYTES
     # Each 128 x 128 block lies in one constant tile.
     expected = np.array([[large_tile_value(i * 128, j * 128) for j in range(32)] for i in range(32)])
     np.testing.assert_array_equal(thumb, np.repeat(expected[..., None], 3, axis=-1).astype(np.float32))
@@ -617,7 +617,7 @@ def test_thumbnail_of_large_file_in_bounded_memory(large_slide, monkeypatch):
 # Decoded-chunk cache and mask value checks
 # ---------------------------------------------------------------------------------------------------
 def count_chunk_decodes(source) -> dict:
-    """Wraps the segment decoder of a `_TiffLevel` (tifffile's `TiffPage.decode`, or tifffile's zarr
+    """Wraps the segment decoder of a `TiffLevel` (tifffile's `TiffPage.decode`, or tifffile's zarr
     store when the level reads through zarr); returns {segment: times decoded}."""
     fetched = {}
     if source._windows is not None:
@@ -663,7 +663,7 @@ def test_band_scan_decodes_every_chunk_once(tmp_path, layout, storage):
 
 def test_chunk_cache_too_small_still_reads_exact_regions(tmp_path, monkeypatch):
     """Without room for a row of tiles the cache only misses: regions are still exact."""
-    monkeypatch.setattr(slides, "CHUNK_CACHE_BYTES", 16 * 16 * 4 * 2)  # two tiles of 4 uint16 channels
+    monkeypatch.setattr(tiff_levels, "CHUNK_CACHE_BYTES", 16 * 16 * 4 * 2)  # two tiles of 4 uint16 channels
     image = random_image(np.uint16)
     with SlideReader(open_layout(tmp_path, image, "interleaved", tile=TILE)) as reader:
         fetched = count_chunk_decodes(reader._image.sources[0])
@@ -685,8 +685,8 @@ def test_distinct_mask_values_match_numpy_unique(dtype):
         if dtype is bool and not set(values) <= {0, 1}:
             continue
         array = rng.choice(np.asarray(values), size=(31, 17)).astype(dtype)
-        assert slides._distinct_values(array) == set(np.unique(array).tolist()), (dtype, values)
-    assert slides._distinct_values(np.zeros((0, 5), dtype)) == set()
+        assert masks.distinct_values(array) == set(np.unique(array).tolist()), (dtype, values)
+    assert masks.distinct_values(np.zeros((0, 5), dtype)) == set()
 
 
 def test_mask_values_checked_per_read_without_validate(tmp_path):

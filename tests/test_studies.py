@@ -13,7 +13,8 @@ from experiments import continuous_attribute, patch_size
 from gerne_jax.core.errors import ConfigError, InputError
 from gerne_jax.data import dataset
 from gerne_jax.data.groups import BIASED
-from gerne_jax.methods import jtt, ratio_weighting, training_method
+from gerne_jax.methods import ratio_weighted, registry
+from gerne_jax.train import trainer
 
 
 def brute_force_density(samples: np.ndarray, points: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -30,37 +31,38 @@ def test_reflected_density_matches_brute_force_kernel_sum():
     samples = np.concatenate([np.zeros(20), rng.uniform(0, 0.15, 300), rng.beta(6, 1, 400), np.ones(150)])
     points = np.concatenate([[0.0, 1.0], rng.uniform(0, 1, 200)])
     for bandwidth in (0.02, 0.05, 0.2):
-        np.testing.assert_allclose(ratio_weighting.reflected_density(samples, points, bandwidth),
+        np.testing.assert_allclose(ratio_weighted.reflected_density(samples, points, bandwidth),
                                    brute_force_density(samples, points, bandwidth), rtol=1e-3)
     grid = np.linspace(0, 1, 20001)
-    assert np.trapezoid(ratio_weighting.reflected_density(samples, grid, 0.05), grid) == pytest.approx(1, abs=1e-4)
+    assert np.trapezoid(ratio_weighted.reflected_density(samples, grid, 0.05), grid) == pytest.approx(1, abs=1e-4)
 
 
 def test_inverse_density_weights_per_class():
     rng = np.random.default_rng(1)
     label = rng.integers(0, 2, 500)
     ratio = np.where(label == 1, rng.beta(5, 1, 500), rng.beta(1, 5, 500))
-    weights = ratio_weighting.inverse_density_weights(ratio, label, 2, 0.05)
+    weights = ratio_weighted.inverse_density_weights(ratio, label, 2, 0.05)
     for y in (0, 1):
         members = label == y
         expected = 1 / brute_force_density(ratio[members], ratio[members], 0.05)
         np.testing.assert_allclose(weights[members], expected / expected.mean(), rtol=1e-3)
     for bad in (0.0, -0.1, float("nan"), 2.0):
         with pytest.raises(ConfigError, match="method.ratio_weighted.bandwidth"):
-            ratio_weighting.inverse_density_weights(ratio, label, 2, bad)
+            ratio_weighted.inverse_density_weights(ratio, label, 2, bad)
 
 
 def test_ratio_weighted_method_draws_by_inverse_density(tiny_config, tiny_data):
     train = tiny_data.splits["train"]
     config = tiny_config("ratio_weighted")
     attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
-    method = training_method.from_config(config, train["label"], attribute, tissue_ratio=train["tissue_ratio"])
-    expected = ratio_weighting.inverse_density_weights(train["tissue_ratio"], train["label"], 2,
-                                                       config.method.ratio_weighted.bandwidth)
-    np.testing.assert_allclose(method.example_weights, expected)
-    assert method.rows == (BIASED,) and not method.paired
+    method = registry.create(config)
+    method.prepare(train, attribute, trainer.Context(config, {}, None))
+    expected = ratio_weighted.inverse_density_weights(train["tissue_ratio"], train["label"], 2,
+                                                      config.method.ratio_weighted.bandwidth)
+    np.testing.assert_allclose(method.weights, expected)
+    assert method.rows == (BIASED,) and method.examples_per_step == method.plan.batch_size
     # The sampler's draws within each class follow the weights (chi-square-sized tolerance).
-    sampler = jtt.UpsampledIndexSampler(method.plan, train["label"], method.example_weights, seed=0)
+    sampler = method.sampler(0)
     drawn = np.concatenate([sampler(step).ravel() for step in range(3000)])
     frequency = np.bincount(drawn, minlength=train["label"].size)
     for y in (0, 1):
@@ -68,8 +70,8 @@ def test_ratio_weighted_method_draws_by_inverse_density(tiny_config, tiny_data):
         share = frequency[members] / frequency[members].sum()
         target = expected[members] / expected[members].sum()
         assert np.abs(share - target).max() < 5 * np.sqrt(target.max() / frequency[members].sum())
-    with pytest.raises(ValueError, match="tissue ratios"):
-        training_method.from_config(config, train["label"], attribute)
+    with pytest.raises(KeyError, match="tissue_ratio"):  # the split must carry its tissue ratios
+        method.prepare({"label": train["label"]}, attribute, trainer.Context(config, {}, None))
 
 
 def test_shortcut_strength_matches_numpy(tiny_data):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from data_pipeline import synthetic
 from data_pipeline.__main__ import main
+from data_pipeline.synthetic import layouts, noise, rendering, writing
 from gerne_jax.core.errors import InputError
 
 MANIFEST_COLUMNS = ["slide_id", "image", "mask", "patient_id", "split", "channel_names"]
@@ -23,7 +23,7 @@ def smoothstep(t: float) -> float:
 
 
 def lattice_value(key: int, i: int, j: int) -> float:
-    return 2.0 * float(synthetic._hash_uniform(key, np.array([i]), np.array([j]))[0]) - 1.0
+    return 2.0 * float(noise._hash_uniform(key, np.array([i]), np.array([j]))[0]) - 1.0
 
 
 def test_value_noise_matches_pointwise_interpolation():
@@ -31,7 +31,7 @@ def test_value_noise_matches_pointwise_interpolation():
     key = 12345
     u = rng.uniform(-50, 50, 40)
     v = rng.uniform(-50, 50, 40)
-    got = synthetic.value_noise(key, u, v)
+    got = noise.value_noise(key, u, v)
     for k in range(len(u)):
         i, j = math.floor(u[k]), math.floor(v[k])
         su, sv = smoothstep(u[k] - i), smoothstep(v[k] - j)
@@ -44,23 +44,23 @@ def test_value_noise_matches_pointwise_interpolation():
 def test_value_noise_separable_path_and_windows_agree():
     y = np.arange(-37, 90, dtype=np.float32)[:, None] / 7.3
     x = np.arange(500, 620, dtype=np.float32)[None, :] / 7.3
-    separable = synthetic.value_noise(7, y, x)
-    general = synthetic.value_noise(7, np.broadcast_to(y, separable.shape), np.broadcast_to(x, separable.shape))
+    separable = noise.value_noise(7, y, x)
+    general = noise.value_noise(7, np.broadcast_to(y, separable.shape), np.broadcast_to(x, separable.shape))
     np.testing.assert_array_equal(separable, general)
     # A sub-window evaluated alone gives the same values (tiles join without seams).
-    np.testing.assert_array_equal(synthetic.value_noise(7, y[20:50], x[:, 33:70]), separable[20:50, 33:70])
+    np.testing.assert_array_equal(noise.value_noise(7, y[20:50], x[:, 33:70]), separable[20:50, 33:70])
 
 
 def test_nuclei_match_brute_force_over_cells():
     key, cell, density, radius = 99, 7.0, 0.6, 2.5
     y = np.arange(100, 140, dtype=np.float32)[:, None]
     x = np.arange(-20, 25, dtype=np.float32)[None, :]
-    got = synthetic.nuclei(key, y, x, cell, density, radius)
+    got = noise.nuclei(key, y, x, cell, density, radius)
     expected = np.zeros(got.shape)
     yy, xx = np.broadcast_arrays(y.astype(np.float64), x.astype(np.float64))
     for ci in range(int(100 // cell) - 2, int(140 // cell) + 3):
         for cj in range(int(-20 // cell) - 2, int(25 // cell) + 3):
-            h = [float(synthetic._hash_uniform(key, np.array([4 * ci + n]), np.array([cj]))[0]) for n in range(4)]
+            h = [float(noise._hash_uniform(key, np.array([4 * ci + n]), np.array([cj]))[0]) for n in range(4)]
             if h[2] >= density:
                 continue
             support = min(2 * radius * (0.7 + 0.6 * h[3]), cell)
@@ -71,7 +71,7 @@ def test_nuclei_match_brute_force_over_cells():
 
 
 def test_shape_level_matches_polar_formula():
-    shape = synthetic.Shape(centre=(40.0, -10.0), axes=(30.0, 12.0), angle=0.7,
+    shape = layouts.Shape(centre=(40.0, -10.0), axes=(30.0, 12.0), angle=0.7,
                             lobe_amplitudes=(0.1, 0.05, 0.08, 0.02, 0.04),
                             lobe_phases=(0.3, 2.0, 4.0, 1.0, 5.5))
     y, x = np.mgrid[-10:90, -60:40].astype(np.float32)
@@ -79,7 +79,7 @@ def test_shape_level_matches_polar_formula():
     across = ((y - 40) * math.cos(0.7) - (x + 10) * math.sin(0.7)) / 12
     theta = np.arctan2(across, along)
     outline = 1 + sum(a * np.cos(k * theta + p) for k, a, p in
-                      zip(synthetic.HARMONICS, shape.lobe_amplitudes, shape.lobe_phases))
+                      zip(layouts.HARMONICS, shape.lobe_amplitudes, shape.lobe_phases))
     expected = 1 - np.hypot(along, across) / outline
     np.testing.assert_allclose(shape.level(y, x), expected, atol=1e-5)
     # The bounding box really bounds the shape.
@@ -88,32 +88,32 @@ def test_shape_level_matches_polar_formula():
     assert np.all(np.abs(y[tuple(inside.T)] - 40) <= ey) and np.all(np.abs(x[tuple(inside.T)] + 10) <= ex)
 
 
-@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_geometry_of_a_window_is_independent_of_tiling(layout):
-    layout = synthetic.sample_layout(seed=3, slide_index=1, nominal_size=1024, layout=layout)
-    whole = synthetic.render_geometry(layout, 100, 200, 600, 500)
+    layout = layouts.sample_layout(seed=3, slide_index=1, nominal_size=1024, layout=layout)
+    whole = rendering.render_geometry(layout, 100, 200, 600, 500)
     assert whole.tissue.any() and whole.tumour.any()
     assert not np.any(whole.tumour & ~whole.tissue)
     assert np.all(whole.kind[whole.tumour] == len(layout.textures) - 1)
     for y0, x0, h, w in [(100, 200, 256, 256), (333, 457, 170, 211), (650, 600, 50, 100)]:
-        part = synthetic.render_geometry(layout, y0, x0, h, w)
+        part = rendering.render_geometry(layout, y0, x0, h, w)
         window = (slice(y0 - 100, y0 - 100 + h), slice(x0 - 200, x0 - 200 + w))
         for name in ("tissue", "tumour", "kind"):
             np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[window])
 
 
-@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_box_culling_matches_evaluating_every_body(layout):
     # A large slide (with the coarse warp octaves): evaluate every body over the whole window.
-    layout = synthetic.sample_layout(seed=2, slide_index=0, nominal_size=3200, layout=layout)
-    assert len(layout.warp) > len(synthetic.WARP_OCTAVES)
+    layout = layouts.sample_layout(seed=2, slide_index=0, nominal_size=3200, layout=layout)
+    assert len(layout.warp) > len(layouts.WARP_OCTAVES)
     big = max(layout.bodies, key=lambda body: body.shape.axes[0])
     y0, x0 = (int(c) - 100 for c in big.shape.centre)
     y0 += int(big.shape.extent[0])  # straddle the body's lower edge
-    geometry = synthetic.render_geometry(layout, y0, x0, 200, 200)
+    geometry = rendering.render_geometry(layout, y0, x0, 200, 200)
     y = np.arange(y0, y0 + 200, dtype=np.float32)[:, None]
     x = np.arange(x0, x0 + 200, dtype=np.float32)[None, :]
-    warped_y, warped_x = synthetic._warped_coordinates(layout, y, x)
+    warped_y, warped_x = rendering._warped_coordinates(layout, y, x)
     tissue = np.zeros((200, 200), bool)
     tumour = np.zeros((200, 200), bool)
     kind = np.zeros((200, 200), int)
@@ -140,7 +140,7 @@ def read_manifest_rows(path: pathlib.Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(out, num_slides=3, size=600, seed=5, write_tissue_masks=True, show_progress=False)
+    writing.generate(out, num_slides=3, size=600, seed=5, write_tissue_masks=True, show_progress=False)
     return out
 
 
@@ -157,7 +157,7 @@ def test_files_follow_the_manifest_format_and_geometry(small_set):
             assert not pathlib.Path(row[column]).is_absolute()
         with tifffile.TiffFile(small_set / row["image"]) as tif:
             page = tif.pages[0]
-            assert page.is_tiled and (page.tilelength, page.tilewidth) == (synthetic.TILE, synthetic.TILE)
+            assert page.is_tiled and (page.tilelength, page.tilewidth) == (writing.TILE, writing.TILE)
             assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
             assert tif.shaped_metadata[0]["channel_names"] == ["CARS", "TPEF", "SHG"]
             image = tif.asarray()
@@ -169,8 +169,8 @@ def test_files_follow_the_manifest_format_and_geometry(small_set):
         assert tumour.dtype == np.uint8 and tumour.shape == (height, width)
         assert set(np.unique(tumour)) <= {0, 1} and set(np.unique(tissue)) <= {0, 1}
         # Masks in the files equal the geometry rendered as one window (no tiling involved).
-        layout = synthetic.sample_layout(5, index, 600)
-        geometry = synthetic.render_geometry(layout, 0, 0, height, width)
+        layout = layouts.sample_layout(5, index, 600)
+        geometry = rendering.render_geometry(layout, 0, 0, height, width)
         np.testing.assert_array_equal(tumour.astype(bool), geometry.tumour)
         np.testing.assert_array_equal(tissue.astype(bool), geometry.tissue)
         # Dark background, bright tissue, in every tile (including partial edge tiles).
@@ -195,10 +195,10 @@ def test_tumour_signature_channel_ratio_and_collagen(small_set):
     assert normal_mean[2] > 1.5 * tumour_mean[2]  # SHG collagen mostly in normal stroma
 
 
-@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_same_arguments_give_identical_bytes(tmp_path, layout):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        synthetic.generate(tmp_path / name, num_slides=2, size=300, seed=seed, show_progress=False,
+        writing.generate(tmp_path / name, num_slides=2, size=300, seed=seed, show_progress=False,
                            layout=layout)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == ["manifest.csv", "slide_000.tif", "slide_000_tumour.tif", "slide_001.tif",
@@ -225,7 +225,7 @@ CLASSIC_OUTPUT = {
 @pytest.mark.parametrize("seed, num_slides, size", sorted(CLASSIC_OUTPUT))
 def test_classic_layout_is_the_first_generator(tmp_path, seed, num_slides, size):
     for name, kwargs in (("default", {}), ("classic", {"layout": "classic"})):
-        synthetic.generate(tmp_path / name, num_slides, size, seed, show_progress=False, **kwargs)
+        writing.generate(tmp_path / name, num_slides, size, seed, show_progress=False, **kwargs)
         digests = {}
         for path in sorted((tmp_path / name).iterdir()):
             data = path.read_bytes() if path.suffix == ".csv" else tifffile.imread(path).tobytes()
@@ -235,15 +235,15 @@ def test_classic_layout_is_the_first_generator(tmp_path, seed, num_slides, size)
 
 @pytest.mark.parametrize("num_slides", range(1, 21))
 def test_splits_by_slide(num_slides):
-    splits = synthetic.assign_splits(num_slides, seed=0)
-    assert splits == synthetic.assign_splits(num_slides, seed=0)
+    splits = writing.assign_splits(num_slides, seed=0)
+    assert splits == writing.assign_splits(num_slides, seed=0)
     counts = {name: splits.count(name) for name in ("train", "validation", "test")}
     assert sum(counts.values()) == num_slides
     assert counts["train"] >= max(counts["validation"], counts["test"])
     if num_slides >= 3:
         assert min(counts.values()) >= 1
     if num_slides >= 10:
-        for name, fraction in synthetic.SPLIT_FRACTIONS:
+        for name, fraction in writing.SPLIT_FRACTIONS:
             assert abs(counts[name] - fraction * num_slides) <= 1
 
 
@@ -262,7 +262,7 @@ def test_cli(tmp_path, capsys):
             main(["synthetic", "--out", str(tmp_path / "bad")] + bad)
         assert bad[0] in capsys.readouterr().err
     with pytest.raises(InputError, match="--layout.*'squares'"):
-        synthetic.generate(tmp_path / "bad", 1, 256, layout="squares", show_progress=False)
+        writing.generate(tmp_path / "bad", 1, 256, layout="squares", show_progress=False)
     assert not (tmp_path / "bad").exists()
 
 
@@ -284,7 +284,7 @@ SHORTCUT_SIZE, SHORTCUT_SLIDES = 2048, 3
 
 @pytest.mark.parametrize("seed, patch_sizes", [(0, (64, 32)), (1, (64,)), (2, (64,))])
 def test_shortcut_through_the_tiler(tmp_path, seed, patch_sizes):
-    manifest = synthetic.generate(tmp_path / "slides", SHORTCUT_SLIDES, SHORTCUT_SIZE, seed, show_progress=False)
+    manifest = writing.generate(tmp_path / "slides", SHORTCUT_SLIDES, SHORTCUT_SIZE, seed, show_progress=False)
     for patch_size in patch_sizes:
         data_dir = tmp_path / f"data_{patch_size}"
         assert main(["tile", "--manifest", str(manifest), "--out", str(data_dir),
@@ -336,8 +336,8 @@ def test_sections_layout_has_full_non_tumour_tissue_with_a_subtler_texture(tmp_p
     """The sections layout against the classic one on the same arguments (2048-pixel slides, P = 64):
     many non-tumour patches full of tissue, the shortcut kept, and a smaller but present contrast."""
     found = {}
-    for layout in synthetic.LAYOUTS:
-        synthetic.generate(tmp_path / layout, 2, SHORTCUT_SIZE, seed=0, write_tissue_masks=True,
+    for layout in layouts.LAYOUTS:
+        writing.generate(tmp_path / layout, 2, SHORTCUT_SIZE, seed=0, write_tissue_masks=True,
                            show_progress=False, layout=layout)
         found[layout] = patch_statistics(tmp_path / layout, 64)
     shares = {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from gerne_jax.slides import tiff_windows
+from gerne_jax.slides import tiff_levels, tiff_windows
 from gerne_jax.slides.manifest import SlideError
 from gerne_jax.slides.reader import SlideReader
 from gerne_jax.slides.tiff_windows import PageWindows
@@ -217,7 +217,7 @@ def test_reader_uses_direct_windows_for_masks(tmp_path):
     mask = (random_image(np.uint8, shape=(45, 67, 1), seed=11)[..., 0] > 200).astype(np.uint8)
     spec = open_layout(tmp_path, random_image(np.uint8), "interleaved", mask=mask)
     with SlideReader(spec) as reader:
-        assert isinstance(reader._tumour.source, reader._TiffLevel) and reader._tumour.source._windows is not None
+        assert isinstance(reader._tumour.source, tiff_levels.TiffLevel) and reader._tumour.source._windows is not None
         np.testing.assert_array_equal(reader.read_tumour(0, 0, 45, 67), mask != 0)
 
 

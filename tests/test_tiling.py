@@ -18,11 +18,11 @@ import tifffile
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from PIL import Image
 
-from data_pipeline import commands, tiling
+from data_pipeline import commands
 from data_pipeline.__main__ import main
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset
-from gerne_jax.slides import qc
+from gerne_jax.slides import qc, scan
 from gerne_jax.slides.grid import scan_plan
 from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
 from gerne_jax.slides.reader import SlideReader
@@ -178,7 +178,7 @@ def level0_tiled(level0):
     root, manifest, expected = level0
     out = root / "out"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tiling, "BAND_BYTES", 40 * 16 * 4 * 2)  # 40 columns: several chunks per band
+        patch.setattr(scan, "BAND_BYTES", 40 * 16 * 4 * 2)  # 40 columns: several chunks per band
         assert main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", str(P0),
                      "--stride", str(S0), "--tissue-factor", "4"]) == 0
     return out
@@ -438,8 +438,8 @@ def test_qc_rows_collect_every_fth_pixel_of_the_scanned_area():
     qc_tumour, qc_tissue = np.zeros((24, 18), bool), np.zeros((24, 18), bool)
     for ys, xs in scan_plan(tumour.shape, P, S, 1, 20 * P):
         y0, x0, h, w = ys[0], xs[0], ys[-1] + P - ys[0], xs[-1] + P - xs[0]
-        tiling.record_qc_rows(qc_tissue, qc_tumour, tissue[y0:y0 + h, x0:x0 + w],
-                               tumour[y0:y0 + h, x0:x0 + w], y0, x0, f)
+        scan.record_qc_rows(qc_tissue, qc_tumour, tissue[y0:y0 + h, x0:x0 + w],
+                             tumour[y0:y0 + h, x0:x0 + w], y0, x0, f)
     covered_rows, covered_cols = (70 - P) // S * S + P, (53 - P) // S * S + P  # 68, 50
     np.testing.assert_array_equal(qc_tumour[:23, :17], tumour[:covered_rows:f, :covered_cols:f])
     np.testing.assert_array_equal(qc_tissue[:23, :17], tissue[:covered_rows:f, :covered_cols:f])
@@ -480,8 +480,8 @@ def test_scan_decodes_only_the_pixels_of_kept_patches(tmp_path):
                                                             "tissue_mask": "tissue.tif", "split": "train"}])
     (spec,) = read_manifest(manifest)
     with SlideReader(spec) as reader:
-        scan = tiling.SlideScan(reader, tiling.TilingConfig(patch_size=P, stride=P, tissue_factor=4))
-        bands = [band for block in scan.blocks() for band in block.bands]
+        slide_scan = scan.SlideScan(reader, scan.TilingConfig(patch_size=P, stride=P, tissue_factor=4))
+        bands = [band for block in slide_scan.blocks() for band in block.bands]
     # Each row: its two runs, read from their first to their last patch (the 10 tiles between the
     # islands are not read); the row's grid positions count once.
     assert [(band.y, band.x.tolist(), band.pixels.shape[1], band.positions) for band in bands] == [

@@ -25,18 +25,30 @@ from configs import default, tiny
 from data_pipeline.shards import write_patch_dataset
 from gerne_jax.core import sharding
 from gerne_jax.core.errors import InputError
-from gerne_jax.methods import training_method
+from gerne_jax.methods import registry
+from gerne_jax.models import factory
 from gerne_jax.runs import checkpoints, run_log
-from gerne_jax.train import experiment, train_step, trainer
-from tests.conftest import TINY_CHANNELS, TINY_PATCH, kill_training_at_step, tiny_split
+from gerne_jax.train import extrapolation, train_state, train_step, trainer
+from tests.helpers import TINY_CHANNELS, TINY_PATCH, kill_training_at_step, tiny_split
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PATCH_SHAPE = (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS))
 
 
+def _optimizer(config):
+    """The optimiser of an ERM or GERNE run of `config`."""
+    return extrapolation.optimizer_from_config(config.optimizer, config.training.steps,
+                                               extrapolation.beta_schedule(config.method))
+
+
+def _initial_state(config, model, patch_shape, mesh):
+    return train_state.initial_state(config.model, model, _optimizer(config), patch_shape, mesh,
+                                     config.training.seed)
+
+
 def _restore_latest(workdir, config):
-    model = experiment.create_model(config)
-    target = experiment.initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
+    model = factory.create_model(config.model)
+    target = _initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
     run = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
         return run.restore(checkpoints.LATEST, target)
@@ -52,17 +64,17 @@ def _without_timing(rows):
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
     config = tiny_config()
-    reference = trainer.train_and_evaluate(config, tmp_path / "reference")
+    reference = registry.train(config, tmp_path / "reference")
 
     # Kill the run as it starts step 4: step 3 is logged, the last checkpoint is step 2, so the resumed
     # run redoes step 3 and must replace its row.
     real_make_train_step = kill_training_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train_and_evaluate(config, tmp_path / "killed")
+        registry.train(config, tmp_path / "killed")
     killed_rows = run_log.read_metrics(tmp_path / "killed")
     assert max(row["step"] for row in killed_rows) == 3
     monkeypatch.setattr(train_step, "make_train_step", real_make_train_step)
-    resumed = trainer.train_and_evaluate(config, tmp_path / "killed")
+    resumed = registry.train(config, tmp_path / "killed")
 
     steps = config.training.steps
     assert int(resumed.step) == int(reference.step) == steps
@@ -91,7 +103,7 @@ def diverged_run(tiny_config, tmp_path_factory):
     config.training.steps, config.training.checkpoint_every = 6, 1
     workdir = tmp_path_factory.mktemp("diverged") / "run"
     with pytest.raises(trainer.NonFiniteLossError) as error:
-        trainer.train_and_evaluate(config, workdir)
+        registry.train(config, workdir)
     return str(error.value), workdir, config
 
 
@@ -116,10 +128,10 @@ def test_last_good_checkpoint_of_a_diverged_run_has_finite_parameters(diverged_r
 def test_resuming_with_another_config_is_refused(tiny_config, tmp_path):
     config = tiny_config()
     config.training.steps = 2
-    trainer.train_and_evaluate(config, tmp_path / "run")
+    registry.train(config, tmp_path / "run")
     config.method.beta = 0.5
     with pytest.raises(ValueError, match=r"another config \(method.beta: 1.0 -> 0.5\)"):
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        registry.train(config, tmp_path / "run")
 
 
 def test_invalid_config_writes_nothing_into_a_fresh_workdir(tiny_config, tmp_path):
@@ -127,7 +139,7 @@ def test_invalid_config_writes_nothing_into_a_fresh_workdir(tiny_config, tmp_pat
     config.method.beta = 100.0  # beta_max is 0.75 / (0.5 * (0.75 - 0.5)) - 1 = 5 for these data
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match=r"beta = 100.0 lies outside \[-1, beta_max\]"):
-        trainer.train_and_evaluate(config, workdir)
+        registry.train(config, workdir)
     assert not (workdir / run_log.CONFIG_FILE).exists()
     assert not workdir.exists() or not any(workdir.iterdir())
 
@@ -135,7 +147,7 @@ def test_invalid_config_writes_nothing_into_a_fresh_workdir(tiny_config, tmp_pat
 @pytest.mark.slow
 def test_erm_and_evaluate_report_match_brute_force(tiny_config, tiny_data, tmp_path, capsys):
     workdir = tmp_path / "erm"
-    trainer.train_and_evaluate(tiny_config("erm"), workdir)
+    registry.train(tiny_config("erm"), workdir)
     assert evaluate.main(["--workdir", str(workdir), "--tau", "0.1", "0.2", "--checkpoint", "latest"]) == 0
     document = json.loads((workdir / "eval" / "latest_test.json").read_text())
     test = tiny_data.splits["test"]
@@ -164,7 +176,7 @@ def test_evaluate_reports_missing_and_corrupt_checkpoints(tiny_config, tmp_path)
     workdir = tmp_path / "run"
     config = tiny_config()
     config.training.steps = 2
-    trainer.train_and_evaluate(config, workdir)
+    registry.train(config, workdir)
     # Data with another channel count than the run was trained on.
     rng = np.random.default_rng(1)
     five_channels = {name: tiny_split(rng, 20, name[:2]) for name in ("train", "test")}
@@ -234,11 +246,11 @@ def test_background_saves_hold_the_states_synchronous_saves_hold(tiny_config, tm
     config = tiny_config("gerne")
     config.training.steps, config.training.checkpoint_every, config.training.eval_every = 8, 1, 1
     config.training.precise_bn_batches = 2
-    trainer.train_and_evaluate(config, tmp_path / "background")
+    registry.train(config, tmp_path / "background")
     monkeypatch.setattr(checkpoints, "_saves_in_background", lambda: False)
-    trainer.train_and_evaluate(config, tmp_path / "synchronous")
-    model = experiment.create_model(config)
-    target = experiment.initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
+    registry.train(config, tmp_path / "synchronous")
+    model = factory.create_model(config.model)
+    target = _initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
     runs = [checkpoints.RunCheckpoints(tmp_path / name, read_only=True) for name in ("background", "synchronous")]
     try:
         assert runs[0].describe_available() == runs[1].describe_available()
@@ -263,11 +275,11 @@ def test_init_from_pretrained_weights_defaults_to_frozen_batch_norm(tiny_config,
     config = tiny_config()
     config.training.steps = 1
     config.model.init_from = str(tmp_path / "tiny.safetensors")
-    model = experiment.create_model(config)
+    model = factory.create_model(config.model)
     assert model.norm == "frozen"
-    state = experiment.initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
+    state = _initial_state(config, model, PATCH_SHAPE, sharding.make_mesh())
     np.testing.assert_allclose(np.asarray(state.batch_stats["bn1"]["mean"]), weights["bn1.running_mean"])
-    trained = trainer.train_and_evaluate(config, tmp_path / "run")
+    trained = registry.train(config, tmp_path / "run")
     # Frozen BatchNorm: the running statistics stay those of the checkpoint.
     np.testing.assert_allclose(np.asarray(trained.batch_stats["bn1"]["var"]), weights["bn1.running_var"])
 
@@ -294,7 +306,7 @@ def test_unknown_switch_or_method_is_named():
         default.get_config("metod=erm")
     with pytest.raises(ValueError, match=r"unknown config switch 'beta'.*--config.<key>=<value>"):
         default.get_config("gerne,beta=1.5")  # not a switch: changed on the command line
-    with pytest.raises(ValueError, match=r"method='sgd'"):
+    with pytest.raises(ValueError, match=r"method.name = 'sgd' is not a training method; choose one of \(.*'erm'"):
         default.get_config("sgd")
 
 
@@ -302,16 +314,16 @@ def test_method_errors_name_the_config_key():
     label, attribute = np.arange(40) % 2, (np.arange(40) // 4) % 2
     config = tiny.get_config("gerne")
     config.method.name = "groupdro"
-    with pytest.raises(ValueError, match=r"config method.name must be one of .*, got 'groupdro'"):
-        training_method.from_config(config, label, attribute)
+    with pytest.raises(ValueError, match=r"config method.name = 'groupdro' is not a training method; choose one of"):
+        registry.create(config)
     config = tiny.get_config("gerne")
     config.method.c = 1.5
     with pytest.raises(ValueError, match="c = 1.5 must lie in"):
-        training_method.from_config(config, label, attribute)
+        registry.create(config).prepare({"label": label}, attribute, trainer.Context(config, {}, None))
     config = tiny.get_config("gerne")
     config.optimizer.schedule = "linear"
     with pytest.raises(ValueError, match="config optimizer.schedule must be 'constant' or 'cosine'"):
-        training_method.learning_rate_schedule(config)
+        extrapolation.learning_rate_schedule(config.optimizer, config.training.steps)
 
 
 @pytest.mark.parametrize("norm", ["group", "shared"])
@@ -320,11 +332,35 @@ def test_abstract_state_describes_the_initial_state_leaf_for_leaf(tiny_config, n
     config = tiny_config()
     config.model.norm = norm
     mesh = sharding.make_mesh(1)
-    model = experiment.create_model(config)
+    model = factory.create_model(config.model)
     patch_shape = (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS))
-    abstract = jax.tree_util.tree_flatten_with_path(experiment.abstract_state(config, model, patch_shape, mesh))[0]
-    concrete = jax.tree_util.tree_flatten_with_path(experiment.initial_state(config, model, patch_shape, mesh))[0]
+    abstract = jax.tree_util.tree_flatten_with_path(train_state.abstract_state(
+        model, _optimizer(config), patch_shape, mesh, config.training.seed))[0]
+    concrete = jax.tree_util.tree_flatten_with_path(_initial_state(config, model, patch_shape, mesh))[0]
     assert [path for path, _ in abstract] == [path for path, _ in concrete]
     for (path, spec), (_, leaf) in zip(abstract, concrete):
         assert (spec.shape, spec.dtype) == (leaf.shape, leaf.dtype), jax.tree_util.keystr(path)
         assert spec.sharding == leaf.sharding, jax.tree_util.keystr(path)
+
+
+@pytest.mark.slow
+def test_a_run_saved_before_a_key_existed_resumes_through_the_train_command(tiny_data, tmp_path):
+    """The train command hands configs/default.py's values to the config check: a saved config without a
+    key that later versions added resumes while the key keeps its default, and is refused once it does not."""
+    workdir = tmp_path / "run"
+
+    def train(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gerne_jax", "train", "--config", "tiny:erm",
+                               f"--config.data.dir={tiny_data.path}", f"--workdir={workdir}", *overrides],
+                              cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    assert train("--config.training.steps=2").returncode == 0
+    saved = json.loads((workdir / run_log.CONFIG_FILE).read_text())
+    del saved["method"]["group_dro"]["eta"]  # as a version before the key existed saved it
+    (workdir / run_log.CONFIG_FILE).write_text(json.dumps(saved))
+    resumed = train("--config.training.steps=4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((workdir / run_log.METRICS_FILE).read_text().splitlines()[-1])["step"] == 4
+    (workdir / run_log.CONFIG_FILE).write_text(json.dumps(saved))
+    refused = train("--config.training.steps=6", "--config.method.group_dro.eta=0.5")
+    assert refused.returncode == 2 and "method.group_dro.eta: None -> 0.5" in refused.stderr

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from gerne_jax.core import files, sharding
+from gerne_jax.models import factory
 from gerne_jax.runs import checkpoints
-from gerne_jax.train import experiment
-from tests.conftest import TINY_CHANNELS, TINY_PATCH
+from gerne_jax.train import extrapolation, train_state
+from tests.helpers import TINY_CHANNELS, TINY_PATCH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -51,8 +52,11 @@ def train_args(data_dir: pathlib.Path, workdir: pathlib.Path, *overrides: str, c
 
 def restore_latest_params(workdir: pathlib.Path, tiny_config) -> list[np.ndarray]:
     config = tiny_config()
-    model = experiment.create_model(config)
-    target = experiment.initial_state(config, model, (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS)), sharding.make_mesh())
+    model = factory.create_model(config.model)
+    optimizer = extrapolation.optimizer_from_config(config.optimizer, config.training.steps,
+                                                    extrapolation.beta_schedule(config.method))
+    target = train_state.initial_state(config.model, model, optimizer, (TINY_PATCH, TINY_PATCH, len(TINY_CHANNELS)),
+                                       sharding.make_mesh(), config.training.seed)
     run = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
         state, meta = run.restore(checkpoints.LATEST, target)

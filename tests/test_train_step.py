@@ -16,10 +16,10 @@ import pytest
 
 from configs import tiny
 from gerne_jax.core import sharding
-from gerne_jax.evaluation import evaluate
-from gerne_jax.methods import training_method
+from gerne_jax.evaluation import forward
+from gerne_jax.methods import registry
 from gerne_jax.models import resnet
-from gerne_jax.train import extrapolation, train_state
+from gerne_jax.train import extrapolation, train_state, trainer
 from gerne_jax.train import train_step as ts
 
 NUM_CLASSES, N, SIZE, CHANNELS = 3, 4, 16, 3
@@ -118,8 +118,8 @@ def _run(norm: str) -> dict[str, Any]:
     model = _model(norm)
     batch = _paired_batch()
     state = _state_for(model, _sgd())
-    new_state, metrics = ts.make_train_step(model, _mesh(), paired=True)(_copy(state), batch)
-    new_folded_state, folded_metrics = ts.make_train_step(model, _mesh(), paired=True, fold_beta=BETA)(
+    new_state, metrics = ts.make_train_step(model, _mesh(), ts.two_gradients, rows=2)(_copy(state), batch)
+    new_folded_state, folded_metrics = ts.make_train_step(model, _mesh(), ts.folded(BETA), rows=2)(
         _copy(state), batch)
     reference = _make_reference(model, state.batch_stats, batch)
     return dict(model=model, batch=batch, state=state, new_state=new_state, metrics=metrics,
@@ -225,7 +225,7 @@ def test_single_batch_erm_path():
     model, batch, state = r["model"], r["batch"], r["state"]
     images, labels = np.concatenate(batch["image"]), np.concatenate(batch["label"])
     single = {key: value.reshape(1, 2 * N, *value.shape[2:]) for key, value in batch.items()}
-    new_state, metrics = ts.make_train_step(model, _mesh(), paired=False)(_copy(state), single)
+    new_state, metrics = ts.make_train_step(model, _mesh(), ts.single_batch, rows=1)(_copy(state), single)
 
     def loss(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -242,7 +242,7 @@ def test_single_batch_erm_path():
 
 def test_loss_not_divided_by_num_classes():
     r = _run("shared")
-    step = ts.make_train_step(r["model"], _mesh(), paired=True, divide_loss_by_num_classes=False)
+    step = ts.make_train_step(r["model"], _mesh(), ts.two_gradients, rows=2, divide_loss_by_num_classes=False)
     _, metrics = step(_copy(r["state"]), r["batch"])
     np.testing.assert_allclose([metrics["loss_biased"], metrics["loss_less_biased"]],
                                NUM_CLASSES * np.asarray(r["losses"]), rtol=1e-5)
@@ -262,7 +262,7 @@ def test_erm_resampling_and_schedules_are_configurations_of_the_step(norm):
         [optax.constant_schedule(b) for b in (-1.0, 0.0, BETA)], boundaries=[1, 2])
     lr_schedule = optax.linear_schedule(0.2, 0.1, transition_steps=2)
     state = _state_for(r["model"], _sgd(lr_schedule, beta_schedule))
-    step = ts.make_train_step(r["model"], _mesh(), paired=True)
+    step = ts.make_train_step(r["model"], _mesh(), ts.two_gradients, rows=2)
     for t, (beta, expected_grad) in enumerate([(-1.0, "grad_b"), (0.0, "grad_lb"),
                                                (BETA, "grad_combined")]):
         lr = 0.2 - 0.1 * t / 2
@@ -286,8 +286,9 @@ def test_folded_and_two_gradient_steps_report_the_same_beta_under_a_warm_up():
     results = {}
     for fold in (False, True):
         config.method.fold_beta_into_loss = fold
-        method = training_method.from_config(config, label, attribute)
-        step = method.train_step(model, _mesh())
+        method = registry.create(config)
+        method.prepare({"label": label}, attribute, trainer.Context(config, {}, None))
+        step = ts.make_train_step(model, _mesh(), method.gradients(), rows=len(method.rows))
         state = _state_for(model, method.optimizer())
         betas = []
         for _ in range(5):
@@ -301,7 +302,7 @@ def test_folded_and_two_gradient_steps_report_the_same_beta_under_a_warm_up():
 
 def test_donated_state_is_consumed_and_repeated_steps_run():
     r = _run("shared")
-    step = ts.make_train_step(r["model"], _mesh(), paired=True)
+    step = ts.make_train_step(r["model"], _mesh(), ts.two_gradients, rows=2)
     state = _copy(r["state"])
     for t in range(1, 4):
         # A device copy to compare with: a host view of the state's buffers (np.asarray on CPU) would
@@ -317,7 +318,7 @@ def test_donated_state_is_consumed_and_repeated_steps_run():
 def test_inputs_placed_on_the_mesh_give_the_same_step():
     r = _run("shared")
     mesh = _mesh()
-    new_state, _ = ts.make_train_step(r["model"], mesh, paired=True)(
+    new_state, _ = ts.make_train_step(r["model"], mesh, ts.two_gradients, rows=2)(
         sharding.replicate(_copy(r["state"]), mesh), sharding.shard_batch(r["batch"], mesh))
     _assert_trees_close(new_state.params, r["new_state"].params, rtol=1e-6, atol=1e-7)
 
@@ -325,38 +326,29 @@ def test_inputs_placed_on_the_mesh_give_the_same_step():
 def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
     model = _model("group", jnp.bfloat16)
     state = _state_for(model, extrapolation.make_optimizer(LR, BETA))
-    new_state, metrics = ts.make_train_step(model, _mesh(), paired=True)(state, _paired_batch())
+    new_state, metrics = ts.make_train_step(model, _mesh(), ts.two_gradients, rows=2)(state, _paired_batch())
     for tree in (new_state.params, new_state.opt_state):
         assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))
     assert np.isfinite(float(metrics["grad_norm"]))
-    probabilities = evaluate.eval_step(new_state, _paired_batch()["image"][0])
+    images = _paired_batch()["image"][0]
+    probabilities = forward.probabilities(model, {"params": new_state.params, "batch_stats": new_state.batch_stats},
+                                          images, jnp.zeros(images.shape[-1]), jnp.ones(images.shape[-1]))
     assert probabilities.dtype == jnp.float32
-
-
-def test_eval_step_gives_inference_mode_probabilities():
-    r = _run("shared")
-    state, images = r["new_state"], r["batch"]["image"][0]
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = np.asarray(jax.jit(r["model"].apply)(variables, images), np.float64)
-    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    probabilities = evaluate.eval_step(state, images)
-    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.sum(probabilities, axis=1), 1.0, rtol=1e-6)
 
 
 def test_bad_inputs_are_rejected():
     r = _run("shared")
     model, mesh, batch = r["model"], _mesh(), r["batch"]
-    with pytest.raises(ValueError, match="fold_beta folds the pair's two losses"):
-        ts.make_train_step(model, mesh, paired=False, fold_beta=BETA)
+    with pytest.raises(ValueError, match="rows must be 1 .* or 2"):
+        ts.make_train_step(model, mesh, ts.folded(BETA), rows=3)
     with pytest.raises(ValueError, match="model.norm must be one of"):
-        ts.make_train_step(model.clone(norm="batch"), mesh, paired=True)
-    step = ts.make_train_step(model, mesh, paired=True)
+        ts.make_train_step(model.clone(norm="batch"), mesh, ts.two_gradients, rows=2)
+    step = ts.make_train_step(model, mesh, ts.two_gradients, rows=2)
     with pytest.raises(ValueError, match=r"\[2, N, H, W, C\]"):
         step(_copy(r["state"]), {**batch, "image": batch["image"][:1]})
     with pytest.raises(ValueError, match=r"batch\['label'\]"):
         step(_copy(r["state"]), {**batch, "label": batch["label"][:, :2]})
-    single = ts.make_train_step(model, mesh, paired=False)
+    single = ts.make_train_step(model, mesh, ts.single_batch, rows=1)
     with pytest.raises(ValueError, match=r"\[1, N, H, W, C\]"):
         single(_copy(r["state"]), batch)
     with pytest.raises(ValueError, match="num_devices"):

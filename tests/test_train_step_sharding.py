@@ -16,8 +16,9 @@ import pytest
 
 from gerne_jax.core import sharding
 from gerne_jax.core.errors import ConfigError
+from gerne_jax.methods import registry
 from gerne_jax.models import resnet
-from gerne_jax.train import train_step, trainer
+from gerne_jax.train import train_step
 
 pytestmark = pytest.mark.slow  # one subprocess compiling a dozen steps
 
@@ -54,10 +55,11 @@ _SCRIPT = textwrap.dedent("""
       tx = extrapolation.make_optimizer(0.5, 1.0, momentum=0.9, weight_decay=0.01)
       state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), tx)
       initial = jax.device_get(state)
-      single, _ = ts.make_train_step(model, one_device, paired=paired)(
+      gradients, rows = (ts.two_gradients, 2) if paired else (ts.single_batch, 1)
+      single, _ = ts.make_train_step(model, one_device, gradients, rows=rows)(
           sharding.replicate(copy(state), one_device), data)
       sharded_batch = sharding.shard_batch(data, four_devices)
-      sharded_step = ts.make_train_step(model, four_devices, paired=paired)
+      sharded_step = ts.make_train_step(model, four_devices, gradients, rows=rows)
       replicated_state = sharding.replicate(copy(state), four_devices)
       hlo = sharded_step.lower(replicated_state, sharded_batch).compile().as_text()
       sharded, _ = sharded_step(replicated_state, sharded_batch)
@@ -79,8 +81,10 @@ _SCRIPT = textwrap.dedent("""
     groups = rng.integers(0, 4, size=(1, 2 * n)).astype(np.int32)
     dro = group_dro.RobustLoss(eta=0.5, adjustment=np.array([0.0, 0.1, 0.2, 0.3], np.float32),
                                group_names=["a", "b", "c", "d"])
-    for name, paired, fold_beta, objective in [("single", False, None, None), ("paired", True, None, None),
-                                               ("folded", True, 1.0, None), ("group_dro", False, None, dro)]:
+    for name, paired, gradients, objective in [("single", False, ts.single_batch, None),
+                                               ("paired", True, ts.two_gradients, None),
+                                               ("folded", True, ts.folded(1.0), None),
+                                               ("group_dro", False, ts.objective(dro), dro)]:
       data = batch if paired else {key: value.reshape(1, 2 * n, *value.shape[2:])
                                    for key, value in batch.items()}
       if objective is not None:
@@ -92,10 +96,10 @@ _SCRIPT = textwrap.dedent("""
         tx = optax.chain(group_dro.track_group_weights(4), tx)
       state = train_state.create_train_state(jax.random.key(0), model, (1, 16, 16, 3), tx)
       initial = jax.device_get(state)
-      kwargs = {"paired": paired, "fold_beta": fold_beta, "objective": objective}
-      reference, reference_metrics = ts.make_train_step(model, one_device, **kwargs)(
+      kwargs = {"rows": 2 if paired else 1, "with_groups": objective is not None}
+      reference, reference_metrics = ts.make_train_step(model, one_device, gradients, **kwargs)(
           sharding.replicate(copy(state), one_device), data)
-      step = ts.make_train_step(model, four_devices, deterministic_reduction=True, **kwargs)
+      step = ts.make_train_step(model, four_devices, gradients, deterministic_reduction=True, **kwargs)
       sharded_batch = sharding.shard_batch(data, four_devices)
       first, metrics = step(sharding.replicate(copy(state), four_devices), sharded_batch)
       second, _ = step(sharding.replicate(copy(state), four_devices), sharded_batch)
@@ -174,15 +178,16 @@ def test_deterministic_reduction_computes_the_one_device_step_and_repeats_bit_fo
 def test_deterministic_reduction_refuses_train_mode_batch_norm(norm):
     model = resnet.ResNet(stage_sizes=(1,), block_cls=resnet.BasicBlock, num_filters=4, num_classes=3, norm=norm)
     with pytest.raises(ConfigError, match=f"mesh.deterministic_reduction = True .* model.norm = '{norm}'"):
-        train_step.make_train_step(model, sharding.make_mesh(1), paired=True, deterministic_reduction=True)
-    train_step.make_train_step(model, sharding.make_mesh(1), paired=True)  # the default reduction: fine
+        train_step.make_train_step(model, sharding.make_mesh(1), train_step.two_gradients, rows=2,
+                                   deterministic_reduction=True)
+    train_step.make_train_step(model, sharding.make_mesh(1), train_step.two_gradients, rows=2)  # the default: fine
 
 
 def test_training_with_deterministic_reduction_and_batch_norm_stops_before_writing(tiny_config, tmp_path):
     config = tiny_config("gerne")
     config.model.norm, config.mesh.deterministic_reduction = "shared", True
     with pytest.raises(ConfigError, match="mesh.deterministic_reduction = True .* model.norm = 'shared'"):
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        registry.train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -61,14 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from gerne_jax.core import cli
     from gerne_jax.evaluation import reports
-    from gerne_jax.predict import inference, prediction
+    from gerne_jax.predict import inference, prediction, run_data
 
     cli.setup_logging()
     run = inference.load_run(args.workdir, args.checkpoint, args.data_dir)
-    tiling = prediction.data_tiling_config(run, stride=args.stride, min_tissue_ratio=args.min_tissue_ratio,
-                                           tissue_polarity=args.tissue_polarity)
+    tiling = run_data.data_tiling_config(run, stride=args.stride, min_tissue_ratio=args.min_tissue_ratio,
+                                         tissue_polarity=args.tissue_polarity)
     taus_list = tuple((t,) for t in args.tau) if args.tau else (tuple(run.config.data.taus),)
-    settings = prediction.PredictionSettings(
+    settings = run_data.PredictionSettings(
         tiling=tiling, threshold=args.threshold, taus_list=taus_list,
         batch_size=args.batch_size or run.config.data.eval_batch_size, workers=args.workers)
     result = prediction.predict_manifest(run, args.manifest, args.out, settings, split=args.split,

@@ -4,8 +4,9 @@
 
 `--config` is a config of the package by name (`default`, `demo`, `tiny`) or the path of any Python
 file with `get_config(arg)`; after the colon come the config's switches (the method, e.g. `demo:erm`).
-Any key changes with `--config.KEY=VALUE`. The loop is `gerne_jax.train.trainer.train_and_evaluate` (what it
-writes, how it resumes). Bad input (a mistyped flag, config switch or key, a value outside its range, a
+Any key changes with `--config.KEY=VALUE`. `config.method.name` picks the training method
+(`gerne_jax.methods.registry`), whose `train` runs the loop `gerne_jax.train.trainer.train_and_evaluate` (what it
+writes, how it resumes) or its own (DFR). Bad input (a mistyped flag, config switch or key, a value outside its range, a
 DATA_DIR that is not one, a workdir another run is training in) is answered with one line `error: ...`
 and exit status 2, before anything is written into the workdir.
 """
@@ -82,12 +83,14 @@ def _sys_argv(argv: list[str]) -> Iterator[None]:
 def _train(argv: list[str]) -> None:
     del argv
     from gerne_jax.core import distributed
-    from gerne_jax.train import trainer
+    from gerne_jax.methods import registry
 
     mesh = FLAGS.config.mesh  # several processes: docs/scaling.md
     distributed.initialize(mesh.distributed, mesh.coordinator_address, mesh.num_processes, mesh.process_id)
     cli.setup_logging(main_process=distributed.is_main_process())
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # SIGTERM: saved, status 143 (cli.run_command)
+    # A run saved before a key existed resumes while the key keeps default.py's value (run_log.check_config).
+    defaults = _load_config(str(config_names()["default"]))
+    registry.train(FLAGS.config, FLAGS.workdir, defaults)  # SIGTERM: saved, status 143 (cli.run_command)
 
 
 def config_names() -> dict[str, pathlib.Path]:
@@ -129,7 +132,9 @@ def help_text(argv: list[str]) -> str:
     width = max(map(len, configs))
     for name, path in configs.items():
         lines.append(f"  {name:<{width}}  {_first_line(path)}")
-    methods = importlib.import_module(f"{CONFIG_PACKAGE}.default").METHODS
+    from gerne_jax.methods import registry  # the method names alone: no JAX
+
+    methods = (*registry.names(), "resample")  # resample: the configs' switch for GERNE with c = 1, beta = 0
     lines += ["", f"switches: method={' | '.join(methods)} (default gerne), written bare (default:erm);",
               "  default and tiny also take model=resnet18|resnet34|resnet50|resnet101|resnet152|tiny "
               "(default:erm,model=resnet18);",

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -38,6 +39,11 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
         devices = [device for p in range(processes)
                    for device in [d for d in devices if d.process_index == p][:per_process]]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def mesh_of(mesh_config: ml_collections.ConfigDict) -> Mesh:
+    """The mesh a config's `mesh` part asks for: `mesh.num_devices` devices, all of them for 0."""
+    return make_mesh(mesh_config.num_devices or None)
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int = 1) -> NamedSharding:

@@ -8,6 +8,7 @@ declared here and nowhere else (docs/design.md §2):
     DATA_DIR/dataset_info.json, features.json, metadata.json          TFDS metadata (written last)
     DATA_DIR/patches.csv                                              one row per patch, no pixels
     DATA_DIR/tiling_report.json                                       tiler settings, each slide's split
+                                                                      (gerne_jax/slides/tiling_report.py)
 
 Example `i` of split `s` in the shards is the row of patches.csv with `split == s` and `index == i`.
 
@@ -41,7 +42,6 @@ IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 PATCHES_CSV = "patches.csv"
 DATASET_INFO_FILE = "dataset_info.json"  # what makes a folder loadable by TFDS; written last
 METADATA_FILE = "metadata.json"          # TFDS's file for `builder.info.metadata`
-TILING_REPORT_FILE = "tiling_report.json"  # `data_pipeline tile`'s report (`write_patch_dataset` writes none)
 
 # Per-patch fields, in patches.csv column order, and their dtypes. The shards hold them too, plus `image`.
 PATCH_FIELDS: dict[str, np.dtype] = {
@@ -88,19 +88,6 @@ def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as error:
         raise DatasetError(f"{path}: cannot read the dataset metadata ({error})") from None
     return from_disk(stored)
-
-
-def read_tiling_report(data_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The DATA_DIR's tiling report, None where it has none: `config`, the tiler's settings (code names),
-    and `slides`, slide id -> its entry (`split`, `status`, patch counts)."""
-    path = pathlib.Path(data_dir) / TILING_REPORT_FILE
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-        return {"config": from_disk(stored["config"]), "slides": dict(stored["slides"])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise DatasetError(f"{path}: cannot read the tiling report ({type(error).__name__}: {error})") from None
 
 
 def read_patch_table(data_dir: str | os.PathLike, split: str | None = None) -> dict[str, np.ndarray]:

@@ -26,22 +26,6 @@ EMPTY_GROUP_POLICIES = ("error", "drop")
 BIASED, LESS_BIASED = 0, 1  # the two batches of a step, on the leading axis of a paired batch
 
 
-class StepSampler:
-    """Base of the batch-index samplers: each step's draws come from a generator seeded by (seed, step),
-    so a resumed run draws exactly what an uninterrupted one would."""
-
-    def __init__(self, seed: int):
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self._seed = int(seed)
-
-    def rng(self, step: int) -> np.random.Generator:
-        """The step's generator; the batch indices are its first draws."""
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
-        return np.random.default_rng([self._seed, int(step)])
-
-
 def alpha_table(counts: np.ndarray) -> np.ndarray:
     """`alpha[y, a] = |X_(y,a)| / |X_y|` from group counts `[K, A]`; rows of empty classes are NaN."""
     counts = np.asarray(counts, dtype=np.float64)

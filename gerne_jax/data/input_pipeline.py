@@ -9,18 +9,11 @@ them on the device, which spares the host the float work and the accelerator's l
 the bytes.
 
 Training (`train_dataset`) yields `{image [R, n, P, P, C] source dtype, label [R, n] int32}` per step, with
-`R` the rows asked for: both batches of GERNE's pair (row 0 biased, row 1 less-biased) or the biased
-batch alone (ERM). `n = N / process_count` is this process's contiguous share of the global batch
-`N = K * A * B`. The indices are always drawn for the pair, so the biased batch of step t is the same
-whichever rows are loaded: ERM and GERNE runs with one seed see the same biased batches.
-
-Sampling within a group (the official `corr` overlap, generalised): a group with biased count `n_b` and
-less-biased count `n_lb` (`groups.BatchPlan`) draws a window of `w = rint(n_b + n_lb - corr * min(n_b,
-n_lb))` distinct members (`round(B * (2 - corr))` when both counts are B, as in the official code). The
-biased batch draws its `n_b` items with replacement from the first `n_b` window items, the less-biased
-batch its `n_lb` items with replacement from the last `n_lb`. A group with fewer than `w` members fills
-the window with successive random permutations of all its members, so items repeat as evenly as
-possible. Each batch is then shuffled, so a process's slice is not one group.
+`R` the rows asked for of a sampler's draws (`gerne_jax.data.samplers`): both batches of GERNE's pair
+(row 0 biased, row 1 less-biased) or the biased batch alone (ERM). `n = N / process_count` is this
+process's contiguous share of the global batch `N = K * A * B`. The indices are always drawn for the
+whole sampler, so the biased batch of step t is the same whichever rows are loaded: ERM and GERNE runs
+with one seed see the same biased batches.
 
 Natural-distribution batches (`natural_batches`, for precise BatchNorm statistics, `gerne_jax.train.batch_stats`):
 each batch draws its examples uniformly without replacement from the whole split, whatever the method's
@@ -41,9 +34,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
-from gerne_jax.data import dataset, groups
+from gerne_jax.data import dataset, samplers
 from gerne_jax.data.groups import BIASED, LESS_BIASED
-from gerne_jax.methods import jtt, training_method
 
 
 class ImageSource(Protocol):
@@ -116,50 +108,6 @@ def load_split(data_dir: str | pathlib.Path, split: str, in_memory: bool = True,
     return {"image": images, **fields}
 
 
-class PairedIndexSampler(groups.StepSampler):
-    """Global example indices of both batches of a step, `[2, N]`, a pure function of (seed, step).
-
-    Row 0 is the biased batch, row 1 the less-biased one, each drawn group by group as the module
-    docstring describes and then shuffled.
-    """
-
-    def __init__(self, plan: groups.BatchPlan, label: np.ndarray, attribute: np.ndarray, seed: int):
-        ids = dataset.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
-        counts = np.bincount(ids, minlength=plan.biased_counts.size).reshape(plan.biased_counts.shape)
-        if not np.array_equal(counts, plan.group_counts):
-            raise ValueError(f"the plan was made for group counts {plan.group_counts.tolist()} but these "
-                             f"labels and attributes give {counts.tolist()}")
-        super().__init__(seed)
-        order = np.argsort(ids, kind="stable")
-        self._members = np.split(order, np.cumsum(counts.ravel())[:-1])
-        self._plan = plan
-
-    def draw(self, rng: np.random.Generator) -> np.ndarray:
-        """Indices `[2, N]` (biased, less-biased) drawn from a fresh `rng(step)`."""
-        plan = self._plan
-        biased, less_biased = [], []
-        for members, n_b, n_lb, window_size in zip(self._members, plan.biased_counts.ravel(),
-                                                     plan.less_biased_counts.ravel(),
-                                                     plan.window_sizes.ravel()):
-            if window_size == 0:
-                continue
-            window = _draw_window(rng, members, window_size)
-            biased.append(window[rng.integers(0, n_b, size=n_b)])
-            less_biased.append(window[window_size - n_lb + rng.integers(0, n_lb, size=n_lb)])
-        return np.stack([rng.permutation(np.concatenate(biased)), rng.permutation(np.concatenate(less_biased))])
-
-    def __call__(self, step: int) -> np.ndarray:
-        return self.draw(self.rng(step))
-
-
-def _draw_window(rng: np.random.Generator, members: np.ndarray, size: int) -> np.ndarray:
-    """`size` distinct members in random order, or successive permutations if the group is smaller."""
-    if members.size >= size:
-        return rng.choice(members, size=size, replace=False)
-    rounds = -(-size // members.size)
-    return np.concatenate([rng.permutation(members) for _ in range(rounds)])[:size]
-
-
 def process_slice(batch_size: int, process_index: int | None = None,
                   process_count: int | None = None) -> slice:
     """This process's contiguous share of a global batch (defaults: `jax.process_index/count()`)."""
@@ -197,40 +145,39 @@ def _image_shape(images: ImageSource) -> tuple[int, int, int]:
     return tuple(images.shape[1:])
 
 
-def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray, plan: groups.BatchPlan, *,
-                  seed: int, start_step: int = 0,
-                  rows: Sequence[int] = (BIASED, LESS_BIASED), flips: bool = False, rotations: bool = False,
-                  process_index: int | None = None, process_count: int | None = None,
-                  with_groups: bool = False, example_weights: np.ndarray | None = None) -> tf.data.Dataset:
+def train_dataset(images: ImageSource, label: np.ndarray, sampler: samplers.StepSampler, *,
+                  start_step: int = 0, rows: Sequence[int] = (BIASED, LESS_BIASED), flips: bool = False,
+                  rotations: bool = False, group: np.ndarray | None = None, process_index: int | None = None,
+                  process_count: int | None = None) -> tf.data.Dataset:
     """The endless stream of training batches; its i-th element is step `start_step + i`.
 
     Args:
       images: `[M, P, P, C]` numpy array or `PatchImages`, any dtype (yielded as it is).
-      label, attribute: `[M]` integers; the plan must have been made from these (`dataset.group_counts`).
-      plan: `groups.make_batch_plan(...)`.
-      seed: step t's indices and augmentations depend only on (seed, t).
-      rows: which of the pair to load, in this order: `(BIASED, LESS_BIASED)` for GERNE, `(BIASED,)` for
-        ERM. Only these images are read; the draws are the pair's whatever the rows.
+      label: `[M]` integers.
+      sampler: each step's global indices `[R', N]` (`gerne_jax.data.samplers`), e.g. the pair of a
+        `PairedIndexSampler` or the single batch of an `UpsampledIndexSampler`.
+      start_step: step t's indices and augmentations depend only on (sampler seed, t).
+      rows: which of the sampler's rows to load, in this order: `(BIASED, LESS_BIASED)` for GERNE,
+        `(BIASED,)` for ERM. Only these images are read; the draws are the sampler's whatever the rows.
       flips, rotations: random flips and 90-degree rotations per image (off by default, as in the papers).
-      process_index, process_count: this process's share (defaults from jax); the global plan is the same
-        on every process.
-      with_groups: also yield each example's group id `y * A + a` as `group` `[R, n]` int32 (GroupDRO).
-      example_weights: `[M]` sampling weights: one class-balanced batch (`rows = (0,)`) drawn with
-        probability proportional to them instead of the pair (`jtt.UpsampledIndexSampler`, JTT).
+      group: `[M]` each example's group id `y * A + a`, yielded as `group` `[R, n]` int32 (GroupDRO);
+        None yields none.
+      process_index, process_count: this process's share (defaults from jax); the global draws are the
+        same on every process.
     """
     if start_step < 0:
         raise ValueError(f"start_step must be non-negative, got {start_step}")
     label = np.asarray(label)
     if images.shape[0] != label.size:
         raise ValueError(f"{images.shape[0]} images but {label.size} labels")
-    sampler = (PairedIndexSampler(plan, label, attribute, seed) if example_weights is None
-               else jtt.UpsampledIndexSampler(plan, label, example_weights, seed))
-    group = dataset.group_ids(label, attribute, plan.num_classes, plan.num_attributes)
+    if group is not None and np.shape(group) != label.shape:
+        raise ValueError(f"group {np.shape(group)} must have one id per example, like label {label.shape}")
     rows = np.asarray(rows, dtype=np.int64)
     if rows.ndim != 1 or not 1 <= rows.size <= 2 or not np.isin(rows, (BIASED, LESS_BIASED)).all():
         raise ValueError(f"rows must name one or both of the pair (0 biased, 1 less-biased), got {rows.tolist()}")
     label = label.astype(np.int32)
-    share = process_slice(plan.batch_size, process_index, process_count)
+    group_ids = np.zeros(label.shape, np.int32) if group is None else np.asarray(group, np.int32)
+    share = process_slice(sampler.batch_size, process_index, process_count)
     local = share.stop - share.start
     image_shape = _image_shape(images)
 
@@ -243,31 +190,20 @@ def train_dataset(images: ImageSource, label: np.ndarray, attribute: np.ndarray,
         batch = images[indices.ravel()]
         if flips or rotations:
             batch = _dihedral(batch, turns.ravel(), mirror.reshape(-1, 2))
-        return batch.reshape(rows.size, local, *image_shape), label[indices], group[indices]
+        return batch.reshape(rows.size, local, *image_shape), label[indices], group_ids[indices]
 
     def to_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
         image, batch_label, batch_group = tf.numpy_function(
             load, [step], [tf.as_dtype(images.dtype), tf.int32, tf.int32], stateful=False)
         batch = {"image": tf.ensure_shape(image, (rows.size, local, *image_shape)),
                  "label": tf.ensure_shape(batch_label, (rows.size, local))}
-        if with_groups:
+        if group is not None:
             batch["group"] = tf.ensure_shape(batch_group, (rows.size, local))
         return batch
 
     batches = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
     batches = batches.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE)
-
-
-def training_batches(method: training_method.TrainingMethod, images: ImageSource, label: np.ndarray,
-                     attribute: np.ndarray, *, start_step: int = 0) -> tf.data.Dataset:
-    """A training method's batches from step `start_step` on (its plan, rows, seed and augmentation),
-    this process's share."""
-    config = method.config
-    return train_dataset(images, label, attribute, method.plan, seed=config.training.seed,
-                         start_step=start_step,
-                         rows=method.rows, flips=config.data.flips, rotations=config.data.rotations,
-                         with_groups=method.uses_groups, example_weights=method.example_weights)
 
 
 # Keeps the precise-BN draws of step t apart from the training draws of step t (`default_rng([seed, t])`).
@@ -292,7 +228,7 @@ def natural_batches(images: ImageSource, *, num_batches: int, batch_size: int, s
 
     def load(batch: np.ndarray) -> np.ndarray:
         rng = np.random.default_rng([int(seed), int(step), _NATURAL_STREAM, int(batch)])
-        indices = _draw_window(rng, np.arange(num_examples), batch_size)
+        indices = samplers.draw_window(rng, np.arange(num_examples), batch_size)
         return images[indices[share]]
 
     def to_batch(batch: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -14,7 +14,8 @@ the same work is one elementwise pass that XLA fuses.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,11 @@ class Standardiser:
         mean, std = channel_statistics(channel_mean, channel_std, num_channels)
         replicated = sharding.replicated_sharding(mesh)
         self.mean, self.std = jax.device_put(mean, replicated), jax.device_put(std, replicated)
+
+    @classmethod
+    def of(cls, metadata: Mapping[str, Any], mesh: Mesh, num_channels: int | None = None) -> Standardiser:
+        """The standardiser of a DATA_DIR's metadata (`dataset.read_metadata`, or a run's data spec's copy)."""
+        return cls(metadata["channel_mean"], metadata["channel_std"], mesh, num_channels)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return _jitted_standardise(images, self.mean, self.std)

@@ -2,7 +2,8 @@
 
 Groups are computed here, at evaluation time, from each example's tissue ratio, so a checkpoint can be
 evaluated for any tau without retraining. One `Evaluator` serves the training loop (validation) and
-`evaluate.py` (any split, any checkpoint, through `evaluate_run`).
+`evaluate.py` (any split, any checkpoint, through `evaluate_run`); it predicts with `forward`'s function,
+as whole-slide prediction does.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,24 +20,13 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gerne_jax.core import files, sharding
+from gerne_jax.core import files
 from gerne_jax.data import dataset, normalisation
-from gerne_jax.evaluation import metrics, reports
-from gerne_jax.runs import checkpoints, run_log
-from gerne_jax.train import experiment
-from gerne_jax.train.train_state import TrainState
+from gerne_jax.evaluation import forward, metrics, reports
+from gerne_jax.models import resnet
+from gerne_jax.runs import run as run_lib
 
 Report = dict[str, Any]
-
-
-@jax.jit
-def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
-    """Inference-mode class probabilities [N, K] (float32) of images [N, H, W, C]."""
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    logits = state.apply_fn(variables, images, train=False)
-    return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
 
 def tau_key(taus: Sequence[float]) -> str:
@@ -72,28 +62,26 @@ class Evaluator:
 
     Args:
       split: `input_pipeline.load_split` output (images, labels, tissue ratios).
+      model: the network; `predict` and `run` take its variables.
       taus_list: one report per tuple of thresholds (`[(0.1,), (0.03, 0.1)]`).
       batch_size: global evaluation batch size.
       mesh: the devices; batches are sharded over them.
-      channel_mean, channel_std: the training DATA_DIR's normalisation (its metadata, as the run stored it).
+      standardise: the training DATA_DIR's normalisation (`Standardiser.of` its metadata, as the run stored it).
       name: shown on the progress bar.
     """
 
-    def __init__(self, split: Mapping[str, Any], *, taus_list: Sequence[Sequence[float]], batch_size: int,
-                 mesh: Mesh, channel_mean: Sequence[float], channel_std: Sequence[float],
-                 name: str = "evaluating"):
+    def __init__(self, split: Mapping[str, Any], model: resnet.ResNet, *, taus_list: Sequence[Sequence[float]],
+                 batch_size: int, mesh: Mesh, standardise: normalisation.Standardiser, name: str = "evaluating"):
         self.split = split
         self.taus_list = [tuple(taus) for taus in taus_list]
         self.batch_size = batch_size
-        self.mesh = mesh
-        self.standardise = normalisation.Standardiser(channel_mean, channel_std, mesh,
-                                                      num_channels=split["image"].shape[-1])
+        self._predictor = forward.BatchPredictor(model, standardise, mesh, batch_size)
         self.name = name
 
-    def predict(self, state: TrainState, step_fn: Callable[[TrainState, jax.Array], jax.Array] = eval_step,
-                ) -> np.ndarray:
-        """Class probabilities `[M, K]` of every example, in index order (or `step_fn(state, images)`'s rows)."""
-        from gerne_jax.data import input_pipeline  # TensorFlow: loaded only to read a split (not by predict.py
+    def predict(self, variables: Mapping[str, Any], output: forward.Forward = forward.probabilities) -> np.ndarray:
+        """Class probabilities `[M, K]` of every example for the model's `variables` (`{"params",
+        "batch_stats"}`), in index order (or the rows of `output`, e.g. `forward.embeddings`)."""
+        from gerne_jax.data import input_pipeline  # TensorFlow: loaded only to read a split (not by predict.py)
 
         batches = input_pipeline.eval_dataset(self.split["image"], batch_size=self.batch_size)
         num_examples = len(self.split["label"])
@@ -101,16 +89,16 @@ class Evaluator:
         for batch in tqdm.tqdm(batches.as_numpy_iterator(), total=-(-num_examples // self.batch_size),
                                desc=self.name, leave=False, unit="batch",
                                disable=jax.process_index() != 0):
-            images = self.standardise(sharding.shard_batch(batch, self.mesh, batch_axis=0)["image"])
-            outputs.append(np.asarray(multihost_utils.process_allgather(step_fn(state, images), tiled=True)))
+            result = self._predictor(variables, batch["image"], output)
+            outputs.append(np.asarray(multihost_utils.process_allgather(result, tiled=True)))
         # Global batches in index order; the padding sits at the very end.
         return np.concatenate(outputs)[:num_examples]
 
     def report(self, probabilities: np.ndarray) -> dict[str, Report]:
         return report_per_tau(probabilities, self.split["label"], self.split["tissue_ratio"], self.taus_list)
 
-    def run(self, state: TrainState) -> dict[str, Report]:
-        return self.report(self.predict(state))
+    def run(self, variables: Mapping[str, Any]) -> dict[str, Report]:
+        return self.report(self.predict(variables))
 
 
 @dataclasses.dataclass
@@ -127,62 +115,34 @@ class RunEvaluation:
     reports: dict[str, Report]        # tau key -> report
 
 
-def restore_checkpoint(workdir: str | os.PathLike, checkpoint: str, config: Any, patch_shape: tuple[int, ...],
-                       mesh: Mesh, data_source: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
-    """A run's checkpoint (best_wga|best_bca|...|latest|STEP) restored into the state `config` describes for
-    patches of `patch_shape`, and its meta; a state of another shape is an error naming the data.
-
-    Nothing is read from `data_source`: it is where `patch_shape` came from (a DATA_DIR, a run's
-    data_spec.json), named in that error only.
-    """
-    model = experiment.create_model(config)
-    target = experiment.abstract_state(config, model, patch_shape, mesh)
-    run_checkpoints = checkpoints.RunCheckpoints(workdir, read_only=True)
-    try:
-        return run_checkpoints.restore(checkpoint, target)
-    except checkpoints.DamagedCheckpointError:
-        raise
-    except checkpoints.CheckpointError as error:  # a state shaped otherwise than this model and data
-        if not run_checkpoints.has(checkpoint):
-            raise
-        raise checkpoints.CheckpointError(
-            f"{error} (does the run's config match the data in {data_source}? patches there are "
-            f"{patch_shape}, model {config.model.name})") from None
-    finally:
-        run_checkpoints.close()
-
-
 def evaluate_run(workdir: str | os.PathLike, checkpoint: str = "best_wga", split_name: str = "test", *,
                  data_dir: str | None = None, taus_list: Sequence[Sequence[float]] | None = None,
                  split_cache: dict[str, Any] | None = None) -> RunEvaluation:
-    """Restores a run's checkpoint and evaluates it on a split of its DATA_DIR (or `data_dir`).
+    """Restores a run's checkpoint (its network only: `run.Run.restore_model`) and evaluates it on a split
+    of its DATA_DIR (or `data_dir`).
 
     The patches come from that DATA_DIR; their normalisation is the run's own, the channel mean and std
     of its data spec (`run_log.read_data_spec`; the same numbers as the DATA_DIR's it was trained on).
     `taus_list` defaults to the run's own thresholds. `split_cache` (a dict kept by the caller) lets
     several runs on the same data load the split once.
     """
-    workdir = pathlib.Path(workdir)
-    config = run_log.read_config(workdir)
-    data_dir = data_dir or config.data.dir
+    opened = run_lib.Run.open(workdir, data_dir=data_dir)
+    data_dir = str(opened.data_dir)
     split_cache = {} if split_cache is None else split_cache
     if (data_dir, split_name) not in split_cache:
         from gerne_jax.data import input_pipeline
 
-        split_cache[data_dir, split_name] = (dataset.read_metadata(data_dir), input_pipeline.load_split(
-            data_dir, split_name, in_memory=config.data.in_memory))
-    data_metadata, split = split_cache[data_dir, split_name]
-    stored = run_log.read_data_spec(workdir)
-    # A run trained before runs stored their data spec is normalised with its DATA_DIR's values, as then.
-    metadata = stored.metadata if stored is not None else data_metadata
-    mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    state, meta = restore_checkpoint(workdir, checkpoint, config, tuple(split["image"].shape[1:]), mesh, data_dir)
-    evaluator = Evaluator(split, taus_list=taus_list or [tuple(config.data.taus)],
-                          batch_size=config.data.eval_batch_size, mesh=mesh,
-                          channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],
-                          name=f"{workdir.name} {split_name}")
-    probabilities = evaluator.predict(state)
-    return RunEvaluation(workdir=workdir, checkpoint=checkpoint, checkpoint_meta=meta, split_name=split_name,
+        split_cache[data_dir, split_name] = input_pipeline.load_split(data_dir, split_name,
+                                                                      in_memory=opened.config.data.in_memory)
+    split = split_cache[data_dir, split_name]
+    restored, meta = opened.restore_model(checkpoint, tuple(split["image"].shape[1:]), data_dir)
+    evaluator = Evaluator(split, restored.module, taus_list=taus_list or [tuple(opened.config.data.taus)],
+                          batch_size=opened.config.data.eval_batch_size, mesh=opened.mesh,
+                          standardise=normalisation.Standardiser.of(opened.metadata, opened.mesh,
+                                                                    num_channels=split["image"].shape[-1]),
+                          name=f"{opened.workdir.name} {split_name}")
+    probabilities = evaluator.predict(restored.variables)
+    return RunEvaluation(workdir=opened.workdir, checkpoint=checkpoint, checkpoint_meta=meta, split_name=split_name,
                          split=split, probabilities=probabilities, taus_list=evaluator.taus_list,
                          reports=evaluator.report(probabilities))
 

@@ -2,8 +2,8 @@
 
 A `train.py` run with `method.name = "dfr"` takes another run's checkpoint (the base, usually ERM:
 `method.dfr.base_workdir`, `method.dfr.base_checkpoint`), freezes everything but its classifier `fc`
-and refits that layer on held-out data. DFR is one fit, not a sequence of gradient steps, so
-`trainer.train_and_evaluate` hands the run to `train_last_layer` instead of the step loop.
+and refits that layer on held-out data. DFR is one fit, not a sequence of gradient steps, so its
+method (`Dfr`) trains with `train_last_layer` instead of the shared step loop.
 
 The held-out data is the validation split: DFR trains on validation labels and groups. A seeded
 permutation stratified by group (`method.dfr.split_seed`) cuts it into half A, which fits the layer,
@@ -37,9 +37,9 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
@@ -47,12 +47,12 @@ from sklearn.preprocessing import StandardScaler
 
 from gerne_jax.core import distributed, files, sharding
 from gerne_jax.core.errors import ConfigError, InputError
-from gerne_jax.data import dataset
-from gerne_jax.evaluation import evaluate
-from gerne_jax.methods import training_method
-from gerne_jax.models import pretrained, resnet
+from gerne_jax.data import dataset, normalisation
+from gerne_jax.evaluation import evaluate, forward
+from gerne_jax.models import factory, pretrained, resnet
 from gerne_jax.runs import checkpoints, run_log
-from gerne_jax.train import experiment, train_state
+from gerne_jax.runs import run as run_lib
+from gerne_jax.train import extrapolation, method, train_state, trainer
 from gerne_jax.train.train_state import TrainState
 
 REPORT_FILE = "dfr.json"
@@ -170,18 +170,8 @@ def fit_last_layer(features: np.ndarray, label: np.ndarray, tissue_ratio: np.nda
                half_b_report=reports[best])
 
 
-@jax.jit
-def embed_step(state: TrainState, images: jax.Array) -> jax.Array:
-    """Inference-mode penultimate embeddings [N, D] (float32) of images [N, H, W, C]."""
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    _, captured = state.apply_fn(variables, images, train=False, mutable=[resnet.EMBEDDING])
-    return captured[resnet.EMBEDDING][resnet.EMBEDDING][0].astype(jnp.float32)
-
-
-def with_last_layer(config: ml_collections.ConfigDict, model: resnet.ResNet, base: TrainState, layer: LastLayer,
-                    patch_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
+def with_last_layer(config: ml_collections.ConfigDict, model: resnet.ResNet, base: run_lib.RestoredModel,
+                    layer: LastLayer, patch_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
     """A fresh train state of `config` (its optimiser) holding `base`'s network with `fc` replaced by `layer`."""
     params = flax.core.unfreeze(jax.device_get(base.params))
     fc = params["fc"]
@@ -190,8 +180,14 @@ def with_last_layer(config: ml_collections.ConfigDict, model: resnet.ResNet, bas
     params["fc"] = {"kernel": np.asarray(layer.kernel, np.float32), "bias": np.asarray(layer.bias, np.float32)}
     variables = {"params": params, "batch_stats": jax.device_get(base.batch_stats)}
     state = train_state.create_train_state(jax.random.key(config.training.seed), model, (1, *patch_shape),
-                                           training_method.make_optimizer(config), variables)
+                                           optimizer(config), variables)
     return sharding.replicate(state.replace(step=config.training.steps), mesh)
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """The saved state's optimiser: the common one (DFR takes no step with it)."""
+    return extrapolation.optimizer_from_config(config.optimizer, config.training.steps,
+                                               extrapolation.beta_schedule(config.method))
 
 
 def check_config(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, ml_collections.ConfigDict, str | int]:
@@ -231,7 +227,8 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, ml_co
     return workdir, base_config, checkpoint
 
 
-def train_last_layer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
+def train_last_layer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                     config_defaults: ml_collections.ConfigDict | None = None) -> TrainState:
     """Runs DFR in `workdir` per `config` (see the module docstring); returns the DFR network's state.
 
     The config, the base run and the data are checked before anything is written (ConfigError or
@@ -248,27 +245,29 @@ def train_last_layer(config: ml_collections.ConfigDict, workdir: str | pathlib.P
         raise InputError(f"{config.data.dir}: DFR fits its last layer on the validation split, which has no "
                          f"{', '.join(dataset.CLASS_NAMES[y] for y in missing)} patches")
     patch_shape = tuple(validation["image"].shape[1:])
-    mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    model = experiment.create_model(config)
-    base, base_meta = evaluate.restore_checkpoint(base_workdir, base_checkpoint, base_config, patch_shape, mesh,
-                                                    config.data.dir)
+    mesh = sharding.mesh_of(config.mesh)
+    model = factory.create_model(config.model)
+    base, base_meta = run_lib.Run.open(base_workdir, mesh=mesh).restore_model(base_checkpoint, patch_shape,
+                                                                              config.data.dir)
     steps = config.training.steps
     with distributed.main_process_lock(workdir, "training"):
-        run_log.check_config(workdir, config)
+        run_log.check_config(workdir, config, config_defaults)
         if distributed.is_main_process():
-            run_log.write_config(workdir, config)
+            run_log.write_config(workdir, config, config_defaults)
         ckpt = checkpoints.RunCheckpoints(workdir)
         try:
             if (workdir / REPORT_FILE).is_file() and ckpt.latest_step() == steps:
                 log.info("%s holds a finished DFR run; nothing to do", workdir)
                 state, _ = ckpt.restore(checkpoints.LATEST,
-                                        experiment.abstract_state(config, model, patch_shape, mesh))
+                                        train_state.abstract_state(model, optimizer(config), patch_shape, mesh,
+                                                                   config.training.seed))
                 return state
-            evaluator = evaluate.Evaluator(validation, taus_list=[tuple(config.data.taus)],
-                                             batch_size=config.data.eval_batch_size, mesh=mesh,
-                                             channel_mean=metadata["channel_mean"],
-                                             channel_std=metadata["channel_std"], name="DFR features")
-            features = evaluator.predict(base, embed_step).astype(np.float64)
+            evaluator = evaluate.Evaluator(
+                validation, base.module, taus_list=[tuple(config.data.taus)],
+                batch_size=config.data.eval_batch_size, mesh=mesh,
+                standardise=normalisation.Standardiser.of(metadata, mesh, num_channels=patch_shape[-1]),
+                name="DFR features")
+            features = evaluator.predict(base.variables, forward.embeddings).astype(np.float64)
             settings = config.method.dfr
             log.info("DFR: %d validation embeddings of %d features from %s (%s, step %d)", len(features),
                      features.shape[1], base_workdir, base_checkpoint, base_meta["step"])
@@ -298,3 +297,16 @@ def train_last_layer(config: ml_collections.ConfigDict, workdir: str | pathlib.P
             return state
         finally:
             ckpt.close()
+
+
+class Dfr(method.Method):
+    """DFR (`method.name = "dfr"`): no step loop, one fit of the base run's last layer."""
+
+    def train(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+              config_defaults: ml_collections.ConfigDict | None = None) -> TrainState:
+        workdir = pathlib.Path(workdir)
+        state = train_last_layer(config, workdir, config_defaults)
+        # After the fit, not before: DFR checks its config and base run before it writes anything.
+        with distributed.main_process_lock(workdir, "training"):
+            trainer.record_data_spec(workdir, run_log.data_spec_of(config.data.dir))
+        return state

@@ -13,9 +13,13 @@ zero loss). The losses entering `q` are plain cross-entropies, so `eta` means wh
 paper whatever `method.divide_loss_by_num_classes` does to the gradient's scale.
 
 `q` lives in the optimiser state (`track_group_weights`, chained before the common optimiser by
-`methods.make_optimizer`): it is saved and restored with every checkpoint, so a resumed run continues
+`GroupDro.optimizer`): it is saved and restored with every checkpoint, so a resumed run continues
 with the weights it stopped with. The step reads it (`group_weights`), computes the new weights with
 `update_group_weights` and hands them to the optimiser as the extra argument `group_weights`.
+
+The method (`GroupDro`, `method.name = "group_dro"`) trains on one batch with each example's group:
+group-balanced (`method.group_dro.sampling = "balanced"`: the less-biased row with c = 1, as in the
+official GroupDRO runs) or natural (the biased row).
 """
 from __future__ import annotations
 
@@ -27,6 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from gerne_jax.core.errors import ConfigError
+from gerne_jax.data import samplers
+from gerne_jax.data.groups import BIASED, LESS_BIASED
+from gerne_jax.train import method, train_step, trainer
+
+SAMPLING = ("balanced", "natural")
 
 
 class GroupWeightsState(NamedTuple):
@@ -86,7 +97,7 @@ def adjustments(group_counts: np.ndarray, strength: float) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class RobustLoss:
-    """The objective of the GroupDRO train step (`train_step.make_train_step(objective=...)`).
+    """The objective of the GroupDRO train step (`train_step.objective`).
 
     Attributes:
       eta: step size of the group weights.
@@ -125,3 +136,51 @@ class RobustLoss:
         metrics = {"worst_group_loss": jnp.max(jnp.where(present, group_losses, -jnp.inf)),
                    **{f"group_weight/{name}": q[g] for g, name in enumerate(self.group_names)}}
         return robust, {"group_weights": q}, metrics
+
+
+class GroupDro(method.Method):
+    """GroupDRO: one batch with its groups under the robust loss (see the module docstring)."""
+
+    uses_groups = True
+
+    def prepare(self, train: dict[str, Any], attribute: np.ndarray, context: trainer.Context) -> None:
+        self.config, self.attribute, self.label = context.config, attribute, train["label"]
+        settings = self.config.method.group_dro
+        if settings.sampling not in SAMPLING:
+            raise ConfigError(f"config method.group_dro.sampling must be one of {SAMPLING}, got {settings.sampling!r}")
+        if not (np.isfinite(settings.eta) and settings.eta >= 0):
+            raise ConfigError(f"config method.group_dro.eta = {settings.eta} must be a number >= 0")
+        if not (np.isfinite(settings.adjustment) and settings.adjustment >= 0):
+            raise ConfigError(f"config method.group_dro.adjustment = {settings.adjustment} must be a number >= 0")
+        # c = 1: the balanced row; the natural row does not depend on c.
+        self.plan = method.batch_plan(self.config, self.label, attribute, c=1.0, beta=0.0)
+
+    def sampler(self, seed: int) -> samplers.StepSampler:
+        return samplers.PairedIndexSampler(self.plan, self.label, self.attribute, seed)
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return (LESS_BIASED,) if self.config.method.group_dro.sampling == "balanced" else (BIASED,)
+
+    def optimizer(self) -> optax.GradientTransformationExtraArgs:
+        """The common optimiser after the group weights, so that they are saved and restored with the state."""
+        num_groups = self.plan.num_classes * self.plan.num_attributes
+        return optax.chain(track_group_weights(num_groups), super().optimizer())
+
+    def robust_loss(self) -> RobustLoss:
+        """GroupDRO's objective for these training groups."""
+        settings = self.config.method.group_dro
+        names = [self.plan.group_name(y, a) for y in range(self.plan.num_classes)
+                 for a in range(self.plan.num_attributes)]
+        return RobustLoss(eta=float(settings.eta), group_names=names,
+                          adjustment=adjustments(self.plan.group_counts, settings.adjustment))
+
+    def gradients(self) -> train_step.GradientFn:
+        return train_step.objective(self.robust_loss())
+
+    def describe(self) -> str:
+        settings = self.config.method.group_dro
+        batch = "the less-biased batch (c = 1: group-balanced)" if self.rows == (LESS_BIASED,) else (
+            "the biased batch (natural group shares within each class)")
+        return (f"{self.plan.describe()}\nGroupDRO trains on {batch} alone ({self.plan.batch_size} examples per "
+                f"step), eta = {settings.eta:g}, group adjustment C = {settings.adjustment:g}.")

@@ -7,7 +7,8 @@ the misclassified examples, the error set. The predictions are cached in the ide
 (`gerne_jax.methods.reference_run`), so every second run of a grid over lambda reuses one prediction pass. The
 second run then trains ERM with every error example drawn `lambda` times as often as the other
 examples of its class (`method.jtt.upweight`): class-balanced batches like ERM's, `A * B` draws per
-class, each with probability proportional to its weight (1, or lambda for an error example).
+class, each with probability proportional to its weight (1, or lambda for an error example):
+`samplers.UpsampledIndexSampler`.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gerne_jax.core.errors import ConfigError
-from gerne_jax.data import groups
+from gerne_jax.data import samplers
+from gerne_jax.data.groups import BIASED
 from gerne_jax.methods import reference_run
 from gerne_jax.runs import checkpoints
+from gerne_jax.train import method, train_step, trainer
 
 
 def error_set(probabilities: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -34,32 +37,6 @@ def example_weights(errors: np.ndarray, upweight: float) -> np.ndarray:
         raise ConfigError(f"config method.jtt.upweight = {upweight} must be a number >= 1 (lambda: how many "
                           "times as often an error example is drawn)")
     return np.where(np.asarray(errors, bool), float(upweight), 1.0)
-
-
-class UpsampledIndexSampler(groups.StepSampler):
-    """Global example indices of a step's single batch, `[1, N]`, a pure function of (seed, step).
-
-    Class y gets the plan's `A * B` places (class-balanced, like ERM's biased batch), drawn with
-    replacement with probability proportional to each member's weight; the batch is then shuffled.
-    Same interface as `input_pipeline.PairedIndexSampler` (`rng(step)`, `draw(rng)`).
-    """
-
-    def __init__(self, plan: groups.BatchPlan, label: np.ndarray, weights: np.ndarray, seed: int):
-        label, weights = np.asarray(label), np.asarray(weights, np.float64)
-        if weights.shape != label.shape or np.any(~np.isfinite(weights) | (weights < 0)):
-            raise ValueError(f"weights must be {label.shape} finite non-negative numbers, got shape {weights.shape}")
-        super().__init__(seed)
-        self._members = [np.flatnonzero(label == y) for y in range(plan.num_classes)]
-        self._probabilities = [weights[m] / weights[m].sum() for m in self._members]
-        self._per_class = plan.biased_counts.sum(axis=1)
-
-    def draw(self, rng: np.random.Generator) -> np.ndarray:
-        drawn = [rng.choice(members, size=count, p=p)
-                 for members, p, count in zip(self._members, self._probabilities, self._per_class)]
-        return rng.permutation(np.concatenate(drawn))[None]
-
-    def __call__(self, step: int) -> np.ndarray:
-        return self.draw(self.rng(step))
 
 
 def identification_errors(config: ml_collections.ConfigDict, train: dict[str, Any], metadata: dict[str, Any],
@@ -78,3 +55,31 @@ def identification_errors(config: ml_collections.ConfigDict, train: dict[str, An
         expected_run="a finished ERM run of T steps on the same data (train.py --config "
                      "configs/default.py:erm --config.training.steps=T)")
     return error_set(probabilities, train["label"])
+
+
+class Jtt(method.Method):
+    """JTT's second run (`method.name = "jtt"`): ERM's single class-balanced batch, drawn with the
+    identification run's error set upweighted by lambda."""
+
+    def prepare(self, train: dict[str, Any], attribute: np.ndarray, context: trainer.Context) -> None:
+        self.config, self.attribute, self.label = context.config, attribute, train["label"]
+        errors = identification_errors(self.config, train, context.metadata, context.mesh)
+        self.weights = example_weights(errors, self.config.method.jtt.upweight)
+        # The plan only sizes the class-balanced batch; beta = 0 is any valid value.
+        self.plan = method.batch_plan(self.config, self.label, attribute, c=self.config.method.c, beta=0.0)
+
+    def sampler(self, seed: int) -> samplers.StepSampler:
+        return samplers.UpsampledIndexSampler(self.plan, self.label, self.weights, seed)
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return (BIASED,)  # the sampler's single row
+
+    def gradients(self) -> train_step.GradientFn:
+        return train_step.single_batch
+
+    def describe(self) -> str:
+        upweighted = int(np.sum(self.weights > 1))
+        return (f"{self.plan.describe()}\nJTT trains on one class-balanced batch ({self.plan.batch_size} examples "
+                f"per step) drawn with the identification run's {upweighted} misclassified training examples (of "
+                f"{self.weights.size}) upweighted x {self.config.method.jtt.upweight:g}.")

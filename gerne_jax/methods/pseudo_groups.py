@@ -49,13 +49,9 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Refuses (ConfigError naming the key) a pseudo-group config that cannot run."""
-    settings = config.method.pseudo_groups
-    if config.method.name != "gerne":
-        raise ConfigError(f"config method.pseudo_groups.scoring_workdir = {settings.scoring_workdir!r} is read by "
-                          f"method.name = 'gerne' only (GERNE or resampling on pseudo-groups), not "
-                          f"{config.method.name!r}; leave it empty")
-    fraction = settings.fraction
+    """Refuses (ConfigError naming the key) a pseudo-group config that cannot run (the registry refuses
+    pseudo-groups for methods other than GERNE)."""
+    fraction = config.method.pseudo_groups.fraction
     if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0.0 < fraction < 1.0):
         raise ConfigError(f"config method.pseudo_groups.fraction = {fraction!r} must lie in (0, 1) (t: the share "
                           "of each class with the lowest true-class probability that forms its pseudo-minority)")

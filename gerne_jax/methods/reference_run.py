@@ -19,7 +19,9 @@ from jax.sharding import Mesh
 
 from gerne_jax.core import distributed, files
 from gerne_jax.core.errors import ConfigError, InputError
+from gerne_jax.data import normalisation
 from gerne_jax.runs import checkpoints, run_log
+from gerne_jax.runs import run as run_lib
 
 
 def cache_file(workdir: str | pathlib.Path, checkpoint: str, step: int) -> pathlib.Path:
@@ -87,13 +89,14 @@ def training_probabilities(config: ml_collections.ConfigDict, train: dict[str, A
 
     from gerne_jax.evaluation import evaluate  # it imports the methods, which import JTT and this module
 
-    state, _ = evaluate.restore_checkpoint(path, str(checkpoint), reference, tuple(train["image"].shape[1:]),
-                                             mesh, config.data.dir)
-    evaluator = evaluate.Evaluator(train, taus_list=[tuple(config.data.taus)],
-                                     batch_size=config.data.eval_batch_size, mesh=mesh,
-                                     channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],
-                                     name=f"{path.name} {checkpoint} on the training split")
-    probabilities = evaluator.predict(state).astype(np.float32)
+    model, _ = run_lib.Run.open(path, mesh=mesh).restore_model(str(checkpoint), tuple(train["image"].shape[1:]),
+                                                               config.data.dir)
+    evaluator = evaluate.Evaluator(train, model.module, taus_list=[tuple(config.data.taus)],
+                                   batch_size=config.data.eval_batch_size, mesh=mesh,
+                                   standardise=normalisation.Standardiser.of(metadata, mesh,
+                                                                             num_channels=train["image"].shape[-1]),
+                                   name=f"{path.name} {checkpoint} on the training split")
+    probabilities = evaluator.predict(model.variables).astype(np.float32)
     if distributed.is_main_process():
         with files.atomic_write(cache) as temporary, open(temporary, "wb") as file:
             np.savez(file, probabilities=probabilities, label=label, step=step, checkpoint=str(checkpoint))

@@ -1,11 +1,11 @@
 """Batched, mesh-sharded inference of a trained run on a stream of patches (whole-slide prediction).
 
-`load_run` restores a run's checkpoint (as `evaluate.py` does) with the data spec the run stored when
-it was trained (`run_log.DataSpec`: patch shape, channels, dtype, the DATA_DIR's channel mean and std,
-tiling settings), so a workdir predicts without its training data. `PatchClassifier` standardises raw patches on
-the device with training's and evaluation's own function (`normalisation.standardise`, fused into the
-jitted forward pass) and returns the tumour probability of `evaluate.eval_step`, so a patch gets the
-probability `evaluate.py` gives it.
+`load_run` restores a run's checkpoint (its network only, as `evaluate.py` does: `run.Run.restore_model`)
+with the data spec the run stored when it was trained (`run_log.DataSpec`: patch shape, channels, dtype,
+the DATA_DIR's channel mean and std, tiling settings), so a workdir predicts without its training data.
+`PatchClassifier` runs evaluation's own forward pass (`forward.probabilities`: training's standardisation
+on the device, the model in inference mode, the softmax), so a patch gets the probability `evaluate.py`
+gives it.
 
 Host reading and device compute overlap: `ordered_map` runs a pool of reader threads (mask
 arithmetic and copies in parallel with the tile decoding on `tiff_windows`' pool) that keeps a bounded
@@ -19,7 +19,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
-import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -27,12 +26,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from gerne_jax.core import sharding
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset, normalisation
-from gerne_jax.evaluation import evaluate
-from gerne_jax.runs import run_log
-from gerne_jax.train.train_state import TrainState
+from gerne_jax.evaluation import forward
+from gerne_jax.runs import run as run_lib
 
 # Batches on the device at once in `predict_batches`, and the batch arrays `rebatch` cycles through for it.
 PIPELINE_DEPTH = 2
@@ -41,87 +38,54 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-@dataclasses.dataclass
-class RestoredRun:
-    """A run's checkpoint ready for prediction, and the data spec of the data it was trained on."""
+@dataclasses.dataclass(frozen=True)
+class RestoredRun(run_lib.Run):
+    """A run with one checkpoint's network restored, ready for prediction."""
 
-    workdir: pathlib.Path
     checkpoint: str
-    checkpoint_meta: dict[str, Any]
-    config: Any
-    data_dir: pathlib.Path     # the run's DATA_DIR (its data.dir or the override); read only for an old run
-    data_spec: run_log.DataSpec
-    state: TrainState
-    mesh: Mesh
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The training DATA_DIR's metadata (code names), as the run stored it."""
-        return self.data_spec.metadata
+    checkpoint_meta: dict[str, Any]   # step, config, the validation metrics it was chosen on
+    model: run_lib.RestoredModel
 
 
 def load_run(workdir: str | os.PathLike, checkpoint: str = "best_wga",
              data_dir: str | os.PathLike | None = None) -> RestoredRun:
-    """Restores `checkpoint` of the run in `workdir`; the patch shape, normalisation and tiling settings
-    come from the run's data spec (`run_log.read_data_spec`), not from its DATA_DIR.
-
-    A run trained before runs stored their data spec has none: its DATA_DIR is read instead, as such a
-    run always was (`data_dir` overrides the run's `data.dir`, e.g. after moving it; it is not read for
-    a run with a data spec).
-    """
-    workdir = pathlib.Path(workdir)
-    config = run_log.read_config(workdir)
-    data_dir = pathlib.Path(data_dir or config.data.dir)
-    # Old runs (no data_spec.json) keep working exactly as before: their DATA_DIR's current content.
-    data_spec = run_log.read_data_spec(workdir) or run_log.data_spec_of(data_dir)
-    metadata = data_spec.metadata
-    patch_shape = (int(metadata["patch_size"]), int(metadata["patch_size"]), len(metadata["channel_names"]))
-    mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    state, meta = evaluate.restore_checkpoint(workdir, checkpoint, config, patch_shape, mesh, data_spec.source)
-    return RestoredRun(workdir, checkpoint, meta, config, data_dir, data_spec, state, mesh)
-
-
-def _tumour_probability(state: TrainState, images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-    # Training's normalisation, fused with evaluation's forward pass and softmax.
-    return evaluate.eval_step(state, normalisation.standardise(images, mean, std))
+    """Restores `checkpoint` of the run in `workdir` (`run.Run.open`: `data_dir` is read only for a run
+    trained before runs stored their data spec, and overrides its `data.dir`); the patch shape,
+    normalisation and tiling settings come from the run's data spec, not from its DATA_DIR."""
+    opened = run_lib.Run.open(workdir, data_dir)
+    model, meta = opened.restore_model(checkpoint)
+    return RestoredRun(**{field.name: getattr(opened, field.name) for field in dataclasses.fields(opened)},
+                       checkpoint=checkpoint, checkpoint_meta=meta, model=model)
 
 
 class PatchClassifier:
     """Class probabilities of raw patches `[n, P, P, C]` (source dtype), in fixed-size sharded batches.
 
     Args:
-      state: a restored train state (replicated on `mesh`).
+      model: a restored network (replicated on `mesh`).
       mesh: the devices; each batch is split over them.
-      channel_mean, channel_std: the training data's normalisation, in source units (the run's data spec).
+      standardise: the training data's normalisation (`Standardiser.of` the run's data spec's metadata).
       batch_size: patches per call, rounded up to a multiple of the mesh size; smaller inputs are
         zero-padded, so one compiled program serves every call.
     """
 
-    def __init__(self, state: TrainState, mesh: Mesh, channel_mean: Sequence[float],
-                 channel_std: Sequence[float], batch_size: int):
+    def __init__(self, model: run_lib.RestoredModel, mesh: Mesh, standardise: normalisation.Standardiser,
+                 batch_size: int):
         if batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-        self._standardiser = normalisation.Standardiser(channel_mean, channel_std, mesh)
         devices = mesh.devices.size
         self.batch_size = -(-batch_size // devices) * devices
-        self.state, self.mesh = state, mesh
-        self._predict = jax.jit(_tumour_probability)
+        self.model = model
+        self._predictor = forward.BatchPredictor(model.module, standardise, mesh, self.batch_size)
 
     @classmethod
     def from_run(cls, run: RestoredRun, batch_size: int) -> PatchClassifier:
-        return cls(run.state, run.mesh, run.metadata["channel_mean"], run.metadata["channel_std"], batch_size)
+        return cls(run.model, run.mesh, normalisation.Standardiser.of(run.metadata, run.mesh), batch_size)
 
     def dispatch(self, images: np.ndarray) -> jax.Array:
         """Starts the model on up to `batch_size` patches; returns the (asynchronous) `[batch_size, K]`
         probabilities, of which the first `len(images)` rows are the patches'."""
-        if len(images) > self.batch_size:
-            raise ValueError(f"{len(images)} patches for a batch of {self.batch_size}")
-        if len(images) < self.batch_size:
-            padded = np.zeros((self.batch_size, *images.shape[1:]), images.dtype)
-            padded[:len(images)] = images
-            images = padded
-        placed = sharding.shard_batch({"image": images}, self.mesh, batch_axis=0)["image"]
-        return self._predict(self.state, placed, self._standardiser.mean, self._standardiser.std)
+        return self._predictor(self.model.variables, images)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities `[n, K]` float32 of any number of patches (blocking)."""

@@ -5,14 +5,15 @@ Layout under `WORKDIR/checkpoints/`:
 - `best_wga/<step>/`, `best_bca/<step>/`, ...: the single state with the best validation value of
   that metric so far (ties keep the earlier step).
 Each checkpoint holds the train state and a JSON `meta` item: the step, the config and the
-validation metrics it was chosen on. In a one-process run saving is asynchronous: `save_latest` /
-`update_best` return once the state is copied off the devices (the next step may then reuse its donated
-buffers) and orbax writes it in the background; `wait_until_saved` blocks until every save has
-finished, and the trainer calls it before it writes a log row, so a logged step implies that the
-checkpoints before it are on disk. A run of several processes saves synchronously (orbax's background
-commits of several checkpoint managers wait at cross-process barriers, which deadlocked in the
-two-process test). Either way orbax writes every checkpoint to a temporary folder that it renames when
-complete, so a killed run never leaves a half-written one.
+validation metrics it was chosen on. A resumed run restores the whole state (`restore`), evaluation
+and prediction only the model's variables (`restore_model`). In a one-process run saving is
+asynchronous: `save_latest` / `update_best` return once the state is copied off the devices (the next
+step may then reuse its donated buffers) and orbax writes it in the background; `wait_until_saved`
+blocks until every save has finished, and the trainer calls it before it writes a log row, so a logged
+step implies that the checkpoints before it are on disk. A run of several processes saves
+synchronously (orbax's background commits of several checkpoint managers wait at cross-process
+barriers, which deadlocked in the two-process test). Either way orbax writes every checkpoint to a
+temporary folder that it renames when complete, so a killed run never leaves a half-written one.
 A checkpoint damaged afterwards (disk, copying) is named with the file that cannot be read; a resumed
 run falls back from a damaged latest checkpoint to the previous one (`restore_for_resume`).
 """
@@ -25,7 +26,7 @@ import pathlib
 import re
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -98,6 +99,29 @@ class RunCheckpoints:
 
     def restore(self, name_or_step: str | int, target_state: Any) -> tuple[Any, dict[str, Any]]:
         """The state (shaped and sharded like `target_state`) and meta of a named checkpoint or step."""
+        name, step = self._located(name_or_step)
+        restored = self._restore_items(name, step, state=ocp.args.StandardRestore(target_state),
+                                       meta=ocp.args.JsonRestore())
+        return restored["state"], restored["meta"]
+
+    def restore_model(self, name_or_step: str | int, target_variables: Mapping[str, Any],
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model variables `{"params", "batch_stats"}` of a named checkpoint or step, shaped and sharded
+        like `target_variables`, and its meta.
+
+        Only those two subtrees of the saved state are read (orbax's partial restore): the optimiser
+        state, whose shape depends on the training method, is neither needed nor read.
+        """
+        name, step = self._located(name_or_step)
+        target = dict(target_variables)
+        restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)
+        restored = self._restore_items(name, step, state=restore, meta=ocp.args.JsonRestore())
+        return restored["state"], restored["meta"]
+
+    def _located(self, name_or_step: str | int) -> tuple[str, int]:
+        """The manager name and step of a named checkpoint or step; CheckpointError listing what the run
+        has when it does not exist."""
         if isinstance(name_or_step, int) or str(name_or_step).isdigit():
             name, step = LATEST, int(name_or_step)
             missing = f"no checkpoint of step {step} in {self.root / LATEST}"
@@ -106,9 +130,7 @@ class RunCheckpoints:
             missing = f"no checkpoint in {self.root / name}"
         if not self.has(name_or_step):
             raise CheckpointError(f"{missing}; the run has: {self.describe_available()}")
-        restored = self._restore_items(name, step, state=ocp.args.StandardRestore(target_state),
-                                       meta=ocp.args.JsonRestore())
-        return restored["state"], restored["meta"]
+        return name, step
 
     def has(self, name_or_step: str | int) -> bool:
         """Whether a named checkpoint (best_wga, ..., latest) or a step of `latest` exists."""

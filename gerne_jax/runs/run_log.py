@@ -26,11 +26,11 @@ from typing import Any, TextIO
 import ml_collections
 import numpy as np
 
-from gerne_jax.data import dataset
-
 from gerne_jax.core import files
 from gerne_jax.core.config_utils import flatten
 from gerne_jax.core.errors import ConfigError, InputError
+from gerne_jax.data import dataset
+from gerne_jax.slides import tiling_report
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -54,33 +54,36 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise InputError(f"{path} is not valid JSON ({error})") from None
 
 
-def check_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+def check_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+                 defaults: ml_collections.ConfigDict | None = None) -> None:
     """Refuses (ConfigError) a workdir that holds a run with another config.
 
     Only the run length, the log, evaluation and checkpoint intervals and the process launch settings
     (`RESUMABLE_CHANGES`) may differ from the saved config. A key that a later version added (absent from
-    the saved config) is no change while it keeps its default, which by design reproduces the behaviour of
-    the version before it (so a run started before the key existed resumes).
+    the saved config) is no change while it keeps its value in `defaults`, the current version's default
+    config (`configs/default.py`'s, which the train command loads): by design a key's default reproduces
+    the behaviour of the version before it, so a run started before the key existed resumes. Without
+    `defaults`, every added key is a change.
     """
     path = pathlib.Path(workdir) / CONFIG_FILE
     if path.is_file():
-        from configs import default  # configs import gerne_jax: here, not at module level
-
         saved = flatten(json.loads(path.read_text()))
         current = flatten(json.loads(config.to_json()))
-        defaults = flatten(json.loads(default.get_config().to_json()))
+        default_values = flatten(json.loads(defaults.to_json())) if defaults is not None else {}
         changed = sorted(k for k in saved.keys() | current.keys()
                          if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES
-                         and not (k not in saved and k in defaults and current[k] == defaults[k]))
+                         and not (k not in saved and k in default_values and current[k] == default_values[k]))
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise ConfigError(f"{workdir} holds a run with another config ({details}); "
                              "use a new --workdir or the saved config")
 
 
-def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Saves the run's config, after refusing a workdir that holds a run with another config (`check_config`)."""
-    check_config(workdir, config)
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+                 defaults: ml_collections.ConfigDict | None = None) -> None:
+    """Saves the run's config, after refusing a workdir that holds a run with another config
+    (`check_config` with `defaults`)."""
+    check_config(workdir, config, defaults)
     files.write_text_atomic(pathlib.Path(workdir) / CONFIG_FILE, config.to_json(indent=2))
 
 
@@ -106,9 +109,10 @@ class DataSpec:
 
 
 def data_spec_of(data_dir: str | os.PathLike) -> DataSpec:
-    """The data spec of a DATA_DIR as it is now: its metadata and tiling report (`dataset`'s readers)."""
+    """The data spec of a DATA_DIR as it is now: its metadata (`dataset.read_metadata`) and tiling report
+    (`tiling_report.read`)."""
     metadata = dataset.read_metadata(data_dir)  # first: it names a folder that is no dataset
-    report = dataset.read_tiling_report(data_dir)
+    report = tiling_report.read(data_dir)
     slides = report["slides"] if report is not None else {}
     return DataSpec(data_dir=str(pathlib.Path(data_dir).absolute()), metadata=metadata,
                     tiling=report["config"] if report is not None else None,

@@ -18,7 +18,7 @@ row of segments their common edge cuts, which is then decoded once. Several thre
 once; a segment that one of them is decoding is waited for, not decoded again.
 
 `PageWindows.of_level` returns None for other layouts (several pages per channel, volumes, pages that
-disagree); `slides._TiffLevel` then reads through the zarr store.
+disagree); `tiff_levels.TiffLevel` then reads through the zarr store.
 """
 from __future__ import annotations
 

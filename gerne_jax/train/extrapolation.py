@@ -8,7 +8,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+from gerne_jax.core.errors import ConfigError
 
 
 def extrapolate(beta: float | jnp.ndarray) -> optax.GradientTransformationExtraArgs:
@@ -86,6 +89,35 @@ def make_optimizer(learning_rate: optax.ScalarOrSchedule, beta: optax.ScalarOrSc
     """
     return optax.inject_hyperparams(gerne_sgd, static_args=("momentum", "weight_decay"))(
         learning_rate=learning_rate, beta=beta, momentum=momentum, weight_decay=weight_decay)
+
+
+def learning_rate_schedule(optimizer_config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+    """Constant or cosine decay over `steps`, after `warmup_steps` of linear warm-up (`config.optimizer`)."""
+    opt = optimizer_config
+    if opt.schedule == "constant":
+        decay = optax.constant_schedule(opt.learning_rate)
+    elif opt.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(opt.learning_rate, max(steps - opt.warmup_steps, 1))
+    else:
+        raise ConfigError(f"config optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
+    if opt.warmup_steps <= 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+    return optax.join_schedules([warmup, decay], [opt.warmup_steps])
+
+
+def beta_schedule(method_config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
+    """`beta`, or a linear ramp to it from 0 (resampling) over `beta_warmup_steps` (`config.method`)."""
+    if method_config.beta_warmup_steps > 0:
+        return optax.linear_schedule(0.0, method_config.beta, method_config.beta_warmup_steps)
+    return method_config.beta
+
+
+def optimizer_from_config(optimizer_config: ml_collections.ConfigDict, steps: int,
+                          beta: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+    """`make_optimizer` per `config.optimizer` for a run of `steps` steps, with this beta (schedule)."""
+    return make_optimizer(learning_rate_schedule(optimizer_config, steps), beta,
+                          momentum=optimizer_config.momentum, weight_decay=optimizer_config.weight_decay)
 
 
 def hyperparameters(opt_state: Any) -> dict[str, jnp.ndarray]:

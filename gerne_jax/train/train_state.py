@@ -6,9 +6,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax.training import train_state
+from jax.sharding import Mesh
 
+from gerne_jax.core import sharding
+from gerne_jax.models import pretrained
 from gerne_jax.models.resnet import ResNet
 
 
@@ -53,3 +57,34 @@ def create_train_state(rng: jax.Array, model: ResNet, input_shape: tuple[int, ..
         variables = init_variables(rng, model, input_shape)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def initial_state(model_config: ml_collections.ConfigDict, model: ResNet, tx: optax.GradientTransformation,
+                  patch_shape: tuple[int, ...], mesh: Mesh, seed: int) -> TrainState:
+    """A fresh train state for patches of `patch_shape` (P, P, C) with optimiser `tx`, replicated over `mesh`.
+
+    With `model_config.init_from` (`config.model`), parameters and BatchNorm statistics come from those
+    pretrained weights (the classifier head keeps its fresh initialisation).
+    """
+    rng = jax.random.key(seed)
+    input_shape = (1, *patch_shape)
+    variables = init_variables(rng, model, input_shape)
+    if model_config.init_from:
+        variables = pretrained.load_pretrained(model_config.init_from, model, variables,
+                                               model_config.channel_mapping or None)
+    return sharding.replicate(create_train_state(rng, model, input_shape, tx, variables), mesh)
+
+
+def abstract_state(model: ResNet, tx: optax.GradientTransformation, patch_shape: tuple[int, ...], mesh: Mesh,
+                   seed: int) -> TrainState:
+    """The shapes, dtypes and (replicated) shardings of `initial_state`, without computing it.
+
+    A restore target for checkpoints (a resumed run's): tracing the initialisation is enough, so nothing
+    is compiled or run.
+    """
+    rng = jax.random.key(seed)
+    input_shape = (1, *patch_shape)
+    state = jax.eval_shape(lambda: create_train_state(rng, model, input_shape, tx,
+                                                      init_variables(rng, model, input_shape)))
+    replicated = sharding.replicated_sharding(mesh)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), state)

@@ -1,17 +1,19 @@
 """The train step: a jitted, mesh-sharded update of the train state from one training batch.
 
 A training batch is `{"image": [R, N, H, W, C] float32, "label": [R, N] int32}`: R = 2 for GERNE's pair
-(row 0 the biased batch, row 1 the less-biased one) and R = 1 for single-batch methods (ERM). Four
-kinds of step, chosen by the training method (`gerne_jax.methods.training_method`):
+(row 0 the biased batch, row 1 the less-biased one) and R = 1 for single-batch methods (ERM). The step
+shards the batch, applies the update and adds the common metrics; the training method supplies its
+gradient function (`make_train_step(model, mesh, gradients, ...)`, `gerne_jax.train.method`), one of
+the four kinds here or its own (a `GradientFn` over the step's building blocks, `StepOps`):
 
-- single batch: the gradient of the batch's loss.
-- two gradients: the per-batch gradients g_b and g_lb in one jitted pass; the optimiser's first link
+- single batch (`single_batch`): the gradient of the batch's loss.
+- two gradients (`two_gradients`): the per-batch gradients g_b and g_lb in one jitted pass; the optimiser's first link
   `extrapolation.extrapolate` combines them into g_lb + beta (g_lb - g_b) (`biased_updates=g_b`).
   The metrics report both gradient norms and their cosine.
-- folded: one gradient of (1 + beta) L_lb - beta L_b, which equals the extrapolated gradient at the
+- folded (`folded(beta)`): one gradient of (1 + beta) L_lb - beta L_b, which equals the extrapolated gradient at the
   cost of one backward pass; the per-batch gradient metrics are NaN. Its loss weights use the same
   beta schedule the optimiser was built with (the method builds both).
-- objective (a single batch with group ids `"group": [1, N] int32`, GroupDRO): the gradient of a loss
+- objective (`objective(loss)`, a single batch with group ids `"group": [1, N] int32`, GroupDRO): the gradient of a loss
   the method computes from the per-example cross-entropies and groups (`objective`), which also hands
   the optimiser extra arguments (GroupDRO's new group weights) and adds metrics.
 
@@ -56,7 +58,7 @@ so it is refused (`check_reduction`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,45 +100,213 @@ def check_reduction(norm: str, deterministic_reduction: bool) -> None:
                           f"in no fixed order; use model.norm = 'group' or 'frozen'")
 
 
-def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
-                    fold_beta: optax.ScalarOrSchedule | None = None,
-                    divide_loss_by_num_classes: bool = True,
-                    objective: Objective | None = None,
-                    deterministic_reduction: bool = False) -> StepFn:
+class StepOps(NamedTuple):
+    """The sharded step's building blocks, handed to a gradient function (all run on one device's shard).
+
+    Attributes:
+      forward: `(params, batch_stats, images) -> (logits, new batch_stats)`, train mode.
+      loss: `(logits, labels) -> ` the global batch's mean classification loss (`classification_loss`).
+      accuracy: `(logits, labels) -> ` the global batch's accuracy.
+      device_sum: sums a pytree over the devices' shards (in device order with deterministic reduction).
+      differentiated_params: the parameters to differentiate (see `make_train_step`).
+      reduced: the gradients of the global loss from `differentiated_params`' gradients.
+      norm: the model's `norm` (docs/design.md §4).
+      divide_loss_by_num_classes: whether `loss` divides by K.
+    """
+
+    forward: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+    loss: Callable[[jax.Array, jax.Array], jax.Array]
+    accuracy: Callable[[jax.Array, jax.Array], jax.Array]
+    device_sum: Callable[[Any], Any]
+    differentiated_params: Callable[[Any], Any]
+    reduced: Callable[[Any], Any]
+    norm: str
+    divide_loss_by_num_classes: bool
+
+    @property
+    def updates_stats(self) -> bool:
+        return self.norm in TRAIN_MODE_BATCH_NORM
+
+
+class Gradients(NamedTuple):
+    """What a gradient function hands the step: the (reduced) gradients for the optimiser, its extra
+    arguments, the new BatchNorm statistics, and its metrics of the updated state."""
+
+    grads: Any
+    batch_stats: Any
+    metrics: Callable[[TrainState], Metrics]
+    optimizer_args: Mapping[str, Any] | None = None
+
+
+# (building blocks, state, this device's batch shard) -> Gradients: a training method's part of the step.
+GradientFn = Callable[[StepOps, TrainState, Batch], Gradients]
+
+
+def _learning_rate(state: TrainState) -> Metrics:
+    return {"learning_rate": extrapolation.hyperparameters(state.opt_state)["learning_rate"]}
+
+
+def single_batch(ops: StepOps, state: TrainState, batch: Batch) -> Gradients:
+    """The gradient of one batch's loss (`[1, N]` batches: ERM, JTT, ratio_weighted).
+
+    Metrics: `loss`, `accuracy`, `grad_norm`, `learning_rate`.
+    """
+    images, labels = batch["image"], batch["label"]
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(_single_batch_loss, has_aux=True)(
+        ops.differentiated_params(state.params), ops, state.batch_stats, images[0], labels[0])
+    grads = ops.reduced(grads)
+    return Gradients(grads, new_stats, lambda new_state: {
+        "loss": loss, "accuracy": ops.accuracy(logits, labels[0]), "grad_norm": optax.tree.norm(grads),
+        **_learning_rate(new_state)})
+
+
+def objective(loss_of: Objective) -> GradientFn:
+    """A single batch with group ids (`batch["group"]`) under `loss_of`, a loss over the per-example
+    cross-entropies and the groups in place of their mean (e.g. GroupDRO's `group_dro.RobustLoss`),
+    which also returns the optimiser's extra arguments and metrics of its own.
+
+    Metrics: `loss`, `accuracy`, `grad_norm`, `learning_rate` and the objective's.
+    """
+    def gradients(ops: StepOps, state: TrainState, batch: Batch) -> Gradients:
+        images, labels, groups = batch["image"], batch["label"], batch["group"]
+
+        def objective_loss(params):
+            logits, new_stats = ops.forward(params, state.batch_stats, images[0])
+            example_losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels[0])
+            loss, optimizer_args, metrics = loss_of(example_losses, groups[0], state.opt_state, ops.device_sum)
+            scale = 1.0 / logits.shape[-1] if ops.divide_loss_by_num_classes else 1.0
+            return loss * scale, (logits, new_stats, optimizer_args, metrics)
+
+        (loss, (logits, new_stats, optimizer_args, metrics)), grads = jax.value_and_grad(
+            objective_loss, has_aux=True)(ops.differentiated_params(state.params))
+        grads = ops.reduced(grads)
+        return Gradients(grads, new_stats, lambda new_state: {
+            "loss": loss, "accuracy": ops.accuracy(logits, labels[0]), "grad_norm": optax.tree.norm(grads),
+            **_learning_rate(new_state), **metrics}, optimizer_args)
+
+    return gradients
+
+
+def two_gradients(ops: StepOps, state: TrainState, batch: Batch) -> Gradients:
+    """GERNE's pair: the per-batch gradients g_b and g_lb, combined by the optimiser's first link
+    (`extrapolation.extrapolate`, `biased_updates=g_b`).
+
+    Metrics: `loss_biased`, `loss_less_biased`, `accuracy_biased`, `accuracy_less_biased`,
+    `grad_norm_biased`, `grad_norm_less_biased`, `grad_cosine`, `grad_norm` (of the extrapolated
+    gradient, before weight decay), `learning_rate`, `beta`.
+    """
+    images, labels = batch["image"], batch["label"]
+    losses, (logits, new_stats), g_b, g_lb = _paired_gradients(
+        ops, ops.differentiated_params(state.params), state.batch_stats, images, labels)
+    g_b, g_lb = ops.reduced(g_b), ops.reduced(g_lb)
+
+    def metrics(new_state: TrainState) -> Metrics:
+        grad_metrics = _pair_gradient_metrics(g_b, g_lb, extrapolation.hyperparameters(new_state.opt_state)["beta"])
+        return _pair_metrics(ops, new_state, losses, logits, labels, grad_metrics)
+
+    return Gradients(g_lb, new_stats, metrics, {"biased_updates": g_b})
+
+
+def folded(beta: optax.ScalarOrSchedule) -> GradientFn:
+    """GERNE's pair folded into one gradient of (1 + beta) L_lb - beta L_b, with this beta (the schedule
+    the optimiser was built with). Metrics: `two_gradients`', with `grad_norm_biased`,
+    `grad_norm_less_biased` and `grad_cosine` NaN."""
+    def gradients(ops: StepOps, state: TrainState, batch: Batch) -> Gradients:
+        images, labels = batch["image"], batch["label"]
+        beta_t = _value(beta, state.step)
+        weights = jnp.zeros(2).at[BIASED].set(-beta_t).at[LESS_BIASED].set(1.0 + beta_t)
+
+        def folded_loss(params):
+            losses, aux = _paired_losses(ops, params, state.batch_stats, images, labels)
+            return jnp.dot(weights, losses), (losses, aux)
+
+        (_, (losses, (logits, new_stats))), grads = jax.value_and_grad(folded_loss, has_aux=True)(
+            ops.differentiated_params(state.params))
+        grads = ops.reduced(grads)
+
+        def metrics(new_state: TrainState) -> Metrics:
+            nan = jnp.full([], jnp.nan)
+            grad_metrics = {"grad_norm_biased": nan, "grad_norm_less_biased": nan, "grad_cosine": nan,
+                            "grad_norm": optax.tree.norm(grads)}
+            return _pair_metrics(ops, new_state, losses, logits, labels, grad_metrics)
+
+        return Gradients(grads, new_stats, metrics)
+
+    return gradients
+
+
+def _single_batch_loss(params, ops: StepOps, batch_stats, images, labels):
+    logits, new_stats = ops.forward(params, batch_stats, images)
+    return ops.loss(logits, labels), (logits, new_stats)
+
+
+def _paired_losses(ops: StepOps, params, batch_stats, images, labels):
+    """Both batches' losses [2], logits [2, N, K] and the step's new BatchNorm statistics."""
+    if ops.norm == "shared":
+        pairs, n = images.shape[:2]
+        logits, new_stats = ops.forward(params, batch_stats, images.reshape(pairs * n, *images.shape[2:]))
+        logits = logits.reshape(pairs, n, -1)
+        return jax.vmap(ops.loss)(logits, labels), (logits, new_stats)
+    losses, (logits, per_batch_stats) = jax.vmap(
+        lambda p, s, x, y: _single_batch_loss(p, ops, s, x, y), in_axes=(None, None, 0, 0))(
+        params, batch_stats, images, labels)
+    return losses, (logits, _merge_batch_stats(per_batch_stats, batch_stats, ops.updates_stats))
+
+
+def _paired_gradients(ops: StepOps, params, batch_stats, images, labels):
+    """Losses [2], (logits [2, N, K], the step's new statistics), g_b and g_lb."""
+    if ops.norm == "shared":
+        losses, vjp_fn, aux = jax.vjp(
+            lambda p: _paired_losses(ops, p, batch_stats, images, labels), params, has_aux=True)
+        (grads,) = jax.vmap(vjp_fn)(jnp.eye(2, dtype=losses.dtype))
+        return (losses, aux, jax.tree.map(lambda g: g[BIASED], grads),
+                jax.tree.map(lambda g: g[LESS_BIASED], grads))
+    # Each batch's loss depends on that batch alone: one forward and backward pass per batch. A
+    # vmap over the pair would batch each weight gradient over both operands, which XLA lowers to
+    # grouped convolutions (on a CPU 1.7-2.6 x ERM for the tiny model); two plain passes cost ERM's.
+    grad_fn = jax.value_and_grad(_single_batch_loss, has_aux=True)
+    values, grads = zip(*(grad_fn(params, ops, batch_stats, images[r], labels[r]) for r in range(2)))
+    losses, (logits, per_batch_stats) = jax.tree.map(lambda *rows: jnp.stack(rows), *values)
+    return (losses, (logits, _merge_batch_stats(per_batch_stats, batch_stats, ops.updates_stats)),
+            grads[BIASED], grads[LESS_BIASED])
+
+
+def _pair_metrics(ops: StepOps, state: TrainState, losses: jax.Array, logits: jax.Array, labels: jax.Array,
+                  grad_metrics: Metrics) -> Metrics:
+    return {"loss_biased": losses[BIASED], "loss_less_biased": losses[LESS_BIASED],
+            "accuracy_biased": ops.accuracy(logits[BIASED], labels[BIASED]),
+            "accuracy_less_biased": ops.accuracy(logits[LESS_BIASED], labels[LESS_BIASED]),
+            **grad_metrics, **extrapolation.hyperparameters(state.opt_state)}
+
+
+def make_train_step(model: ResNet, mesh: Mesh, gradients: GradientFn, *, rows: int, with_groups: bool = False,
+                    divide_loss_by_num_classes: bool = True, deterministic_reduction: bool = False) -> StepFn:
     """Returns the jitted `train_step(state, batch) -> (state, metrics)` for `model`; donates `state`.
 
     Args:
       model: the model the state was created with; its `norm` selects the forward scheme.
       mesh: a mesh with axis "data" (`sharding.make_mesh`); the batch is sharded on N over it and the
         state replicated (`sharding.shard_batch` / `sharding.replicate` place inputs so).
-      paired: batches are GERNE pairs `[2, N, ...]`; otherwise single batches `[1, N, ...]`.
-      fold_beta: for a paired step, the folded one-gradient path with this beta (the schedule the
-        optimiser was built with); None computes both per-batch gradients.
+      gradients: the training method's gradient function (`single_batch`, `two_gradients`,
+        `folded(beta)`, `objective(loss)` or one of its own), run on each device's shard.
+      rows: the batch's rows, 2 for GERNE pairs `[2, N, ...]`, 1 for single batches `[1, N, ...]`.
+      with_groups: the batch also holds each example's group id, `batch["group"]` shaped like its labels.
       divide_loss_by_num_classes: divide each batch's mean cross-entropy by K (docs/design.md §3).
-      objective: for a single-batch step, a loss over the per-example cross-entropies and the batch's
-        group ids (`batch["group"]`) in place of their mean, e.g. `group_dro.RobustLoss`; it also
-        returns the optimiser's extra arguments and metrics of its own.
       deterministic_reduction: sum every cross-device reduction in device order, so the step's result
         does not depend on how the mesh's devices are split over processes (bit-identical parameters).
         Costs memory: during the reduction each device holds one gradient per device of the mesh
         (all-gather, then sum), fine for a few devices, not for a pod. Not with train-mode BatchNorm
         (ConfigError).
 
-    Metrics of a paired batch: `loss_biased`, `loss_less_biased`, `accuracy_biased`,
-    `accuracy_less_biased`, `grad_norm_biased`, `grad_norm_less_biased`, `grad_cosine` (the three
-    NaN on the folded path), `grad_norm` (of the extrapolated gradient, before weight decay),
-    `learning_rate`, `beta`. Of a single batch: `loss`, `accuracy`, `grad_norm`, `learning_rate`. Both:
-    `param_norm`, the norm of the updated parameters (the loop checks it before saving a state).
+    Metrics: the gradient function's (see each), and `param_norm`, the norm of the updated parameters
+    (the loop checks it before saving a state).
     """
     norm = model.norm
     if norm not in NORM_MODES:
         raise ValueError(f"model.norm must be one of {NORM_MODES}, got {norm!r}")
-    if fold_beta is not None and not paired:
-        raise ValueError("fold_beta folds the pair's two losses; a single-batch step has one")
-    if objective is not None and paired:
-        raise ValueError("an objective replaces a single batch's loss; a paired step has two")
+    if rows not in (1, 2):
+        raise ValueError(f"rows must be 1 (a single batch) or 2 (a pair), got {rows}")
     check_reduction(norm, deterministic_reduction)
-    rows = 2 if paired else 1
     updates_stats = norm in TRAIN_MODE_BATCH_NORM
     if updates_stats:  # statistics over the whole (global) batch, not one device's shard
         model = model.clone(batch_norm_axis_name=sharding.DATA_AXIS)
@@ -174,104 +344,16 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
     def accuracy(logits, labels):
         return device_mean(jnp.mean(jnp.argmax(logits, axis=-1) == labels))
 
-    def single_batch_loss(params, batch_stats, images, labels):
-        logits, new_stats = forward(params, batch_stats, images)
-        return loss_fn(logits, labels), (logits, new_stats)
-
-    def paired_losses(params, batch_stats, images, labels):
-        """Both batches' losses [2], logits [2, N, K] and the step's new BatchNorm statistics."""
-        if norm == "shared":
-            pairs, n = images.shape[:2]
-            logits, new_stats = forward(params, batch_stats, images.reshape(pairs * n, *images.shape[2:]))
-            logits = logits.reshape(pairs, n, -1)
-            return jax.vmap(loss_fn)(logits, labels), (logits, new_stats)
-        losses, (logits, per_batch_stats) = jax.vmap(
-            single_batch_loss, in_axes=(None, None, 0, 0))(params, batch_stats, images, labels)
-        return losses, (logits, _merge_batch_stats(per_batch_stats, batch_stats, updates_stats))
-
-    def paired_gradients(params, batch_stats, images, labels):
-        """Losses [2], (logits [2, N, K], the step's new statistics), g_b and g_lb."""
-        if norm == "shared":
-            losses, vjp_fn, aux = jax.vjp(
-                lambda p: paired_losses(p, batch_stats, images, labels), params, has_aux=True)
-            (grads,) = jax.vmap(vjp_fn)(jnp.eye(2, dtype=losses.dtype))
-            return (losses, aux, jax.tree.map(lambda g: g[BIASED], grads),
-                    jax.tree.map(lambda g: g[LESS_BIASED], grads))
-        # Each batch's loss depends on that batch alone: one forward and backward pass per batch. A
-        # vmap over the pair would batch each weight gradient over both operands, which XLA lowers to
-        # grouped convolutions (on a CPU 1.7-2.6 x ERM for the tiny model); two plain passes cost ERM's.
-        grad_fn = jax.value_and_grad(single_batch_loss, has_aux=True)
-        values, grads = zip(*(grad_fn(params, batch_stats, images[r], labels[r]) for r in range(2)))
-        losses, (logits, per_batch_stats) = jax.tree.map(lambda *rows: jnp.stack(rows), *values)
-        return (losses, (logits, _merge_batch_stats(per_batch_stats, batch_stats, updates_stats)),
-                grads[BIASED], grads[LESS_BIASED])
-
-    def single_step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(single_batch_loss, has_aux=True)(
-            differentiated_params(state.params), state.batch_stats, images[0], labels[0])
-        grads = reduced(grads)
-        state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-        return state, {"loss": loss, "accuracy": accuracy(logits, labels[0]),
-                       "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
-                       "learning_rate": extrapolation.hyperparameters(state.opt_state)["learning_rate"]}
-
-    def objective_step(state: TrainState, images: jax.Array, labels: jax.Array,
-                       groups: jax.Array) -> tuple[TrainState, Metrics]:
-        """A single batch under `objective` (its group weights and the like read from the optimiser state)."""
-        def objective_loss(params):
-            logits, new_stats = forward(params, state.batch_stats, images[0])
-            example_losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels[0])
-            loss, optimizer_args, metrics = objective(example_losses, groups[0], state.opt_state, device_sum)
-            scale = 1.0 / logits.shape[-1] if divide_loss_by_num_classes else 1.0
-            return loss * scale, (logits, new_stats, optimizer_args, metrics)
-
-        (loss, (logits, new_stats, optimizer_args, metrics)), grads = jax.value_and_grad(
-            objective_loss, has_aux=True)(differentiated_params(state.params))
-        grads = reduced(grads)
-        state = state.apply_gradients(grads=grads, optimizer_args=optimizer_args, batch_stats=new_stats)
-        return state, {"loss": loss, "accuracy": accuracy(logits, labels[0]),
-                       "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
-                       "learning_rate": extrapolation.hyperparameters(state.opt_state)["learning_rate"],
-                       **metrics}
-
-    def paired_step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
-        if fold_beta is not None:
-            beta_t = _value(fold_beta, state.step)
-            weights = jnp.zeros(2).at[BIASED].set(-beta_t).at[LESS_BIASED].set(1.0 + beta_t)
-
-            def folded_loss(params):
-                losses, aux = paired_losses(params, state.batch_stats, images, labels)
-                return jnp.dot(weights, losses), (losses, aux)
-
-            (_, (losses, (logits, new_stats))), grads = jax.value_and_grad(folded_loss, has_aux=True)(
-                differentiated_params(state.params))
-            grads = reduced(grads)
-            state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-            nan = jnp.full([], jnp.nan)
-            grad_metrics = {"grad_norm_biased": nan, "grad_norm_less_biased": nan, "grad_cosine": nan,
-                            "grad_norm": optax.tree.norm(grads)}
-        else:
-            losses, (logits, new_stats), g_b, g_lb = paired_gradients(
-                differentiated_params(state.params), state.batch_stats, images, labels)
-            g_b, g_lb = reduced(g_b), reduced(g_lb)
-            state = state.apply_gradients(grads=g_lb, optimizer_args={"biased_updates": g_b},
-                                          batch_stats=new_stats)
-            grad_metrics = _pair_gradient_metrics(
-                g_b, g_lb, extrapolation.hyperparameters(state.opt_state)["beta"])
-        metrics = {
-            "loss_biased": losses[BIASED], "loss_less_biased": losses[LESS_BIASED],
-            "accuracy_biased": accuracy(logits[BIASED], labels[BIASED]),
-            "accuracy_less_biased": accuracy(logits[LESS_BIASED], labels[LESS_BIASED]),
-            **grad_metrics, "param_norm": optax.tree.norm(state.params),
-            **extrapolation.hyperparameters(state.opt_state)}
-        return state, metrics
+    ops = StepOps(forward=forward, loss=loss_fn, accuracy=accuracy, device_sum=device_sum,
+                  differentiated_params=differentiated_params, reduced=reduced, norm=norm,
+                  divide_loss_by_num_classes=divide_loss_by_num_classes)
 
     def local_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """The step on this device's shard of the batch (all results replicated)."""
-        if objective is not None:
-            return objective_step(state, batch["image"], batch["label"], batch["group"])
-        step = paired_step if paired else single_step
-        return step(state, batch["image"], batch["label"])
+        update = gradients(ops, state, batch)
+        state = state.apply_gradients(grads=update.grads, optimizer_args=update.optimizer_args,
+                                      batch_stats=update.batch_stats)
+        return state, {**update.metrics(state), "param_norm": optax.tree.norm(state.params)}
 
     replicated = PartitionSpec()
     sharded_step = jax.shard_map(local_step, mesh=mesh,
@@ -280,8 +362,8 @@ def make_train_step(model: ResNet, mesh: Mesh, *, paired: bool,
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         _check_batch(batch["image"], batch["label"], rows, mesh.size)
-        if objective is not None and ("group" not in batch or batch["group"].shape != batch["label"].shape):
-            raise ValueError("this step's objective needs batch['group'] shaped like batch['label'] "
+        if with_groups and ("group" not in batch or batch["group"].shape != batch["label"].shape):
+            raise ValueError("this step needs batch['group'] shaped like batch['label'] "
                              f"{batch['label'].shape}")
         return sharded_step(state, batch)
 

@@ -1,9 +1,12 @@
 """The training loop: data, method, state, then steps with logging, evaluation and checkpoints.
 
-`train_and_evaluate(config, workdir)` writes to the workdir `config.json`, `data_spec.json`,
-`metrics.jsonl` (`gerne_jax.runs.run_log`), TensorBoard event files under `tensorboard/` and orbax checkpoints
-(`checkpoints/latest`, `checkpoints/best_wga`, `checkpoints/best_bca`, ...), and with pseudo-groups
-their precision and recall (`pseudo_groups.json`). `data_spec.json` (`run_log.DataSpec`), written once
+`train_and_evaluate(config, workdir, method)` trains a training method (`gerne_jax.train.method`: the
+default `Method.train`), asking it for nothing by name: it prepares the method on the training split
+(`Context`), then builds the sampler, optimiser and step from what the method returns. It writes to the
+workdir `config.json`, `data_spec.json`, `metrics.jsonl` (`gerne_jax.runs.run_log`), TensorBoard event
+files under `tensorboard/` and orbax checkpoints (`checkpoints/latest`, `checkpoints/best_wga`,
+`checkpoints/best_bca`, ...), and the method's own files (`Method.record`: with pseudo-groups their
+precision and recall, `pseudo_groups.json`). `data_spec.json` (`run_log.DataSpec`), written once
 before the first step, is what prediction and evaluation need of the DATA_DIR: its metadata (patch
 size, channel names, dtype, level downsample, channel mean and std, ...), its tiling settings and
 which slide is in which split, so the workdir predicts without its data. Started again on the same
@@ -12,7 +15,8 @@ exactly where an uninterrupted run would; a DATA_DIR whose content no longer mat
 spec is refused (an `InputError` naming `data_spec.json`). The config, the data and the model are
 checked before anything is written (a bad one raises an `InputError` naming it); the run then holds
 the workdir's `.lock` (`files.exclusive_lock`), so a second run on the same workdir stops at once,
-naming the first. A DFR run (`gerne_jax.methods.dfr`, no step loop) writes its data spec once its fit is saved.
+naming the first. A DFR run (`gerne_jax.methods.dfr`, no step loop: its own `train`) writes its data spec
+(`record_data_spec`) once its fit is saved.
 
 Several processes (`gerne_jax.core.distributed`): every process runs this loop on the global mesh, feeds its
 own slice of each batch, evaluates and saves checkpoints with the others (orbax coordinates them);
@@ -33,6 +37,7 @@ them (where the finiteness check runs), so the host never waits for the device i
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import signal
@@ -47,12 +52,12 @@ from tensorboard.summary import Writer
 
 from gerne_jax.core import distributed, sharding
 from gerne_jax.core.errors import ConfigError, Interrupted
-from gerne_jax.data import dataset, input_pipeline, normalisation
+from gerne_jax.data import dataset, normalisation
 from gerne_jax.evaluation import evaluate
-from gerne_jax.methods import jtt, pseudo_groups, training_method
+from gerne_jax.models import factory
 from gerne_jax.models.resnet import ResNet
 from gerne_jax.runs import checkpoints, run_log
-from gerne_jax.train import batch_stats, experiment, train_step
+from gerne_jax.train import batch_stats, train_state, train_step
 from gerne_jax.train.train_state import TrainState
 
 log_info = logging.getLogger("train")
@@ -70,22 +75,29 @@ class TrainingInterrupted(Interrupted):
         self.step = step
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
-    """Trains per `config` in `workdir` (resuming if it holds a run); returns the final train state.
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a method's `prepare` may read beside the training split: the run's config, its DATA_DIR's
+    metadata and the mesh (e.g. to predict the split with another run's checkpoint)."""
+
+    config: ml_collections.ConfigDict
+    metadata: dict[str, Any]
+    mesh: jax.sharding.Mesh
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, method: Any,
+                       config_defaults: ml_collections.ConfigDict | None = None) -> TrainState:
+    """Trains `method` (a `gerne_jax.train.method.Method`, which imports this module for its default
+    `train`: hence no annotation, the layers allow no import cycle) per `config` in `workdir` (resuming if it holds
+    a run); returns the final train state.
 
     Raises `TrainingInterrupted` after saving when SIGTERM arrives, `NonFiniteLossError` when the
     loss stops being finite (the last good checkpoint stays), an `InputError` for a bad config or data
     (before anything is written) or a workdir that another run holds.
     """
-    workdir = pathlib.Path(workdir)
-    if config.method.name == "dfr":  # one fit of the base run's last layer, no step loop (docs/design.md)
-        from gerne_jax.methods import dfr  # scikit-learn: imported for DFR runs only
+    from gerne_jax.data import input_pipeline  # TensorFlow: the methods, which import this module, do not need it
 
-        state = dfr.train_last_layer(config, workdir)
-        # After the fit, not before: DFR checks its config and base run before it writes anything.
-        with distributed.main_process_lock(workdir, "training"):
-            _record_data_spec(workdir, run_log.data_spec_of(config.data.dir))
-        return state
+    workdir = pathlib.Path(workdir)
 
     # ------------------------------------------------------------------------------------------
     # Data, method, model and initial state: validated before anything is written to the workdir.
@@ -98,30 +110,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train = input_pipeline.load_split(config.data.dir, "train", in_memory=config.data.in_memory)
     validation = input_pipeline.load_split(config.data.dir, "validation", in_memory=config.data.in_memory)
     attribute = dataset.attribute_from_tissue_ratio(train["tissue_ratio"], config.data.taus)
-    mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    jtt_errors = jtt.identification_errors(config, train, metadata, mesh) if config.method.name == "jtt" else None
-    pseudo = None
-    if pseudo_groups.enabled(config):  # unknown attributes: train on pseudo-groups; validate on the true ones
-        pseudo = pseudo_groups.from_scoring_run(config, train, metadata, mesh, attribute)
-        attribute = pseudo.attribute
-    method = training_method.from_config(config, train["label"], attribute, jtt_errors, pseudo,
-                                tissue_ratio=train["tissue_ratio"])
-    model = experiment.create_model(config)
+    mesh = sharding.mesh_of(config.mesh)
+    method.prepare(train, attribute, Context(config, metadata, mesh))
+    model = factory.create_model(config.model)
     train_step.check_reduction(model.norm, config.mesh.deterministic_reduction)
-    state = experiment.initial_state(config, model, tuple(train["image"].shape[1:]), mesh)
+    state = train_state.initial_state(config.model, model, method.optimizer(), tuple(train["image"].shape[1:]),
+                                      mesh, config.training.seed)
     with distributed.main_process_lock(workdir, "training"):
-        run_log.check_config(workdir, config)  # every process, so that all stop on another run's config
-        _record_data_spec(workdir, data_spec)
+        # Every process checks, so that all stop on another run's config.
+        run_log.check_config(workdir, config, config_defaults)
+        record_data_spec(workdir, data_spec)
         if distributed.is_main_process():
-            run_log.write_config(workdir, config)
-            if pseudo is not None:
-                pseudo_groups.write_report(workdir, pseudo)
+            run_log.write_config(workdir, config, config_defaults)
+            method.record(workdir)
         log_info.info("Training split: %d patches, %d devices in %d process(es). Batch plan (%s):\n%s",
-                      len(train["label"]), mesh.size, jax.process_count(), method.name, method.describe())
-        return _train(config, workdir, metadata, train, validation, attribute, method, mesh, model, state)
+                      len(train["label"]), mesh.size, jax.process_count(), config.method.name, method.describe())
+        return _train(config, workdir, metadata, train, validation, method, mesh, model, state)
 
 
-def _record_data_spec(workdir: pathlib.Path, data_spec: run_log.DataSpec) -> None:
+def record_data_spec(workdir: pathlib.Path, data_spec: run_log.DataSpec) -> None:
     """Stores the run's data spec (process 0), run while holding the workdir's lock; every process checks
     it first, so that all stop when a resumed run's DATA_DIR no longer holds the data it started on."""
     run_log.check_data_spec(workdir, data_spec)
@@ -130,10 +137,11 @@ def _record_data_spec(workdir: pathlib.Path, data_spec: run_log.DataSpec) -> Non
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: dict[str, Any],
-           train: dict[str, Any], validation: dict[str, Any], attribute: np.ndarray,
-           method: training_method.TrainingMethod, mesh: jax.sharding.Mesh, model: ResNet,
+           train: dict[str, Any], validation: dict[str, Any], method: Any, mesh: jax.sharding.Mesh, model: ResNet,
            state: TrainState) -> TrainState:
     """The training loop of `train_and_evaluate`, run while it holds the workdir's lock."""
+    from gerne_jax.data import input_pipeline
+
     is_main_process = distributed.is_main_process()
 
     # ------------------------------------------------------------------------------------------
@@ -145,18 +153,23 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
     if resumed is not None:
         start_step, state = resumed
         log_info.info("Resuming from step %d of %s", start_step, workdir)
-    train_step = method.train_step(model, mesh)
-    standardise = normalisation.Standardiser(metadata["channel_mean"], metadata["channel_std"], mesh,
-                                             num_channels=train["image"].shape[-1])
-    batches = input_pipeline.training_batches(method, train["image"], train["label"], attribute,
-                                              start_step=start_step)
+    step_fn = train_step.make_train_step(
+        model, mesh, method.gradients(), rows=len(method.rows), with_groups=method.uses_groups,
+        divide_loss_by_num_classes=config.method.divide_loss_by_num_classes,
+        deterministic_reduction=config.mesh.deterministic_reduction)
+    standardise = normalisation.Standardiser.of(metadata, mesh, num_channels=train["image"].shape[-1])
+    plan = method.plan
+    group = (dataset.group_ids(train["label"], method.attribute, plan.num_classes, plan.num_attributes)
+             if method.uses_groups else None)
+    batches = input_pipeline.train_dataset(
+        train["image"], train["label"], method.sampler(config.training.seed), start_step=start_step,
+        rows=method.rows, flips=config.data.flips, rotations=config.data.rotations, group=group)
     # Source-dtype batches cross to the devices and are standardised there (`gerne_jax.data.normalisation`).
     device_batches = ({**batch, "image": standardise(batch["image"])}
                       for batch in sharding.prefetch_to_mesh(batches.as_numpy_iterator(), mesh, size=2))
-    evaluator = evaluate.Evaluator(validation, taus_list=[tuple(config.data.taus)],
-                                     batch_size=config.data.eval_batch_size, mesh=mesh,
-                                     channel_mean=metadata["channel_mean"], channel_std=metadata["channel_std"],
-                                     name="validation")
+    evaluator = evaluate.Evaluator(validation, model, taus_list=[tuple(config.data.taus)],
+                                   batch_size=config.data.eval_batch_size, mesh=mesh, standardise=standardise,
+                                   name="validation")
     precise_bn = config.training.precise_bn_batches if batch_stats.applies_to(model) else 0
 
     def with_precise_bn(state: TrainState, step: int) -> TrainState:
@@ -223,7 +236,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
     step, tic, steps_timed = start_step, time.perf_counter(), 0
     try:
         while step < steps:
-            state, step_metrics = train_step(state, next(device_batches))
+            state, step_metrics = step_fn(state, next(device_batches))
             step += 1
             steps_timed += 1
             pending.append((step, step_metrics))
@@ -249,7 +262,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, metadata: d
                     postfix["val_wga"] = f"{last_report['worst_group_accuracy']:.3f}"
                 progress.set_postfix(postfix)
             if evaluates_now:
-                last_report = evaluator.run(state)[evaluate.tau_key(config.data.taus)]
+                variables = {"params": state.params, "batch_stats": state.batch_stats}
+                last_report = evaluator.run(variables)[evaluate.tau_key(config.data.taus)]
                 log(step, "validation", evaluate.scalar_metrics(last_report))
                 improved = ckpt.update_best(step, state, meta(step, last_report))
                 if is_main_process:

@@ -5,7 +5,7 @@ is a Gaussian kernel density estimate of the tissue ratio `r` over the training 
 (bandwidth `method.ratio_weighted.bandwidth`). Within a class the draws are then close to uniform over
 the tissue ratio: the rare ratios of a class (tumour with little tissue, non-tumour full of tissue)
 are drawn as often as its common ones, with no threshold tau. The class-balanced batch and the sampler
-are JTT's (`jtt.UpsampledIndexSampler`), only the weights differ.
+are JTT's (`samplers.UpsampledIndexSampler`), only the weights differ (`RatioWeighted`).
 
 Tissue ratios live in [0, 1] and pile up at both ends, so the estimate reflects the kernels at 0 and 1
 (a kernel's mass outside [0, 1] folds back in); otherwise the density at the ends would be about halved
@@ -16,10 +16,15 @@ kernel's width.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import signal
 
 from gerne_jax.core.errors import ConfigError
+from gerne_jax.data import dataset, samplers
+from gerne_jax.data.groups import BIASED
+from gerne_jax.train import method, train_step, trainer
 
 GRID = 4097  # grid points on [0, 1]: spacing 1/4096, far below any useful bandwidth
 
@@ -69,3 +74,29 @@ def inverse_density_weights(tissue_ratio: np.ndarray, label: np.ndarray, num_cla
             inverse = 1.0 / reflected_density(tissue_ratio[members], tissue_ratio[members], bandwidth)
             weights[members] = inverse / inverse.mean()
     return weights
+
+
+class RatioWeighted(method.Method):
+    """One class-balanced batch, each example drawn with weight 1 / f_y(r) (`method.name = "ratio_weighted"`)."""
+
+    def prepare(self, train: dict[str, Any], attribute: np.ndarray, context: trainer.Context) -> None:
+        self.config, self.attribute, self.label = context.config, attribute, train["label"]
+        self.weights = inverse_density_weights(train["tissue_ratio"], self.label, len(dataset.CLASS_NAMES),
+                                               self.config.method.ratio_weighted.bandwidth)
+        # The plan only sizes the class-balanced batch (the taus only name the groups); beta = 0 is any valid value.
+        self.plan = method.batch_plan(self.config, self.label, attribute, c=self.config.method.c, beta=0.0)
+
+    def sampler(self, seed: int) -> samplers.StepSampler:
+        return samplers.UpsampledIndexSampler(self.plan, self.label, self.weights, seed)
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return (BIASED,)  # the sampler's single row
+
+    def gradients(self) -> train_step.GradientFn:
+        return train_step.single_batch
+
+    def describe(self) -> str:
+        return (f"{self.plan.describe()}\nratio_weighted trains on one class-balanced batch ({self.plan.batch_size} "
+                "examples per step), each example drawn with weight 1 / (density of its tissue ratio within its "
+                f"class, bandwidth {self.config.method.ratio_weighted.bandwidth:g}); the taus only name the groups.")
