@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,3 +78,14 @@ def train_command(args: list[str]) -> int:
     finally:
         train.FLAGS.unparse_flags()
     return exit_info.value.code or 0  # app.run exits with None after a run that returned
+
+
+def restore_latest(workdir: pathlib.Path, target: Any) -> tuple[Any, dict[str, Any]]:
+    """The whole state (optimiser included) of a run's latest checkpoint, restored into `target`, and its meta."""
+    from gerne_jax.runs import checkpoints
+
+    run = checkpoints.RunCheckpoints(workdir, read_only=True)
+    try:
+        return run.restore(checkpoints.LATEST, target)
+    finally:
+        run.close()

@@ -1,7 +1,7 @@
 """The project's import graph, read from its source: every import, at module level or inside a function.
 
 `python -m tests.import_graph [CHECKOUT]` prints the module count, the import arrows, the levels (the longest chain
-of imports) and any cycle or upward import; `tests/test_layers.py` fails on the last two.
+of imports) and any cycle or upward import; `tests/project/test_layers.py` fails on the last two.
 
 The layers of `gerne_jax` (docs/design.md section 6), lowest first: a module may import its own layer's
 modules and those of lower layers, never a higher one. The tiling application `data_pipeline` stands

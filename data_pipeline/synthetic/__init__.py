@@ -38,7 +38,7 @@ How a slide is made (both layouts; `sections` puts sections where `classic` has 
 
 Calibration: with the tiler's default tissue detection, slides of 2048 pixels tiled at P = 64 give
 tumour patches a median tissue ratio above 0.9, non-tumour patches below 0.1, and at tau = 0.1 about
-4-8% of patches in each minority group (tests/test_synthetic.py measures this). At P = 32 the group
+4-8% of patches in each minority group (tests/pipeline/test_synthetic.py measures this). At P = 32 the group
 of non-tumour patches with much tissue grows to ~15% (strands fill more of a small patch). Other
 sizes shift the shares: body sizes scale with the slide, so at 1024 pixels P = 32 behaves like 2048
 at 64 (at 1024 with P = 64 bodies span only a few patches), while strands, fragments and texture keep

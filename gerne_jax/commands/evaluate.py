@@ -23,7 +23,7 @@ from gerne_jax.data import dataset
 LAUNCH_FLAGS = {"mode": "--distributed", "coordinator_address": "--coordinator-address",
                 "num_processes": "--num-processes", "process_id": "--process-id"}
 # `checkpoints.BEST_CHECKPOINTS` and `distributed.MODES`, spelled out: those modules load JAX, which
-# `--help` should not wait for (tests/test_console.py holds them equal).
+# `--help` should not wait for (tests/project/test_console.py holds them equal).
 CHECKPOINT_HELP = "best_wga, best_bca, best_worst_class, latest, or a step number"
 DISTRIBUTED_MODES = ("auto", "on", "off")
 

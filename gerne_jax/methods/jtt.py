@@ -19,11 +19,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gerne_jax.core.errors import ConfigError
-from gerne_jax.data import samplers
-from gerne_jax.data.groups import BIASED
-from gerne_jax.methods import reference_run
+from gerne_jax.methods import reference_run, weighted_batch
 from gerne_jax.runs import checkpoints
-from gerne_jax.train import method, train_step, trainer
+from gerne_jax.train import trainer
 
 
 def error_set(probabilities: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -57,26 +55,13 @@ def identification_errors(config: ml_collections.ConfigDict, train: dict[str, An
     return error_set(probabilities, train["label"])
 
 
-class Jtt(method.Method):
+class Jtt(weighted_batch.WeightedBatch):
     """JTT's second run (`method.name = "jtt"`): ERM's single class-balanced batch, drawn with the
     identification run's error set upweighted by lambda."""
 
     def prepare(self, train: dict[str, Any], attribute: np.ndarray, context: trainer.Context) -> None:
-        self.config, self.attribute, self.label = context.config, attribute, train["label"]
-        errors = identification_errors(self.config, train, context.metadata, context.mesh)
-        self.weights = example_weights(errors, self.config.method.jtt.upweight)
-        # The plan only sizes the class-balanced batch; beta = 0 is any valid value.
-        self.plan = method.batch_plan(self.config, self.label, attribute, c=self.config.method.c, beta=0.0)
-
-    def sampler(self, seed: int) -> samplers.StepSampler:
-        return samplers.UpsampledIndexSampler(self.plan, self.label, self.weights, seed)
-
-    @property
-    def rows(self) -> tuple[int, ...]:
-        return (BIASED,)  # the sampler's single row
-
-    def gradients(self) -> train_step.GradientFn:
-        return train_step.single_batch
+        errors = identification_errors(context.config, train, context.metadata, context.mesh)
+        self.prepare_weighted(train, attribute, context, example_weights(errors, context.config.method.jtt.upweight))
 
     def describe(self) -> str:
         upweighted = int(np.sum(self.weights > 1))

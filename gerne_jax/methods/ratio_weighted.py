@@ -22,9 +22,9 @@ import numpy as np
 from scipy import signal
 
 from gerne_jax.core.errors import ConfigError
-from gerne_jax.data import dataset, samplers
-from gerne_jax.data.groups import BIASED
-from gerne_jax.train import method, train_step, trainer
+from gerne_jax.data import dataset
+from gerne_jax.methods import weighted_batch
+from gerne_jax.train import trainer
 
 GRID = 4097  # grid points on [0, 1]: spacing 1/4096, far below any useful bandwidth
 
@@ -76,25 +76,13 @@ def inverse_density_weights(tissue_ratio: np.ndarray, label: np.ndarray, num_cla
     return weights
 
 
-class RatioWeighted(method.Method):
+class RatioWeighted(weighted_batch.WeightedBatch):
     """One class-balanced batch, each example drawn with weight 1 / f_y(r) (`method.name = "ratio_weighted"`)."""
 
     def prepare(self, train: dict[str, Any], attribute: np.ndarray, context: trainer.Context) -> None:
-        self.config, self.attribute, self.label = context.config, attribute, train["label"]
-        self.weights = inverse_density_weights(train["tissue_ratio"], self.label, len(dataset.CLASS_NAMES),
-                                               self.config.method.ratio_weighted.bandwidth)
-        # The plan only sizes the class-balanced batch (the taus only name the groups); beta = 0 is any valid value.
-        self.plan = method.batch_plan(self.config, self.label, attribute, c=self.config.method.c, beta=0.0)
-
-    def sampler(self, seed: int) -> samplers.StepSampler:
-        return samplers.UpsampledIndexSampler(self.plan, self.label, self.weights, seed)
-
-    @property
-    def rows(self) -> tuple[int, ...]:
-        return (BIASED,)  # the sampler's single row
-
-    def gradients(self) -> train_step.GradientFn:
-        return train_step.single_batch
+        weights = inverse_density_weights(train["tissue_ratio"], train["label"], len(dataset.CLASS_NAMES),
+                                          context.config.method.ratio_weighted.bandwidth)
+        self.prepare_weighted(train, attribute, context, weights)
 
     def describe(self) -> str:
         return (f"{self.plan.describe()}\nratio_weighted trains on one class-balanced batch ({self.plan.batch_size} "
