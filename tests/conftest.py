@@ -24,6 +24,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
                                                                 "gerne_jax_tests_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# The prediction tests' slides and tiny run (`slide_run`): a fixture of a helper module, loaded after the
+# environment above is set.
+pytest_plugins = ["tests.slide_run"]
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> TinyDataset:
     """Train 120, validation 40 and test 50 patches of 8x8x3 uint8, both classes in both bins at tau 0.1."""

@@ -80,6 +80,15 @@ def train_command(args: list[str]) -> int:
     return exit_info.value.code or 0  # app.run exits with None after a run that returned
 
 
+# The only file whose bytes legitimately differ between two runs: the lock records the holder's pid.
+RUN_SPECIFIC = {".lock"}
+
+
+def folder_bytes(folder: pathlib.Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones and .work/ too) by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def restore_latest(workdir: pathlib.Path, target: Any) -> tuple[Any, dict[str, Any]]:
     """The whole state (optimiser included) of a run's latest checkpoint, restored into `target`, and its meta."""
     from gerne_jax.runs import checkpoints

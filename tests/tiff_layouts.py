@@ -26,6 +26,8 @@ import pathlib
 import numpy as np
 import tifffile
 
+from gerne_jax.slides.manifest import SlideSpec
+
 LAYOUTS = (
     "interleaved",
     "planar",
@@ -143,3 +145,32 @@ def write_with_corrupt_tile(source: pathlib.Path, target: pathlib.Path) -> pathl
     data[offset:offset + length] = b"\xff" * length
     target.write_bytes(bytes(data))
     return target
+
+
+# Small test slides: sizes, dtypes and compressions the reader tests sweep, and a slide spec over them.
+HEIGHT, WIDTH = 45, 67  # odd sizes: partial tiles / strips at the right and bottom edges
+TILE = (16, 16)
+DTYPES = (np.uint8, np.uint16, np.float32)
+COMPRESSIONS = (None, "zlib", "adobe_deflate", "lzw", "zstd")
+
+
+def random_image(dtype, shape=(HEIGHT, WIDTH, 4), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return rng.normal(100, 50, shape).astype(dtype)
+    return rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+
+
+def write_mask(path, mask):
+    tifffile.imwrite(path, mask, photometric="minisblack")
+    return path
+
+
+def spec_for(files, mask_file, **kw) -> SlideSpec:
+    return SlideSpec(slide_id="slide_7", image_files=tuple(files), mask_file=mask_file, **kw)
+
+
+def open_layout(tmp_path, image, layout, mask=None, **kw):
+    files = write_layout(tmp_path / "img", image, layout, **kw)
+    mask = np.zeros(image.shape[:2], np.uint8) if mask is None else mask
+    return spec_for(files, write_mask(tmp_path / "mask.tif", mask))

@@ -22,12 +22,11 @@ from data_pipeline.__main__ import main
 from gerne_jax.core.errors import InputError
 from gerne_jax.slides import tiling_report
 from gerne_jax.slides.manifest import SlideError
+from tests.helpers import RUN_SPECIFIC, folder_bytes
 from tests.tiff_layouts import write_with_corrupt_tile
 
 BEAM_TWO_WORKERS = ("--runner", "beam", "--beam-option=--direct_running_mode=multi_processing",
                     "--beam-option=--direct_num_workers=2")
-# The only file whose bytes legitimately differ between two runs: the lock records the holder's pid.
-RUN_SPECIFIC = {".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +58,6 @@ def manifest_with(slides: pathlib.Path, name: str, broken: list[str], first: boo
 
 def tile(manifest: pathlib.Path, out: pathlib.Path, *options: str) -> int:
     return main(["tile", "--manifest", str(manifest), "--out", str(out), "--patch-size", "32", *options])
-
-
-def folder_bytes(folder: pathlib.Path) -> dict[str, bytes]:
-    """Every file under `folder` (hidden ones and .work/ too) by relative path."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def assert_same_data_dir(local: pathlib.Path, beam: pathlib.Path) -> None:

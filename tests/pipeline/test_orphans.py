@@ -22,8 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from data_pipeline.tiling import WORK_DIR
-from tests.helpers import REPO
-from tests.pipeline.test_beam import RUN_SPECIFIC, folder_bytes
+from tests.helpers import REPO, RUN_SPECIFIC, folder_bytes
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds a session's processes in /proc")
 

@@ -1,6 +1,6 @@
 """A trained run is self-contained: its `data_spec.json` holds what prediction needs of the training DATA_DIR.
 
-The run and slides are `tests/predict/test_predict.py`'s (`slide_run`); the reference for a prediction made
+The run and slides are `tests/slide_run.py`'s (`slide_run`); the reference for a prediction made
 without the DATA_DIR is the same prediction made with it, by the original run. The stored spec is
 checked against the DATA_DIR's own files read with `json` alone.
 """
@@ -19,10 +19,8 @@ from gerne_jax.methods import registry
 from gerne_jax.predict import inference, prediction, run_data, slide_outputs, slide_prediction
 from gerne_jax.runs import run_log
 from gerne_jax.slides.manifest import SlideError
-from tests.predict import test_predict
-from tests.predict.test_predict import settings_for, write_manifest
+from tests.slide_run import settings_for, write_manifest
 
-slide_run = test_predict.slide_run  # its fixture: a tiled DATA_DIR and a tiny run on it (one per module)
 
 # The metadata and tiling-report keys whose on-disk spelling predates the code's (the spec uses code names).
 CODE_NAMES = {"min_tumor_pixels": "min_tumour_pixels"}

@@ -17,19 +17,22 @@ from PIL import Image
 from gerne_jax.slides import masks, tiff_levels
 from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
 from gerne_jax.slides.reader import SlideReader
-from tests.tiff_layouts import LAYOUTS, PLANE_PER_CHANNEL_LAYOUTS, PYRAMID_LAYOUTS, pyramid_levels, write_layout
-
-HEIGHT, WIDTH = 45, 67  # odd sizes: partial tiles / strips at the right and bottom edges
-TILE = (16, 16)
-DTYPES = (np.uint8, np.uint16, np.float32)
-COMPRESSIONS = (None, "zlib", "adobe_deflate", "lzw", "zstd")
-
-
-def random_image(dtype, shape=(HEIGHT, WIDTH, 4), seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if np.dtype(dtype).kind == "f":
-        return rng.normal(100, 50, shape).astype(dtype)
-    return rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+from tests.tiff_layouts import (
+    COMPRESSIONS,
+    DTYPES,
+    HEIGHT,
+    LAYOUTS,
+    PLANE_PER_CHANNEL_LAYOUTS,
+    PYRAMID_LAYOUTS,
+    TILE,
+    WIDTH,
+    open_layout,
+    pyramid_levels,
+    random_image,
+    spec_for,
+    write_layout,
+    write_mask,
+)
 
 
 def smooth_image(shape=(HEIGHT, WIDTH, 3)) -> np.ndarray:
@@ -50,21 +53,6 @@ def windows(shape, count=12, seed=1):
         y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
         random.append((y, x, int(rng.integers(1, height - y + 1)), int(rng.integers(1, width - x + 1))))
     return fixed + random
-
-
-def write_mask(path, mask):
-    tifffile.imwrite(path, mask, photometric="minisblack")
-    return path
-
-
-def spec_for(files, mask_file, **kw) -> SlideSpec:
-    return SlideSpec(slide_id="slide_7", image_files=tuple(files), mask_file=mask_file, **kw)
-
-
-def open_layout(tmp_path, image, layout, mask=None, **kw):
-    files = write_layout(tmp_path / "img", image, layout, **kw)
-    mask = np.zeros(image.shape[:2], np.uint8) if mask is None else mask
-    return spec_for(files, write_mask(tmp_path / "mask.tif", mask))
 
 
 def assert_regions_equal(reader, image):

@@ -13,8 +13,18 @@ from gerne_jax.slides import tiff_levels, tiff_windows
 from gerne_jax.slides.manifest import SlideError
 from gerne_jax.slides.reader import SlideReader
 from gerne_jax.slides.tiff_windows import PageWindows
-from tests.slides.test_slides import COMPRESSIONS, DTYPES, TILE, open_layout, random_image, spec_for, write_mask
-from tests.tiff_layouts import LAYOUTS, write_layout, write_with_corrupt_tile
+from tests.tiff_layouts import (
+    COMPRESSIONS,
+    DTYPES,
+    LAYOUTS,
+    TILE,
+    open_layout,
+    random_image,
+    spec_for,
+    write_layout,
+    write_mask,
+    write_with_corrupt_tile,
+)
 
 CAPACITY = 1 << 30
 
