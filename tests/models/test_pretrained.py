@@ -28,63 +28,9 @@ from safetensors.numpy import load_file, save_file
 
 from gerne_jax.core.errors import InputError
 from gerne_jax.models import pretrained, resnet
+from tests.torchvision_weights import ARCHS, torchvision_state_dict
 
 EPS = 1e-5
-# ResNet depth -> (blocks per stage, bottleneck), as in torchvision.
-ARCHS = {"tiny": ((1, 1), False, 8), "resnet18": ((2, 2, 2, 2), False, 64),
-         "resnet50": ((3, 4, 6, 3), True, 64)}
-
-
-# ---------------------------------------------------------------------------------------------
-# A random torchvision-format state dict, built from torchvision's architecture independently of
-# the loader's own key generation.
-
-def torchvision_state_dict(arch: str, *, in_channels: int = 3, num_classes: int = 1000,
-                           seed: int = 0) -> dict[str, np.ndarray]:
-    stage_sizes, bottleneck, width = ARCHS[arch]
-    rng = np.random.default_rng(seed)
-    state = {}
-
-    def conv(name, out_channels, in_channels, k):
-        std = np.sqrt(2.0 / (in_channels * k * k))
-        state[f"{name}.weight"] = rng.normal(0, std, (out_channels, in_channels, k, k)).astype(np.float32)
-
-    def bn(name, channels, gain=1.0):
-        state[f"{name}.weight"] = (rng.uniform(0.5, 1.5, channels) * gain).astype(np.float32)
-        state[f"{name}.bias"] = rng.normal(0, 0.1, channels).astype(np.float32)
-        state[f"{name}.running_mean"] = rng.normal(0, 0.1, channels).astype(np.float32)
-        state[f"{name}.running_var"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
-        state[f"{name}.num_batches_tracked"] = np.array(1000, np.int64)
-
-    conv("conv1", width, in_channels, 7)
-    bn("bn1", width)
-    in_planes = width
-    for stage, num_blocks in enumerate(stage_sizes):
-        planes = width * 2**stage
-        out_planes = planes * (4 if bottleneck else 1)
-        for block in range(num_blocks):
-            prefix = f"layer{stage + 1}.{block}"
-            if bottleneck:
-                conv(f"{prefix}.conv1", planes, in_planes, 1)
-                bn(f"{prefix}.bn1", planes)
-                conv(f"{prefix}.conv2", planes, planes, 3)
-                bn(f"{prefix}.bn2", planes)
-                conv(f"{prefix}.conv3", out_planes, planes, 1)
-                bn(f"{prefix}.bn3", out_planes, gain=0.3)
-            else:
-                conv(f"{prefix}.conv1", planes, in_planes, 3)
-                bn(f"{prefix}.bn1", planes)
-                conv(f"{prefix}.conv2", planes, planes, 3)
-                bn(f"{prefix}.bn2", planes, gain=0.3)
-            if block == 0 and (stage > 0 or in_planes != out_planes):
-                conv(f"{prefix}.downsample.0", out_planes, in_planes, 1)
-                bn(f"{prefix}.downsample.1", out_planes)
-            in_planes = out_planes
-    state["fc.weight"] = rng.normal(0, 0.01, (num_classes, in_planes)).astype(np.float32)
-    state["fc.bias"] = np.zeros(num_classes, np.float32)
-    return state
-
-
 # ---------------------------------------------------------------------------------------------
 # numpy forward pass with torchvision's semantics, NCHW, float64.
 

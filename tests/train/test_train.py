@@ -267,7 +267,7 @@ def test_background_saves_hold_the_states_synchronous_saves_hold(tiny_config, tm
 def test_init_from_pretrained_weights_defaults_to_frozen_batch_norm(tiny_config, tmp_path):
     from safetensors.numpy import save_file
 
-    from tests.models.test_pretrained import torchvision_state_dict
+    from tests.torchvision_weights import torchvision_state_dict
 
     weights = torchvision_state_dict("tiny", seed=3)
     save_file(weights, str(tmp_path / "tiny.safetensors"))
