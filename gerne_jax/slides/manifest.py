@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import pathlib
 
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset
 
-MANIFEST_COLUMNS = ("slide_id", "image", "channels", "mask", "tissue_mask", "patient_id", "split",
-                    "channel_names")
+MANIFEST_COLUMNS = ("slide_id", "image", "channels", "mask", "annotations", "tissue_mask", "patient_id", "split",
+                    "channel_names", "mpp")
 
 
 class SlideError(InputError):
@@ -43,16 +44,24 @@ class SlideSpec:
     patient_id: str | None = None
     split: str | None = None
     channel_names: tuple[str, ...] | None = None
+    annotations_file: pathlib.Path | None = None  # QuPath GeoJSON: labels (and tissue) instead of raster masks
+    mpp: float | None = None                       # microns per level-0 pixel, overriding the file's
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the slide has a tumour mask or annotations, so its patches are labelled and scored."""
+        return self.mask_file is not None or self.annotations_file is not None
 
 
 def read_manifest(path: str | pathlib.Path, require_mask: bool = True) -> list[SlideSpec]:
     """Reads a slide manifest CSV; relative paths are resolved against the manifest's folder.
 
-    Columns: `slide_id` and `mask` (required), exactly one of `image` / `channels` (`;`-separated) per
-    row, optional `tissue_mask`, `patient_id`, `split` (train / validation / test), `channel_names`
-    (`;`-separated). With `require_mask=False` (prediction) the `mask` column and its values may be
-    missing. Raises InputError for a bad header or empty manifest, SlideError for a bad row
-    (missing file, duplicate id, both or neither image/channels, bad split, bad channel names).
+    Columns: `slide_id`, exactly one of `image` / `channels` (`;`-separated) per row, and per row exactly
+    one of `mask` (a raster tumour mask) and `annotations` (a QuPath GeoJSON file); optional `tissue_mask`,
+    `patient_id`, `split` (train / validation / test), `channel_names` (`;`-separated), `mpp` (microns per
+    level-0 pixel, overriding what the file states). With `require_mask=False` (prediction) neither mask
+    nor annotations is needed. Raises InputError for a bad header or empty manifest, SlideError for a bad
+    row (missing file, duplicate id, both or neither image/channels, bad split, channel names or mpp).
     """
     path = pathlib.Path(path)
     root = path.parent
@@ -72,9 +81,11 @@ def read_manifest(path: str | pathlib.Path, require_mask: bool = True) -> list[S
         if unknown:
             raise InputError(f"manifest {str(path)!r}: unknown column(s) {unknown}; "
                              f"allowed: {list(MANIFEST_COLUMNS)}")
-        missing = [name for name in ("slide_id", "mask")[:2 if require_mask else 1] if name not in header]
+        missing = [] if "slide_id" in header else ["slide_id"]
         if not ("image" in header or "channels" in header):
             missing.append("image or channels")
+        if require_mask and not ("mask" in header or "annotations" in header):
+            missing.append("mask or annotations")
         if missing:
             raise InputError(f"manifest {str(path)!r}: missing column(s) {missing}")
         rows.fieldnames = header
@@ -124,9 +135,12 @@ def _parse_row(values: dict[str, str], line: int, root: pathlib.Path,
                    + ("both" if image else "neither"))
     image_files = (existing_file(image),) if image else tuple(existing_file(f)
                                                               for f in split_list("channels"))
-    if not values.get("mask") and require_mask:
-        raise fail("empty 'mask'")
+    if values.get("mask") and values.get("annotations"):
+        raise fail("give 'mask' or 'annotations', not both")
+    if require_mask and not (values.get("mask") or values.get("annotations")):
+        raise fail("empty 'mask' and 'annotations': the slide has no labels")
     mask_file = existing_file(values["mask"]) if values.get("mask") else None
+    annotations_file = existing_file(values["annotations"]) if values.get("annotations") else None
     tissue_mask_file = existing_file(values["tissue_mask"]) if values.get("tissue_mask") else None
     split = values.get("split") or None
     if split is not None and split not in dataset.SPLITS:
@@ -137,6 +151,14 @@ def _parse_row(values: dict[str, str], line: int, root: pathlib.Path,
             raise fail(f"duplicate channel names {list(channel_names)}")
         if channels and len(channel_names) != len(image_files):
             raise fail(f"{len(channel_names)} channel names for {len(image_files)} channel files")
+    mpp = None
+    if values.get("mpp"):
+        try:
+            mpp = float(values["mpp"])
+        except ValueError:
+            mpp = math.nan
+        if not (math.isfinite(mpp) and mpp > 0):
+            raise fail(f"mpp must be a positive number of microns per pixel, got {values['mpp']!r}")
     return SlideSpec(slide_id=slide_id, image_files=image_files, mask_file=mask_file,
                      tissue_mask_file=tissue_mask_file, patient_id=values.get("patient_id") or None,
-                     split=split, channel_names=channel_names)
+                     split=split, channel_names=channel_names, annotations_file=annotations_file, mpp=mpp)

@@ -760,7 +760,7 @@ def test_manifest_line_numbers_count_blank_lines(slide_files):
 
 @pytest.mark.parametrize("text,problem", [
     ("slide_id,image,mask,colour\ns,a.tif,mask.tif,red\n", "unknown column(s) ['colour']"),
-    ("slide_id,image\ns,a.tif\n", "missing column(s) ['mask']"),
+    ("slide_id,image\ns,a.tif\n", "missing column(s) ['mask or annotations']"),
     ("slide_id,mask\ns,mask.tif\n", "image or channels"),
     ("slide_id,image,mask\n", "no slides"),
     ("", "no header"),
