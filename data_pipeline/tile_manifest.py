@@ -47,11 +47,12 @@ from gerne_jax.data import dataset
 from gerne_jax.slides import tiling_report
 from gerne_jax.slides.grid import grid_origins
 from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
-from gerne_jax.slides.reader import SlideReader
-from gerne_jax.slides.scan import SlideFormat, TilingConfig, format_mismatch, slide_format
+from gerne_jax.slides.scan import SlideFormat, TilingConfig, format_mismatch, open_reader, slide_format
 
 SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RUNNERS = ("local", "beam")
+# Slides whose microns per pixel differ by more than this factor are called differently scaled.
+MIXED_SCALE_RATIO = 1.1
 
 
 def tile_manifest(
@@ -140,11 +141,11 @@ def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_d
     # Header pass: the dataset format (first readable slide) and the grid sizes for the progress bar.
     expected: SlideFormat | None = None
     positions: dict[str, int] = {}
+    scales: dict[str, float | None] = {}  # microns per pixel read, where the slide states its pixel size
     for spec in specs:
         try:
-            with SlideReader(spec, level=config.level, downsample=config.downsample,
-                             tumour_ids=config.tumour_ids) as reader:
-                found = slide_format(reader)
+            with open_reader(spec, config) as reader:
+                found = slide_format(reader, config)
                 positions[spec.slide_id] = (len(grid_origins(reader.shape[0], config.patch_size, config.stride))
                                             * len(grid_origins(reader.shape[1], config.patch_size, config.stride)))
         except SlideError as error:
@@ -153,6 +154,10 @@ def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_d
         expected = expected or found
         if found != expected:
             fail(spec.slide_id, format_mismatch(spec, found, expected))
+        else:
+            scales[spec.slide_id] = found.mpp
+    if config.mpp is None:
+        _warn_mixed_scales(scales)
 
     sidecars: dict[str, dict[str, Any]] = {}
     jobs = []
@@ -189,12 +194,33 @@ def _tile_locked(specs: Sequence[SlideSpec], split_of: Mapping[str, str], data_d
             print(f"  {message}", file=sys.stderr)
     tiling_report.write(data_dir, config, report, storage.write_text)
     if sidecars:
-        _publish(data_dir, sidecars, split_of, config, expected)
+        _publish(data_dir, sidecars, split_of, config, expected, _common_mpp(config, [scales[s] for s in sidecars]))
     return {"slides": report, "failed": sorted(failures)}
 
 
+def _warn_mixed_scales(scales: Mapping[str, float | None]) -> None:
+    """Warns, naming the slides, when slides tiled at one level or downsample have physical scales more than
+    `MIXED_SCALE_RATIO` apart (a patch would cover different areas of tissue): `--mpp` tiles them alike."""
+    known = {slide_id: mpp for slide_id, mpp in scales.items() if mpp is not None}
+    if known and max(known.values()) > MIXED_SCALE_RATIO * min(known.values()):
+        listed = ", ".join(f"{slide_id} {mpp:.4g}" for slide_id, mpp in sorted(known.items(), key=lambda i: i[1]))
+        warnings.warn(f"the slides are tiled at different physical scales (µm/pixel: {listed}); a patch covers "
+                      "different areas of tissue on them: tile with --mpp to read every slide at one scale",
+                      stacklevel=3)
+
+
+def _common_mpp(config: TilingConfig, scales: Sequence[float | None]) -> float | None:
+    """The microns per pixel of a DATA_DIR's patches: --mpp, else the slides' own where all state it and
+    agree within `MIXED_SCALE_RATIO` (their median), else None."""
+    if config.mpp is not None:
+        return config.mpp
+    if not scales or None in scales or max(scales) > MIXED_SCALE_RATIO * min(scales):
+        return None
+    return float(np.median(scales))
+
+
 def _publish(data_dir: storage.AnyPath, sidecars: Mapping[str, dict[str, Any]], split_of: Mapping[str, str],
-             config: TilingConfig, dataset_format: SlideFormat) -> None:
+             config: TilingConfig, dataset_format: SlideFormat, mpp: float | None) -> None:
     parts_by_split: dict[str, list[shards.ShardPart]] = {split: [] for split in dataset.SPLITS}
     for slide_id in sorted(sidecars):
         sidecar = sidecars[slide_id]
@@ -209,7 +235,7 @@ def _publish(data_dir: storage.AnyPath, sidecars: Mapping[str, dict[str, Any]], 
                 "stride": config.stride, "level": config.level,
                 "level_downsample": dataset_format.level_downsample,
                 "source_dtype": dataset_format.dtype, "min_tumour_pixels": config.min_tumour_pixels,
-                "min_tissue_ratio": config.min_tissue_ratio}
+                "min_tissue_ratio": config.min_tissue_ratio, "mpp": mpp}
     sizes = shards.finalize_dataset(data_dir, parts_by_split, features, metadata)
     print("patches per split: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
 
@@ -222,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
         downsample=args.downsample, min_tumour_pixels=args.min_tumour_pixels,
         min_tissue_ratio=args.min_tissue_ratio, tissue_polarity=args.tissue_polarity,
         tumour_ids=tuple(args.tumour_ids) if args.tumour_ids else None,
-        tissue_factor=args.tissue_factor)
+        tissue_factor=args.tissue_factor, mpp=args.mpp, channels=args.channels,
+        tumour_classes=args.tumour_classes, tissue_classes=args.tissue_classes, reader=args.reader)
     out = storage.location(args.out)
     report = tile_manifest(args.manifest, out, config, workers=args.workers,
                            skip_errors=args.skip_errors, split_fractions=args.split_fractions,

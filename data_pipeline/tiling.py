@@ -35,6 +35,8 @@ from gerne_jax.slides.scan import (
     TilingConfig,
     fingerprint,
     format_mismatch,
+    level0,
+    open_reader,
     record_qc_rows,
     slide_format,
 )
@@ -65,10 +67,9 @@ def tile_slide(
     for stale in paths["records"].parent.glob(f"{paths['records'].name}.tmp-*"):
         stale.unlink()  # left by a killed run
     P = config.patch_size
-    with SlideReader(spec, level=config.level, downsample=config.downsample,
-                     tumour_ids=config.tumour_ids) as reader:
+    with open_reader(spec, config) as reader:
         reader.validate()
-        found = slide_format(reader)
+        found = slide_format(reader, config)
         if found != expected_format:
             raise format_mismatch(spec, found, expected_format)
         height, width = reader.shape
@@ -83,18 +84,21 @@ def tile_slide(
         serialize = shards.PatchSerializer(features)
         statistics = shards.PixelStatistics(reader.num_channels, reader.dtype)
         rows: list[dict[str, Any]] = []
-        d = reader.level_downsample
+        grid_yx: list[tuple[int, int]] = []  # patch origins in pixels read, for the QC image
+        scale = reader.scale
 
         def records():
             for block in scan.blocks():
                 record_qc_rows(qc_tissue, qc_tumour, block.tissue, block.tumour, block.y0, block.x0, factor)
                 for band in block.bands:
                     statistics.add_windows(band.pixels, band.columns, P)
+                    xs, y = level0(band.x, scale), int(level0(band.y, scale))
                     for i in range(band.x.size):
-                        row = dataset.patch_row(spec.slide_id, spec.patient_id, int(band.x[i]) * d, band.y * d,
+                        row = dataset.patch_row(spec.slide_id, spec.patient_id, int(xs[i]), y,
                                                 int(band.tumour_pixels[i] >= config.min_tumour_pixels),
                                                 band.tumour_pixels[i] / P**2, band.tissue_ratio[i])
                         rows.append(row)
+                        grid_yx.append((band.y, int(band.x[i])))
                         yield serialize({"image": band.patch(i), **row})
                     progress(band.positions)
 
@@ -103,14 +107,22 @@ def tile_slide(
 
     paths["qc"].parent.mkdir(parents=True, exist_ok=True)
     qc.save_qc_png(paths["qc"], thumbnail, qc_tissue, qc_tumour,
-                   np.array([[r["y"] // d, r["x"] // d] for r in rows], np.int64).reshape(-1, 2),
+                   np.array(grid_yx, np.int64).reshape(-1, 2),
                    np.array([r["label"] for r in rows], np.int64), P, factor,
-                   f"{spec.slide_id}: {height} x {width} at level downsample {d}, tissue factor {factor}")
+                   f"{spec.slide_id}: {height} x {width} at {_scale_text(reader)}, tissue factor {factor}")
     sidecar = {"slide_id": spec.slide_id, "fingerprint": fingerprint(spec, config),
                "format": dataclasses.asdict(found), "tissue_factor": factor, "shape": [height, width],
                "rows": rows, "moments": statistics.moments().to_json()}
     _write_sidecar(paths["sidecar"], sidecar)
     return sidecar
+
+
+def _scale_text(reader: SlideReader) -> str:
+    """How the scale of a slide's pixels read is named in titles."""
+    if reader.scale != reader.level_downsample:
+        return f"{reader.mpp:.4g} µm/pixel (level-0 pixels x {reader.scale:.4g})"
+    mpp = f", {reader.mpp:.4g} µm/pixel" if reader.mpp is not None else ""
+    return f"level downsample {reader.level_downsample}{mpp}"
 
 
 def _write_sidecar(path: pathlib.Path, sidecar: dict[str, Any]) -> None:

@@ -174,3 +174,44 @@ def open_layout(tmp_path, image, layout, mask=None, **kw):
     files = write_layout(tmp_path / "img", image, layout, **kw)
     mask = np.zeros(image.shape[:2], np.uint8) if mask is None else mask
     return spec_for(files, write_mask(tmp_path / "mask.tif", mask))
+
+
+# Aperio's ImageDescription: a header line, then "key = value" pairs separated by "|". The header says
+# what each page is: level 0 "W0xH0 [0,0 W0xH0] (tile) codec", a reduced level "... -> WxH codec",
+# the thumbnail "W0xH0 -> WxH - ", the label and macro "label WxH" / "macro WxH".
+_APERIO_HEADER = "Aperio Image Library v12.0.5\r\n"
+
+
+def write_aperio_svs(path: str | pathlib.Path, image: np.ndarray, mpp: float, *, levels: int = 3,
+                     tile: tuple[int, int] = (16, 16), compression: str = "zlib",
+                     label_macro: bool = True) -> pathlib.Path:
+    """Writes the RGB uint8 `image` (H, W, 3) as an Aperio SVS pyramid; returns the file.
+
+    Page order as Aperio's scanners write it: level 0 (tiled), a stripped thumbnail (every 3rd pixel),
+    the reduced levels 1..levels-1 (tiled, `pyramid_levels`, NewSubfileType 0 like level 0), then,
+    with `label_macro`, a label (NewSubfileType 1) and a macro image (9). Every page's description
+    states `mpp` as "MPP" (level 0's microns per pixel, as Aperio does). Pixels are deflate-compressed
+    (not JPEG, as Aperio's), so a test reads back exactly the written values.
+    """
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    path = pathlib.Path(path)
+    height, width = image.shape[:2]
+    tail = (f"|AppMag = 20|StripeWidth = 2040|ScanScope ID = SS1234|Filename = 1234|Date = 12/29/09"
+            f"|Time = 09:59:15|MPP = {mpp}|Left = 25.691574|Top = 23.449873|OriginalWidth = {width}"
+            f"|OriginalHeight = {height}")
+    base = f"{width}x{height} [0,0 {width}x{height}] ({tile[1]}x{tile[0]})"
+    thumbnail = np.ascontiguousarray(image[::3, ::3])
+    pages = [(image, f"{base} JPEG/RGB Q=70{tail}", tile, 0),
+             (thumbnail, f"{width}x{height} -> {thumbnail.shape[1]}x{thumbnail.shape[0]} - {tail}", None, 0)]
+    for reduced in pyramid_levels(image, levels)[1:]:
+        pages.append((reduced, f"{base} -> {reduced.shape[1]}x{reduced.shape[0]} JPEG/RGB Q=70{tail}", tile, 0))
+    if label_macro:
+        label = np.full((11, 13, 3), 200, np.uint8)
+        macro = np.full((9, 27, 3), 100, np.uint8)
+        pages += [(label, "label 13x11", None, 1), (macro, "macro 27x9", None, 9)]
+    with tifffile.TiffWriter(path) as writer:
+        for data, description, page_tile, subfiletype in pages:
+            writer.write(data, photometric="rgb", compression=compression, tile=page_tile,
+                         description=_APERIO_HEADER + description, subfiletype=subfiletype, metadata=None)
+    return path

@@ -54,7 +54,8 @@ PATCH_COLUMNS = ("split", "index", *(ON_DISK_NAMES.get(name, name) for name in P
 
 # metadata.json keys (code names), as the tiler writes them.
 METADATA_KEYS = ("channel_names", "patch_size", "stride", "level", "level_downsample", "source_dtype",
-                 "min_tumour_pixels", "min_tissue_ratio", "channel_mean", "channel_std")
+                 "min_tumour_pixels", "min_tissue_ratio", "channel_mean", "channel_std",
+                 "mpp")  # microns per pixel of the patches: --mpp, or the slides' common scale; None if unknown
 
 
 class DatasetError(InputError):

@@ -1,13 +1,15 @@
 """What a run's data fixes for prediction: the tiling settings and the slide format.
 
 A run predicts with the settings its data was tiled with (`data_tiling_config`, from the run's data
-spec: the DATA_DIR's tiling report and metadata, `run_log.DataSpec`), and only slides of the format it
-was trained on (`check_format`: channel count, names and order, dtype and level downsample).
+spec: the DATA_DIR's tiling report and metadata, `run_log.DataSpec`): at its microns per pixel when it
+was tiled at one, with its channels picked by name (`match_channels`), and only slides of the format it
+was trained on (`check_format`: channel count, dtype and level downsample).
 `PredictionSettings` adds the prediction's own settings.
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -43,37 +45,51 @@ def data_tiling_config(run: inference.RestoredRun, **overrides: Any) -> TilingCo
     config where the DATA_DIR had one (tissue polarity, factor, tumour ids too), else its metadata's;
     `overrides` (not None) win.
 
-    Patch size, level and downsample are the model's input and cannot be overridden.
+    Patch size, scale (level, downsample, mpp) and channels are the model's input and cannot be overridden.
     """
     stored, metadata = run.data_spec.tiling, run.metadata
     if stored is not None:
-        stored = dict(stored, tumour_ids=tuple(stored["tumour_ids"]) if stored.get("tumour_ids") else None)
         settings = {field.name: stored[field.name] for field in dataclasses.fields(TilingConfig)
                     if field.name in stored}
+        for name in ("tumour_ids", "channels", "tumour_classes", "tissue_classes"):  # lists in JSON
+            settings[name] = tuple(settings[name]) if settings.get(name) else None
     else:
         settings = {"patch_size": metadata["patch_size"], "stride": metadata["stride"],
                     "level": metadata.get("level", 0), "min_tumour_pixels": metadata["min_tumour_pixels"],
                     "min_tissue_ratio": metadata["min_tissue_ratio"]}
-        if metadata.get("level_downsample", 1) > 1 and not metadata.get("level"):
+        if metadata.get("level_downsample") is None:  # tiled at microns per pixel
+            settings["mpp"] = metadata["mpp"]
+        elif metadata.get("level_downsample", 1) > 1 and not metadata.get("level"):
             settings["downsample"] = metadata["level_downsample"]
-    fixed = {"patch_size", "level", "downsample"}
+    fixed = {"patch_size", "level", "downsample", "mpp", "channels"}
     settings.update({key: value for key, value in overrides.items() if value is not None and key not in fixed})
     return TilingConfig(**settings)
 
 
+def match_channels(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any]) -> None:
+    """Reads the slide's channels in the order the run was trained on, by name (reordered, or picked from
+    more channels; a SlideError names the missing ones). Placeholder names (no manifest column, no OME
+    names) say nothing about the channels: where the run's or the slide's channels are unnamed, the slide
+    is taken in its own order, as the tiler took it, with a warning where the run's are named."""
+    trained = tuple(metadata["channel_names"])
+    unnamed_run = trained == placeholder_channel_names(len(trained))
+    unnamed_slide = reader.file_channel_names == placeholder_channel_names(len(reader.file_channel_names))
+    if unnamed_slide and not unnamed_run and len(trained) == reader.num_channels:
+        warnings.warn(f"slide {spec.slide_id!r} names none of its channels; they are taken in the order the run "
+                      f"was trained on {list(trained)} (give the manifest's channel_names to check)", stacklevel=2)
+    elif not (unnamed_run or unnamed_slide):
+        reader.select_channels(trained)
+
+
 def check_format(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any]) -> None:
-    """A slide must have the channel count, dtype and level downsample of the run's data (`metadata`, the
-    run's data spec's), and its channel names in the same order where both name their channels."""
-    found = (reader.num_channels, np.dtype(reader.dtype).name, int(reader.level_downsample))
-    expected = (len(metadata["channel_names"]), str(metadata["source_dtype"]), int(metadata["level_downsample"]))
+    """A slide (its channels matched, `match_channels`) must have the channel count, dtype and level
+    downsample of the run's data (`metadata`, the run's data spec's); at microns per pixel, the reader reads
+    it at the run's scale whatever its level."""
+    at_mpp = metadata.get("level_downsample") is None
+    found = (reader.num_channels, np.dtype(reader.dtype).name, None if at_mpp else int(reader.level_downsample))
+    expected = (len(metadata["channel_names"]), str(metadata["source_dtype"]), metadata.get("level_downsample"))
     if found != expected:
+        scale = f"{metadata['mpp']:g} µm/pixel" if at_mpp else f"level downsample {expected[2]}"
         raise SlideError(spec.slide_id, spec.image_files[0], f"does not match the run's data: the slide has "
-                         f"{found[0]} channel(s) of {found[1]} at level downsample {found[2]}, the model was "
-                         f"trained on {expected[0]} channel(s) of {expected[1]} at level downsample {expected[2]}")
-    names, trained = tuple(reader.channel_names), tuple(metadata["channel_names"])
-    # Placeholder names (no manifest column, no OME names) say nothing about the channels: a slide without
-    # names is taken in the manifest's order, as the tiler takes it.
-    placeholders = placeholder_channel_names(len(names))
-    if names != trained and placeholders not in (names, trained):
-        raise SlideError(spec.slide_id, spec.image_files[0], f"does not match the run's data: the slide's "
-                         f"channels are {list(names)}, the model was trained on {list(trained)} (in this order)")
+                         f"{found[0]} channel(s) of {found[1]}" + ("" if at_mpp else f" at level downsample {found[2]}")
+                         + f", the model was trained on {expected[0]} channel(s) of {expected[1]} at {scale}")

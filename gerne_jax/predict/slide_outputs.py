@@ -3,9 +3,6 @@
 - `ProbabilityMap`: the tumour probability on the patch grid, in cells of g = gcd(P, S) pixels of the
   predicted level, each cell the mean over the patches covering it (S < P: overlapping patches are
   averaged into a smooth map; S = P: one cell per patch); NaN where no patch was classified.
-- `write_map_tiff`: that map as a float32 TIFF whose resolution records its scale: one map pixel is
-  `scale` level-0 pixels (ResolutionUnit NONE, X/YResolution = 1 / scale), the ImageDescription
-  holds the same as JSON.
 - `tumour_regions`: cells with probability >= threshold as GeoJSON polygons (with holes) in level-0
   pixel coordinates, a FeatureCollection of QuPath "annotation" objects classified "Tumor".
 - `save_overlay`: PNG of the slide's thumbnail, the heatmap, the tissue outline and, where a mask
@@ -24,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import tifffile
 from skimage import measure
 
 from gerne_jax.core import files
@@ -61,15 +57,6 @@ class ProbabilityMap:
         """The map, float32, NaN where no patch lies."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self._count > 0, self._sum / np.maximum(self._count, 1), np.nan).astype(np.float32)
-
-
-def write_map_tiff(path: str | os.PathLike, values: np.ndarray, scale: int, description: Mapping[str, Any]) -> None:
-    """The map as a float32 TIFF; one pixel is `scale` x `scale` level-0 pixels (module doc)."""
-    text = json.dumps({**description, "level0_pixels_per_map_pixel": scale})
-    with files.atomic_write(path) as temporary:
-        tifffile.imwrite(temporary, np.asarray(values, np.float32), photometric="minisblack",
-                         resolution=(1.0 / scale, 1.0 / scale), resolutionunit="NONE",
-                         description=text, metadata=None, compression="zlib")
 
 
 def tumour_regions(values: np.ndarray, threshold: float, scale: int,

@@ -5,8 +5,9 @@ tissue with the tiler's own `gerne_jax.slides.scan.SlideScan`, so it classifies 
 tiler would keep. `scan_slide` classifies them: a pool of reader threads (sharing the slide's one
 `SlideReader` and its chunk cache) reads blocks ahead into a bounded queue, and the patches are copied
 into fixed-size batches for the jitted, sharded `inference.PatchClassifier`; nothing holds more than a
-few blocks of the slide. `write_slide` writes its files into `OUT/slides/<slide_id>/`:
-`probability.tif`, `overlay.png`, `patches.csv`, `regions.geojson` and last `summary.json`, which
+few blocks of the slide. `write_slide` writes its files into `OUT/slides/<slide_id>/`: `probability.ome.tif` and
+`detections.geojson` (`qupath_outputs`: they open over the slide in QuPath), `overlay.png`, `patches.csv`,
+`regions.geojson` and last `summary.json`, which
 marks the slide finished (`load_finished`): a rerun with the same run, checkpoint, settings and files
 skips it, and a slide killed half-way (no summary) is redone (`start_slide`).
 """
@@ -24,13 +25,14 @@ import numpy as np
 from gerne_jax.core import files
 from gerne_jax.data import dataset
 from gerne_jax.evaluation import evaluate
-from gerne_jax.predict import inference, slide_outputs
-from gerne_jax.predict.run_data import PredictionSettings, check_format
+from gerne_jax.predict import inference, qupath_outputs, slide_outputs
+from gerne_jax.predict.run_data import PredictionSettings, check_format, match_channels
 from gerne_jax.slides.manifest import SlideSpec
 from gerne_jax.slides.reader import SlideReader
-from gerne_jax.slides.scan import SlideScan, fingerprint, record_qc_rows
+from gerne_jax.slides.scan import SlideScan, fingerprint, level0, open_reader, record_qc_rows
 
 SLIDES_DIR = "slides"
+PROBABILITY_MAP = "probability.ome.tif"
 SUMMARY_FILE = "summary.json"
 # Source bytes one read block may hold; several are in flight (2 per reader thread).
 PREDICT_BLOCK_BYTES = 32 << 20
@@ -42,7 +44,7 @@ def slide_dir(out: pathlib.Path, slide_id: str) -> pathlib.Path:
 
 def _run_fingerprint(spec: SlideSpec, run: inference.RestoredRun, settings: PredictionSettings) -> dict[str, Any]:
     return json.loads(json.dumps({
-        "slide": fingerprint(spec, settings.tiling), "mask": spec.mask_file is not None,
+        "slide": fingerprint(spec, settings.tiling), "mask": spec.has_labels,
         "workdir": str(run.workdir.absolute()), "checkpoint": run.checkpoint,
         "checkpoint_step": run.checkpoint_meta.get("step"), "threshold": settings.threshold,
         "taus": settings.taus_list}))
@@ -67,6 +69,9 @@ class ScannedSlide:
     spec: SlideSpec
     shape: tuple[int, int]
     level_downsample: int
+    scale: float                           # level-0 pixels per pixel read (`SlideReader.scale`)
+    base_shape: tuple[int, int]            # level 0's
+    base_mpp: float | None                 # microns per level-0 pixel, where known
     factor: int
     thumbnail: np.ndarray
     qc_tissue: np.ndarray
@@ -79,9 +84,10 @@ class ScannedSlide:
 def open_slide(spec: SlideSpec, run: inference.RestoredRun, settings: PredictionSettings) -> OpenedSlide:
     """Opens a slide with the run's data settings, checks its format and detects its tissue (SlideError)."""
     config = settings.tiling
-    reader = SlideReader(spec, level=config.level, downsample=config.downsample, tumour_ids=config.tumour_ids)
+    reader = open_reader(spec, dataclasses.replace(config, channels=None))  # `match_channels` picks them
     reader.__enter__()
     try:
+        match_channels(spec, reader, run.metadata)
         check_format(spec, reader, run.metadata)
         # The mask's values are checked block by block as the scan reads it (a label map stops the slide
         # before anything is written): decoding the whole mask up front would cost a second pass.
@@ -134,7 +140,8 @@ def scan_slide(opened: OpenedSlide, classifier: inference.PatchClassifier, setti
         warnings.warn(f"slide {opened.spec.slide_id!r}: no patch to classify ({reader.shape[0]} x {reader.shape[1]} "
                       f"pixels at level downsample {reader.level_downsample}, patch size {config.patch_size}, "
                       f"tissue ratio must exceed {config.min_tissue_ratio}); its map is empty", stacklevel=2)
-    return ScannedSlide(opened.spec, reader.shape, reader.level_downsample, scan.factor, scan.thumbnail,
+    return ScannedSlide(opened.spec, reader.shape, reader.level_downsample, reader.scale, reader.base_shape,
+                        reader.base_mpp, scan.factor, scan.thumbnail,
                         qc_tissue, qc_tumour, probability_map, probabilities, joined)
 
 
@@ -143,9 +150,9 @@ def write_slide(scanned: ScannedSlide, run: inference.RestoredRun, settings: Pre
     """Writes one scanned slide's files (module docstring), `summary.json` last; returns the summary."""
     spec, config, d = scanned.spec, settings.tiling, scanned.level_downsample
     P, folder = config.patch_size, slide_dir(out, spec.slide_id)
-    has_mask = spec.mask_file is not None
+    has_mask = spec.has_labels
     probabilities, fields = scanned.probabilities, scanned.fields
-    table = {"x": fields["x"].astype(np.int64) * d, "y": fields["y"].astype(np.int64) * d,
+    table = {"x": level0(fields["x"], scanned.scale), "y": level0(fields["y"], scanned.scale),
              "tissue_ratio": fields["tissue_ratio"].astype(np.float32),
              "probability": probabilities[:, 1], "probability_non_tumour": probabilities[:, 0],
              "prediction": probabilities.argmax(axis=1).astype(np.int32)}
@@ -155,12 +162,14 @@ def write_slide(scanned: ScannedSlide, run: inference.RestoredRun, settings: Pre
     count = int(probabilities.shape[0])
 
     probability_map = scanned.probability_map
-    values, scale = probability_map.values(), probability_map.cell * d
+    values, scale = probability_map.values(), probability_map.cell * scanned.scale
     slide_outputs.write_patch_table(folder / "patches.csv", spec.slide_id, table)
-    slide_outputs.write_map_tiff(folder / "probability.tif", values, scale, {
-        "slide_id": spec.slide_id, "level_downsample": d, "patch_size": P, "stride": config.stride,
-        "level0_origin": [0, 0], "values": "mean tumour probability of the patches covering the pixel, "
-                                           "NaN where no patch was classified"})
+    written = qupath_outputs.write_probability_ome_tiff(folder / PROBABILITY_MAP, values, scale, scanned.base_shape,
+                                                        scanned.base_mpp, {
+        "slide_id": spec.slide_id, "patch_size": P, "stride": config.stride,
+        "values": "mean tumour probability of the patches covering the pixel, NaN where no patch was classified"})
+    slide_outputs.write_geojson(folder / "detections.geojson", qupath_outputs.patch_detections(
+        table["x"], table["y"], P * scanned.scale, table["probability"], {"tissue_ratio": table["tissue_ratio"]}))
     regions = slide_outputs.tumour_regions(values, settings.threshold, scale)
     slide_outputs.write_geojson(folder / "regions.geojson", regions)
     tumour_share = float(np.mean(table["prediction"] == 1)) if count else float("nan")
@@ -175,7 +184,8 @@ def write_slide(scanned: ScannedSlide, run: inference.RestoredRun, settings: Pre
         "above_threshold_share": float(np.mean(table["probability"] >= settings.threshold)) if count else float("nan"),
         "mean_probability": float(np.mean(table["probability"])) if count else float("nan"),
         "max_probability": float(np.max(table["probability"])) if count else float("nan"),
-        "tumour_regions": len(regions["features"]), "map_scale": scale, "has_mask": has_mask,
+        "tumour_regions": len(regions["features"]), "map_scale": scale, "probability_map": written,
+        "has_mask": has_mask,
         "fingerprint": _run_fingerprint(spec, run, settings),
     }
     if has_mask:

@@ -2,8 +2,10 @@
 
 A mask file has the level's shape, level 0's (pixel (i, j) of the level is `mask[i * d, j * d]`:
 nearest, top-left), or an integer fraction f of the level's (pixel (i, j) is `mask[i // f, j // f]`);
-`open_mask` maps it onto the level (`MaskView`). PNG masks are read whole through Pillow, which
-refuses PNGs above its decompression-bomb limit; a grey mask saved in colour is taken as grey.
+`open_mask` maps it onto the level (`MaskView`). Tiling at microns per pixel maps a mask of level 0's
+shape, or an integer fraction of it, by area coverage instead (`open_coverage_mask`, `CoverageMask`).
+PNG masks are read whole through Pillow, which refuses PNGs above its decompression-bomb limit; a grey
+mask saved in colour is taken as grey.
 `distinct_values` and `format_values` serve the checks of mask values ({0, 1}, {0, 255}, or labels).
 """
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from gerne_jax.slides import resample
 from gerne_jax.slides.manifest import SlideError
-from gerne_jax.slides.tiff_levels import TiffLevel, integer_downsample, open_tiff, scan_windows
+from gerne_jax.slides.tiff_levels import TiffLevel, integer_downsample, open_tiff
+from gerne_jax.slides.views import scan_windows
 
 
 class MemoryArray:
@@ -127,12 +131,25 @@ def format_values(values: Sequence, limit: int = 20) -> str:
     return f"[{shown}{', ...' if len(values) > limit else ''}] ({len(values)} distinct)"
 
 
-def open_mask(slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack, shape: tuple[int, int],
-              base_shape: tuple[int, int], level_downsample: int) -> MaskView:
-    """A mask file on the grid of a level of `shape` (level 0: `base_shape`, the level `level_downsample`
-    times smaller): at the level's shape, level 0's, or an integer fraction of the level's (annotations
-    are often rasterised at a reduced scale; each mask pixel then covers factor x factor level pixels).
-    A TIFF mask stays open in `stack`."""
+class CoverageMask:
+    """A mask file resampled onto a grid of `scale` of its pixels by area coverage (`resample`): a grid
+    pixel is inside when at least half of its area is. `inside(labels)` turns the file's values into
+    0 / 1 before the areas are taken (tumour labels, or nonzero)."""
+
+    def __init__(self, source: TiffLevel | MemoryArray, scale: float, shape: tuple[int, int],
+                 inside: Callable[[np.ndarray], np.ndarray]):
+        self.source, self.scale, self.shape, self._inside = source, scale, shape, inside
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The window [y:y+h, x:x+w] of the grid, (h, w) bool."""
+        rows = resample.taps(y, h, self.scale, self.source.shape[0])
+        cols = resample.taps(x, w, self.scale, self.source.shape[1])
+        labels = self.source.read(slice(rows.start, rows.stop), slice(cols.start, cols.stop))[..., 0]
+        return resample.covered(resample.weighted(self._inside(labels), rows, cols))
+
+
+def mask_source(slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack) -> TiffLevel | MemoryArray:
+    """A mask file's pixels: a TIFF read lazily (staying open in `stack`), a PNG read whole."""
     if file.suffix.lower() == ".png":
         source = read_png_mask(slide_id, file)
     else:
@@ -141,6 +158,28 @@ def open_mask(slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack, sh
             raise SlideError(slide_id, file, f"mask must have one channel, found {source.num_channels}")
     if source.dtype.kind not in "biu":
         raise SlideError(slide_id, file, f"mask dtype {source.dtype} is not integer or bool")
+    return source
+
+
+def open_coverage_mask(slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack, shape: tuple[int, int],
+                       base_shape: tuple[int, int], scale: float,
+                       inside: Callable[[np.ndarray], np.ndarray]) -> CoverageMask:
+    """A mask file at level 0's shape, or an integer fraction f of it, on a grid of `shape` pixels of
+    `scale` level-0 pixels (tiling at microns per pixel), by area coverage."""
+    source = mask_source(slide_id, file, stack)
+    factor = 1 if source.shape == base_shape else integer_downsample(base_shape, source.shape)
+    if factor is None:
+        raise SlideError(slide_id, file, f"mask shape {source.shape} does not match the image: tiling at a "
+                         f"physical scale needs a mask of level 0's shape {base_shape} or an integer fraction of it")
+    return CoverageMask(source, scale / factor, shape, inside)
+
+
+def open_mask(slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack, shape: tuple[int, int],
+              base_shape: tuple[int, int], level_downsample: int) -> MaskView:
+    """A mask file on the grid of a level of `shape` (level 0: `base_shape`, the level `level_downsample`
+    times smaller): at the level's shape, level 0's, or an integer fraction of the level's (annotations
+    are often rasterised at a reduced scale; each mask pixel then covers factor x factor level pixels)."""
+    source = mask_source(slide_id, file, stack)
     if source.shape == shape:
         return MaskView(source, "same", 1)
     if level_downsample > 1 and source.shape == base_shape:

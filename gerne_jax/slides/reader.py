@@ -1,66 +1,66 @@
-"""Lazy, region-wise reading of multichannel microscopy slides and their masks.
+"""Lazy, region-wise reading of multichannel microscopy slides and their labels.
 
-A slide is one multichannel TIFF, or one TIFF per channel (modality), plus a tumour mask and an
-optional tissue mask (a `SlideSpec`, from `gerne_jax.slides.manifest.read_manifest`). `SlideReader` opens
-the files with tifffile and reads windows straight from their strips / tiles (`tiff_levels`,
-`tiff_windows`; tifffile's zarr store for rarer layouts), so only the strips / tiles a window touches
-are decoded; no method ever holds a whole level in memory. Masks are mapped onto the level by `masks`.
+A slide is one multichannel image file, or one file per channel (modality), plus a tumour mask or QuPath
+annotations and an optional tissue mask (a `SlideSpec`, from `gerne_jax.slides.manifest.read_manifest`).
+`SlideReader` opens the files through a backend (`image_files`: tifffile, or OpenSlide for the formats
+tifffile cannot read) and reads windows straight from their strips / tiles, so only the strips / tiles a
+window touches are decoded; no method ever holds a whole level in memory.
 
-Supported image files: stripped or tiled, uncompressed / deflate / LZW / JPEG / zstd / anything
+Supported TIFF files: stripped or tiled, uncompressed / deflate / LZW / JPEG / zstd / anything
 tifffile+imagecodecs decode, classic or BigTIFF; samples interleaved (Y, X, C), planar (C, Y, X), or one
 page per channel (shaped, ImageJ and OME hyperstacks, plain page-by-page stacks); pyramids as SubIFDs,
-OME levels or reduced pages. The first series of a file is read (others, e.g. label or macro images,
-are ignored, but several series of one shape are an error: they may be channels). Axes of length one
-(T, Z, ...) are ignored; exactly one axis besides Y and X may hold the channels. Pixel types uint8,
-uint16 and float32.
+OME levels or reduced pages (Aperio SVS too). The first series of a file is read (others, e.g. label or
+macro images, are ignored, but several series of one shape are an error: they may be channels). Axes of
+length one (T, Z, ...) are ignored; exactly one axis besides Y and X may hold the channels. Pixel types
+uint8, uint16 and float32. `channels` reads the named channels only, in the order named.
 
 Resolution. `level=L` reads pyramid level L. `downsample=d` reads the pyramid level whose downsample is
 d when every image file has one; otherwise it reads level 0 and reduces it by the **area mean** of d x d
 blocks (rounded back to the source dtype; the level then has floor(H0/d) x floor(W0/d) pixels).
+`mpp=M` reads at M microns per pixel: the slide's level-0 pixel size (the manifest's `mpp`, else what the
+file states, `physical`) gives M as s0 level-0 pixels; the coarsest pyramid level of downsample d <= s0
+is read and resampled by s = s0 / d with the area mean of `resample` (none when s is within
+`SCALE_TOLERANCE` of 1), giving floor(H_d / s) x floor(W_d / s) pixels. `scale` is the level-0 pixels per
+pixel read (d, or d * s), `mpp` the microns per pixel read where known.
 
 Masks (TIFF, read lazily, or PNG, read whole through Pillow, which refuses PNGs above its
 decompression-bomb limit) hold {0, 1}, {0, 255}, or labels with `tumour_ids` naming the tumour labels.
 A tumour mask has the chosen level's shape or level 0's shape; in the latter case pixel (i, j) of the
 level is `mask[i * d, j * d]` (nearest, top-left). A tissue mask (nonzero = tissue) may also have a
 shape an integer factor f smaller than the level's, then pixel (i, j) is `tissue[i // f, j // f]`.
+At a resampled scale, masks of level 0's shape or an integer fraction of it are mapped by area coverage
+(a pixel is inside when at least half of it is; `masks.CoverageMask`). Annotations (`annotations`) are
+rasterised at the pixels read: the polygons of `tumour_classes` are tumour, those of `tissue_classes`
+(when given and no tissue mask is) tissue.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import pathlib
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 
 import numpy as np
 
 from gerne_jax.data import dataset
+from gerne_jax.slides.annotations import Annotations
+from gerne_jax.slides.image_files import open_image_file
 from gerne_jax.slides.manifest import SlideError, SlideSpec
-from gerne_jax.slides.masks import MaskView, distinct_values, format_values, mask_file_values, open_mask
-from gerne_jax.slides.tiff_levels import (
-    LevelView,
-    TiffLevel,
-    common_pyramid,
-    open_tiff,
-    reading,
-    tiff_level_shapes,
+from gerne_jax.slides.masks import (
+    CoverageMask,
+    MaskView,
+    distinct_values,
+    format_values,
+    mask_file_values,
+    open_coverage_mask,
+    open_mask,
 )
+from gerne_jax.slides.tiff_levels import common_pyramid
+from gerne_jax.slides.views import LevelSource, LevelView, ResampledView, scan_windows
 
-
-def _ome_channel_names(ome_xml: str | None) -> tuple[str, ...]:
-    """Channel names of the first OME image, or () if absent or unparsable."""
-    if not ome_xml:
-        return ()
-    try:
-        root = ElementTree.fromstring(ome_xml)
-    except ElementTree.ParseError:
-        return ()
-    image = next((e for e in root if e.tag.endswith("Image")), None)
-    if image is None:
-        return ()
-    channels = [e for e in image.iter() if e.tag.endswith("}Channel") or e.tag == "Channel"]
-    return tuple(channel.get("Name", "") for channel in channels) if all(
-        channel.get("Name") for channel in channels) else ()
+# A pyramid level within this relative distance of the target scale is read as it is, not resampled (a
+# slide of 0.2502 µm/pixel tiled at 0.25 µm/pixel): scanners round the pixel size they state.
+SCALE_TOLERANCE = 1e-3
 
 
 def _block_mean(window: np.ndarray, factor: int) -> np.ndarray:
@@ -100,20 +100,29 @@ class SlideReader:
     """
 
     def __init__(self, spec: SlideSpec, level: int = 0, downsample: int | None = None,
-                 tumour_ids: Sequence[int] | None = None):
+                 tumour_ids: Sequence[int] | None = None, *, mpp: float | None = None,
+                 channels: Sequence[str] | None = None, tumour_classes: Sequence[str] | None = None,
+                 tissue_classes: Sequence[str] | None = None, backend: str = "auto"):
         if not spec.image_files:
             raise ValueError(f"slide {spec.slide_id!r}: no image files")
         if level < 0:
             raise ValueError(f"slide {spec.slide_id!r}: level must be >= 0, got {level}")
         if downsample is not None and downsample < 1:
             raise ValueError(f"slide {spec.slide_id!r}: downsample must be >= 1, got {downsample}")
-        if downsample is not None and level != 0:
-            raise ValueError(f"slide {spec.slide_id!r}: give level or downsample, not both "
-                             f"(level={level}, downsample={downsample})")
+        if sum([level != 0, downsample is not None, mpp is not None]) > 1:
+            raise ValueError(f"slide {spec.slide_id!r}: give one of level, downsample and mpp "
+                             f"(level={level}, downsample={downsample}, mpp={mpp})")
+        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+            raise ValueError(f"slide {spec.slide_id!r}: mpp must be > 0, got {mpp}")
         self.spec = spec
         self.slide_id = spec.slide_id
         self._level = level
         self._downsample = downsample
+        self._mpp = mpp
+        self._wanted_channels = None if channels is None else tuple(channels)
+        self._tumour_classes = None if tumour_classes is None else tuple(tumour_classes)
+        self._tissue_classes = None if tissue_classes is None else tuple(tissue_classes)
+        self._backend = backend
         self._tumour_ids = None if tumour_ids is None else np.asarray(sorted(set(tumour_ids)))
         self._stack: contextlib.ExitStack | None = None
         self._mask_checked = False  # set by `validate`: `read_tumour` need not check values again
@@ -139,22 +148,28 @@ class SlideReader:
 
     def _open(self) -> None:
         files = self.spec.image_files
-        self._tiffs = [open_tiff(self.slide_id, file, self._stack) for file in files]
-        level_shapes = []
-        for file, tiff in zip(files, self._tiffs):
-            with reading(self.slide_id, file):
-                level_shapes.append(tiff_level_shapes(tiff))
-        self._base_shape = level_shapes[0][0]
-        for file, tiff, shapes in zip(files, self._tiffs, level_shapes):
-            if 0 in shapes[0]:
-                raise SlideError(self.slide_id, file, f"empty slide: zero size (series shape "
-                                 f"{tiff.series[0].shape}, axes {tiff.series[0].axes!r})")
+        self._files = [open_image_file(self.slide_id, file, self._stack, self._backend) for file in files]
+        level_shapes = [image.level_shapes for image in self._files]
+        self.base_shape = level_shapes[0][0]
+        for image in self._files:
+            if 0 in image.level_shapes[0]:
+                raise SlideError(self.slide_id, image.file, f"empty slide: zero size (level shapes "
+                                 f"{image.level_shapes})")
         self._pyramid = common_pyramid(level_shapes)  # {downsample: level index per file}
-        if self._downsample is None:
-            for file, shapes in zip(files, level_shapes):
-                if self._level >= len(shapes):
-                    raise SlideError(self.slide_id, file, f"level {self._level} requested but the "
-                                     f"file has {len(shapes)} level(s)")
+        # OpenSlide interpolates a level whose own downsample is fractional (an odd side halved): such a
+        # level is not read as the integer downsample its shape suggests (`openslide_file`).
+        self._pyramid = {d: levels for d, levels in self._pyramid.items()
+                         if all(getattr(image, "level_downsamples", None) is None or image.level_downsamples[i] == d
+                                for image, i in zip(self._files, levels))}
+        self.base_mpp, self.pixel_size_unknown = self._resolve_pixel_size()
+        self._resample_scale = 1.0
+        if self._mpp is not None:
+            self.level_downsample, area_factor = self._level_for_mpp(), 1
+        elif self._downsample is None:
+            for image in self._files:
+                if self._level >= len(image.level_shapes):
+                    raise SlideError(self.slide_id, image.file, f"level {self._level} requested but the "
+                                     f"file has {len(image.level_shapes)} level(s)")
             matches = [d for d, levels in self._pyramid.items() if levels == [self._level] * len(files)]
             if not matches:
                 raise SlideError(self.slide_id, files[0], f"level {self._level} is not an integer "
@@ -164,22 +179,101 @@ class SlideReader:
             self.level_downsample, area_factor = self._downsample, 1
         else:  # no pyramid level with this downsample: area mean of level 0
             self.level_downsample, area_factor = self._downsample, self._downsample
-        self._image = LevelView(self._level_sources(self.level_downsample // area_factor), area_factor)
+        self._area_factor = area_factor
+        sources = self._level_sources(self.level_downsample // area_factor)
+        self.file_channel_names = self._resolve_channel_names(sum(source.num_channels for source in sources))
+        self.dtype = sources[0].dtype
+        # Level-0 pixels per pixel read, and the microns per pixel read where known.
+        self.scale = (self.level_downsample if self._resample_scale == 1.0
+                      else self.level_downsample * self._resample_scale)
+        self.mpp = None if self.base_mpp is None else self.base_mpp * self.scale
+        self.select_channels(self._wanted_channels)
+        self._tumour = self._tumour_source()
+        self._tissue = self._tissue_source()
+
+    def _resolve_pixel_size(self) -> tuple[float | None, str | None]:
+        """Microns per level-0 pixel (the manifest's, else the files'), or None and why it is unknown."""
+        if self.spec.mpp is not None:
+            return self.spec.mpp, None
+        sizes = [image.pixel_size() for image in self._files]
+        reasons = [f"{image.file.name}: {size}" for image, size in zip(self._files, sizes) if isinstance(size, str)]
+        if reasons:
+            return None, reasons[0] if len(self._files) > 1 else sizes[0]
+        values = [size.mpp for size in sizes]
+        if max(values) > min(values) * (1 + SCALE_TOLERANCE):
+            return None, f"the channel files state different pixel sizes {values} µm"
+        return values[0], None
+
+    def _level_for_mpp(self) -> int:
+        """The coarsest pyramid level at or finer than the wanted mpp; sets the resampling scale."""
+        if self.base_mpp is None:
+            raise SlideError(self.slide_id, self.spec.image_files[0], f"pixel size unknown: "
+                             f"{self.pixel_size_unknown}; give it in the manifest's mpp column (microns per pixel)")
+        target = self._mpp / self.base_mpp  # level-0 pixels per target pixel
+        if target < 1 - SCALE_TOLERANCE:
+            raise SlideError(self.slide_id, self.spec.image_files[0], f"mpp {self._mpp:g} is finer than the "
+                             f"slide's level 0 ({self.base_mpp:g} µm/pixel); upsampling is not supported")
+        downsample = max(d for d in self._pyramid if d <= target * (1 + SCALE_TOLERANCE))
+        scale = target / downsample
+        self._resample_scale = 1.0 if abs(scale - 1) <= SCALE_TOLERANCE else scale
+        return downsample
+
+    def select_channels(self, names: Sequence[str] | None) -> None:
+        """Reads the channels `names` in this order (all channels, in the files' order, for None); a
+        SlideError names the ones the slide lacks."""
+        available = self.file_channel_names
+        if names is None:
+            indices = None
+        else:
+            missing = [name for name in names if name not in available]
+            if missing:
+                raise SlideError(self.slide_id, self.spec.image_files[0], f"no channel(s) named {missing}; the "
+                                 f"slide's channels are {list(available)}")
+            indices = [available.index(name) for name in names]
+        view = LevelView(self._level_sources(self.level_downsample // self._area_factor), self._area_factor, indices)
+        self._channel_indices = indices
+        self._image = view if self._resample_scale == 1.0 else ResampledView(view, self._resample_scale)
         self.shape = self._image.shape
-        self.dtype = self._image.dtype
         self.num_channels = self._image.num_channels
-        self.chunk_shape = self._image.chunk_shape  # the storage chunk in level pixels (decoded whole)
-        self.channel_names = self._resolve_channel_names()
-        self._tumour = None if self.spec.mask_file is None else self._open_mask(self.spec.mask_file)
-        self._tissue = (None if self.spec.tissue_mask_file is None
-                        else self._open_mask(self.spec.tissue_mask_file))
+        self.chunk_shape = self._image.chunk_shape  # the storage chunk in pixels read (decoded whole)
+        self.channel_names = available if indices is None else tuple(available[i] for i in indices)
 
-    def _open_mask(self, file: pathlib.Path) -> MaskView:
-        return open_mask(self.slide_id, file, self._stack, self.shape, self._base_shape, self.level_downsample)
+    @property
+    def has_tissue_mask(self) -> bool:
+        """Whether tissue comes from a mask or annotations rather than from detection."""
+        return self._tissue is not None
 
-    def _level_sources(self, downsample: int) -> list[TiffLevel]:
-        sources = [TiffLevel(tiff, level, self.slide_id, file) for tiff, level, file
-                   in zip(self._tiffs, self._pyramid[downsample], self.spec.image_files)]
+    def _tumour_source(self):
+        """What `read_tumour` reads: a mask mapped onto the grid, a coverage mask or annotations (or None)."""
+        spec = self.spec
+        if spec.annotations_file is not None:
+            if not self._tumour_classes:
+                raise SlideError(self.slide_id, spec.annotations_file, "annotations need --tumour-classes "
+                                 "(the QuPath class names that are tumour)")
+            return self._annotations().mask(self._tumour_classes, self.scale, self.shape)
+        return None if spec.mask_file is None else self._open_mask(spec.mask_file, self._tumour_pixels)
+
+    def _tissue_source(self):
+        spec = self.spec
+        if spec.tissue_mask_file is not None:
+            return self._open_mask(spec.tissue_mask_file, lambda labels: labels != 0)
+        if spec.annotations_file is not None and self._tissue_classes:
+            return self._annotations().mask(self._tissue_classes, self.scale, self.shape, option="--tissue-classes")
+        return None
+
+    def _annotations(self) -> Annotations:
+        if getattr(self, "_annotations_read", None) is None:
+            self._annotations_read = Annotations.read(self.slide_id, self.spec.annotations_file)
+        return self._annotations_read
+
+    def _open_mask(self, file: pathlib.Path, inside):
+        if self._resample_scale != 1.0:
+            return open_coverage_mask(self.slide_id, file, self._stack, self.shape, self.base_shape, self.scale,
+                                      inside)
+        return open_mask(self.slide_id, file, self._stack, self.shape, self.base_shape, self.level_downsample)
+
+    def _level_sources(self, downsample: int) -> list[LevelSource]:
+        sources = [image.level(level) for image, level in zip(self._files, self._pyramid[downsample])]
         for source in sources:
             if source.dtype not in dataset.IMAGE_DTYPES:
                 raise SlideError(self.slide_id, source.file, f"unsupported dtype {source.dtype} "
@@ -192,22 +286,34 @@ class SlideReader:
                                  f"{source.shape} {source.dtype}")
         return sources
 
-    def _resolve_channel_names(self) -> tuple[str, ...]:
-        """The manifest's names, else OME channel names, else channel_0, channel_1, ...
+    def _resolve_channel_names(self, num_channels: int) -> tuple[str, ...]:
+        """The manifest's names, else the file's (OME channel names), else channel_0, channel_1, ...
 
         File names are not used: they often carry the slide id, and names must agree across slides.
         """
         if self.spec.channel_names is not None:
             names = tuple(self.spec.channel_names)
-            if len(names) != self.num_channels:
+            if len(names) != num_channels:
                 raise SlideError(self.slide_id, self.spec.image_files[0], f"{len(names)} channel names "
-                                 f"{list(names)} for {self.num_channels} channels")
+                                 f"{list(names)} for {num_channels} channels")
             return names
-        if len(self._tiffs) == 1 and self._tiffs[0].is_ome:
-            names = _ome_channel_names(self._tiffs[0].ome_metadata)
-            if len(names) == self.num_channels and len(set(names)) == len(names):
+        if len(self._files) == 1:
+            names = self._files[0].channel_names
+            if len(names) == num_channels and len(set(names)) == len(names):
                 return names
-        return placeholder_channel_names(self.num_channels)
+        return placeholder_channel_names(num_channels)
+
+    def _tumour_pixels(self, labels: np.ndarray, where: str = "") -> np.ndarray:
+        """Tumour pixels of mask values: `tumour_ids`, else nonzero of a binary mask (checked)."""
+        if self._tumour_ids is not None:
+            return np.isin(labels, self._tumour_ids)
+        if not self._mask_checked:  # `validate` checked the whole mask already
+            values = distinct_values(labels)
+            if not values <= {0, 1, 255}:
+                raise SlideError(self.slide_id, self.spec.mask_file, "mask is a label map (values "
+                                 f"{format_values(sorted(values))}{where}); pass tumour_ids to say which "
+                                 "labels are tumour")
+        return labels != 0
 
     # -- reading ------------------------------------------------------------------------------------
     def _check_window(self, y: int, x: int, h: int, w: int) -> None:
@@ -227,21 +333,18 @@ class SlideReader:
         self._check_window(y, x, h, w)
         if self._tumour is None:
             return np.zeros((h, w), bool)
-        labels = self._tumour.read(y, x, h, w)
-        if self._tumour_ids is not None:
-            return np.isin(labels, self._tumour_ids)
-        if not self._mask_checked:  # `validate` checked the whole mask already
-            values = distinct_values(labels)
-            if not values <= {0, 1, 255}:
-                raise SlideError(self.slide_id, self.spec.mask_file, "mask is a label map (values "
-                                 f"{format_values(sorted(values))} in window y={y} x={x}); "
-                                 "pass tumour_ids to say which labels are tumour")
-        return labels != 0
+        if isinstance(self._tumour, MaskView):
+            return self._tumour_pixels(self._tumour.read(y, x, h, w), f" in window y={y} x={x}")
+        return self._tumour.read(y, x, h, w)  # coverage and annotation masks are bool already
 
     def read_tissue_mask(self, y: int, x: int, h: int, w: int) -> np.ndarray | None:
-        """The given tissue mask (nonzero = tissue) on the window, (h, w) bool; None without one."""
+        """The given tissue mask (nonzero = tissue; or the tissue classes' annotations) on the window, (h, w)
+        bool; None without one."""
         self._check_window(y, x, h, w)
-        return None if self._tissue is None else self._tissue.read(y, x, h, w) != 0
+        if self._tissue is None:
+            return None
+        pixels = self._tissue.read(y, x, h, w)
+        return pixels != 0 if isinstance(self._tissue, MaskView) else pixels
 
     def thumbnail(self, factor: int) -> np.ndarray:
         """The chosen level reduced `factor` times: (ceil(H/f), ceil(W/f), C) float32 block means.
@@ -253,12 +356,14 @@ class SlideReader:
         if factor < 1:
             raise ValueError(f"slide {self.slide_id!r}: thumbnail factor must be >= 1, got {factor}")
         self._check_window(0, 0, 0, 0)
+        if self._resample_scale != 1.0:
+            return self._resampled_thumbnail(factor)
         wanted = factor * self.level_downsample  # in level-0 pixels
         coarser = [d for d in self._pyramid if d > self.level_downsample
                    and d % self.level_downsample == 0 and wanted % d == 0]
         if coarser:
             downsample = max(coarser)
-            view = LevelView(self._level_sources(downsample), 1)
+            view = LevelView(self._level_sources(downsample), 1, self._channel_indices)
         else:
             downsample, view = self.level_downsample, self._image
         reduction = wanted // downsample
@@ -268,6 +373,18 @@ class SlideReader:
             means = _block_mean(window.astype(np.float64), reduction)
             thumb[y // reduction:y // reduction + means.shape[0],
                   x // reduction:x // reduction + means.shape[1]] = means
+        target = (math.ceil(self.shape[0] / factor), math.ceil(self.shape[1] / factor))
+        return _fit(thumb, target).astype(np.float32)
+
+    def _resampled_thumbnail(self, factor: int) -> np.ndarray:
+        """`thumbnail` of a resampled grid: the area means (`resample`) of the coarsest pyramid level at or
+        finer than factor x the grid's pixel, read window by window."""
+        wanted = factor * self.scale  # level-0 pixels per thumbnail pixel
+        downsample = max(d for d in self._pyramid if d <= wanted * (1 + SCALE_TOLERANCE))
+        view = ResampledView(LevelView(self._level_sources(downsample), 1, self._channel_indices), wanted / downsample)
+        thumb = np.zeros((*view.shape, self.num_channels))
+        for y, x, h, w in scan_windows(view.shape, view.chunk_shape, view.scan_bytes_per_pixel):
+            thumb[y:y + h, x:x + w] = view.read_means(y, x, h, w)
         target = (math.ceil(self.shape[0] / factor), math.ceil(self.shape[1] / factor))
         return _fit(thumb, target).astype(np.float32)
 
@@ -292,7 +409,7 @@ class SlideReader:
                 break
         else:
             raise SlideError(self.slide_id, first_file, f"empty slide: every pixel is {low}")
-        if self._tumour is None or not mask_values:
+        if not isinstance(self._tumour, MaskView | CoverageMask) or not mask_values:
             return
         found = mask_file_values(self._tumour.source)
         if self._tumour_ids is None and not (found <= {0, 1} or found <= {0, 255}):

@@ -16,7 +16,9 @@ Definitions at the chosen level (pixel (i, j); P patch size, S stride, f tissue 
     patches         top-left (k*S, l*S) with k*S + P <= H and l*S + P <= W
     label           1 if tumour pixels >= min_tumour_pixels else 0
     tumour_fraction = tumour pixels / P^2;  tissue_ratio = tissue pixels / P^2
-    kept            tissue_ratio > min_tissue_ratio;  stored x, y = level coords * level_downsample
+    kept            tissue_ratio > min_tissue_ratio;  stored x, y = rint(level coords * scale), level-0 pixels
+(the chosen level: a pyramid level, an area-mean downsample, or the grid resampled to `--mpp`;
+`reader.scale` level-0 pixels per pixel, the level downsample unless resampled).
 
 Besides the scan: `TilingConfig` (the settings), `SlideFormat` (what every slide of a dataset shares)
 and `fingerprint` (what a slide's finished output depends on, for resuming a tiling or a prediction).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,10 +37,11 @@ import numpy as np
 
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset
+from gerne_jax.slides import image_files, physical
 from gerne_jax.slides.grid import lowres_window, scan_plan, tissue_factor_for, window_counts
 from gerne_jax.slides.manifest import SlideError, SlideSpec
 from gerne_jax.slides.reader import SlideReader
-from gerne_jax.slides.tissue import detect_tissue
+from gerne_jax.slides.tissue import MAX_HOLE_UM2, MIN_OBJECT_UM2, detect_tissue
 
 # Source bytes one read block may hold (see `grid.scan_plan`).
 BAND_BYTES = 128 << 20
@@ -58,6 +62,12 @@ class TilingConfig:
     tissue_polarity: str = "auto"
     tumour_ids: tuple[int, ...] | None = None
     tissue_factor: int | None = None  # None: `grid.tissue_factor_for` picks it from the slide's size
+    # Added later; left out of the on-disk form while at their defaults (`config_on_disk`).
+    mpp: float | None = None                       # tile at this many microns per pixel
+    channels: tuple[str, ...] | None = None        # these channels, by name, in this order
+    tumour_classes: tuple[str, ...] | None = None  # QuPath classes of annotations that are tumour
+    tissue_classes: tuple[str, ...] | None = None  # ... and that are tissue
+    reader: str = "auto"                           # image backend (`image_files.BACKENDS`)
 
     def __post_init__(self):
         """Rejects impossible settings before any slide is read; the message names the option."""
@@ -75,36 +85,71 @@ class TilingConfig:
         if self.downsample is not None and (self.downsample < 1 or self.level != 0):
             raise InputError(f"--downsample must be >= 1 and excludes --level, got --downsample "
                              f"{self.downsample} --level {self.level}")
+        if self.mpp is not None:
+            physical.check_mpp(self.mpp, "--mpp")
+            if self.level != 0 or self.downsample is not None:
+                raise InputError(f"--mpp excludes --level and --downsample, got --mpp {self.mpp} --level "
+                                 f"{self.level} --downsample {self.downsample}")
+        for option, names in (("--channels", self.channels), ("--tumour-classes", self.tumour_classes),
+                              ("--tissue-classes", self.tissue_classes)):
+            if names is not None and (not names or len(set(names)) != len(names) or not all(names)):
+                raise InputError(f"{option} must list distinct non-empty names, got {list(names)}")
+        image_files.backend_for(pathlib.Path(), self.reader)  # checks the name
 
 
 @dataclasses.dataclass(frozen=True)
 class SlideFormat:
-    """What every slide of one dataset must share."""
+    """What every slide of one dataset must share: at a level or downsample its level downsample, at
+    microns per pixel (`level_downsample` None) the mpp. `mpp` is the microns per pixel read where the
+    slide states its pixel size; only at microns per pixel does it take part in the comparison."""
 
     num_channels: int
     dtype: str
     channel_names: tuple[str, ...]
-    level_downsample: int
+    level_downsample: int | None
+    mpp: float | None = dataclasses.field(default=None, compare=False)
 
 
 def config_on_disk(config: TilingConfig) -> dict[str, Any]:
-    """The settings as sidecars and the tiling report store them (on-disk names, see the module doc)."""
-    return dataset.to_disk(dataclasses.asdict(config))
+    """The settings as sidecars and the tiling report store them (on-disk names, see the module doc); the
+    settings added later are left out while at their defaults, so a DATA_DIR tiled before them resumes."""
+    later = {"mpp": None, "channels": None, "tumour_classes": None, "tissue_classes": None, "reader": "auto"}
+    settings = {key: value for key, value in dataclasses.asdict(config).items()
+                if key not in later or value != later[key]}
+    return dataset.to_disk(settings)
+
+
+def open_reader(spec: SlideSpec, config: TilingConfig) -> SlideReader:
+    """A reader of `spec` at the scale, channels and labels of `config` (enter it to open the files)."""
+    return SlideReader(spec, level=config.level, downsample=config.downsample, tumour_ids=config.tumour_ids,
+                       mpp=config.mpp, channels=config.channels, tumour_classes=config.tumour_classes,
+                       tissue_classes=config.tissue_classes, backend=config.reader)
 
 
 def fingerprint(spec: SlideSpec, config: TilingConfig) -> dict[str, Any]:
     """Settings and source files (path, size, mtime) a slide's finished output depends on."""
     source_files = [*spec.image_files, *([spec.mask_file] if spec.mask_file else []),
-                    *([spec.tissue_mask_file] if spec.tissue_mask_file else [])]
+                    *([spec.tissue_mask_file] if spec.tissue_mask_file else []),
+                    *([spec.annotations_file] if spec.annotations_file else [])]
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in source_files]
-    return {"version": SIDECAR_VERSION, "config": config_on_disk(config), "files": stats,
-            "patient_id": spec.patient_id or "", "channel_names": list(spec.channel_names or [])}
+    document = {"version": SIDECAR_VERSION, "config": config_on_disk(config), "files": stats,
+                "patient_id": spec.patient_id or "", "channel_names": list(spec.channel_names or [])}
+    if spec.mpp is not None:
+        document["mpp"] = spec.mpp
+    return document
 
 
-def slide_format(reader: SlideReader) -> SlideFormat:
+def slide_format(reader: SlideReader, config: TilingConfig) -> SlideFormat:
     """The format of an opened slide, as `SlideFormat` compares it."""
+    at_mpp = config.mpp is not None
     return SlideFormat(reader.num_channels, np.dtype(reader.dtype).name, tuple(reader.channel_names),
-                       int(reader.level_downsample))
+                       None if at_mpp else int(reader.level_downsample),
+                       config.mpp if at_mpp else reader.mpp)
+
+
+def level0(coordinates: np.ndarray | int, scale: float) -> np.ndarray:
+    """Coordinates in pixels read -> level-0 pixels (rounded to the nearest where the scale is not whole)."""
+    return np.rint(np.asarray(coordinates, np.float64) * scale).astype(np.int64)
 
 
 def format_mismatch(spec: SlideSpec, found: SlideFormat, expected: SlideFormat) -> SlideError:
@@ -157,8 +202,9 @@ class SlideScan:
         self.config = config
         self.factor = tissue_factor_for(reader.shape, config.tissue_factor)
         self.thumbnail = reader.thumbnail(self.factor)
-        self.detected = (detect_tissue(self.thumbnail, polarity=config.tissue_polarity)
-                         if reader.spec.tissue_mask_file is None else None)
+        self.detected = (detect_tissue(self.thumbnail, polarity=config.tissue_polarity,
+                                       **physical_cleanup(reader.mpp, self.factor, config))
+                         if not reader.has_tissue_mask else None)
         self.plan = scan_plan(reader.shape, config.patch_size, config.stride,
                               reader.num_channels * reader.dtype.itemsize,
                               BAND_BYTES if band_bytes is None else band_bytes)
@@ -209,6 +255,15 @@ class SlideScan:
         """Every block of `plan` in order, the next one read in a thread meanwhile."""
         for _, block in _prefetched(self.read_block, self.plan):
             yield block
+
+
+def physical_cleanup(mpp: float | None, factor: int, config: TilingConfig) -> dict[str, int]:
+    """Tissue clean-up sizes in thumbnail pixels from areas in µm² (`tissue.MIN_OBJECT_UM2`,
+    `tissue.MAX_HOLE_UM2`) when tiling at microns per pixel; {} (the fractions of the thumbnail) otherwise."""
+    if config.mpp is None or mpp is None:
+        return {}
+    pixel_area = (mpp * factor) ** 2  # µm² per thumbnail pixel
+    return {"min_object_px": int(MIN_OBJECT_UM2 / pixel_area), "max_hole_px": int(MAX_HOLE_UM2 / pixel_area)}
 
 
 def _prefetched(read: Callable[[Any], Any], items: Sequence[Any]):

@@ -1,11 +1,11 @@
-"""TIFF image data, window by window: opening a slide's TIFF files, their pyramid levels, and views.
+"""TIFF image data, window by window: opening a slide's TIFF files and their pyramid levels.
 
 `open_tiff` opens a file and checks its series; `TiffLevel` is one pyramid level of its first series,
 read window by window straight from its strips / tiles (`tiff_windows.PageWindows`; tifffile's zarr
 store, behind a cache of decoded chunks, for rarer layouts), so only the strips / tiles a window
 touches are decoded. `common_pyramid` finds the integer downsamples every file of a slide has, and
-`LevelView` joins the channels of all files at one level, optionally reduced by an area mean;
-`scan_windows` tiles a whole level into windows of bounded working memory. Every decoder or I/O error
+`TiffImageFile` is a TIFF file as the reader's image-file interface (`gerne_jax.slides.image_files`).
+Every decoder or I/O error
 surfaces as a `SlideError` naming the slide and file (`reading`).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import math
 import pathlib
 import struct
+import xml.etree.ElementTree as ElementTree
 import zlib
 from collections.abc import Iterator
 
@@ -23,12 +24,11 @@ import tifffile
 import zarr
 from zarr.storage import WrapperStore
 
+from gerne_jax.slides import physical
 from gerne_jax.slides.manifest import SlideError
 from gerne_jax.slides.tiff_windows import PageWindows
 
 SPATIAL_AXES = ("Y", "X")
-# Working memory (bytes) one window of a whole-level scan (thumbnail, validate) may take.
-SCAN_BYTES = 64 << 20
 # Most bytes of decoded strips / tiles one TIFF level keeps for the next read (`_ChunkCache`).
 CHUNK_CACHE_BYTES = 256 << 20
 # Errors tifffile, imagecodecs and zarr raise on unreadable or corrupt data. Corrupt headers and tags
@@ -230,56 +230,36 @@ def common_pyramid(level_shapes: list[list[tuple[int, int]]]) -> dict[int, list[
     return {d: [levels[d] for levels in per_file] for d in sorted(common)}
 
 
-class LevelView:
-    """The channels of all image files at one pyramid level, optionally reduced by an area mean."""
+class TiffImageFile:
+    """A slide's TIFF file as the reader sees any image file (`gerne_jax.slides.image_files`): its level
+    shapes, its levels, its channel names (OME) and the pixel size it states (`physical`)."""
 
-    def __init__(self, sources: list[TiffLevel], area_factor: int):
-        self.sources, self.area_factor = sources, area_factor
-        height, width = sources[0].shape
-        self.shape = (height // area_factor, width // area_factor)
-        self.dtype = sources[0].dtype
-        self.num_channels = sum(source.num_channels for source in sources)
-        # Bytes a whole-level scan holds per pixel of this view (float64 working copy of the source).
-        self.scan_bytes_per_pixel = 8 * self.num_channels * area_factor ** 2
-        self.chunk_shape = tuple(
-            math.lcm(*(source.chunk_shape[axis] // math.gcd(source.chunk_shape[axis], area_factor)
-                       for source in sources)) for axis in (0, 1))
+    def __init__(self, slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack):
+        self.file, self._slide_id = file, slide_id
+        self._tiff = open_tiff(slide_id, file, stack)
+        with reading(slide_id, file):
+            self.level_shapes = tiff_level_shapes(self._tiff)
+            self.channel_names = _ome_channel_names(self._tiff.ome_metadata if self._tiff.is_ome else None)
 
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        factor = self.area_factor
-        rows, cols = slice(y * factor, (y + h) * factor), slice(x * factor, (x + w) * factor)
-        parts = [source.read(rows, cols) for source in self.sources]
-        window = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-        if factor == 1:
-            return window
-        blocks = window.reshape(h, factor, w, factor, self.num_channels).mean(
-            axis=(1, 3), dtype=np.float64)
-        return (blocks if self.dtype.kind == "f" else np.rint(blocks)).astype(self.dtype)
+    def level(self, index: int) -> TiffLevel:
+        return TiffLevel(self._tiff, index, self._slide_id, self.file)
 
-    def scan(self, multiple_of: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(y, x, window) over the whole view in bounded memory (see `scan_windows`)."""
-        for y, x, h, w in scan_windows(self.shape, self.chunk_shape, self.scan_bytes_per_pixel,
-                                        multiple_of):
-            yield y, x, self.read(y, x, h, w)
+    def pixel_size(self) -> physical.PixelSize | str:
+        with reading(self._slide_id, self.file):
+            return physical.tiff_pixel_size(self._tiff)
 
 
-def scan_windows(shape: tuple[int, int], chunk_shape: tuple[int, int], bytes_per_pixel: int,
-                  multiple_of: int = 1) -> Iterator[tuple[int, int, int, int]]:
-    """(y, x, h, w) windows tiling `shape` row by row, each of about SCAN_BYTES working memory.
-
-    Window sides are multiples of `multiple_of` and, when a chunk fits the budget, of the storage
-    chunk, so no strip or tile is decoded twice; only windows at the bottom and right are smaller.
-    """
-    height, width = shape
-    budget = max(1, SCAN_BYTES // max(1, bytes_per_pixel))  # pixels per window
-    unit_h = math.lcm(multiple_of, max(1, chunk_shape[0]))
-    unit_w = math.lcm(multiple_of, max(1, chunk_shape[1]))
-    if unit_h * min(unit_w, width) > budget:  # chunks too big for the budget: give up alignment
-        unit_h = multiple_of
-        if unit_h * min(unit_w, width) > budget:
-            unit_w = multiple_of
-    window_w = max(unit_w, budget // unit_h // unit_w * unit_w)
-    window_h = max(unit_h, budget // min(window_w, width) // unit_h * unit_h)
-    for y in range(0, height, window_h):
-        for x in range(0, width, window_w):
-            yield y, x, min(window_h, height - y), min(window_w, width - x)
+def _ome_channel_names(ome_xml: str | None) -> tuple[str, ...]:
+    """Channel names of the first OME image, or () if absent, incomplete or unparsable."""
+    if not ome_xml:
+        return ()
+    try:
+        root = ElementTree.fromstring(ome_xml)
+    except ElementTree.ParseError:
+        return ()
+    image = next((e for e in root if e.tag.endswith("Image")), None)
+    if image is None:
+        return ()
+    channels = [e for e in image.iter() if e.tag.endswith("}Channel") or e.tag == "Channel"]
+    return tuple(channel.get("Name", "") for channel in channels) if all(
+        channel.get("Name") for channel in channels) else ()

@@ -8,7 +8,8 @@ the others), the channels are averaged, lightly smoothed, and split by Otsu's th
 the threshold is background ("polarity") is either given — "dark" for dark-field images
 (fluorescence, nonlinear microscopy), "bright" for brightfield (H&E) — or inferred ("auto", see
 `infer_background`: the more uniform side, else the side covering the image border). Small
-objects and small holes are then removed, relative to the thumbnail size.
+objects and small holes are then removed: by default relative to the thumbnail size, and by area in µm²
+(`MIN_OBJECT_UM2`, `MAX_HOLE_UM2`) when a slide is tiled at microns per pixel (`scan.physical_cleanup`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import numpy as np
 from skimage import filters, morphology
 
 POLARITIES = ("auto", "dark", "bright")
+# Clean-up sizes when the thumbnail's pixel size is known (tiling at microns per pixel): tissue objects
+# under a 50 µm square (a few cells: dust, debris) are removed, holes under a 100 µm square filled.
+MIN_OBJECT_UM2 = 2500.0
+MAX_HOLE_UM2 = 10000.0
 # How many times more spread one side of the threshold must be to call the other side background.
 SPREAD_RATIO = 1.5
 

@@ -174,19 +174,6 @@ def test_tumour_regions_are_qupath_annotations_covering_exactly_the_cells_above_
     np.testing.assert_array_equal(inside_regions(collection, centres), expected)
 
 
-def test_map_tiff_records_its_level0_scale(tmp_path):
-    values = np.arange(12, dtype=np.float32).reshape(3, 4)
-    values[0, 0] = np.nan
-    slide_outputs.write_map_tiff(tmp_path / "map.tif", values, 48, {"slide_id": "s"})
-    with tifffile.TiffFile(tmp_path / "map.tif") as tiff:
-        page = tiff.pages[0]
-        np.testing.assert_array_equal(page.asarray(), values)
-        numerator, denominator = page.tags["XResolution"].value
-        assert numerator / denominator == pytest.approx(1 / 48)
-        assert page.tags["ResolutionUnit"].value == 1  # NONE: map pixels per level-0 pixel
-        assert json.loads(page.description)["level0_pixels_per_map_pixel"] == 48
-
-
 @pytest.mark.slow
 def test_whole_slide_prediction(slide_run, tmp_path):
     """One test over the trained run (its fixture costs a tiling and a training; under xdist every
@@ -230,23 +217,25 @@ def matches_evaluate_on_the_test_split(slide_run, tmp_path):
     # Every per-slide file is there; the map is the per-patch probabilities at the level-0 scale.
     slide_id = slide_run["test_rows"][0]["slide_id"]
     folder = slide_prediction.slide_dir(out, slide_id)
-    for name in ("overlay.png", "regions.geojson", "summary.json", "probability.tif"):
+    for name in ("overlay.png", "regions.geojson", "summary.json", "probability.ome.tif", "detections.geojson"):
         assert (folder / name).stat().st_size > 0
     assert (out / "index.md").read_text().count("overlay.png") == len(slide_run["test_rows"])
     assert (out / "error_vs_tissue_ratio.png").stat().st_size > 0
     table = slide_outputs.read_patch_table(folder / "patches.csv")
-    with tifffile.TiffFile(folder / "probability.tif") as tiff:
-        values = tiff.pages[0].asarray()
-        scale = json.loads(tiff.pages[0].description)["level0_pixels_per_map_pixel"]
-    assert scale == PATCH
+    with tifffile.TiffFile(folder / "probability.ome.tif") as tiff:
+        values = tiff.series[0].levels[0].asarray()
     np.testing.assert_array_equal(values[table["y"] // PATCH, table["x"] // PATCH], table["probability"])
     assert np.isnan(values).sum() == values.size - len(table["x"])
+    detections = json.loads((folder / "detections.geojson").read_text())["features"]
+    assert [f["properties"]["measurements"]["tumour_probability"] for f in detections] == pytest.approx(
+        table["probability"].tolist(), abs=1e-6)
+    assert [f["geometry"]["coordinates"][0][0] for f in detections] == [[x, y] for x, y in zip(table["x"], table["y"])]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["patches"] == len(table["x"])
     assert summary["max_probability"] == pytest.approx(float(table["probability"].max()))
     regions = json.loads((folder / "regions.geojson").read_text())
     rows, cols = np.mgrid[0:values.shape[0], 0:values.shape[1]]
-    centres = np.stack([(cols.ravel() + 0.5) * scale, (rows.ravel() + 0.5) * scale], axis=1)
+    centres = np.stack([(cols.ravel() + 0.5) * PATCH, (rows.ravel() + 0.5) * PATCH], axis=1)
     np.testing.assert_array_equal(inside_regions(regions, centres), np.nan_to_num(values, nan=0).ravel() >= 0.5)
 
     # Resume: a finished slide is skipped; a slide without its summary (killed) is predicted again.
@@ -307,8 +296,8 @@ def bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tm
     assert "broken.tif" in status["broken"]["error"]
     for slide_id in ("tiny", "no_tissue"):
         assert status[slide_id]["status"] == "predicted" and status[slide_id]["patches"] == 0
-        with tifffile.TiffFile(slide_prediction.slide_dir(out, slide_id) / "probability.tif") as tiff:
-            assert np.isnan(tiff.pages[0].asarray()).all()
+        with tifffile.TiffFile(slide_prediction.slide_dir(out, slide_id) / "probability.ome.tif") as tiff:
+            assert np.isnan(tiff.series[0].levels[0].asarray()).all()
     # without a mask a slide is predicted, not scored
     no_mask = slide_outputs.read_patch_table(slide_prediction.slide_dir(out, "no_mask") / "patches.csv")
     assert "label" not in no_mask and len(no_mask["x"]) > 0

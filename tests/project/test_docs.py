@@ -392,7 +392,7 @@ WRITES = {
     "train": ["config.json", "metrics.jsonl", "tensorboard", "checkpoints/latest", "checkpoints/best_wga",
               "checkpoints/best_bca", "checkpoints/best_worst_class"],
     "evaluate": ["best_wga_test.json", "best_wga_test_error_vs_tissue_ratio.png"],
-    "predict": ["index.md", "slides.csv", "metrics.json", "slides/{test_slide}/probability.tif",
+    "predict": ["index.md", "slides.csv", "metrics.json", "slides/{test_slide}/probability.ome.tif",
                 "slides/{test_slide}/overlay.png", "slides/{test_slide}/regions.geojson",
                 "slides/{test_slide}/patches.csv", "slides/{test_slide}/summary.json"],
 }

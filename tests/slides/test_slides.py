@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from gerne_jax.slides import masks, tiff_levels
+from gerne_jax.slides import masks, tiff_levels, views
 from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
 from gerne_jax.slides.reader import SlideReader
 from tests.tiff_layouts import (
@@ -206,12 +206,12 @@ def brute_force_thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
     return thumb
 
 
-@pytest.mark.parametrize("scan_bytes", [8 * 4 * WIDTH * 3, tiff_levels.SCAN_BYTES], ids=["tiny", "default"])
+@pytest.mark.parametrize("scan_bytes", [8 * 4 * WIDTH * 3, views.SCAN_BYTES], ids=["tiny", "default"])
 @pytest.mark.parametrize("factor", [1, 4, 7])
 def test_thumbnail_is_block_mean(tmp_path, monkeypatch, factor, scan_bytes):
     image = random_image(np.uint16, seed=10)
     # A tiny scan budget gives many small windows, so window seams are exercised.
-    monkeypatch.setattr(tiff_levels, "SCAN_BYTES", scan_bytes)
+    monkeypatch.setattr(views, "SCAN_BYTES", scan_bytes)
     with SlideReader(open_layout(tmp_path, image, "planar", tile=TILE)) as reader:
         thumb = reader.thumbnail(factor)
     assert thumb.dtype == np.float32
@@ -227,8 +227,8 @@ def test_thumbnail_is_block_mean(tmp_path, monkeypatch, factor, scan_bytes):
     ((50, 1000), (1, 1), 7, 100),        # windows narrower than the width
 ])
 def test_scan_windows_tile_the_level_once(monkeypatch, shape, chunk, multiple_of, budget_px):
-    monkeypatch.setattr(tiff_levels, "SCAN_BYTES", budget_px * 8)
-    windows_ = list(tiff_levels.scan_windows(shape, chunk, 8, multiple_of))
+    monkeypatch.setattr(views, "SCAN_BYTES", budget_px * 8)
+    windows_ = list(views.scan_windows(shape, chunk, 8, multiple_of))
     covered = np.zeros(shape, int)
     for y, x, h, w in windows_:
         covered[y:y + h, x:x + w] += 1
@@ -522,7 +522,7 @@ def test_level_errors_and_window_checks(tmp_path):
     with pytest.raises(SlideError) as error:
         SlideReader(spec, level=2).__enter__()
     assert_names(error.value, "img.tif", "level 2")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one of level, downsample and mpp"):
         SlideReader(spec, level=1, downsample=2)
     reader = SlideReader(spec)
     with pytest.raises(RuntimeError, match="with"):
@@ -589,13 +589,13 @@ def test_small_region_of_large_tiled_file_reads_only_its_tiles(large_slide):
 
 def test_thumbnail_of_large_file_in_bounded_memory(large_slide, monkeypatch):
     """The whole image as float64 would be 384 MiB; the scan stays within about SCAN_BYTES."""
-    monkeypatch.setattr(tiff_levels, "SCAN_BYTES", 8 << 20)
+    monkeypatch.setattr(views, "SCAN_BYTES", 8 << 20)
     with SlideReader(large_slide) as reader:
         tracemalloc.start()
         thumb = reader.thumbnail(128)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    assert peak < 2 * tiff_levels.SCAN_BYTES
+    assert peak < 2 * views.SCAN_BYTES
     # Each 128 x 128 block lies in one constant tile.
     expected = np.array([[large_tile_value(i * 128, j * 128) for j in range(32)] for i in range(32)])
     np.testing.assert_array_equal(thumb, np.repeat(expected[..., None], 3, axis=-1).astype(np.float32))
