@@ -37,12 +37,12 @@ lowest: | $(BIN)/python
 	VIRTUAL_ENV=$(LOWEST_VENV) $(BIN)/uv pip install -q --resolution lowest-direct -e ".[test]"
 	$(LOWEST_VENV)/bin/python -m pytest -q -n 2 tests
 
-# Synthetic slides -> patches -> ERM and GERNE (configs/demo.py) -> test-split report in $(DEMO_DIR),
+# Synthetic slides (2 µm/pixel) -> patches of 64 pixels at 2 µm/pixel -> ERM and GERNE (configs/demo.py) -> test-split report in $(DEMO_DIR),
 # then both runs predict the test slides whole (maps, overlays, regions) for the report's side-by-side overlay.
 DEMO_TAUS := 0.03 0.1 0.2
 demo: $(STAMP)
 	$(BIN)/gerne-jax synthetic --out $(DEMO_DIR)/slides --slides 12 --size 2048 --seed 0
-	$(BIN)/gerne-jax tile --manifest $(DEMO_DIR)/slides/manifest.csv --out $(DEMO_DIR)/data --patch-size 64 --workers 2
+	$(BIN)/gerne-jax tile --manifest $(DEMO_DIR)/slides/manifest.csv --out $(DEMO_DIR)/data --patch-size 64 --mpp 2 --workers 2
 	$(BIN)/gerne-jax stats --data-dir $(DEMO_DIR)/data --tau $(DEMO_TAUS)
 	$(BIN)/gerne-jax train --config demo:erm --config.data.dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/erm
 	$(BIN)/gerne-jax train --config demo:gerne --config.data.dir=$(DEMO_DIR)/data --workdir $(DEMO_DIR)/gerne

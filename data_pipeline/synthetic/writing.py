@@ -23,6 +23,9 @@ from gerne_jax.core import files
 from gerne_jax.core.errors import InputError
 
 CHANNEL_NAMES = ("CARS", "TPEF", "SHG")
+# Microns per pixel the slides are written at (TIFF resolution tags, in pixels per centimetre): nuclei of
+# 2-2.6 pixels radius are then 8-10 µm across, and a 2048-pixel slide is a 4 mm piece of tissue.
+MPP = 2.0
 TILE = 256  # TIFF tile side and rendering unit (tifffile needs a multiple of 16)
 MIN_SIZE = 256
 SPLIT_FRACTIONS = (("train", 0.6), ("validation", 0.2), ("test", 0.2))
@@ -41,11 +44,12 @@ def _padded(tile: np.ndarray) -> np.ndarray:
 
 def _write_tiff(path: pathlib.Path, tiles: Iterator[np.ndarray | bytes], shape: tuple[int, ...],
                 dtype: type, channel_names: Sequence[str] | None = None) -> None:
-    """Tiled deflate TIFF from an iterator of tiles (arrays, or deflate-compressed bytes), written
-    to a temp name then renamed."""
+    """Tiled deflate TIFF at `MPP` µm/pixel from an iterator of tiles (arrays, or deflate-compressed
+    bytes), written to a temp name then renamed."""
     metadata = {"axes": "YXS", "channel_names": list(channel_names)} if channel_names else {"axes": "YX"}
     with files.atomic_write(path) as partial:
         tifffile.imwrite(partial, data=tiles, shape=shape, dtype=dtype, tile=(TILE, TILE),
+                         resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER",
                          photometric="minisblack", planarconfig="contig" if channel_names else None,
                          compression="zlib", compressionargs={"level": DEFLATE_LEVEL}, metadata=metadata)
 

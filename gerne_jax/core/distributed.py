@@ -16,6 +16,7 @@ Files other than checkpoints (config, metrics, logs, reports) are written by pro
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterator, Mapping
 
@@ -150,3 +151,28 @@ def main_process_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
             raise InputError(f"{folder} is in use by another run ({what}), which process 0 names; wait for "
                              "it to finish or stop it, then run this command again")
         yield
+
+
+# How long the processes of a run wait at `meet` for the slowest one (a whole share of slides to predict);
+# a process that dies is noticed sooner, by the distributed runtime's heartbeats.
+MEET_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+_meetings = itertools.count()  # every process calls `meet` in the same order: the same barrier names
+
+
+def meet(stage: str, error: Exception | None) -> None:
+    """Waits for every process of the run at a barrier of JAX's distributed runtime (its coordination
+    service, not a collective on the devices: the processes may arrive hours apart); then raises `error`, or
+    an InputError naming another process's, if any process brought one."""
+    from jax._src import distributed as runtime  # the runtime's client: no public API has barriers
+
+    client = runtime.global_state.client
+    name = f"gerne_jax/{next(_meetings)}-{stage}"
+    if error is not None:
+        client.key_value_set(f"{name}/{jax.process_index()}", f"{type(error).__name__}: {error}")
+    client.wait_at_barrier(name, MEET_TIMEOUT_MS)
+    if error is not None:
+        raise error
+    reported = sorted(client.key_value_dir_get(f"{name}/"), key=lambda item: int(item[0].rsplit("/", 1)[1]))
+    if reported:
+        key, message = reported[0]
+        raise InputError(f"process {key.rsplit('/', 1)[1]} of the run stopped ({message}); so do the others")

@@ -65,7 +65,8 @@ class BatchPredictor:
     def __init__(self, model: resnet.ResNet, standardise: normalisation.Standardiser, mesh: Mesh, batch_size: int):
         self.model, self.standardise, self.mesh = model, standardise, mesh
         self.batch_size = batch_size
-        self._share = batch_size // jax.process_count()
+        # This process's part of a batch: all of it on a mesh of its own devices (prediction across hosts).
+        self._share = batch_size * len(mesh.local_devices) // mesh.devices.size
 
     def __call__(self, variables: Mapping[str, Any], images: np.ndarray,
                  forward: Forward = probabilities) -> jax.Array:

@@ -18,8 +18,8 @@ from skimage import filters, morphology
 
 POLARITIES = ("auto", "dark", "bright")
 # Clean-up sizes when the thumbnail's pixel size is known (tiling at microns per pixel): tissue objects
-# under a 50 µm square (a few cells: dust, debris) are removed, holes under a 100 µm square filled.
-MIN_OBJECT_UM2 = 2500.0
+# under about a 30 µm square (a few cells: dust, debris) are removed, holes under a 100 µm square filled.
+MIN_OBJECT_UM2 = 1000.0
 MAX_HOLE_UM2 = 10000.0
 # How many times more spread one side of the threshold must be to call the other side background.
 SPREAD_RATIO = 1.5

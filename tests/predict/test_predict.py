@@ -242,7 +242,8 @@ def matches_evaluate_on_the_test_split(slide_run, tmp_path):
     stamps = {row["slide_id"]: (slide_prediction.slide_dir(out, row["slide_id"]) / "patches.csv").stat().st_mtime_ns
               for row in slide_run["test_rows"]}
     again = prediction.predict_manifest(run, manifest, out, settings_for(run), show_progress=False)
-    assert {row["status"] for row in again["slides"]} == {"resumed"}
+    assert again["resumed"] == [row["slide_id"] for row in slide_run["test_rows"]]
+    assert {row["status"] for row in again["slides"]} == {"predicted"}
     (folder / "summary.json").unlink()
     third = prediction.predict_manifest(run, manifest, out, settings_for(run), show_progress=False)
     assert [row["status"] for row in third["slides"]][0] == "predicted"
@@ -304,7 +305,7 @@ def bad_slides_are_named_and_small_or_empty_slides_give_empty_maps(slide_run, tm
     assert "WGA (tau=0.1)" not in status["no_mask"]
     with open(out / "slides.csv", newline="") as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == [
-            "resumed", "failed", "failed", "predicted", "failed", "predicted", "failed"]  # no_mask: first call
+            "predicted", "failed", "failed", "predicted", "failed", "predicted", "failed"]  # no_mask: first call
 
 
 def missing_checkpoint_lists_those_the_run_has(slide_run):

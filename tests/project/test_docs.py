@@ -30,6 +30,7 @@ from importlib import metadata
 
 import pytest
 
+from gerne_jax.core.errors import InputError
 from tests import benchmark_scripts
 from tests.helpers import REPO
 
@@ -96,6 +97,8 @@ def parses(parse: Callable[[], object]) -> None:
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise Rejected(f"the parser exited with status {exit_.code}") from None
+    except InputError as error:  # a check of the arguments beyond argparse's
+        raise Rejected(str(error)) from None
 
 
 def check_gerne_jax(args: list[str]) -> None:
@@ -433,9 +436,9 @@ def test_own_slides_section_names_what_each_step_writes():
 
 @pytest.mark.slow
 def test_readme_own_slides_commands_run(tmp_path: pathlib.Path):
-    """The README's tile -> stats -> train -> evaluate -> predict on three synthetic 512-pixel slides."""
-    commands = [args for block in bash_blocks(own_slides_section()) for line in command_lines(block)
-                for args in simple_commands(line)]
+    """The README's tile -> stats -> train -> evaluate -> predict (its first block of the section; the others
+    are parsed, above) on three synthetic 512-pixel slides."""
+    commands = [args for line in command_lines(bash_blocks(own_slides_section())[0]) for args in simple_commands(line)]
     steps = [args[1] for args in commands]
     assert steps == ["tile", "stats", "train", "train", "evaluate", "predict"], steps
     assert all(args[0] == "gerne-jax" for args in commands)
@@ -456,8 +459,9 @@ def test_readme_own_slides_commands_run(tmp_path: pathlib.Path):
     for args in commands:
         step = args[1]
         args = list(args[1:])
-        if step == "tile":  # the README's patch size for real slides is most of a 512-pixel slide
-            args = with_flag(with_flag(args, "--patch-size", "64"), "--workers", "2")
+        if step == "tile":  # the README's patch size for real slides is most of a 512-pixel slide,
+            # and the synthetic slides are at 2 µm/pixel
+            args = with_flag(with_flag(with_flag(args, "--patch-size", "64"), "--workers", "2"), "--mpp", "2")
         if step == "train":
             args += QUICK_TRAINING
         run(args)
