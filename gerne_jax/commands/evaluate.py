@@ -41,13 +41,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="evaluate on another DATA_DIR than the run's")
     parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval, or "
                         "the first run's eval/compare_* with --compare)")
-    launch = parser.add_argument_group("several processes (docs/scaling.md)")
-    launch.add_argument("--distributed", default="auto", choices=DISTRIBUTED_MODES,
-                        help="auto: when --coordinator-address is given or srun, mpirun or a TPU pod is detected")
-    launch.add_argument("--coordinator-address", default="", help="host:port of process 0")
-    launch.add_argument("--num-processes", type=int, default=0, help="0: from the environment")
-    launch.add_argument("--process-id", type=int, default=-1, help="this process's id; -1: from the environment")
+    add_launch_flags(parser.add_argument_group("several processes (docs/scaling.md)"))
     return parser.parse_args(argv)
+
+
+def add_launch_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags of a multi-process launch (`LAUNCH_FLAGS`), as train.py's `mesh.*` keys take them."""
+    group.add_argument("--distributed", default="auto", choices=DISTRIBUTED_MODES,
+                       help="auto: when --coordinator-address is given or srun, mpirun or a TPU pod is detected")
+    group.add_argument("--coordinator-address", default="", help="host:port of process 0")
+    group.add_argument("--num-processes", type=int, default=0, help="0: from the environment")
+    group.add_argument("--process-id", type=int, default=-1, help="this process's id; -1: from the environment")
 
 
 def main(argv: list[str] | None = None) -> int:

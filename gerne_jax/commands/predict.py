@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 
-from gerne_jax.commands.evaluate import CHECKPOINT_HELP, DISTRIBUTED_MODES, LAUNCH_FLAGS
+from gerne_jax.commands.evaluate import CHECKPOINT_HELP, LAUNCH_FLAGS, add_launch_flags
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset
 
@@ -80,12 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="predict only the slides at manifest positions I, I + N, I + 2N, ... (0 <= I < N), "
                              "beside the other shards writing into the same --out")
-    launch = parser.add_argument_group("several processes of one JAX run (docs/scaling.md)")
-    launch.add_argument("--distributed", default="auto", choices=DISTRIBUTED_MODES,
-                        help="auto: when --coordinator-address is given or srun, mpirun or a TPU pod is detected")
-    launch.add_argument("--coordinator-address", default="", help="host:port of process 0")
-    launch.add_argument("--num-processes", type=int, default=0, help="0: from the environment")
-    launch.add_argument("--process-id", type=int, default=-1, help="this process's id; -1: from the environment")
+    add_launch_flags(parser.add_argument_group("several processes of one JAX run (docs/scaling.md)"))
     args = parser.parse_args(argv)
     _check_inputs(args)
     return args
