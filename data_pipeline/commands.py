@@ -66,11 +66,6 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _names(text: str) -> tuple[str, ...]:
-    """A comma-separated list of names."""
-    return tuple(name.strip() for name in text.split(","))
-
-
 def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
     parser.add_argument("--slides", type=_int_at_least(1), default=12, help="number of slides")
@@ -101,12 +96,12 @@ def _tile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tile every slide at this many microns per pixel: the nearest pyramid level at or "
                              "finer than it, resampled by area (the slide's pixel size from the manifest's mpp "
                              "column or the file)")
-    parser.add_argument("--channels", type=_names, default=None, metavar="NAME,NAME,...",
+    parser.add_argument("--channels", type=cli.comma_names, default=None, metavar="NAME,NAME,...",
                         help="tile these channels, by name (the manifest's channel_names or the OME names), in "
                              "this order")
-    parser.add_argument("--tumour-classes", "--tumor-classes", type=_names, default=None, metavar="NAME,...",
+    parser.add_argument("--tumour-classes", "--tumor-classes", type=cli.comma_names, default=None, metavar="NAME,...",
                         help="QuPath classes of the manifest's annotations that are tumour (e.g. Tumor)")
-    parser.add_argument("--tissue-classes", type=_names, default=None, metavar="NAME,...",
+    parser.add_argument("--tissue-classes", type=cli.comma_names, default=None, metavar="NAME,...",
                         help="QuPath classes of the annotations that are tissue (default: detect tissue)")
     parser.add_argument("--reader", choices=("auto", "tifffile", "openslide"), default="auto",
                         help="image backend: tifffile, or OpenSlide (the 'openslide' extra) for formats "

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 
 from gerne_jax.commands.evaluate import CHECKPOINT_HELP, LAUNCH_FLAGS, add_launch_flags
+from gerne_jax.core import cli
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset
 
@@ -68,6 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="classify patches whose tissue ratio is above this (default: the data's)")
     parser.add_argument("--tissue-polarity", choices=("auto", "dark", "bright"), default=None,
                         help="background of the tissue detection (default: the data's)")
+    parser.add_argument("--tumour-classes", "--tumor-classes", type=cli.comma_names, default=None, metavar="NAME,...",
+                        help="QuPath classes of the slides' annotations that are tumour (default: the data's)")
+    parser.add_argument("--tissue-classes", type=cli.comma_names, default=None, metavar="NAME,...",
+                        help="QuPath classes of the annotations that are tissue (default: the data's)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="patches per device batch (default: the run's data.eval_batch_size)")
     parser.add_argument("--workers", type=int, default=2, help="reader threads")
@@ -89,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Predict whole slides with a trained run: probability maps, overlays, QuPath regions, slide metrics."""
     args = parse_args(argv)
-    from gerne_jax.core import cli, distributed
+    from gerne_jax.core import distributed
     from gerne_jax.evaluation import reports
     from gerne_jax.predict import inference, prediction, run_data
 
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(main_process=distributed.is_main_process())
     run = inference.load_run(args.workdir, args.checkpoint, args.data_dir)
     tiling = run_data.data_tiling_config(run, stride=args.stride, min_tissue_ratio=args.min_tissue_ratio,
-                                         tissue_polarity=args.tissue_polarity)
+                                         tissue_polarity=args.tissue_polarity, tumour_classes=args.tumour_classes,
+                                         tissue_classes=args.tissue_classes)
     taus_list = tuple((t,) for t in args.tau) if args.tau else (tuple(run.config.data.taus),)
     settings = run_data.PredictionSettings(
         tiling=tiling, threshold=args.threshold, taus_list=taus_list,

@@ -180,3 +180,8 @@ def config_spec(argv: list[str]) -> str | None:
 def _prefixes(key: str) -> list[str]:
     parts = key.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def comma_names(text: str) -> tuple[str, ...]:
+    """An argparse type: a comma-separated list of names (channels, QuPath classes)."""
+    return tuple(name.strip() for name in text.split(","))

@@ -57,7 +57,7 @@ def data_tiling_config(run: inference.RestoredRun, **overrides: Any) -> TilingCo
         settings = {"patch_size": metadata["patch_size"], "stride": metadata["stride"],
                     "level": metadata.get("level", 0), "min_tumour_pixels": metadata["min_tumour_pixels"],
                     "min_tissue_ratio": metadata["min_tissue_ratio"]}
-        if metadata.get("level_downsample") is None:  # tiled at microns per pixel
+        if "level_downsample" in metadata and metadata["level_downsample"] is None:  # tiled at microns per pixel
             settings["mpp"] = metadata["mpp"]
         elif metadata.get("level_downsample", 1) > 1 and not metadata.get("level"):
             settings["downsample"] = metadata["level_downsample"]
@@ -85,9 +85,9 @@ def check_format(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any])
     """A slide (its channels matched, `match_channels`) must have the channel count, dtype and level
     downsample of the run's data (`metadata`, the run's data spec's); at microns per pixel, the reader reads
     it at the run's scale whatever its level."""
-    at_mpp = metadata.get("level_downsample") is None
+    at_mpp = "level_downsample" in metadata and metadata["level_downsample"] is None
     found = (reader.num_channels, np.dtype(reader.dtype).name, None if at_mpp else int(reader.level_downsample))
-    expected = (len(metadata["channel_names"]), str(metadata["source_dtype"]), metadata.get("level_downsample"))
+    expected = (len(metadata["channel_names"]), str(metadata["source_dtype"]), metadata.get("level_downsample", 1))
     if found != expected:
         scale = f"{metadata['mpp']:g} µm/pixel" if at_mpp else f"level downsample {expected[2]}"
         raise SlideError(spec.slide_id, spec.image_files[0], f"does not match the run's data: the slide has "

@@ -137,9 +137,12 @@ def scan_slide(opened: OpenedSlide, classifier: inference.PatchClassifier, setti
     joined = {name: np.concatenate([f[name] for _, f in parts]) if parts else np.zeros(0)
               for name in ("x", "y", "tissue_ratio", "tumour_pixels")}
     if not parts:
+        # At microns per pixel the pixels read are resampled: their size, not the pyramid level, says the scale.
+        scale = (f"{reader.mpp:g} µm/pixel" if config.mpp is not None
+                 else f"level downsample {reader.level_downsample}")
         warnings.warn(f"slide {opened.spec.slide_id!r}: no patch to classify ({reader.shape[0]} x {reader.shape[1]} "
-                      f"pixels at level downsample {reader.level_downsample}, patch size {config.patch_size}, "
-                      f"tissue ratio must exceed {config.min_tissue_ratio}); its map is empty", stacklevel=2)
+                      f"pixels at {scale}, patch size {config.patch_size}, tissue ratio must exceed "
+                      f"{config.min_tissue_ratio}); its map is empty", stacklevel=2)
     return ScannedSlide(opened.spec, reader.shape, reader.level_downsample, reader.scale, reader.base_shape,
                         reader.base_mpp, scan.factor, scan.thumbnail,
                         qc_tissue, qc_tumour, probability_map, probabilities, joined)
