@@ -215,3 +215,26 @@ def write_aperio_svs(path: str | pathlib.Path, image: np.ndarray, mpp: float, *,
             writer.write(data, photometric="rgb", compression=compression, tile=page_tile,
                          description=_APERIO_HEADER + description, subfiletype=subfiletype, metadata=None)
     return path
+
+
+def set_ome_pixel_size(file: str | pathlib.Path, mpp: float) -> pathlib.Path:
+    """Writes PhysicalSizeX / PhysicalSizeY = `mpp` (in µm, OME's default unit) into the OME-XML of the OME-TIFF
+    `file` (as `write_layout` writes it, which states no pixel size); returns the file."""
+    xml = tifffile.tiffcomment(file)
+    sized = xml.replace("<Pixels ", f'<Pixels PhysicalSizeX="{mpp!r}" PhysicalSizeY="{mpp!r}" ', 1)
+    tifffile.tiffcomment(file, comment=sized.encode("ascii"))
+    return pathlib.Path(file)
+
+
+def fine_block_sums(source: np.ndarray, p: int, q: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Brute-force area sums for resampling (H, W[, C]) by s = p / q source pixels a side (float64).
+
+    Each source pixel becomes q x q fine pixels (np.repeat); target pixel (i, j) is exactly the fine pixels
+    [i*p:(i+1)*p, j*p:(j+1)*p], so its area mean is the sum over p**2. `shape` (default floor(n * q / p) per
+    axis) may reach past the source: fine pixels there count as 0.
+    """
+    fine = np.repeat(np.repeat(np.asarray(source, np.float64), q, axis=0), q, axis=1)
+    height, width = shape or (fine.shape[0] // p, fine.shape[1] // p)
+    pad = [(0, max(0, height * p - fine.shape[0])), (0, max(0, width * p - fine.shape[1]))]
+    fine = np.pad(fine, pad + [(0, 0)] * (fine.ndim - 2))[: height * p, : width * p]
+    return fine.reshape(height, p, width, p, *fine.shape[2:]).sum(axis=(1, 3))

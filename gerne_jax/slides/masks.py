@@ -134,7 +134,8 @@ def format_values(values: Sequence, limit: int = 20) -> str:
 class CoverageMask:
     """A mask file resampled onto a grid of `scale` of its pixels by area coverage (`resample`): a grid
     pixel is inside when at least half of its area is. `inside(labels)` turns the file's values into
-    0 / 1 before the areas are taken (tumour labels, or nonzero)."""
+    0 / 1 before the areas are taken (tumour labels, or nonzero). Where a grid pixel reaches past the
+    mask's end (a pyramid level rounded up, a mask rounded down), the part outside counts as not inside."""
 
     def __init__(self, source: TiffLevel | MemoryArray, scale: float, shape: tuple[int, int],
                  inside: Callable[[np.ndarray], np.ndarray]):

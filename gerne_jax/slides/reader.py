@@ -28,8 +28,8 @@ decompression-bomb limit) hold {0, 1}, {0, 255}, or labels with `tumour_ids` nam
 A tumour mask has the chosen level's shape or level 0's shape; in the latter case pixel (i, j) of the
 level is `mask[i * d, j * d]` (nearest, top-left). A tissue mask (nonzero = tissue) may also have a
 shape an integer factor f smaller than the level's, then pixel (i, j) is `tissue[i // f, j // f]`.
-At a resampled scale, masks of level 0's shape or an integer fraction of it are mapped by area coverage
-(a pixel is inside when at least half of it is; `masks.CoverageMask`). Annotations (`annotations`) are
+At `mpp`, masks of level 0's shape or an integer fraction of it are mapped by area coverage (a pixel is
+inside when at least half of it is; `masks.CoverageMask`), resampled or not. Annotations (`annotations`) are
 rasterised at the pixels read: the polygons of `tumour_classes` are tumour, those of `tissue_classes`
 (when given and no tissue mask is) tissue.
 """
@@ -209,14 +209,23 @@ class SlideReader:
         if self.base_mpp is None:
             raise SlideError(self.slide_id, self.spec.image_files[0], f"pixel size unknown: "
                              f"{self.pixel_size_unknown}; give it in the manifest's mpp column (microns per pixel)")
-        target = self._mpp / self.base_mpp  # level-0 pixels per target pixel
-        if target < 1 - SCALE_TOLERANCE:
+        found = self._finer_level(self._mpp / self.base_mpp)
+        if found is None:
             raise SlideError(self.slide_id, self.spec.image_files[0], f"mpp {self._mpp:g} is finer than the "
                              f"slide's level 0 ({self.base_mpp:g} µm/pixel); upsampling is not supported")
-        downsample = max(d for d in self._pyramid if d <= target * (1 + SCALE_TOLERANCE))
-        scale = target / downsample
-        self._resample_scale = 1.0 if abs(scale - 1) <= SCALE_TOLERANCE else scale
+        downsample, self._resample_scale = found
         return downsample
+
+    def _finer_level(self, target: float) -> tuple[int, float] | None:
+        """(d, s) for `target` level-0 pixels per pixel: the coarsest pyramid downsample d at or finer than
+        it, and the scale s = target / d left to resample (1.0 within SCALE_TOLERANCE: a level that close
+        counts as at the target, even if a little coarser); None when level 0 is coarser still."""
+        near = [d for d in self._pyramid if d <= target or abs(target / d - 1) <= SCALE_TOLERANCE]
+        if not near:
+            return None
+        downsample = max(near)
+        scale = target / downsample
+        return downsample, 1.0 if abs(scale - 1) <= SCALE_TOLERANCE else scale
 
     def select_channels(self, names: Sequence[str] | None) -> None:
         """Reads the channels `names` in this order (all channels, in the files' order, for None); a
@@ -267,7 +276,9 @@ class SlideReader:
         return self._annotations_read
 
     def _open_mask(self, file: pathlib.Path, inside):
-        if self._resample_scale != 1.0:
+        # At mpp by coverage even where a level is read as it is: the labels must not depend on which levels
+        # the file has (a level-0 mask at scale 2 is 2 x 2 blocks at least half inside, pyramid or not).
+        if self._mpp is not None:
             return open_coverage_mask(self.slide_id, file, self._stack, self.shape, self.base_shape, self.scale,
                                       inside)
         return open_mask(self.slide_id, file, self._stack, self.shape, self.base_shape, self.level_downsample)
@@ -378,10 +389,11 @@ class SlideReader:
 
     def _resampled_thumbnail(self, factor: int) -> np.ndarray:
         """`thumbnail` of a resampled grid: the area means (`resample`) of the coarsest pyramid level at or
-        finer than factor x the grid's pixel, read window by window."""
-        wanted = factor * self.scale  # level-0 pixels per thumbnail pixel
-        downsample = max(d for d in self._pyramid if d <= wanted * (1 + SCALE_TOLERANCE))
-        view = ResampledView(LevelView(self._level_sources(downsample), 1, self._channel_indices), wanted / downsample)
+        finer than factor x the grid's pixel, read window by window. Rows / columns past the last one whose
+        square that level covers whole repeat it (`_fit`)."""
+        # factor x the grid's pixel is > 1 level-0 pixel here (the grid is resampled by s > 1): never None
+        downsample, scale = self._finer_level(factor * self.scale)
+        view = ResampledView(LevelView(self._level_sources(downsample), 1, self._channel_indices), scale)
         thumb = np.zeros((*view.shape, self.num_channels))
         for y, x, h, w in scan_windows(view.shape, view.chunk_shape, view.scan_bytes_per_pixel):
             thumb[y:y + h, x:x + w] = view.read_means(y, x, h, w)

@@ -9,7 +9,6 @@ it transparent, which tests the background compositing end to end.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -218,23 +217,11 @@ def test_without_openslide_the_error_says_how_to_install(tmp_path, monkeypatch):
     assert str(tmp_path / "slide.mrxs") in str(caught.value)
 
 
-# The SlideReader keyword that picks the image backend ("reader" in the brief, "backend" in the reader).
-BACKEND_KEYWORD = next((name for name in ("backend", "reader") if name in inspect.signature(SlideReader).parameters),
-                       None)
-
-
-# Odd level-0 sides give OpenSlide a fractional downsample (2.0025 here), at which it interpolates the level
-# (openslide_file); the reader passes once it reads such a level from level 0 by the area mean instead.
-ODD_SIDES = pytest.mark.xfail(strict=True, reason="the reader takes a level OpenSlide reads at a fractional "
-                              "downsample (openslide_file docstring)")
-
-
 @needs_openslide
-@pytest.mark.skipif(BACKEND_KEYWORD is None, reason="SlideReader has no backend choice yet")
 @pytest.mark.parametrize("shape, downsample", [
     (SHAPE, 2), (SHAPE, 4),        # pyramid levels 1 and 2
     (SHAPE, 3),                    # no level: the area mean of level 0
-    pytest.param((701, 901), 2, marks=ODD_SIDES),
+    ((701, 901), 2),               # OpenSlide's level 1 at downsample 2.0025: read from level 0 instead
 ])
 def test_both_backends_tile_the_same_patches_and_labels(tmp_path, shape, downsample):
     image = np.random.default_rng(6).integers(0, 256, (*shape, 3), dtype=np.uint8)
@@ -246,7 +233,7 @@ def test_both_backends_tile_the_same_patches_and_labels(tmp_path, shape, downsam
     spec = SlideSpec(slide_id="slide_1", image_files=(path,), mask_file=tmp_path / "mask.tif")
     results = {}
     for backend in ("tifffile", "openslide"):
-        with SlideReader(spec, downsample=downsample, **{BACKEND_KEYWORD: backend}) as slide:
+        with SlideReader(spec, downsample=downsample, backend=backend) as slide:
             height, width = slide.shape
             grid = [(y, x, min(64, height - y), min(64, width - x))
                     for y in range(0, height, 48) for x in range(0, width, 56)]
