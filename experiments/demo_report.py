@@ -73,8 +73,11 @@ def prediction_section(runs: Sequence[pathlib.Path], folders: Sequence[pathlib.P
         any(other["slide_id"] == row["slide_id"] and other.get("patches") for other in rows)
         for rows in tables.values())]
     lines = ["## Whole-slide prediction", "",
-             "`predict.py` runs each model over the test slides whole (the tiler's patch grid and tissue "
-             "detection, the training normalisation): probability maps, overlays, QuPath regions.", ""]
+             "`predict.py` runs each model over the test slides whole (the tiler's patch grid, scale and tissue "
+             "detection, the training normalisation): per slide the probability map as a pyramidal OME-TIFF "
+             "that overlays the slide in QuPath (`probability.ome.tif`), one QuPath detection per patch with "
+             "its `tumour_probability` (`detections.geojson`), the tumour regions (`regions.geojson`) and the "
+             "map drawn over a thumbnail (`overlay.png`, below).", ""]
     if common:
         slide_id = common[0]
         images = [matplotlib.image.imread(folder / "slides" / slide_id / "overlay.png") for folder in folders]
@@ -158,6 +161,15 @@ def results_section(document: Mapping[str, Any], checkpoint: str, relative_eval:
     return lines
 
 
+def _scale_line(metadata: Mapping[str, Any]) -> str:
+    """The data's patch size and the physical scale it was tiled at."""
+    size, mpp = metadata["patch_size"], metadata.get("mpp")
+    if mpp is None:
+        return f"Patches of {size} pixels (pixel size unknown)."
+    tiled = "tiled at" if metadata.get("level_downsample") is None else "read at"
+    return f"Patches of {size} pixels {tiled} {mpp:g} µm/pixel: {size * mpp:g} µm of tissue a side."
+
+
 def write_report(args: argparse.Namespace) -> pathlib.Path:
     out = pathlib.Path(args.out)
     eval_dir = pathlib.Path(args.eval_dir)
@@ -186,7 +198,7 @@ def write_report(args: argparse.Namespace) -> pathlib.Path:
                               **{short: _config_value(config, key) for short, key in CONFIG_COLUMNS}}
                              for name, config in configs.items()]), "",
              f"![validation curves]({os.path.relpath(curves, out.parent)})", "",
-             "## Data: patches per group", ""]
+             "## Data: patches per group", "", _scale_line(dataset.read_metadata(args.data_dir)), ""]
     for tau in taus:
         lines += ["```", stats.format_group_counts(stats.split_group_counts(table, tau), tau), "```", ""]
     tissue_plot = pathlib.Path(args.data_dir) / stats.PLOT_FILE

@@ -32,6 +32,9 @@ class ImageFile(Protocol):
     file: pathlib.Path
     level_shapes: list[tuple[int, int]]  # (height, width) per pyramid level, level 0 first
     channel_names: tuple[str, ...]       # as the file names them, () when it does not
+    # The backend's own downsample per level where it may be fractional (OpenSlide interpolates such a
+    # level, so the reader does not read it as an integer downsample); None where levels are read as stored.
+    level_downsamples: tuple[float, ...] | None
 
     def level(self, index: int) -> LevelSource: ...
 

@@ -38,12 +38,12 @@ from __future__ import annotations
 import contextlib
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from gerne_jax.data import dataset
-from gerne_jax.slides.annotations import Annotations
+from gerne_jax.slides.annotations import AnnotationMask, Annotations
 from gerne_jax.slides.image_files import open_image_file
 from gerne_jax.slides.manifest import SlideError, SlideSpec
 from gerne_jax.slides.masks import (
@@ -125,6 +125,7 @@ class SlideReader:
         self._backend = backend
         self._tumour_ids = None if tumour_ids is None else np.asarray(sorted(set(tumour_ids)))
         self._stack: contextlib.ExitStack | None = None
+        self._annotations_read: Annotations | None = None
         self._mask_checked = False  # set by `validate`: `read_tumour` need not check values again
 
     # -- opening ------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class SlideReader:
         # OpenSlide interpolates a level whose own downsample is fractional (an odd side halved): such a
         # level is not read as the integer downsample its shape suggests (`openslide_file`).
         self._pyramid = {d: levels for d, levels in self._pyramid.items()
-                         if all(getattr(image, "level_downsamples", None) is None or image.level_downsamples[i] == d
+                         if all(image.level_downsamples is None or image.level_downsamples[i] == d
                                 for image, i in zip(self._files, levels))}
         self.base_mpp, self.pixel_size_unknown = self._resolve_pixel_size()
         self._resample_scale = 1.0
@@ -252,7 +253,7 @@ class SlideReader:
         """Whether tissue comes from a mask or annotations rather than from detection."""
         return self._tissue is not None
 
-    def _tumour_source(self):
+    def _tumour_source(self) -> MaskView | CoverageMask | AnnotationMask | None:
         """What `read_tumour` reads: a mask mapped onto the grid, a coverage mask or annotations (or None)."""
         spec = self.spec
         if spec.annotations_file is not None:
@@ -262,7 +263,7 @@ class SlideReader:
             return self._annotations().mask(self._tumour_classes, self.scale, self.shape)
         return None if spec.mask_file is None else self._open_mask(spec.mask_file, self._tumour_pixels)
 
-    def _tissue_source(self):
+    def _tissue_source(self) -> MaskView | CoverageMask | AnnotationMask | None:
         spec = self.spec
         if spec.tissue_mask_file is not None:
             return self._open_mask(spec.tissue_mask_file, lambda labels: labels != 0)
@@ -271,11 +272,11 @@ class SlideReader:
         return None
 
     def _annotations(self) -> Annotations:
-        if getattr(self, "_annotations_read", None) is None:
+        if self._annotations_read is None:  # read once for the tumour and the tissue classes
             self._annotations_read = Annotations.read(self.slide_id, self.spec.annotations_file)
         return self._annotations_read
 
-    def _open_mask(self, file: pathlib.Path, inside):
+    def _open_mask(self, file: pathlib.Path, inside: Callable[[np.ndarray], np.ndarray]) -> MaskView | CoverageMask:
         # At mpp by coverage even where a level is read as it is: the labels must not depend on which levels
         # the file has (a level-0 mask at scale 2 is 2 x 2 blocks at least half inside, pyramid or not).
         if self._mpp is not None:

@@ -234,6 +234,8 @@ class TiffImageFile:
     """A slide's TIFF file as the reader sees any image file (`gerne_jax.slides.image_files`): its level
     shapes, its levels, its channel names (OME) and the pixel size it states (`physical`)."""
 
+    level_downsamples = None  # levels are read as stored (`image_files.ImageFile`)
+
     def __init__(self, slide_id: str, file: pathlib.Path, stack: contextlib.ExitStack):
         self.file, self._slide_id = file, slide_id
         self._tiff = open_tiff(slide_id, file, stack)
