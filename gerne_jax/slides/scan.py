@@ -203,7 +203,7 @@ class SlideScan:
         self.factor = tissue_factor_for(reader.shape, config.tissue_factor)
         self.thumbnail = reader.thumbnail(self.factor)
         self.detected = (detect_tissue(self.thumbnail, polarity=config.tissue_polarity,
-                                       **physical_cleanup(reader.mpp, self.factor, config))
+                                       **physical_cleanup(reader.mpp, self.factor))
                          if not reader.has_tissue_mask else None)
         self.plan = scan_plan(reader.shape, config.patch_size, config.stride,
                               reader.num_channels * reader.dtype.itemsize,
@@ -257,10 +257,11 @@ class SlideScan:
             yield block
 
 
-def physical_cleanup(mpp: float | None, factor: int, config: TilingConfig) -> dict[str, int]:
+def physical_cleanup(mpp: float | None, factor: int) -> dict[str, int]:
     """Tissue clean-up sizes in thumbnail pixels from areas in µm² (`tissue.MIN_OBJECT_UM2`,
-    `tissue.MAX_HOLE_UM2`) when tiling at microns per pixel; {} (the fractions of the thumbnail) otherwise."""
-    if config.mpp is None or mpp is None:
+    `tissue.MAX_HOLE_UM2`) where the pixels read are `mpp` µm; {} (fractions of the thumbnail) where the
+    slide's pixel size is unknown."""
+    if mpp is None:
         return {}
     pixel_area = (mpp * factor) ** 2  # µm² per thumbnail pixel
     return {"min_object_px": int(MIN_OBJECT_UM2 / pixel_area), "max_hole_px": int(MAX_HOLE_UM2 / pixel_area)}

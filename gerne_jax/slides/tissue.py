@@ -9,7 +9,7 @@ the threshold is background ("polarity") is either given — "dark" for dark-fie
 (fluorescence, nonlinear microscopy), "bright" for brightfield (H&E) — or inferred ("auto", see
 `infer_background`: the more uniform side, else the side covering the image border). Small
 objects and small holes are then removed: by default relative to the thumbnail size, and by area in µm²
-(`MIN_OBJECT_UM2`, `MAX_HOLE_UM2`) when a slide is tiled at microns per pixel (`scan.physical_cleanup`).
+(`MIN_OBJECT_UM2`, `MAX_HOLE_UM2`) when the slide's pixel size is known (`scan.physical_cleanup`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 from skimage import filters, morphology
 
 POLARITIES = ("auto", "dark", "bright")
-# Clean-up sizes when the thumbnail's pixel size is known (tiling at microns per pixel): tissue objects
+# Clean-up sizes when the thumbnail's pixel size is known (the slide states its own): tissue objects
 # under about a 30 µm square (a few cells: dust, debris) are removed, holes under a 100 µm square filled.
 MIN_OBJECT_UM2 = 1000.0
 MAX_HOLE_UM2 = 10000.0
