@@ -9,7 +9,8 @@
    `load_finished`).
 
 Sidecars store settings and patch rows under the on-disk names (`min_tumor_pixels`, `tumor_fraction`;
-gerne_jax/data/dataset.py), so the work of a DATA_DIR tiled by an earlier version still resumes.
+gerne_jax/data/dataset.py), so the work of a DATA_DIR tiled by an earlier version still resumes, unless
+the patch definitions changed since (`scan.SIDECAR_VERSION`).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 and whole-slide prediction (`gerne_jax.predict.slide_prediction`) both scan through it, so prediction
 sees exactly the patches the tiler keeps:
 1. a thumbnail at 1/f of the chosen level gives the detected tissue (`detect_tissue`) unless the
-   manifest names a tissue mask;
+   manifest names a tissue mask (or `--tissue-classes` name the annotations that are tissue);
 2. the patch grid is scanned in horizontal bands of P rows, read in blocks of at most `BAND_BYTES`
    (several bands per block when rows are narrow, column chunks of one band when they are wide;
    `grid.scan_plan`), so memory stays bounded whatever the slide's size; per patch, tumour and tissue
@@ -12,18 +12,24 @@ sees exactly the patches the tiler keeps:
    where a band keeps patches (background is not decoded).
 
 Definitions at the chosen level (pixel (i, j); P patch size, S stride, f tissue factor):
-    tissue(i, j)    = tissue_lowres[i // f, j // f] or tumour(i, j)   (lowres: detected or given mask)
+    tissue(i, j)    = given(i, j) with a tissue mask or tissue classes, else detected[i // f, j // f]
     patches         top-left (k*S, l*S) with k*S + P <= H and l*S + P <= W
     label           1 if tumour pixels >= min_tumour_pixels else 0
     tumour_fraction = tumour pixels / P^2;  tissue_ratio = tissue pixels / P^2
     kept            tissue_ratio > min_tissue_ratio;  stored x, y = rint(level coords * scale), level-0 pixels
 (the chosen level: a pyramid level, an area-mean downsample, or the grid resampled to `--mpp`;
 `reader.scale` level-0 pixels per pixel, the level downsample unless resampled).
+Which patches are kept, and their tissue ratios, never depend on the tumour mask: a selection that
+depended on the label would itself be a cue (a lone blob in an empty patch would be tumour). So a slide
+scanned with or without its mask, or with another mask, yields the same patches; only label and
+tumour_fraction differ. Tumour that detection misses yields no patch (a tissue mask or tissue classes
+include it), and a tumour patch's tissue ratio may be below its tumour fraction.
 
 Besides the scan: `TilingConfig` (the settings), `SlideFormat` (what every slide of a dataset shares)
 and `fingerprint` (what a slide's finished output depends on, for resuming a tiling or a prediction).
-Settings are stored under the on-disk names (`min_tumor_pixels`; gerne_jax/data/dataset.py), so the
-work of a DATA_DIR tiled by an earlier version still resumes.
+Settings are stored under the on-disk names (`min_tumor_pixels`; gerne_jax/data/dataset.py), the settings
+added later only when set, so adding a setting does not redo finished work; `SIDECAR_VERSION` changes
+when the definitions above do, and then it is redone.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ from gerne_jax.slides.tissue import MAX_HOLE_UM2, MIN_OBJECT_UM2, detect_tissue
 # Source bytes one read block may hold (see `grid.scan_plan`).
 BAND_BYTES = 128 << 20
 # The version of `fingerprint`: a tiler sidecar or prediction summary of another version is redone.
-SIDECAR_VERSION = 1
+# 2: tissue no longer includes tumour pixels (version 1 kept patches by tissue | tumour).
+SIDECAR_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +217,8 @@ class SlideScan:
                               BAND_BYTES if band_bytes is None else band_bytes)
 
     def read_block(self, block: tuple[np.ndarray, np.ndarray]) -> PatchBlock:
-        """The patches of one block of `plan`: per grid row, those whose tissue ratio exceeds the minimum.
+        """The patches of one block of `plan`: per grid row, those whose tissue ratio exceeds the minimum
+        (tissue alone; the tumour mask gives only their tumour pixels).
 
         Safe to call from several threads at once (they share the reader's cache of decoded segments).
         """
@@ -221,7 +229,8 @@ class SlideScan:
         h, w = int(ys[-1]) + P - y0, int(xs[-1]) + P - x0
         tumour = reader.read_tumour(y0, x0, h, w)
         given = reader.read_tissue_mask(y0, x0, h, w)
-        tissue = (given if given is not None else lowres_window(self.detected, self.factor, y0, x0, h, w)) | tumour
+        # Tissue alone, never tumour: which patches exist must not depend on the label (module docstring).
+        tissue = given if given is not None else lowres_window(self.detected, self.factor, y0, x0, h, w)
         local = xs - x0
         bands = []
         for y in ys.tolist():

@@ -23,7 +23,7 @@ import tifffile
 from data_pipeline.__main__ import main
 from gerne_jax.core.cli import run_command
 from gerne_jax.data import dataset
-from gerne_jax.slides.scan import TilingConfig, config_on_disk
+from gerne_jax.slides.scan import SIDECAR_VERSION, TilingConfig, config_on_disk
 from tests.helpers import RUN_SPECIFIC, folder_bytes
 from tests.tiff_layouts import pyramid_levels
 
@@ -95,8 +95,8 @@ def slides_of(data_dir: pathlib.Path) -> dict[str, str]:
 # -- The truth ---------------------------------------------------------------------------------------------------------
 def expected_patches(image: np.ndarray, tumour: np.ndarray, tissue: np.ndarray, P: int, S: int,
                      scale: float) -> list[dict]:
-    """The kept patches (tissue ratio > 0) of full arrays at the tiled grid, row-major; x, y at level 0."""
-    tissue = tissue | tumour
+    """The kept patches (tissue ratio > 0, from `tissue` alone) of full arrays at the tiled grid, row-major; x, y
+    at level 0."""
     patches = []
     for y in range(0, tumour.shape[0] - P + 1, S):
         for x in range(0, tumour.shape[1] - P + 1, S):
@@ -519,7 +519,7 @@ def test_an_mpp_dataset_resumes(physical, at_half_micron, tmp_path):
     assert json.loads(after[".work/a.json"])["fingerprint"]["config"]["mpp"] == 0.5
 
 
-def test_a_sidecar_of_the_version_before_the_new_options_still_resumes(small_slide):
+def test_a_sidecar_without_the_later_options_still_resumes(small_slide):
     assert config_on_disk(TilingConfig(patch_size=16, stride=16)) == OLD_CONFIG
     for key, value in {"mpp": 0.5, "channels": ("A",), "tumour_classes": ("Tumor",), "tissue_classes": ("Tissue",),
                        "reader": "tifffile"}.items():
@@ -530,9 +530,10 @@ def test_a_sidecar_of_the_version_before_the_new_options_still_resumes(small_sli
     sidecar_file = folder / "out" / ".work" / "s.json"
     sidecar = json.loads(sidecar_file.read_text())
     assert set(sidecar["fingerprint"]) == OLD_FINGERPRINT_KEYS
-    # The sidecar as that version wrote it: its settings, its files (path, size, mtime), no mpp in the format.
+    # The sidecar in the form from before those options: its settings, its files (path, size, mtime), no mpp in the
+    # format; at the current SIDECAR_VERSION (an older one is tiled again: tests/pipeline/test_label_independence.py).
     sources = [folder / row["image"], folder / row["mask"]]
-    sidecar["fingerprint"] = {"version": 1, "config": OLD_CONFIG, "patient_id": "", "channel_names": [],
+    sidecar["fingerprint"] = {"version": SIDECAR_VERSION, "config": OLD_CONFIG, "patient_id": "", "channel_names": [],
                               "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in sources]}
     sidecar["format"] = {key: value for key, value in sidecar["format"].items() if key != "mpp"}
     sidecar_file.write_text(json.dumps(sidecar))

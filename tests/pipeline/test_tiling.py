@@ -72,16 +72,16 @@ def write_manifest(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
 
 def brute_force(slide_id, patient_id, image, tumour, tissue_full, P, S, d=1, min_tumour_pixels=1,
                 min_tissue_ratio=0.0) -> list[dict]:
-    """Every kept patch of one slide in row-major grid order, by plain loops over the full arrays."""
+    """Every kept patch of one slide in row-major grid order, by plain loops over the full arrays (kept by
+    `tissue_full` alone; the tumour mask gives only label and tumour fraction)."""
     H, W = tumour.shape
-    tissue = tissue_full | tumour
     patches = []
     y = 0
     while y + P <= H:
         x = 0
         while x + P <= W:
             tumour_pixels = int(tumour[y:y + P, x:x + P].sum())
-            ratio = tissue[y:y + P, x:x + P].sum() / (P * P)
+            ratio = tissue_full[y:y + P, x:x + P].sum() / (P * P)
             if ratio > min_tissue_ratio:
                 patches.append({"image": image[y:y + P, x:x + P], "label": int(tumour_pixels >= min_tumour_pixels),
                                 "tumour_fraction": np.float32(tumour_pixels / (P * P)),
