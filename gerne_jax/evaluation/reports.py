@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from gerne_jax.core import files
 from gerne_jax.data.dataset import CLASS_NAMES
@@ -56,10 +57,27 @@ def error_rate_by_tissue_ratio(label: np.ndarray, probabilities: np.ndarray, tis
     return edges, counts, rates
 
 
+def binomial_interval(wrong: np.ndarray, count: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Clopper-Pearson (exact) interval of an error rate `wrong / count` per bin; NaN where `count` is 0.
+
+    Exact rather than normal-approximate: the bins that matter (little tissue, the minority groups) hold
+    few patches, where a normal interval leaves [0, 1] and undercovers.
+    """
+    wrong, count = np.asarray(wrong, np.int64), np.asarray(count, np.int64)
+    alpha = 1.0 - confidence
+    with np.errstate(invalid="ignore"):
+        low = np.where(wrong > 0, stats.beta.ppf(alpha / 2, wrong, count - wrong + 1), 0.0)
+        high = np.where(wrong < count, stats.beta.ppf(1 - alpha / 2, wrong + 1, count - wrong), 1.0)
+    empty = count == 0
+    return np.where(empty, np.nan, low), np.where(empty, np.nan, high)
+
+
 def plot_error_by_tissue_ratio(runs: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
                                path: str | pathlib.Path, taus: Sequence[float] = (),
                                class_names: Sequence[str] = CLASS_NAMES) -> None:
-    """The papers' first experiment: error rate against tissue ratio, one panel per class.
+    """The papers' first experiment: error rate against tissue ratio, one panel per class, with each bin's
+    95 % Clopper-Pearson interval (`binomial_interval`) and its patch count, so a bin of two patches does
+    not read as a finding.
 
     `runs` maps a run name to (label, probabilities, tissue_ratio) of the same split.
     """
@@ -68,19 +86,32 @@ def plot_error_by_tissue_ratio(runs: Mapping[str, tuple[np.ndarray, np.ndarray, 
     legend_height = 0.22 * legend_rows
     fig, axes = files.new_figure(1, len(class_names), figsize=(5 * len(class_names), 3.8 + legend_height),
                              sharey=True)
-    for name, (label, probabilities, tissue_ratio) in runs.items():
+    offsets = (np.arange(len(runs)) - (len(runs) - 1) / 2) * 0.012  # runs side by side within a bin
+    counts_shown = None
+    for offset, (name, (label, probabilities, tissue_ratio)) in zip(offsets, runs.items()):
         edges, counts, rates = error_rate_by_tissue_ratio(label, probabilities, tissue_ratio)
-        centres = (edges[:-1] + edges[1:]) / 2
+        low, high = binomial_interval(np.rint(np.nan_to_num(rates) * counts), counts)
+        centres = (edges[:-1] + edges[1:]) / 2 + offset
         for y, axis in enumerate(axes):
-            axis.plot(centres, rates[y], marker="o", label=name)
+            line, = axis.plot(centres, rates[y], marker="o", label=name)
+            axis.errorbar(centres, rates[y], yerr=np.abs(np.stack([rates[y] - low[y], high[y] - rates[y]])),
+                          fmt="none", ecolor=line.get_color(), elinewidth=1, capsize=2, alpha=0.6)
+        counts_shown = counts_shown if counts_shown is not None else (edges, counts)
+    if counts_shown is not None:  # the runs of one split share their patches: one count per bin
+        edges, counts = counts_shown
+        for y, axis in enumerate(axes):
+            for centre, count in zip((edges[:-1] + edges[1:]) / 2, counts[y]):
+                axis.annotate(f"n={count}", (centre, 1.12), xytext=(0, -2), textcoords="offset points",
+                              ha="center", va="top", fontsize=6, color="dimgrey", rotation=90)
     for y, axis in enumerate(axes):
         for tau in taus:
             axis.axvline(tau, color="grey", linestyle=":", linewidth=1)
         axis.set_title(f"class {class_names[y]}")
         axis.set_xlabel("tissue ratio of the patch")
         axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.12)  # room for the counts above the curves
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("error rate")
+    axes[0].set_ylabel("error rate (95 % interval)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, (legend_height + 0.05) / (3.8 + legend_height), 1, 1))
