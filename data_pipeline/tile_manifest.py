@@ -202,11 +202,15 @@ def _warn_mixed_scales(scales: Mapping[str, float | None]) -> None:
     """Warns, naming the slides, when slides tiled at one level or downsample have physical scales more than
     `MIXED_SCALE_RATIO` apart (a patch would cover different areas of tissue): `--mpp` tiles them alike."""
     known = {slide_id: mpp for slide_id, mpp in scales.items() if mpp is not None}
-    if known and max(known.values()) > MIXED_SCALE_RATIO * min(known.values()):
+    if known and not _scales_agree(list(known.values())):
         listed = ", ".join(f"{slide_id} {mpp:.4g}" for slide_id, mpp in sorted(known.items(), key=lambda i: i[1]))
         warnings.warn(f"the slides are tiled at different physical scales (µm/pixel: {listed}); a patch covers "
                       "different areas of tissue on them: tile with --mpp to read every slide at one scale",
                       stacklevel=3)
+
+
+def _scales_agree(mpps: Sequence[float]) -> bool:
+    return max(mpps) <= MIXED_SCALE_RATIO * min(mpps)
 
 
 def _common_mpp(config: TilingConfig, scales: Sequence[float | None]) -> float | None:
@@ -214,7 +218,7 @@ def _common_mpp(config: TilingConfig, scales: Sequence[float | None]) -> float |
     agree within `MIXED_SCALE_RATIO` (their median), else None."""
     if config.mpp is not None:
         return config.mpp
-    if not scales or None in scales or max(scales) > MIXED_SCALE_RATIO * min(scales):
+    if not scales or None in scales or not _scales_agree(scales):
         return None
     return float(np.median(scales))
 

@@ -41,6 +41,11 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def local_mesh() -> Mesh:
+    """A 1-D mesh with axis "data" over this process's devices alone (work that differs between processes)."""
+    return Mesh(np.asarray(sorted(jax.local_devices(), key=lambda device: device.id)), (DATA_AXIS,))
+
+
 def mesh_of(mesh_config: ml_collections.ConfigDict) -> Mesh:
     """The mesh a config's `mesh` part asks for: `mesh.num_devices` devices, all of them for 0."""
     return make_mesh(mesh_config.num_devices or None)

@@ -26,7 +26,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 import pathlib
 import re
@@ -35,11 +34,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 import tqdm
-from jax.sharding import Mesh
 
-from gerne_jax.core import distributed, files, sharding
+from gerne_jax.core import cli, distributed, files, sharding
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import normalisation
 from gerne_jax.predict import inference, run_outputs
@@ -53,7 +50,7 @@ from gerne_jax.predict.slide_prediction import (
     write_slide,
 )
 from gerne_jax.runs import run_log
-from gerne_jax.slides import tiling_report
+from gerne_jax.slides import physical, tiling_report
 from gerne_jax.slides.manifest import SlideError, SlideSpec, read_manifest
 
 
@@ -107,18 +104,13 @@ def single_slide(image: str | os.PathLike, *, mask: str | os.PathLike | None = N
 
     if mask is not None and annotations is not None:
         raise SlideError(slide_id, None, "give --mask or --annotations, not both")
-    names = None if channel_names is None else tuple(name.strip() for name in channel_names.split(","))
+    names = None if channel_names is None else cli.comma_names(channel_names)
     if names is not None and (not all(names) or len(set(names)) != len(names)):
         raise SlideError(slide_id, None, f"--channel-names {channel_names!r}: expected distinct, non-empty "
                                          "names separated by commas")
-    value = None
-    if mpp is not None:
-        try:
-            value = float(mpp)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value > 0):
-            raise SlideError(slide_id, None, f"--mpp must be a positive number of microns per pixel, got {mpp!r}")
+    value = None if mpp is None else physical.positive_mpp(mpp)
+    if mpp is not None and value is None:
+        raise SlideError(slide_id, None, f"--mpp must be a positive number of microns per pixel, got {mpp!r}")
     return SlideSpec(slide_id=slide_id, image_files=(existing(image, "--slide"),), mask_file=existing(mask, "--mask"),
                      annotations_file=existing(annotations, "--annotations"), channel_names=names, mpp=value)
 
@@ -196,7 +188,7 @@ def local_classifier(run: inference.RestoredRun, batch_size: int) -> inference.P
     """
     if jax.process_count() == 1:
         return inference.PatchClassifier.from_run(run, batch_size)
-    mesh = Mesh(np.asarray(sorted(jax.local_devices(), key=lambda device: device.id)), (sharding.DATA_AXIS,))
+    mesh = sharding.local_mesh()
     replicated = sharding.replicated_sharding(mesh)
 
     def local(tree: Any) -> Any:

@@ -57,13 +57,18 @@ def data_tiling_config(run: inference.RestoredRun, **overrides: Any) -> TilingCo
         settings = {"patch_size": metadata["patch_size"], "stride": metadata["stride"],
                     "level": metadata.get("level", 0), "min_tumour_pixels": metadata["min_tumour_pixels"],
                     "min_tissue_ratio": metadata["min_tissue_ratio"]}
-        if "level_downsample" in metadata and metadata["level_downsample"] is None:  # tiled at microns per pixel
+        if tiled_at_mpp(metadata):
             settings["mpp"] = metadata["mpp"]
         elif metadata.get("level_downsample", 1) > 1 and not metadata.get("level"):
             settings["downsample"] = metadata["level_downsample"]
     fixed = {"patch_size", "level", "downsample", "mpp", "channels"}
     settings.update({key: value for key, value in overrides.items() if value is not None and key not in fixed})
     return TilingConfig(**settings)
+
+
+def tiled_at_mpp(metadata: dict[str, Any]) -> bool:
+    """Whether a DATA_DIR's metadata says it was tiled at microns per pixel (no level downsample)."""
+    return "level_downsample" in metadata and metadata["level_downsample"] is None
 
 
 def match_channels(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any]) -> None:
@@ -85,7 +90,7 @@ def check_format(spec: SlideSpec, reader: SlideReader, metadata: dict[str, Any])
     """A slide (its channels matched, `match_channels`) must have the channel count, dtype and level
     downsample of the run's data (`metadata`, the run's data spec's); at microns per pixel, the reader reads
     it at the run's scale whatever its level."""
-    at_mpp = "level_downsample" in metadata and metadata["level_downsample"] is None
+    at_mpp = tiled_at_mpp(metadata)
     found = (reader.num_channels, np.dtype(reader.dtype).name, None if at_mpp else int(reader.level_downsample))
     expected = (len(metadata["channel_names"]), str(metadata["source_dtype"]), metadata.get("level_downsample", 1))
     if found != expected:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import pathlib
 
 from gerne_jax.core.errors import InputError
 from gerne_jax.data import dataset
+from gerne_jax.slides import physical
 
 MANIFEST_COLUMNS = ("slide_id", "image", "channels", "mask", "annotations", "tissue_mask", "patient_id", "split",
                     "channel_names", "mpp")
@@ -151,14 +151,9 @@ def _parse_row(values: dict[str, str], line: int, root: pathlib.Path,
             raise fail(f"duplicate channel names {list(channel_names)}")
         if channels and len(channel_names) != len(image_files):
             raise fail(f"{len(channel_names)} channel names for {len(image_files)} channel files")
-    mpp = None
-    if values.get("mpp"):
-        try:
-            mpp = float(values["mpp"])
-        except ValueError:
-            mpp = math.nan
-        if not (math.isfinite(mpp) and mpp > 0):
-            raise fail(f"mpp must be a positive number of microns per pixel, got {values['mpp']!r}")
+    mpp = physical.positive_mpp(values["mpp"]) if values.get("mpp") else None
+    if values.get("mpp") and mpp is None:
+        raise fail(f"mpp must be a positive number of microns per pixel, got {values['mpp']!r}")
     return SlideSpec(slide_id=slide_id, image_files=image_files, mask_file=mask_file,
                      tissue_mask_file=tissue_mask_file, patient_id=values.get("patient_id") or None,
                      split=split, channel_names=channel_names, annotations_file=annotations_file, mpp=mpp)

@@ -25,7 +25,6 @@ lock. `openslide` is imported only here, when a file is opened, so the package w
 from __future__ import annotations
 
 import contextlib
-import math
 import pathlib
 import types
 from collections.abc import Iterator, Mapping
@@ -84,17 +83,11 @@ class OpenSlideFile:
             text = self._slide.properties.get(key)
             if text is None:
                 return f"OpenSlide states no {key}"
-            try:
-                value = float(text)
-            except ValueError:
-                return f"OpenSlide's {key} {text!r} is not a number"
-            if not (math.isfinite(value) and value > 0):
-                return f"OpenSlide's {key} is {text} (must be a finite number > 0)"
+            value = physical.positive_mpp(text)
+            if value is None:
+                return f"OpenSlide's {key} is {text!r} (must be a finite number > 0)"
             sizes.append(value)
-        x, y = sizes
-        if abs(x - y) > physical.ANISOTROPY_TOLERANCE * max(x, y):
-            return f"anisotropic pixels x={x:g}, y={y:g} µm ({MPP_SOURCE}) are not supported"
-        return physical.PixelSize(x=x, y=y, source=MPP_SOURCE)
+        return physical.isotropic(physical.PixelSize(x=sizes[0], y=sizes[1], source=MPP_SOURCE))
 
     def _background_colour(self, text: str | None) -> tuple[int, int, int]:
         if text is None:

@@ -61,15 +61,21 @@ class PixelSize:
         return self.x
 
 
+def positive_mpp(value: str | float) -> float | None:
+    """`value` (text or number) as microns per pixel when it is a finite number > 0, else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def check_mpp(value: float, what: str) -> float:
     """Returns `value` if it is a finite number > 0, else raises InputError naming `what` and the value."""
-    try:
-        valid = math.isfinite(value) and value > 0
-    except TypeError:
-        valid = False
-    if not valid:
+    number = positive_mpp(value)
+    if number is None:
         raise InputError(f"{what}: must be a positive number of microns per pixel, got {value!r}")
-    return float(value)
+    return number
 
 
 def tiff_pixel_size(tiff: tifffile.TiffFile) -> PixelSize | str:
@@ -77,11 +83,12 @@ def tiff_pixel_size(tiff: tifffile.TiffFile) -> PixelSize | str:
     for source in (_ome_pixel_size, _aperio_pixel_size, _imagej_pixel_size, _tag_pixel_size):
         found = source(tiff)
         if found is not None:
-            return found if isinstance(found, str) else _square(found)
+            return found if isinstance(found, str) else isotropic(found)
     return NO_PIXEL_SIZE
 
 
-def _square(size: PixelSize) -> PixelSize | str:
+def isotropic(size: PixelSize) -> PixelSize | str:
+    """`size`, or the reason it is refused: x and y more than `ANISOTROPY_TOLERANCE` apart."""
     if abs(size.x - size.y) > ANISOTROPY_TOLERANCE * max(size.x, size.y):
         return f"anisotropic pixels x={size.x:g}, y={size.y:g} µm ({size.source}) are not supported"
     return size

@@ -181,9 +181,9 @@ class SlideReader:
         else:  # no pyramid level with this downsample: area mean of level 0
             self.level_downsample, area_factor = self._downsample, self._downsample
         self._area_factor = area_factor
-        sources = self._level_sources(self.level_downsample // area_factor)
-        self.file_channel_names = self._resolve_channel_names(sum(source.num_channels for source in sources))
-        self.dtype = sources[0].dtype
+        self._sources = self._level_sources(self.level_downsample // area_factor)  # the level read, every file
+        self.file_channel_names = self._resolve_channel_names(sum(source.num_channels for source in self._sources))
+        self.dtype = self._sources[0].dtype
         # Level-0 pixels per pixel read, and the microns per pixel read where known.
         self.scale = (self.level_downsample if self._resample_scale == 1.0
                       else self.level_downsample * self._resample_scale)
@@ -240,7 +240,7 @@ class SlideReader:
                 raise SlideError(self.slide_id, self.spec.image_files[0], f"no channel(s) named {missing}; the "
                                  f"slide's channels are {list(available)}")
             indices = [available.index(name) for name in names]
-        view = LevelView(self._level_sources(self.level_downsample // self._area_factor), self._area_factor, indices)
+        view = LevelView(self._sources, self._area_factor, indices)
         self._channel_indices = indices
         self._image = view if self._resample_scale == 1.0 else ResampledView(view, self._resample_scale)
         self.shape = self._image.shape

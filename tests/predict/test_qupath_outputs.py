@@ -9,6 +9,7 @@ import warnings
 import xml.etree.ElementTree as ElementTree
 
 import numpy as np
+import openslide
 import pytest
 import tifffile
 
@@ -126,7 +127,6 @@ def test_each_level0_point_reads_the_map_pixel_containing_it(tmp_path):
 
 
 def test_openslide_opens_it_with_its_size_and_pixel_size(tmp_path):
-    openslide = pytest.importorskip("openslide")
     path = tmp_path / "probability.ome.tif"
     qupath_outputs.write_probability_ome_tiff(path, random_map((13, 17)), 8, (100, 130), 0.25)
     with openslide.OpenSlide(path) as slide:

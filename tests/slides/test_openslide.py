@@ -24,12 +24,6 @@ from gerne_jax.slides.openslide_file import OpenSlideFile, composite_background
 from gerne_jax.slides.reader import SlideReader
 from gerne_jax.slides.tiff_levels import TiffLevel
 
-try:
-    import openslide
-except ImportError:  # the optional extra gerne-jax[openslide]
-    openslide = None
-
-needs_openslide = pytest.mark.skipif(openslide is None, reason="needs gerne-jax[openslide]")
 TILE = 128
 SHAPE = (700, 900)
 
@@ -82,7 +76,6 @@ def windows(shape, seed=0):
     return fixed + random
 
 
-@needs_openslide
 def test_levels_read_exactly_as_written_and_as_tifffile_reads_them(pyramid):
     path, levels = pyramid
     stack, slide = open_file(path)
@@ -101,7 +94,6 @@ def test_levels_read_exactly_as_written_and_as_tifffile_reads_them(pyramid):
                 np.testing.assert_array_equal(window, tiff_level.read(rows, cols))
 
 
-@needs_openslide
 def test_reads_larger_than_a_piece_go_in_pieces(pyramid, monkeypatch):
     path, levels = pyramid
     monkeypatch.setattr(openslide_file, "READ_PIECE", 50)
@@ -117,7 +109,6 @@ def test_reads_larger_than_a_piece_go_in_pieces(pyramid, monkeypatch):
             assert all(w <= 50 and h <= 50 for _, _, (w, h) in calls)
 
 
-@needs_openslide
 def test_threads_read_one_handle_at_once(pyramid):
     path, levels = pyramid
     stack, slide = open_file(path)
@@ -148,7 +139,6 @@ def test_composite_background_is_the_over_operator():
     np.testing.assert_array_equal(composite_background(opaque, background), rgba[..., :3])
 
 
-@needs_openslide
 def test_missing_tile_reads_as_the_white_background(tmp_path):
     image = np.random.default_rng(2).integers(0, 256, (300, 300, 3), dtype=np.uint8)
     path = write_pyramid(tmp_path / "holes.tif", [image])
@@ -167,7 +157,6 @@ def test_missing_tile_reads_as_the_white_background(tmp_path):
                                       expected[100:200:3, 120:290:2])
 
 
-@needs_openslide
 @pytest.mark.parametrize("tags, expected", [
     (dict(resolution=(40000, 40000), resolutionunit="CENTIMETER"), 0.25),   # 1e4 µm / 40000 px
     (dict(resolution=(50800, 50800), resolutionunit="INCH"), 0.5),          # 25400 µm / 50800 px
@@ -186,7 +175,6 @@ def test_pixel_size_from_openslide_mpp(tmp_path, tags, expected):
         assert "openslide.mpp" in size.source
 
 
-@needs_openslide
 def test_odd_level_sides_give_openslide_a_fractional_downsample(tmp_path):
     image = np.random.default_rng(4).integers(0, 256, (701, 901, 3), dtype=np.uint8)
     levels = area_mean_pyramid(image, 2)  # 350 x 450: floor of 701 / 2, 901 / 2
@@ -198,7 +186,6 @@ def test_odd_level_sides_give_openslide_a_fractional_downsample(tmp_path):
         np.testing.assert_array_equal(slide.level(1).read(slice(0, 50), slice(0, 60)), levels[1][:50, :60])
 
 
-@needs_openslide
 def test_files_openslide_cannot_read_raise_slide_error(tmp_path):
     text = tmp_path / "notes.mrxs"
     text.write_text("not a slide\n")
@@ -217,7 +204,6 @@ def test_without_openslide_the_error_says_how_to_install(tmp_path, monkeypatch):
     assert str(tmp_path / "slide.mrxs") in str(caught.value)
 
 
-@needs_openslide
 @pytest.mark.parametrize("shape, downsample", [
     (SHAPE, 2), (SHAPE, 4),        # pyramid levels 1 and 2
     (SHAPE, 3),                    # no level: the area mean of level 0
