@@ -7,7 +7,7 @@ DEMO_DIR ?= runs/demo
 LOCK := requirements.lock
 UV_VERSION := 0.13.10
 
-.PHONY: install lock lowest demo experiments lint test bench clean
+.PHONY: install lock lowest demo experiments comparison lint test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,9 +66,15 @@ experiments: $(STAMP)
 	$(BIN)/python -m experiments.reproduce --root $(EXP_DIR); status=$$?; wait $$! && exit $$status
 	$(BIN)/python -m experiments.patch_size --root $(EXP_DIR)/patch_size
 	$(BIN)/python -m experiments.continuous_attribute --root $(EXP_DIR)/continuous
-	$(BIN)/python -m experiments.comparison --root $(EXP_DIR)/comparison
-	$(BIN)/python -m experiments.comparison --root $(EXP_DIR)/comparison_data1 --data-seed 1 --size 3072 \
-	  --settings-from $(EXP_DIR)/comparison/chosen.json
+
+# The comparison of every method (docs/comparison.md): tuning on calibration data, 5 seeds on two fresh data
+# sets (hours on CPU); two processes share the runs, and running it again resumes.
+COMPARISON_DIR ?= runs/comparison
+comparison: export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/runs/.jax_compilation_cache
+comparison: $(STAMP)
+	mkdir -p $(COMPARISON_DIR)
+	$(BIN)/python -m experiments.comparison --root $(COMPARISON_DIR) > $(COMPARISON_DIR)/second_process.log 2>&1 & \
+	$(BIN)/python -m experiments.comparison --root $(COMPARISON_DIR); status=$$?; wait $$! && exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

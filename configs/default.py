@@ -53,6 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.empty_group = "error"    # or "drop": leave empty groups out of the less-biased batch
     config.method.fold_beta_into_loss = False  # one-gradient fast path (no per-batch gradient metrics)
     config.method.divide_loss_by_num_classes = True
+    config.method.erm = ml_collections.ConfigDict()  # read by method erm only
+    # groups: GERNE's biased batch (class-balanced, stratified by group); class_balanced: the same shares
+    # without reading the attribute; natural: uniform over the training split (gerne_jax/methods/erm.py)
+    config.method.erm.sampling = "groups"
     config.method.group_dro = ml_collections.ConfigDict()  # read by method group_dro only
     config.method.group_dro.eta = 0.01        # step size of the exponentiated-gradient group weights
     config.method.group_dro.adjustment = 0.0  # C of the group adjustment C / sqrt(n_g); 0: none

@@ -55,6 +55,7 @@ from gerne_jax.core import cli, config_utils, files
 from gerne_jax.evaluation import evaluate
 from gerne_jax.methods import registry
 from gerne_jax.runs import run_log
+from gerne_jax.train import trainer
 
 # Short names of the config keys a grid varies, for run folder names and the command line. Their order
 # is the order of a name's parts: every run folder `make experiments` has written keeps its name.
@@ -63,7 +64,7 @@ ALIASES = {"c": "method.c", "beta": "method.beta", "lr": "optimizer.learning_rat
            "data_dir": "data.dir", "eta": "method.group_dro.eta", "id": "method.jtt.identification_workdir",
            "lambda": "method.jtt.upweight", "base": "method.dfr.base_workdir",
            "base_checkpoint": "method.dfr.base_checkpoint", "scoring": "method.pseudo_groups.scoring_workdir",
-           "t": "method.pseudo_groups.fraction"}
+           "t": "method.pseudo_groups.fraction", "sampling": "method.erm.sampling"}
 _ALIAS_OF = {key: alias for alias, key in ALIASES.items()}
 SEED_KEY = "training.seed"  # set per run from the seeds, never by a setting
 # In a string override, replaced by the run's seed: a run that builds on another run of its own seed
@@ -72,6 +73,10 @@ SEED_PLACEHOLDER = "{seed}"
 # Each checkpoint rule and the validation metric that also picks the hyperparameters under it.
 CHECKPOINTS = {"best_wga": "val WGA", "best_bca": "val BCA"}
 STAMP_FILE = "evaluated.json"  # in the results folder: the run states its results were computed from
+# In a run folder: its loss turned non-finite (the error message). The run counts as done and failed: it is
+# neither trained again nor evaluated, so a learning rate that diverges drops out of tuning.
+DIVERGED_FILE = "diverged.txt"
+PREDICTIONS = "predictions"  # under a grid's eval folder: each run's per-patch probabilities per checkpoint
 METRICS = (("WGA", "worst_group_accuracy"), ("BCA", "balanced_class_accuracy"))
 
 
@@ -96,6 +101,8 @@ def _format_value(value: Any) -> str:
 class Setting:
     """One point of a grid: a method of `configs/demo.py` and dotted config overrides.
 
+    `row` names the family tuning chooses within when one method makes several rows (the arms of
+    GERNE, ERM's samplings); by default the family is the method. It is not part of the run's name.
     The overrides are stored in a fixed order (`_name_rank`), whatever order they were given in, so
     that equal settings have one name and therefore one run folder; lists become tuples so that a
     setting can be a dict key.
@@ -103,18 +110,19 @@ class Setting:
 
     method: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    row: str = ""
 
     def __post_init__(self) -> None:
         ordered = sorted(self.overrides.items(), key=lambda item: _name_rank(item[0]))
         object.__setattr__(self, "overrides", types.MappingProxyType({k: _frozen(v) for k, v in ordered}))
 
     def __hash__(self) -> int:
-        return hash((self.method, tuple(self.overrides.items())))
+        return hash((self.method, tuple(self.overrides.items()), self.row))
 
     @property
     def family(self) -> str:
-        """What tuning chooses among: settings of one method compete, methods do not."""
-        return self.method
+        """What tuning chooses among: settings of one family (the row, else the method) compete, families do not."""
+        return self.row or self.method
 
     @property
     def name(self) -> str:
@@ -124,8 +132,8 @@ class Setting:
         return re.sub(r"[^A-Za-z0-9.+_-]", "", "_".join(parts))
 
     def updated(self, overrides: Mapping[str, Any]) -> Setting:
-        """The same method with some overrides replaced or added."""
-        return Setting(self.method, {**self.overrides, **overrides})
+        """The same method and row with some overrides replaced or added."""
+        return Setting(self.method, {**self.overrides, **overrides}, self.row)
 
 
 def run_name(setting: Setting, seed: int) -> str:
@@ -197,33 +205,58 @@ def claim(workdir: pathlib.Path, wait: bool = False) -> Iterator[bool]:
         yield True
 
 
+def diverged(workdir: pathlib.Path) -> bool:
+    return (workdir / DIVERGED_FILE).is_file()
+
+
+def is_done(workdir: pathlib.Path) -> bool:
+    """Finished, or stopped for good by a non-finite loss."""
+    return run_log.is_finished(workdir) or diverged(workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    try:
+        registry.train(config, workdir)
+    except trainer.NonFiniteLossError as error:
+        files.write_text_atomic(workdir / DIVERGED_FILE, f"{error}\n")
+        print(f">>> {workdir.name}: diverged ({error}); left out of tuning and evaluation", flush=True)
+
+
 def train_all(configs: Mapping[pathlib.Path, ml_collections.ConfigDict]) -> None:
     """Trains every unfinished run, skipping those another process is training, then waits for those."""
     pending = []
     for workdir, config in configs.items():
-        if run_log.is_finished(workdir):
-            print(f">>> {workdir.name}: finished, skipped", flush=True)
+        if is_done(workdir):
+            print(f">>> {workdir.name}: {'diverged' if diverged(workdir) else 'finished'}, skipped", flush=True)
             continue
         with claim(workdir) as mine:
-            if mine and not run_log.is_finished(workdir):  # another process may have finished it meanwhile
+            if mine and not is_done(workdir):  # another process may have finished it meanwhile
                 print(f"\n>>> {workdir.name}: training", flush=True)
-                registry.train(config, workdir)
+                _train(config, workdir)
             elif not mine:
                 print(f">>> {workdir.name}: being trained by another process", flush=True)
                 pending.append(workdir)
     for workdir in pending:
         with claim(workdir, wait=True):
-            if not run_log.is_finished(workdir):  # the process training it stopped: resume it here
+            if not is_done(workdir):  # the process training it stopped: resume it here
                 print(f"\n>>> {workdir.name}: left unfinished by another process; resuming", flush=True)
-                registry.train(configs[workdir], workdir)
+                _train(configs[workdir], workdir)
 
 
 def evaluate_all(workdirs: Sequence[pathlib.Path], checkpoint: str, split: str, out: pathlib.Path,
                  split_cache: dict[str, Any]) -> dict[str, evaluate.RunEvaluation]:
-    """Every run's `checkpoint` on the split, keyed by run folder name; JSON and PNGs written to `out`."""
+    """Every run's `checkpoint` on the split, keyed by run folder name; JSON and PNGs written to `out`, and
+    each run's per-patch tumour probabilities with the patches' label, tissue ratio and slide to
+    `out/predictions/<run>_<checkpoint>.npz` (for the statistics over slides, experiments/statistics.py)."""
     evaluations = {workdir.name: evaluate.evaluate_run(workdir, checkpoint, split, split_cache=split_cache)
                    for workdir in workdirs}
     evaluate.write_results(evaluations, out)
+    (out / PREDICTIONS).mkdir(parents=True, exist_ok=True)
+    for name, entry in evaluations.items():
+        with files.atomic_write(out / PREDICTIONS / f"{name}_{checkpoint}.npz") as temporary, \
+                open(temporary, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary's name
+            np.savez(f, probability=entry.probabilities[:, 1], label=entry.split["label"],
+                     tissue_ratio=entry.split["tissue_ratio"], slide_id=entry.split["slide_id"])
     return evaluations
 
 
@@ -234,6 +267,8 @@ def collect_rows(settings: Sequence[Setting], seeds: Sequence[int],
     for checkpoint, by_run in evaluations.items():
         for setting in settings:
             for seed in seeds:
+                if run_name(setting, seed) not in by_run:  # diverged
+                    continue
                 entry = by_run[run_name(setting, seed)]
                 (tau, result), = entry.reports.items()
                 row = {"family": setting.family, "setting": setting.name, "seed": seed,
@@ -335,12 +370,13 @@ def run_grid(settings: Sequence[Setting], seeds: Sequence[int], root: str | os.P
         train_all(configs)
 
     out = pathlib.Path(out) if out else root
+    workdirs = [workdir for workdir in configs if not diverged(workdir)]
     with claim(out, wait=True):  # one process evaluates; others sharing `out` wait, then reuse its results
-        stamp = evaluation_stamp(list(configs), split)
+        stamp = evaluation_stamp(workdirs, split)
         if (out / STAMP_FILE).is_file() and json.loads((out / STAMP_FILE).read_text()) == stamp:
             print(f"\n{(out / 'results.md').read_text()}\n{out}: up to date with the runs; reused")
             return json.loads((out / "summary.json").read_text())
-        summary = summarise(settings, seeds, common or {}, split, list(configs), out)
+        summary = summarise(settings, seeds, common or {}, split, workdirs, out)
         files.write_text_atomic(out / STAMP_FILE, json.dumps(stamp))
     return summary
 

@@ -7,7 +7,9 @@ exactly what an uninterrupted one would, and `input_pipeline.train_dataset` take
 - `PairedIndexSampler`: both batches of GERNE's pair `[2, N]` per a `groups.BatchPlan` (ERM, GroupDRO
   and resampling load one row of it).
 - `UpsampledIndexSampler`: one class-balanced batch `[1, N]` drawn with per-example weights (JTT,
-  ratio_weighted).
+  ratio_weighted; with equal weights, ERM's `class_balanced` sampling, which never reads the attribute).
+- `NaturalIndexSampler`: one batch `[1, N]` of distinct examples drawn uniformly from the whole training
+  split (a draw window over all examples) (plain ERM, `natural` sampling: neither the class nor the attribute is read).
 
 Sampling within a group (the official `corr` overlap, generalised): a group with biased count `n_b` and
 less-biased count `n_lb` (`groups.BatchPlan`) draws a window of `w = rint(n_b + n_lb - corr * min(n_b,
@@ -107,6 +109,19 @@ class UpsampledIndexSampler(StepSampler):
         drawn = [rng.choice(members, size=count, p=p)
                  for members, p, count in zip(self._members, self._probabilities, self._per_class)]
         return rng.permutation(np.concatenate(drawn))[None]
+
+
+class NaturalIndexSampler(StepSampler):
+    """Global example indices of a step's single batch, `[1, N]`: `N` distinct examples drawn uniformly
+    from all `num_examples` (successive permutations if there are fewer), whatever their class or group."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        super().__init__(seed)
+        self._all = np.arange(num_examples)
+        self.batch_size = int(batch_size)
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        return draw_window(rng, self._all, self.batch_size)[None]
 
 
 def draw_window(rng: np.random.Generator, members: np.ndarray, size: int) -> np.ndarray:

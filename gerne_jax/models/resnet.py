@@ -153,6 +153,9 @@ class ResNet(nn.Module):
       dtype: compute dtype (parameters are always float32).
       batch_norm_axis_name: mapped axis over which train-mode BatchNorm averages its statistics
         (set by the sharded train step on its copy of the model; None for ordinary use).
+      features_only: return the feature maps `[stem, stage 1, ..., stage S]` (the stem's after its norm and
+        ReLU, before the max pool; each stage's after its last block) instead of logits, without pooling
+        or `fc`: the backbone of a dense head (`gerne_jax.models.segmentation`). Parameter names are unchanged.
     """
 
     stage_sizes: Sequence[int]
@@ -162,9 +165,10 @@ class ResNet(nn.Module):
     num_filters: int = 64
     dtype: Any = jnp.float32
     batch_norm_axis_name: str | None = None
+    features_only: bool = False
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
         if self.norm not in NORM_MODES:
             raise ValueError(f"norm must be one of {NORM_MODES}, got {self.norm!r}")
         if images.ndim != 4:
@@ -176,12 +180,16 @@ class ResNet(nn.Module):
 
         x = conv(self.num_filters, (7, 7), strides=2, padding=[(3, 3), (3, 3)], name="conv1")(images)
         x = nn.relu(norm(self.num_filters, "bn1")(x))
+        features = [x]
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = self.block_cls(features=self.num_filters * 2**stage, strides=strides, conv=conv,
                                    norm=norm, name=f"layer{stage + 1}_{block}")(x)
+            features.append(x)
+        if self.features_only:
+            return features
         x = jnp.mean(x, axis=(1, 2))
         if not self.is_initializing():  # not a variable of `init`; a no-op unless the collection is mutable
             self.sow(EMBEDDING, EMBEDDING, x)

@@ -16,6 +16,7 @@ import numpy as np
 
 from gerne_jax.core.errors import InputError
 from gerne_jax.predict import inference
+from gerne_jax.slides import tiling_report
 from gerne_jax.slides.manifest import SlideError, SlideSpec
 from gerne_jax.slides.reader import SlideReader, placeholder_channel_names
 from gerne_jax.slides.scan import TilingConfig
@@ -49,10 +50,7 @@ def data_tiling_config(run: inference.RestoredRun, **overrides: Any) -> TilingCo
     """
     stored, metadata = run.data_spec.tiling, run.metadata
     if stored is not None:
-        settings = {field.name: stored[field.name] for field in dataclasses.fields(TilingConfig)
-                    if field.name in stored}
-        for name in ("tumour_ids", "channels", "tumour_classes", "tissue_classes"):  # lists in JSON
-            settings[name] = tuple(settings[name]) if settings.get(name) else None
+        settings = tiling_report.tiling_settings(stored)
     else:
         settings = {"patch_size": metadata["patch_size"], "stride": metadata["stride"],
                     "level": metadata.get("level", 0), "min_tumour_pixels": metadata["min_tumour_pixels"],

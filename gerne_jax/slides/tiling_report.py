@@ -8,6 +8,7 @@ settings and each slide's split.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -42,3 +43,11 @@ def read(data_dir: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise dataset.DatasetError(f"{path}: cannot read the tiling report ({type(error).__name__}: "
                                    f"{error})") from None
+
+
+def tiling_settings(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The `TilingConfig` fields of a report's `config` (its JSON lists back to tuples, empty ones None)."""
+    settings = {field.name: stored[field.name] for field in dataclasses.fields(TilingConfig) if field.name in stored}
+    for name in ("tumour_ids", "channels", "tumour_classes", "tissue_classes"):
+        settings[name] = tuple(settings[name]) if settings.get(name) else None
+    return settings

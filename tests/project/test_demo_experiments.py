@@ -15,7 +15,6 @@ from configs import demo
 from data_pipeline.shards import write_patch_dataset
 from experiments import grid, reproduce
 from experiments.grid import Setting
-from gerne_jax.core.errors import InputError
 from gerne_jax.evaluation import evaluate
 from gerne_jax.methods import registry
 from tests.helpers import REPO
@@ -282,86 +281,3 @@ def test_run_grid_trains_evaluates_tunes_and_reuses_its_results(tmp_path, monkey
     monkeypatch.setattr(evaluate, "evaluate_run", refuse)
     again = grid.run_grid(settings, [0], tmp_path / "grid", common=common)
     assert json.dumps(again) == json.dumps(summary)  # as text: one seed's std is NaN, never equal to itself
-
-
-def test_comparison_gives_every_method_the_same_budget_and_trains_what_jtt_builds_on(tmp_path):
-    from experiments import comparison
-
-    runs = tmp_path / "runs"
-    families = comparison.tuning_settings(runs, identification_steps=(30, 70))
-    assert {len(settings) for settings in families.values()} == {comparison.TUNING_BUDGET}
-    assert set(families) == set(comparison.FAMILIES)
-    # Each JTT setting names its identification run; exactly those are trained first, per seed.
-    needed = comparison.prerequisites(families["jtt"][2:], runs, (30, 70))
-    assert [s.overrides["training.steps"] for s in needed] == [70]
-    jtt = grid.run_config(families["jtt"][2], 1)
-    assert jtt.method.jtt.identification_workdir == str(runs / grid.run_name(needed[0], 1))
-    assert comparison.prerequisites(families["erm"], runs, (30, 70)) == []
-    # DFR refits the last layer of ERM's tuning runs of its seed.
-    bases = comparison.prerequisites(families["dfr"], runs, (30, 70))
-    assert bases == [s for s in families["erm"] if s.overrides[LR] in (0.03, 0.1)]
-    # GERNE on pseudo-groups builds on the scoring run (ERM, learning rate / 10) of its seed.
-    assert comparison.prerequisites(families["gerne_pseudo"], runs, (30, 70)) == [comparison.SCORING]
-    scoring, erm = grid.run_config(comparison.SCORING, 0), grid.run_config(Setting("erm"), 0)
-    assert scoring.optimizer.learning_rate == pytest.approx(erm.optimizer.learning_rate / 10)
-    assert scoring.optimizer.weight_decay == pytest.approx(erm.optimizer.weight_decay * 2)
-    with pytest.raises(ValueError, match="does not train"):
-        comparison.prerequisites(families["jtt"], runs, (30,))
-    # chosen.json is portable: other runs' folders are stored relative to the runs folder.
-    comparison.save_chosen(tmp_path / "chosen.json", families["jtt"], runs)
-    assert str(tmp_path) not in (tmp_path / "chosen.json").read_text()
-    elsewhere = tmp_path / "other" / "runs"
-    moved = comparison.load_chosen(tmp_path / "chosen.json", elsewhere)
-    assert [s.name for s in moved] == [s.name for s in families["jtt"]]
-    assert grid.run_config(moved[0], 0).method.jtt.identification_workdir.startswith(str(elsewhere))
-
-
-def test_comparison_reports_the_pseudo_minoritys_precision_and_recall_over_seeds(tmp_path):
-    from experiments import comparison
-
-    runs = tmp_path / "runs"
-    (setting,) = [s for s in comparison.tuning_settings(runs, (30, 70))["gerne_pseudo"]
-                  if s.overrides["method.pseudo_groups.fraction"] == 0.2 and s.overrides["method.beta"] == 1.0]
-    figures = {0: (0.5, 0.25, 0.75, 1.0), 1: (0.7, 0.35, 0.25, 0.5)}  # overall / non-tumour precision, recall
-    for seed, (p_all, p_non, r_all, r_non) in figures.items():
-        folder = runs / grid.run_name(setting, seed)
-        folder.mkdir(parents=True)
-        report = {"overall": {"precision": p_all, "recall": r_all},
-                  "per_class": {"non_tumour": {"precision": p_non, "recall": r_non},
-                                "tumour": {"precision": float("nan"), "recall": 0.0}}}
-        (folder / "pseudo_groups.json").write_text(json.dumps(report))
-    rows = comparison.pseudo_minority_rows(runs, [Setting("erm"), setting], [0, 1])
-    assert [(r["setting"], r["examples"]) for r in rows] == [
-        ("t = 0.2, beta = 1", "overall"), ("t = 0.2, beta = 1", "non_tumour"), ("t = 0.2, beta = 1", "tumour")]
-
-    def expected(a, b):  # mean and sample standard deviation of two seeds' figures
-        return f"{statistics.mean([a, b]):.3f} ± {statistics.stdev([a, b]):.3f}"
-
-    assert rows[0]["precision"] == expected(0.5, 0.7) and rows[0]["recall"] == expected(0.75, 0.25)
-    assert rows[1]["precision"] == expected(0.25, 0.35) and rows[1]["recall"] == expected(1.0, 0.5)
-    assert rows[2]["precision"] == "nan ± nan"  # undefined for a seed: shown, not hidden
-    (one,) = [r for r in comparison.pseudo_minority_rows(runs, [setting], [1]) if r["examples"] == "overall"]
-    assert one["precision"] == "0.700 ± nan"  # one seed has no standard deviation
-
-
-def test_comparison_group_accuracies_are_seed_means_and_a_rewritten_evaluation_is_named(tmp_path):
-    from experiments import comparison
-
-    rng = np.random.default_rng(3)
-    settings = [Setting("erm"), Setting("gerne", {"method.beta": 1.0})]
-    accuracies = {(s.name, seed): rng.random((2, 2)) for s in settings for seed in (0, 1)}
-    bins = ["r < 0.1", "r >= 0.1"]
-    evaluated = {grid.run_name(s, seed): {"results": {"tau=0.1": {
-        "group_accuracy": accuracies[s.name, seed].tolist(), "group_count": [[3, 4], [5, 6]], "bin_names": bins}}}
-        for s in settings for seed in (0, 1)}
-    (tmp_path / "seeds" / "eval").mkdir(parents=True)
-    (tmp_path / "seeds" / "eval" / "best_wga_test.json").write_text(json.dumps(evaluated))
-    rows = comparison.group_accuracy_rows(tmp_path / "seeds", settings, [0, 1])
-    for setting, row in zip(settings, rows, strict=True):
-        mean = (accuracies[setting.name, 0] + accuracies[setting.name, 1]) / 2
-        assert row["method"] == setting.family
-        assert row["tumour, r < 0.1 (n=5)"] == f"{mean[1, 0]:.3f}"
-        assert row["non_tumour, r >= 0.1 (n=4)"] == f"{mean[0, 1]:.3f}"
-    # another process with other --seeds rewrote the folder: the missing runs are named, not a KeyError
-    with pytest.raises(InputError, match=r"no evaluation of erm_seed2, .*gerne.*seed2.*every seed"):
-        comparison.group_accuracy_rows(tmp_path / "seeds", settings, [0, 2])

@@ -1,0 +1,97 @@
+"""The comparison's protocol: equal budgets, the GERNE arms' c(beta + 1) and implied weights against the
+batch plan, the runs each row builds on, the grid's extension at an edge, and portable choices."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from experiments import comparison, comparison_report, grid
+from experiments import comparison_rows as rows
+from gerne_jax.data import groups
+
+RUNS = pathlib.Path("/runs")
+
+
+def test_every_row_tunes_the_same_learning_rates_with_one_fixed_setting():
+    settings = {row.name: [rows.row_setting(row, lr, RUNS) for lr in comparison.LEARNING_RATES] for row in rows.ROWS}
+    assert {len(set(s)) for s in settings.values()} == {len(comparison.LEARNING_RATES)}
+    for row in rows.ROWS:
+        assert [rows.learning_rate(s) for s in settings[row.name]] == list(comparison.LEARNING_RATES)
+        assert {s.family for s in settings[row.name]} == {row.name}
+    names = [s.name for row_settings in settings.values() for s in row_settings]
+    assert len(names) == len(set(names))  # every run its own folder
+    configs = {row.name: grid.run_config(settings[row.name][0], 0, comparison.COMMON) for row in rows.ROWS}
+    assert {c.model.name for c in configs.values()} == {"tiny"}
+    assert {c.model.norm for c in configs.values()} == {"group"}  # one network for every row
+    assert {c.optimizer.schedule for c in configs.values()} == {"cosine"}
+    assert {c.training.steps for name, c in configs.items() if name != "dfr"} == {1500}
+    assert configs["erm_natural"].method.erm.sampling == "natural"
+    assert configs["erm"].method.erm.sampling == "class_balanced"
+
+
+def test_gerne_arms_interpolate_match_resampling_and_extrapolate():
+    arms = {row.name: row.k for row in rows.ROWS if row.name.startswith("gerne_k")}
+    assert sorted(arms.values()) == [0.75, 1.0, 1.5, 2.0]
+    assert rows.ROWS_BY_NAME["resample"].k == 1.0
+    counts = np.array([[2549, 1630], [289, 1821]])
+    for name in [*arms, "resample"]:
+        row = rows.ROWS_BY_NAME[name]
+        config = grid.run_config(rows.row_setting(row, 0.1, RUNS), 0)
+        plan = groups.make_batch_plan(counts, c=config.method.c, beta=config.method.beta, batch_per_group=1000)
+        shares = [float(x) for x in comparison_report.implied_weights(row, counts).split(" / ")]
+        np.testing.assert_allclose(shares, plan.group_weights.ravel(), atol=0.006)  # the plan rounds to examples
+    natural = comparison_report.implied_weights(rows.ROWS_BY_NAME["erm_natural"], counts)
+    natural = [float(x) for x in natural.split(" / ")]
+    np.testing.assert_allclose(natural, (counts / counts.sum()).ravel(), atol=0.006)
+
+
+def test_each_row_trains_first_what_it_builds_on():
+    jtt = rows.row_setting(rows.ROWS_BY_NAME["jtt"], 0.03, RUNS)
+    pseudo = rows.row_setting(rows.ROWS_BY_NAME["gerne_pseudo"], 0.03, RUNS)
+    dfr = rows.row_setting(rows.ROWS_BY_NAME["dfr"], 0.03, RUNS)
+    assert comparison.prerequisites([jtt], RUNS) == [rows.IDENTIFICATION]
+    assert comparison.prerequisites([pseudo], RUNS) == [rows.SCORING]
+    assert comparison.prerequisites([dfr], RUNS) == [rows.erm_setting(0.03)]
+    assert rows.learning_rate(dfr) == 0.03
+    assert comparison.prerequisites([rows.row_setting(rows.ROWS_BY_NAME["erm"], 0.03, RUNS)], RUNS) == []
+    # the attribute-free first runs: class-balanced, never stratified by group
+    for setting in (rows.IDENTIFICATION, rows.SCORING):
+        assert grid.run_config(setting, 0, comparison.COMMON).method.erm.sampling == "class_balanced"
+    scoring = grid.run_config(rows.SCORING, 0, comparison.COMMON)
+    erm = grid.run_config(rows.erm_setting(0.1), 0, comparison.COMMON)
+    assert scoring.optimizer.weight_decay == pytest.approx(2 * erm.optimizer.weight_decay)
+    identification = RUNS / grid.run_name(rows.IDENTIFICATION, 3)
+    assert grid.run_config(jtt, 3).method.jtt.identification_workdir == str(identification)
+
+
+@pytest.mark.parametrize(("tried", "chosen", "added"), [
+    ((0.01, 0.03, 0.1, 0.3), 0.3, 1.0), ((0.01, 0.03, 0.1, 0.3), 0.01, 0.003),
+    ((0.01, 0.03, 0.1, 0.3), 0.1, None), ((0.3, 1.0), 1.0, None), ((0.001, 0.003), 0.001, None)])
+def test_the_grid_grows_past_an_edge_choice_along_the_ladder(tried, chosen, added):
+    row = rows.ROWS_BY_NAME["gerne_k2"]
+    grown = comparison.extended({row.name: list(tried)}, [rows.row_setting(row, chosen, RUNS)])
+    assert grown[row.name] == [*tried, *([added] if added else [])]
+    assert all(lr in rows.LADDER for lr in grown[row.name])
+
+
+def test_chosen_settings_move_to_another_data_set_with_their_rows(tmp_path):
+    settings = [rows.row_setting(row, 0.1, tmp_path / "a" / "runs") for row in rows.ROWS]
+    rows.save_chosen(tmp_path / "chosen.json", settings, tmp_path / "a" / "runs")
+    assert str(tmp_path) not in (tmp_path / "chosen.json").read_text()
+    moved = rows.load_chosen(tmp_path / "chosen.json", tmp_path / "b" / "runs")
+    assert [(s.family, s.name) for s in moved] == [(s.family, s.name) for s in settings]
+    jtt = grid.run_config(moved[rows.ROWS.index(rows.ROWS_BY_NAME["jtt"])], 0)
+    assert jtt.method.jtt.identification_workdir.startswith(str(tmp_path / "b" / "runs"))
+    assert rows.REFERENCE in {s.family for s in moved}
+
+
+def test_images_seen_count_both_batches_of_a_pair(tmp_path):
+    for row, per_step in (("gerne_k1.5", 2), ("resample", 2), ("erm", 1), ("jtt", 1), ("dfr", 0)):
+        setting = rows.row_setting(rows.ROWS_BY_NAME[row], 0.1, RUNS)
+        workdir = tmp_path / row
+        workdir.mkdir()
+        config = grid.run_config(setting, 0, comparison.COMMON)
+        (workdir / "config.json").write_text(config.to_json())
+        assert comparison_report.images_seen(workdir, setting.method) == per_step * 1500 * 2 * 2 * 16
