@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fresh = [args.root / f"fresh_data{seed}" for seed in args.fresh_seeds]
     if args.settings_from:
         calibration = args.settings_from.parent / f"calibration_data{args.calibration_seed}"
+    args.root.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         if args.settings_from:
             chosen = [s for s in load_chosen(args.settings_from, calibration / "runs") if s.family in args.rows]

@@ -95,3 +95,23 @@ def test_images_seen_count_both_batches_of_a_pair(tmp_path):
         config = grid.run_config(setting, 0, comparison.COMMON)
         (workdir / "config.json").write_text(config.to_json())
         assert comparison_report.images_seen(workdir, setting.method) == per_step * 1500 * 2 * 2 * 16
+
+
+def test_the_comparison_runs_end_to_end_and_its_choices_carry_to_other_data(tmp_path, monkeypatch, capsys):
+    """Tiny slides and 3 steps: tuning on calibration validation, fresh seeds, the report (whose WGAs are
+    recomputed from the saved predictions and checked against the grid's), then `--settings-from`."""
+    monkeypatch.setattr(comparison, "LEARNING_RATES", (0.001, 1.0))  # no edge to grow past
+    small = ["--slides", "3", "--size", "512", "--set", "steps=3", "--seeds", "0", "1"]
+    root = tmp_path / "comparison"
+    assert comparison.main(["--root", str(root), "--fresh-seeds", "91", "--rows", "erm", "dfr", "gerne_k2",
+                            *small]) == 0
+    report = (root / "results.md").read_text()
+    assert "## fresh_data91: test split, training seeds 0, 1" in report
+    assert {s.family for s in rows.load_chosen(root / "chosen.json", root)} == {"erm", "dfr", "gerne_k2"}
+    assert not (root / "calibration_data0" / "tuning" / "eval" / "best_wga_test.json").exists()  # never the test split
+    assert (root / "wga_per_seed.png").is_file()
+    other = tmp_path / "other"
+    assert comparison.main(["--root", str(other), "--settings-from", str(root / "chosen.json"), "--fresh-seeds",
+                            "92", "--rows", "erm", "gerne_k2", *small]) == 0
+    assert "## fresh_data92" in (other / "results.md").read_text()
+    assert not (other / "calibration_data0").exists()  # nothing tuned again
