@@ -1,9 +1,9 @@
 """The comparison of every method, tuned on calibration data and reported on fresh data (docs/comparison.md).
 
     python -m experiments.comparison --root runs/comparison         # all stages; rerun to resume
-    python -m experiments.comparison --root runs/comparison --set steps=20 --slides 4 --size 512  # a quick look
-    python -m experiments.comparison --root runs/defaults_3072 --settings-from runs/comparison/chosen.json \
-        --rows erm gerne_k1 --size 3072 --fresh-seeds 2029 --seeds 0 1 2     # chosen settings, other data
+    python -m experiments.comparison --root runs/quick --kept runs/quick/kept --set steps=20 --slides 4 --size 512
+    python -m experiments.comparison --root runs/defaults_3072 --kept docs/defaults_3072 \
+        --settings-from docs/comparison/chosen.json --rows erm gerne_k1 --size 3072 --fresh-seeds 2029 --seeds 0 1 2
 
 Stages (resumable: finished runs are skipped, interrupted ones resume, two processes may share ROOT;
 experiments/grid.py):
@@ -14,13 +14,15 @@ experiments/grid.py):
    row trains the same learning-rate grid (`LEARNING_RATES`) with one fixed method-specific setting
    (`ROWS`), training seed 0, the same network (tiny ResNet, GroupNorm), schedule and steps. A row whose
    best learning rate (validation WGA, `best_wga` checkpoints) lies at an edge of what it tried gets the
-   next value of `LADDER` beyond it, until the best is inside or the ladder ends. `ROOT/chosen.json`
-   records the choice.
+   next value of `LADDER` beyond it, until the best is inside or the ladder ends. The choice, the values
+   tried and every tuning run's figures are kept in KEPT (`--kept`, committed: docs/comparison); a kept
+   choice is final, so later invocations (another session, without the runs) go straight to stage 3.
 3. fresh data: every chosen setting with training seeds `SEEDS` on each fresh data set (nothing is
-   tuned there); test figures of the `best_wga` checkpoints.
-4. report (`experiments/comparison_report.py`): per row mean and sample std, the per-seed paired
-   difference to class-balanced ERM with a 95 % t interval, a 95 % bootstrap interval of WGA over test
-   slides, images seen, and each GERNE row's c(beta + 1) and implied group weights. `ROOT/results.md`.
+   tuned there). Each run is kept as soon as it is trained: its `best_wga` checkpoint's test
+   probabilities and figures, `KEPT/fresh_data<S>/<run>.npz` (kept runs are not trained again).
+4. report (`experiments/comparison_report.py`, from KEPT alone): per row mean and sample std, the per-seed
+   paired difference to class-balanced ERM with a 95 % t interval, a 95 % bootstrap interval of WGA over
+   test slides, images seen, and each GERNE row's c(beta + 1) and implied group weights. `KEPT/results.md`.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import json
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from data_pipeline import stats
 from experiments import comparison_report, grid, patch_size
@@ -50,6 +54,7 @@ from experiments.comparison_rows import (
 from experiments.grid import Setting
 from gerne_jax.core import files
 from gerne_jax.data import dataset
+from gerne_jax.evaluation import evaluate
 
 TAU = 0.1
 CALIBRATION_SEED = 0  # the data seed the generator and the settings were calibrated on; never reported
@@ -58,6 +63,9 @@ SLIDES, SIZE = 24, 2048
 SEEDS = (0, 1, 2, 3, 4)
 TUNING_SEED = 0
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)
+KEPT = pathlib.Path("docs/comparison")  # what the comparison keeps (committed); its runs stay under --root
+CHOSEN, TUNING_CSV = "chosen.json", "tuning.csv"
+TEST_PATCHES, TRAINING_COUNTS = "test_patches.npz", "training_counts.json"
 # Every run: configs/demo.py's method config with these (the demo's warm-up and cosine decay, GroupNorm).
 COMMON = {"model.norm": "group", "optimizer.schedule": "cosine", "optimizer.warmup_steps": 100,
           "data.taus": (TAU,)}
@@ -104,8 +112,9 @@ def extended(tried: Mapping[str, Sequence[float]], chosen: Sequence[Setting]) ->
     return grown
 
 
-def tune(root: pathlib.Path, common: Mapping[str, Any], rows: Sequence[Row]) -> list[Setting]:
-    """Stage 2: every row's learning rates on the calibration data's validation split, extended at the edges."""
+def tune(root: pathlib.Path, kept: pathlib.Path, common: Mapping[str, Any], rows: Sequence[Row]) -> list[Setting]:
+    """Stage 2: every row's learning rates on the calibration data's validation split, extended at the edges;
+    the choice (`chosen.json`), the values tried and every run's figures (`tuning.csv`) are kept in KEPT."""
     runs = root / "runs"
     tried = {row.name: list(LEARNING_RATES) for row in rows}
     while True:
@@ -116,24 +125,67 @@ def tune(root: pathlib.Path, common: Mapping[str, Any], rows: Sequence[Row]) -> 
         chosen = grid.chosen_settings(summary, settings)["best_wga"]
         grown = extended(tried, chosen)
         if grown == tried:
-            files.write_text_atomic(root / "tried.json", json.dumps(tried, indent=2))
+            kept.mkdir(parents=True, exist_ok=True)
+            files.write_text_atomic(kept / "tried.json", json.dumps(tried, indent=2))
+            files.write_text_atomic(kept / TUNING_CSV, (root / "tuning" / "results.csv").read_text())
+            save_chosen(kept / CHOSEN, chosen, runs)
             return chosen
         tried = grown
 
 
-def evaluate_fresh(root: pathlib.Path, chosen: Sequence[Setting], seeds: Sequence[int],
+def write_data_record(data: pathlib.Path, kept: pathlib.Path) -> None:
+    """What the report needs of a data set beside the runs, kept once: the test patches (label, tissue
+    ratio, slide) and the training split's group counts."""
+    if (kept / TEST_PATCHES).is_file():
+        return
+    table = dataset.read_patch_table(data, "test")
+    kept.mkdir(parents=True, exist_ok=True)
+    with files.atomic_write(kept / TEST_PATCHES) as temporary, open(temporary, "wb") as f:
+        np.savez_compressed(f, label=table["label"], tissue_ratio=table["tissue_ratio"], slide_id=table["slide_id"])
+    counts = comparison_report.training_counts(data, TAU)
+    files.write_text_atomic(kept / TRAINING_COUNTS, json.dumps(counts.tolist()))
+
+
+def keep_run(workdir: pathlib.Path, kept: pathlib.Path, split_cache: dict[str, Any]) -> None:
+    """A finished run's test figures at its `best_wga` checkpoint, kept as `KEPT/<run>.npz`: the per-patch
+    tumour probabilities, the step and the validation figures it was chosen on, the evaluator's WGA and
+    BCA (or `diverged`). Small enough to commit, so a later session reports without the runs."""
+    figures: dict[str, Any] = {"diverged": grid.diverged(workdir)}
+    if not figures["diverged"]:
+        entry = evaluate.evaluate_run(workdir, "best_wga", "test", split_cache=split_cache)
+        (report,) = entry.reports.values()
+        figures.update(probability=entry.probabilities[:, 1].astype(np.float32), step=entry.checkpoint_meta["step"],
+                       val_wga=entry.checkpoint_meta["metrics"]["worst_group_accuracy"],
+                       val_bca=entry.checkpoint_meta["metrics"]["balanced_class_accuracy"],
+                       test_wga=report["worst_group_accuracy"], test_bca=report["balanced_class_accuracy"])
+    with files.atomic_write(kept / f"{workdir.name}.npz") as temporary, open(temporary, "wb") as f:
+        np.savez_compressed(f, **figures)
+
+
+def evaluate_fresh(root: pathlib.Path, kept: pathlib.Path, chosen: Sequence[Setting], seeds: Sequence[int],
                    common: Mapping[str, Any]) -> None:
-    """Stage 3 on one fresh data set: the chosen settings over the seeds, test split."""
+    """Stage 3 on one fresh data set: each chosen setting and seed trained, then kept (`keep_run`) at once,
+    run by run, so a stopped comparison loses at most the runs in progress; kept runs are not trained again."""
     runs = root / "runs"
-    save_chosen(root / "chosen.json", chosen, runs)
-    settings = load_chosen(root / "chosen.json", runs)
-    train_prerequisites(settings, seeds, runs, common)
-    grid.run_grid(settings, seeds, runs, common=common, split="test", out=root / "seeds")
+    write_data_record(root / "data", kept)
+    split_cache: dict[str, Any] = {}
+    for setting in chosen:
+        for seed in seeds:
+            workdir = runs / grid.run_name(setting, seed)
+            if (kept / f"{workdir.name}.npz").is_file():
+                continue
+            train_prerequisites([setting], [seed], runs, common)
+            grid.train_all({workdir: grid.run_config(setting, seed, common)})
+            if not (kept / f"{workdir.name}.npz").is_file():  # another process may have kept it meanwhile
+                keep_run(workdir, kept, split_cache)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, type=pathlib.Path)
+    parser.add_argument("--root", required=True, type=pathlib.Path, help="the data and the runs")
+    parser.add_argument("--kept", type=pathlib.Path, default=KEPT,
+                        help="what is kept (committed): the choice, the tuning figures, each fresh run's test "
+                             "figures, the report")
     parser.add_argument("--slides", type=int, default=SLIDES)
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--calibration-seed", type=int, default=CALIBRATION_SEED)
@@ -143,7 +195,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", default="", help="overrides of every run, e.g. steps=300 (a quick look)")
     parser.add_argument("--settings-from", type=pathlib.Path, default=None,
                         help="chosen.json of an earlier comparison: no tuning, its choices on the fresh data sets")
-    parser.add_argument("--report-only", action="store_true", help="write ROOT/results.md from the finished runs")
+    parser.add_argument("--report-only", action="store_true", help="write KEPT/results.md from the kept runs")
     return parser.parse_args(argv)
 
 
@@ -154,24 +206,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--rows must include {REFERENCE}, the row every other is paired with")
     common = {**COMMON, **grid.parse_overrides(args.set)}
     calibration = args.root / f"calibration_data{args.calibration_seed}"
-    fresh = [args.root / f"fresh_data{seed}" for seed in args.fresh_seeds]
-    if args.settings_from:
-        calibration = args.settings_from.parent / f"calibration_data{args.calibration_seed}"
-    args.root.mkdir(parents=True, exist_ok=True)
+    fresh = {seed: args.root / f"fresh_data{seed}" for seed in args.fresh_seeds}
+    kept = args.kept
+    if args.settings_from and not (kept / CHOSEN).is_file():
+        chosen = [s for s in load_chosen(args.settings_from, calibration / "runs") if s.family in args.rows]
+        save_chosen(kept / CHOSEN, chosen, calibration / "runs")
     if not args.report_only:
-        if args.settings_from:
-            chosen = [s for s in load_chosen(args.settings_from, calibration / "runs") if s.family in args.rows]
-            save_chosen(args.root / "chosen.json", chosen, calibration / "runs")
-        for folder, data_seed in zip(fresh, args.fresh_seeds):
-            make_data(folder, data_seed, args.slides, args.size)
-        if not args.settings_from:
+        if not (kept / CHOSEN).is_file():  # tuned once: a kept choice is final (remove it to tune again)
             make_data(calibration, args.calibration_seed, args.slides, args.size)
-            chosen = tune(calibration, {**common, "data.dir": str(calibration / "data")}, rows)
-            save_chosen(args.root / "chosen.json", chosen, calibration / "runs")
-        for folder in fresh:
-            evaluate_fresh(folder, load_chosen(args.root / "chosen.json", folder / "runs"), args.seeds,
-                           {**common, "data.dir": str(folder / "data")})
-    comparison_report.write_report(args.root, calibration, fresh, rows, args.seeds, TAU)
+            tune(calibration, kept, {**common, "data.dir": str(calibration / "data")}, rows)
+        for seed, folder in fresh.items():
+            make_data(folder, seed, args.slides, args.size)
+            chosen = [s for s in load_chosen(kept / CHOSEN, folder / "runs") if s.family in args.rows]
+            evaluate_fresh(folder, kept / folder.name, chosen, args.seeds, {**common, "data.dir": str(folder / "data")})
+    comparison_report.write_report(kept, [kept / folder.name for folder in fresh.values()], rows, args.seeds, TAU,
+                                   common)
     return 0
 
 

@@ -1,8 +1,10 @@
 """The comparison's report (`experiments/comparison.py`): tuning, then per fresh data set the rows with
 their seeds, paired differences, slide-bootstrap intervals, images seen and implied group weights.
 
-Every test figure is recomputed from the saved per-patch probabilities (`grid.PREDICTIONS`) and checked
-against the grid's own evaluation, so the intervals and the means come from the same numbers.
+It reads only what the comparison keeps (`--kept`, committed): the tuning's figures and choice, and per
+fresh data set its test patches, training group counts and each run's test probabilities, from which
+every WGA is recomputed (and checked against the evaluator's), so the intervals and the means come
+from the same numbers.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from experiments.comparison_rows import REFERENCE, Row, learning_rate, load_chos
 from experiments.tables import markdown_table, over_seeds
 from gerne_jax.core import files
 from gerne_jax.data import dataset
-from gerne_jax.runs import run_log
+from gerne_jax.evaluation import reports
 
 NUM_CLASSES, NUM_BINS = len(dataset.CLASS_NAMES), 2
 PAIRED_ROWS = {"gerne": 2, "resample": 2}  # batches per step by method (GERNE's pair), else 1; DFR trains none
@@ -53,85 +55,88 @@ def implied_weights(row: Row, counts: np.ndarray) -> str:
     return text + (" (errors x 20)" if row.name == "jtt" else "")
 
 
-def images_seen(workdir: pathlib.Path, method: str) -> int:
-    """Training images a run loaded (steps x batches per step x batch), not counting runs it builds on."""
-    config = run_log.read_config(workdir)
-    if method == "dfr":
+def images_seen(setting: grid.Setting, common: Mapping[str, Any]) -> int:
+    """Training images a run loads (steps x batches per step x batch), not counting runs it builds on."""
+    if setting.method == "dfr":
         return 0
+    config = grid.run_config(setting, 0, common)
     batch = NUM_CLASSES * NUM_BINS * config.training.batch_per_group
-    return config.training.steps * PAIRED_ROWS.get(method, 1) * batch
+    return config.training.steps * PAIRED_ROWS.get(setting.method, 1) * batch
 
 
-def read_rows(results_dir: pathlib.Path) -> list[dict[str, Any]]:
-    with open(results_dir / "results.csv", newline="") as f:
-        return [{**row, "seed": int(row["seed"])} for row in csv.DictReader(f)]
+def kept_run(kept: pathlib.Path, run: str) -> dict[str, Any] | None:
+    """A fresh run's kept figures (`comparison.keep_run`), None if it is not kept yet."""
+    path = kept / f"{run}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as stored:
+        return {key: stored[key] for key in stored.files}
 
 
-def run_counts(results_dir: pathlib.Path, run: str, tau: float,
-               slides: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """A run's test (correct, total) per slide and group from its saved predictions, and its WGA."""
-    saved = np.load(results_dir / "eval" / grid.PREDICTIONS / f"{run}_best_wga.npz")
-    attribute = dataset.attribute_from_tissue_ratio(saved["tissue_ratio"], (tau,))
-    group = dataset.group_ids(saved["label"], attribute, NUM_CLASSES, NUM_BINS)
-    slides = sorted(set(saved["slide_id"].tolist())) if slides is None else slides
-    correct, total = statistics.group_correct_by_slide(saved["probability"], saved["label"], group, saved["slide_id"],
-                                                       slides, NUM_CLASSES * NUM_BINS)
-    return correct, total, float(statistics.worst_group_accuracy(correct.sum(0), total.sum(0)))
+def test_patches(kept: pathlib.Path, tau: float) -> dict[str, Any]:
+    """The data set's test patches: label, groups and slides, as the kept runs' probabilities are ordered."""
+    with np.load(kept / "test_patches.npz") as stored:
+        label, ratio, slide_id = stored["label"], stored["tissue_ratio"], stored["slide_id"]
+    group = dataset.group_ids(label, dataset.attribute_from_tissue_ratio(ratio, (tau,)), NUM_CLASSES, NUM_BINS)
+    return {"label": label, "tissue_ratio": ratio, "group": group, "slide_id": slide_id,
+            "slides": sorted(set(slide_id.tolist()))}
 
 
-def fresh_table(folder: pathlib.Path, rows: Sequence[Row], seeds: Sequence[int],
-                tau: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One fresh data set: a table row per method row, and the figures behind it (for the text and plot)."""
-    results = [r for r in read_rows(folder / "seeds") if r["checkpoint"] == "best_wga"]
-    counts = training_counts(folder / "data", tau)
-    chosen = {s.family: s for s in _chosen(folder)}
+def run_counts(figures: Mapping[str, Any], patches: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A kept run's test (correct, total) per slide and group; its WGA is checked against the evaluator's."""
+    correct, total = statistics.group_correct_by_slide(figures["probability"], patches["label"], patches["group"],
+                                                       patches["slide_id"], patches["slides"], NUM_CLASSES * NUM_BINS)
+    wga = float(statistics.worst_group_accuracy(correct.sum(0), total.sum(0)))
+    if not np.isclose(wga, float(figures["test_wga"]), atol=1e-6):
+        raise ValueError(f"WGA {wga} from the kept probabilities, {float(figures['test_wga'])} from the evaluator")
+    return correct, total
+
+
+def fresh_table(kept: pathlib.Path, chosen: Sequence[grid.Setting], rows: Sequence[Row], seeds: Sequence[int],
+                tau: float, common: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One fresh data set: a table row per method row (its kept runs), and the figures behind it."""
+    patches = test_patches(kept, tau)
+    counts = np.asarray(json.loads((kept / "training_counts.json").read_text()))
+    by_setting = {s.family: s for s in chosen}
     by_row: dict[str, dict[str, Any]] = {}
-    slides = None
     for row in rows:
-        mine = sorted((r for r in results if r["family"] == row.name), key=lambda r: r["seed"])
-        if not mine:
+        setting = by_setting.get(row.name)
+        figures = {seed: kept_run(kept, grid.run_name(setting, seed)) for seed in seeds} if setting else {}
+        finished = {seed: f for seed, f in figures.items() if f is not None and not f["diverged"]}
+        if not finished:
             continue
-        runs = [f"{r['setting']}_seed{r['seed']}" for r in mine]
-        per_run = []
-        for run, result in zip(runs, mine):
-            correct, total, wga = run_counts(folder / "seeds", run, tau, slides)
-            if not np.isclose(wga, float(result["test WGA"]), atol=1e-9):
-                raise ValueError(f"{run}: WGA {wga} from its saved predictions, {result['test WGA']} in results.csv")
-            slides = slides or sorted(set(np.load(folder / "seeds" / "eval" / grid.PREDICTIONS /
-                                                  f"{run}_best_wga.npz")["slide_id"].tolist()))
-            per_run.append((correct, total))
-        by_row[row.name] = {"row": row, "seeds": [r["seed"] for r in mine], "runs": runs, "per_run": per_run,
-                            "wga": [float(r["test WGA"]) for r in mine], "bca": [float(r["test BCA"]) for r in mine],
-                            "bootstrap": statistics.slide_bootstrap(per_run),
-                            "images": images_seen(folder / "runs" / runs[0], row.method)}
+        per_run = [run_counts(f, patches) for f in finished.values()]
+        by_row[row.name] = {
+            "row": row, "setting": setting, "seeds": list(finished), "per_run": per_run,
+            "diverged": sum(1 for f in figures.values() if f is not None and f["diverged"]),
+            "wga": [float(f["test_wga"]) for f in finished.values()],
+            "bca": [float(f["test_bca"]) for f in finished.values()],
+            "probability": finished[min(finished)]["probability"], "bootstrap": statistics.slide_bootstrap(per_run)}
+    if REFERENCE not in by_row:
+        return [], by_row
     reference = by_row[REFERENCE]
     table = []
     for name, entry in by_row.items():
-        row = entry["row"]
+        row, setting = entry["row"], entry["setting"]
         wga_mean, wga_std = over_seeds(entry["wga"])
         bca_mean, bca_std = over_seeds(entry["bca"])
         low, high = statistics.percentile_interval(entry["bootstrap"])
         line = {"row": name, "c(beta+1)": "" if row.k is None else f"{row.k:g}",
                 "loss share per group (" + ", ".join(group_names(tau)) + ")": implied_weights(row, counts),
-                "lr": f"{learning_rate(chosen[name]):g}" if name in chosen else "",
-                "images seen": f"{entry['images']:,}",
-                "seeds": len(entry["wga"]), "test WGA": f"{wga_mean:.3f} ± {wga_std:.3f}",
-                "WGA 95 % slide bootstrap": f"[{low:.3f}, {high:.3f}]", "test BCA": f"{bca_mean:.3f} ± {bca_std:.3f}"}
-        if name != REFERENCE:
-            paired = _paired(entry, reference)
-            entry["paired"] = paired
+                "lr": f"{learning_rate(setting):g}", "images seen": f"{images_seen(setting, common):,}",
+                "seeds (diverged)": f"{len(entry['wga'])} ({entry['diverged']})",
+                "test WGA": f"{wga_mean:.3f} ± {wga_std:.3f}", "WGA 95 % slide bootstrap": f"[{low:.3f}, {high:.3f}]",
+                "test BCA": f"{bca_mean:.3f} ± {bca_std:.3f}",
+                "WGA - ERM, paired over seeds: mean [95 % CI], p": "reference", "WGA - ERM, slide bootstrap 95 %": ""}
+        if name != REFERENCE and len(set(entry["seeds"]) & set(reference["seeds"])) >= 2:
+            entry["paired"] = _paired(entry, reference)
             difference = statistics.percentile_interval(entry["bootstrap"] - reference["bootstrap"])
-            line["WGA - ERM, paired over seeds: mean [95 % CI], p"] = statistics.describe_difference(paired)
+            line["WGA - ERM, paired over seeds: mean [95 % CI], p"] = statistics.describe_difference(entry["paired"])
             line["WGA - ERM, slide bootstrap 95 %"] = f"[{100 * difference[0]:+.1f}, {100 * difference[1]:+.1f}]"
-        else:
-            line["WGA - ERM, paired over seeds: mean [95 % CI], p"] = "reference"
-            line["WGA - ERM, slide bootstrap 95 %"] = ""
+        elif name != REFERENCE:
+            line["WGA - ERM, paired over seeds: mean [95 % CI], p"] = "fewer than 2 common seeds"
         table.append(line)
     return table, by_row
-
-
-def _chosen(folder: pathlib.Path) -> list[grid.Setting]:
-    return load_chosen(folder / "chosen.json", folder / "runs") if (folder / "chosen.json").is_file() else []
 
 
 def _paired(entry: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float]:
@@ -189,10 +194,12 @@ def plot(tables: Mapping[str, Mapping[str, Mapping[str, Any]]], path: pathlib.Pa
     files.save_figure(fig, path)
 
 
-def tuning_table(calibration: pathlib.Path, rows: Sequence[Row]) -> list[dict[str, Any]]:
-    results = [r for r in read_rows(calibration / "tuning") if r["checkpoint"] == "best_wga"]
-    chosen = {s.family: s.name for s in _chosen_calibration(calibration)}
-    tried = json.loads((calibration / "tried.json").read_text()) if (calibration / "tried.json").is_file() else {}
+def tuning_table(kept: pathlib.Path, rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Per row: the learning rates tried on the calibration data, the runs, the choice and its validation figures."""
+    with open(kept / "tuning.csv", newline="") as f:
+        results = [r for r in csv.DictReader(f) if r["checkpoint"] == "best_wga"]
+    chosen = {s.family: s.name for s in load_chosen(kept / "chosen.json", kept)}
+    tried = json.loads((kept / "tried.json").read_text())
     table = []
     for row in rows:
         mine = [r for r in results if r["family"] == row.name]
@@ -206,34 +213,43 @@ def tuning_table(calibration: pathlib.Path, rows: Sequence[Row]) -> list[dict[st
     return table
 
 
-def _chosen_calibration(calibration: pathlib.Path) -> list[grid.Setting]:
-    path = calibration.parent / "chosen.json"
-    return load_chosen(path, calibration / "runs") if path.is_file() else []
+def plot_errors(by_row: Mapping[str, Mapping[str, Any]], patches: Mapping[str, Any], tau: float,
+                path: pathlib.Path) -> None:
+    """Error rate against tissue ratio of each row's first kept seed, with per-bin counts and intervals."""
+    reports.plot_error_by_tissue_ratio(
+        {name: (patches["label"], np.stack([1 - e["probability"], e["probability"]], 1), patches["tissue_ratio"])
+         for name, e in by_row.items()}, path, taus=(tau,))
 
 
-def write_report(root: pathlib.Path, calibration: pathlib.Path, fresh: Sequence[pathlib.Path], rows: Sequence[Row],
-                 seeds: Sequence[int], tau: float) -> pathlib.Path:
-    """ROOT/results.md and ROOT/wga_per_seed.png from whatever stages have finished."""
+def write_report(kept: pathlib.Path, fresh: Sequence[pathlib.Path], rows: Sequence[Row], seeds: Sequence[int],
+                 tau: float, common: Mapping[str, Any]) -> pathlib.Path:
+    """KEPT/results.md and its PNGs from what is kept: the tuning, and each fresh data set's kept runs."""
     lines = ["# Comparison: tuned on calibration data, reported on fresh data", "",
-             "Protocol: [docs/comparison.md](../../docs/comparison.md). Tiny ResNet with GroupNorm for every row, "
+             "Protocol: [docs/comparison.md](../comparison.md). Tiny ResNet with GroupNorm for every row, "
              f"tau = {tau:g}, `best_wga` checkpoints (validation WGA).", ""]
-    if (calibration / "tuning" / "results.csv").is_file():
-        lines += [f"## Tuning on {calibration.name}, validation split only", "",
-                  markdown_table(tuning_table(calibration, rows)), ""]
+    if (kept / "tuning.csv").is_file():
+        lines += ["## Tuning on the calibration data, validation split only", "",
+                  markdown_table(tuning_table(kept, rows)), ""]
     tables = {}
     for folder in fresh:
-        if not (folder / "seeds" / "results.csv").is_file():
-            lines += [f"## {folder.name}: not finished", ""]
+        if not (folder / "test_patches.npz").is_file():
+            lines += [f"## {folder.name}: not started", ""]
             continue
-        table, by_row = fresh_table(folder, rows, seeds, tau)
+        chosen = load_chosen(kept / "chosen.json", kept)
+        table, by_row = fresh_table(folder, chosen, rows, seeds, tau, common)
+        if not table:
+            lines += [f"## {folder.name}: no kept runs of the reference row yet", ""]
+            continue
         tables[folder.name] = by_row
+        plot_errors(by_row, test_patches(folder, tau), tau, kept / f"{folder.name}_error_vs_tissue_ratio.png")
         lines += [f"## {folder.name}: test split, training seeds {', '.join(map(str, seeds))}", "",
                   markdown_table(table), "", *verdicts(by_row), "",
                   "Per-group test accuracy, mean over seeds:", "",
-                  markdown_table(group_accuracy_table(by_row, tau)), ""]
+                  markdown_table(group_accuracy_table(by_row, tau)), "",
+                  f"![error rate against tissue ratio, first seed]({folder.name}_error_vs_tissue_ratio.png)", ""]
     if tables:
-        plot(tables, root / "wga_per_seed.png")
+        plot(tables, kept / "wga_per_seed.png")
         lines += ["![test WGA per seed](wga_per_seed.png)", ""]
-    files.write_text_atomic(root / "results.md", "\n".join(lines))
+    files.write_text_atomic(kept / "results.md", "\n".join(lines))
     print("\n".join(lines))
-    return root / "results.md"
+    return kept / "results.md"

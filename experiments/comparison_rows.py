@@ -95,6 +95,7 @@ def save_chosen(path: pathlib.Path, settings: Sequence[Setting], runs: pathlib.P
     document = [{"row": s.family, "method": s.method,
                  "overrides": {k: v.replace(str(runs), "{runs}") if isinstance(v, str) else v
                                for k, v in s.overrides.items()}} for s in settings]
+    path.parent.mkdir(parents=True, exist_ok=True)
     files.write_text_atomic(path, json.dumps(document, indent=2))
 
 

@@ -76,7 +76,6 @@ STAMP_FILE = "evaluated.json"  # in the results folder: the run states its resul
 # In a run folder: its loss turned non-finite (the error message). The run counts as done and failed: it is
 # neither trained again nor evaluated, so a learning rate that diverges drops out of tuning.
 DIVERGED_FILE = "diverged.txt"
-PREDICTIONS = "predictions"  # under a grid's eval folder: each run's per-patch probabilities per checkpoint
 METRICS = (("WGA", "worst_group_accuracy"), ("BCA", "balanced_class_accuracy"))
 
 
@@ -245,18 +244,10 @@ def train_all(configs: Mapping[pathlib.Path, ml_collections.ConfigDict]) -> None
 
 def evaluate_all(workdirs: Sequence[pathlib.Path], checkpoint: str, split: str, out: pathlib.Path,
                  split_cache: dict[str, Any]) -> dict[str, evaluate.RunEvaluation]:
-    """Every run's `checkpoint` on the split, keyed by run folder name; JSON and PNGs written to `out`, and
-    each run's per-patch tumour probabilities with the patches' label, tissue ratio and slide to
-    `out/predictions/<run>_<checkpoint>.npz` (for the statistics over slides, experiments/statistics.py)."""
+    """Every run's `checkpoint` on the split, keyed by run folder name; JSON and PNGs written to `out`."""
     evaluations = {workdir.name: evaluate.evaluate_run(workdir, checkpoint, split, split_cache=split_cache)
                    for workdir in workdirs}
     evaluate.write_results(evaluations, out)
-    (out / PREDICTIONS).mkdir(parents=True, exist_ok=True)
-    for name, entry in evaluations.items():
-        with files.atomic_write(out / PREDICTIONS / f"{name}_{checkpoint}.npz") as temporary, \
-                open(temporary, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary's name
-            np.savez(f, probability=entry.probabilities[:, 1], label=entry.split["label"],
-                     tissue_ratio=entry.split["tissue_ratio"], slide_id=entry.split["slide_id"])
     return evaluations
 
 

@@ -3,6 +3,7 @@ batch plan, the runs each row builds on, the grid's extension at an edge, and po
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -87,31 +88,37 @@ def test_chosen_settings_move_to_another_data_set_with_their_rows(tmp_path):
     assert rows.REFERENCE in {s.family for s in moved}
 
 
-def test_images_seen_count_both_batches_of_a_pair(tmp_path):
+def test_images_seen_count_both_batches_of_a_pair():
     for row, per_step in (("gerne_k1.5", 2), ("resample", 2), ("erm", 1), ("jtt", 1), ("dfr", 0)):
         setting = rows.row_setting(rows.ROWS_BY_NAME[row], 0.1, RUNS)
-        workdir = tmp_path / row
-        workdir.mkdir()
-        config = grid.run_config(setting, 0, comparison.COMMON)
-        (workdir / "config.json").write_text(config.to_json())
-        assert comparison_report.images_seen(workdir, setting.method) == per_step * 1500 * 2 * 2 * 16
+        assert comparison_report.images_seen(setting, comparison.COMMON) == per_step * 1500 * 2 * 2 * 16
 
 
-def test_the_comparison_runs_end_to_end_and_its_choices_carry_to_other_data(tmp_path, monkeypatch, capsys):
-    """Tiny slides and 3 steps: tuning on calibration validation, fresh seeds, the report (whose WGAs are
-    recomputed from the saved predictions and checked against the grid's), then `--settings-from`."""
+def test_the_comparison_runs_end_to_end_and_its_choices_carry_to_other_data(tmp_path, monkeypatch):
+    """Tiny slides and 3 steps: tuning on calibration validation, fresh seeds kept run by run, the report
+    from the kept files alone (its WGAs recomputed from the kept probabilities and checked against the
+    evaluator's), a second invocation without the runs, and `--settings-from` on other data."""
     monkeypatch.setattr(comparison, "LEARNING_RATES", (0.001, 1.0))  # no edge to grow past
     small = ["--slides", "3", "--size", "512", "--set", "steps=3", "--seeds", "0", "1"]
-    root = tmp_path / "comparison"
-    assert comparison.main(["--root", str(root), "--fresh-seeds", "91", "--rows", "erm", "dfr", "gerne_k2",
-                            *small]) == 0
-    report = (root / "results.md").read_text()
+    kept = tmp_path / "kept"
+    assert comparison.main(["--root", str(tmp_path / "runs"), "--kept", str(kept), "--fresh-seeds", "91",
+                            "--rows", "erm", "dfr", "gerne_k2", *small]) == 0
+    report = (kept / "results.md").read_text()
     assert "## fresh_data91: test split, training seeds 0, 1" in report
-    assert {s.family for s in rows.load_chosen(root / "chosen.json", root)} == {"erm", "dfr", "gerne_k2"}
-    assert not (root / "calibration_data0" / "tuning" / "eval" / "best_wga_test.json").exists()  # never the test split
-    assert (root / "wga_per_seed.png").is_file()
+    assert {s.family for s in rows.load_chosen(kept / "chosen.json", kept)} == {"erm", "dfr", "gerne_k2"}
+    assert len(list((kept / "fresh_data91").glob("*_seed*.npz"))) == 6
+    assert not (tmp_path / "runs" / "calibration_data0" / "tuning" / "eval" / "best_wga_test.json").exists()
+    assert (kept / "wga_per_seed.png").is_file() and (kept / "fresh_data91_error_vs_tissue_ratio.png").is_file()
+    # a later session: the runs are gone, the kept files are enough; nothing is tuned or trained again
+    shutil.rmtree(tmp_path / "runs")
+    monkeypatch.setattr(grid, "train_all", lambda configs: pytest.fail(f"trained again: {list(configs)}"))
+    assert comparison.main(["--root", str(tmp_path / "runs"), "--kept", str(kept), "--fresh-seeds", "91",
+                            "--rows", "erm", "dfr", "gerne_k2", *small]) == 0
+    assert (kept / "results.md").read_text() == report
+    monkeypatch.undo()
+    monkeypatch.setattr(comparison, "LEARNING_RATES", (0.001, 1.0))
     other = tmp_path / "other"
-    assert comparison.main(["--root", str(other), "--settings-from", str(root / "chosen.json"), "--fresh-seeds",
-                            "92", "--rows", "erm", "gerne_k2", *small]) == 0
-    assert "## fresh_data92" in (other / "results.md").read_text()
+    assert comparison.main(["--root", str(other), "--kept", str(other / "kept"), "--settings-from",
+                            str(kept / "chosen.json"), "--fresh-seeds", "92", "--rows", "erm", "gerne_k2", *small]) == 0
+    assert "## fresh_data92" in (other / "kept" / "results.md").read_text()
     assert not (other / "calibration_data0").exists()  # nothing tuned again
