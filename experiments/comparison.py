@@ -165,19 +165,31 @@ def keep_run(workdir: pathlib.Path, kept: pathlib.Path, split_cache: dict[str, A
 def evaluate_fresh(root: pathlib.Path, kept: pathlib.Path, chosen: Sequence[Setting], seeds: Sequence[int],
                    common: Mapping[str, Any]) -> None:
     """Stage 3 on one fresh data set: each chosen setting and seed trained, then kept (`keep_run`) at once,
-    run by run, so a stopped comparison loses at most the runs in progress; kept runs are not trained again."""
+    run by run, so a stopped comparison loses at most the runs in progress; kept runs are not trained again.
+    Several processes share the work: a run another process holds is left for the end (then waited for)."""
     runs = root / "runs"
     write_data_record(root / "data", kept)
     split_cache: dict[str, Any] = {}
+
+    def train_and_keep(setting: Setting, seed: int) -> None:
+        workdir = runs / grid.run_name(setting, seed)
+        if (kept / f"{workdir.name}.npz").is_file():
+            return
+        train_prerequisites([setting], [seed], runs, common)
+        grid.train_all({workdir: grid.run_config(setting, seed, common)})
+        keep_run(workdir, kept, split_cache)
+
+    pending = []
     for setting in chosen:
         for seed in seeds:
-            workdir = runs / grid.run_name(setting, seed)
-            if (kept / f"{workdir.name}.npz").is_file():
-                continue
-            train_prerequisites([setting], [seed], runs, common)
-            grid.train_all({workdir: grid.run_config(setting, seed, common)})
-            if not (kept / f"{workdir.name}.npz").is_file():  # another process may have kept it meanwhile
-                keep_run(workdir, kept, split_cache)
+            with grid.claim(root / "keeping" / grid.run_name(setting, seed)) as mine:
+                if mine:
+                    train_and_keep(setting, seed)
+                else:
+                    pending.append((setting, seed))
+    for setting, seed in pending:
+        with grid.claim(root / "keeping" / grid.run_name(setting, seed), wait=True):
+            train_and_keep(setting, seed)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
