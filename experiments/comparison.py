@@ -3,7 +3,7 @@
     python -m experiments.comparison --root runs/comparison         # all stages; rerun to resume
     python -m experiments.comparison --root runs/quick --kept runs/quick/kept --set steps=20 --slides 4 --size 512
     python -m experiments.comparison --root runs/defaults_3072 --kept docs/defaults_3072 \
-        --settings-from docs/comparison/chosen.json --rows erm gerne_k1 --size 3072 --fresh-seeds 2029 --seeds 0 1 2
+        --settings-from docs/comparison/chosen.json --rows erm gerne_k0.75 --size 3072 --fresh-seeds 2029 --seeds 0 1 2
 
 Stages (resumable: finished runs are skipped, interrupted ones resume, two processes may share ROOT;
 experiments/grid.py):
