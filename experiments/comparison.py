@@ -135,10 +135,15 @@ def tune(root: pathlib.Path, kept: pathlib.Path, common: Mapping[str, Any], rows
 
 def write_data_record(data: pathlib.Path, kept: pathlib.Path) -> None:
     """What the report needs of a data set beside the runs, kept once: the test patches (label, tissue
-    ratio, slide) and the training split's group counts."""
-    if (kept / TEST_PATCHES).is_file():
-        return
+    ratio, slide) and the training split's group counts. Data regenerated on another machine must give
+    the kept test patches exactly, or the kept runs' probabilities would be read against other patches."""
     table = dataset.read_patch_table(data, "test")
+    if (kept / TEST_PATCHES).is_file():
+        with np.load(kept / TEST_PATCHES) as stored:
+            if any(not np.array_equal(stored[key], table[key]) for key in ("label", "tissue_ratio", "slide_id")):
+                raise ValueError(f"{data}'s test patches differ from those kept in {kept / TEST_PATCHES}: "
+                                 "the data set was not regenerated as it was")
+        return
     kept.mkdir(parents=True, exist_ok=True)
     with files.atomic_write(kept / TEST_PATCHES) as temporary, open(temporary, "wb") as f:
         np.savez_compressed(f, label=table["label"], tissue_ratio=table["tissue_ratio"], slide_id=table["slide_id"])

@@ -109,7 +109,8 @@ def test_the_comparison_runs_end_to_end_and_its_choices_carry_to_other_data(tmp_
     assert len(list((kept / "fresh_data91").glob("*_seed*.npz"))) == 6
     assert not (tmp_path / "runs" / "calibration_data0" / "tuning" / "eval" / "best_wga_test.json").exists()
     assert (kept / "wga_per_seed.png").is_file() and (kept / "fresh_data91_error_vs_tissue_ratio.png").is_file()
-    # a later session: the runs are gone, the kept files are enough; nothing is tuned or trained again
+    # a later session: the runs are gone, the kept files are enough; nothing is tuned or trained again, and
+    # the data regenerated from its seeds give the kept test patches exactly (checked when kept runs are read)
     shutil.rmtree(tmp_path / "runs")
     monkeypatch.setattr(grid, "train_all", lambda configs: pytest.fail(f"trained again: {list(configs)}"))
     assert comparison.main(["--root", str(tmp_path / "runs"), "--kept", str(kept), "--fresh-seeds", "91",
