@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from experiments import grid, statistics
-from experiments.comparison_rows import REFERENCE, Row, learning_rate, load_chosen
+from experiments.comparison_rows import IDENTIFICATION, REFERENCE, SCORING, Row, erm_setting, learning_rate, load_chosen
 from experiments.tables import markdown_table, over_seeds
 from gerne_jax.core import files
 from gerne_jax.data import dataset
@@ -158,6 +158,14 @@ def group_accuracy_table(by_row: Mapping[str, Mapping[str, Any]], tau: float) ->
     return table
 
 
+def first_runs(common: Mapping[str, Any]) -> str:
+    """The images of the runs some rows build on, which their `images seen` leaves out."""
+    return (f"Images seen leave out the runs a row builds on: JTT's identification run "
+            f"({images_seen(IDENTIFICATION, common):,}), the scoring run of pseudo-groups "
+            f"({images_seen(SCORING, common):,}) and DFR's base run (an `erm` run, "
+            f"{images_seen(erm_setting(0.1), common):,}).")
+
+
 def verdicts(by_row: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One sentence per row: a paired interval that excludes zero is a difference, else within noise."""
     lines = []
@@ -243,7 +251,7 @@ def write_report(kept: pathlib.Path, fresh: Sequence[pathlib.Path], rows: Sequen
         tables[folder.name] = by_row
         plot_errors(by_row, test_patches(folder, tau), tau, kept / f"{folder.name}_error_vs_tissue_ratio.png")
         lines += [f"## {folder.name}: test split, training seeds {', '.join(map(str, seeds))}", "",
-                  markdown_table(table), "", *verdicts(by_row), "",
+                  markdown_table(table), "", first_runs(common), "", *verdicts(by_row), "",
                   "Per-group test accuracy, mean over seeds:", "",
                   markdown_table(group_accuracy_table(by_row, tau)), "",
                   f"![error rate against tissue ratio, first seed]({folder.name}_error_vs_tissue_ratio.png)", ""]
