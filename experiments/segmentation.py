@@ -18,7 +18,7 @@ is on the split `--split` (default test) of DATA's slides; groups are (label, ti
     patch metrics on the split (`evaluate.evaluate_run`) are reported beside it.
 (b) A pixel-wise model (`gerne_jax.models.segmentation`: the classifiers' tiny ResNet, GroupNorm, and a
     light pyramid head), trained per seed with ERM and with GERNE batches (experiments/segmentation_model.py:
-    the classifiers' sampler, optimiser and budget, `configs/demo.py`; beta = 1, c = 0.5; `--set` changes
+    the classifiers' sampler, optimiser and budget, `configs/demo.py`'s GERNE: c = 0.5, beta = 0.5; `--set` changes
     them, e.g. `c=1,beta=0,lr=0.03`), into `OUT/seg/<method>_seed<S>`. The step is chosen on validation
     WGA of the patch labels the segmentation implies. On the split, the per-pixel probabilities of the
     split's patches are put back on their slides (mean over patches covering a pixel) and scored like (a);

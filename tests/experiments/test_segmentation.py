@@ -229,4 +229,4 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(slides, monkeypatch):
         for name in set(a.files) - {"record"}:  # parameters, optimiser state, best parameters
             np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="another config"):
-        segmentation_model.train_run(killed, "gerne", config_utils.with_overrides(config, {"method.beta": 0.5}), data)
+        segmentation_model.train_run(killed, "gerne", config_utils.with_overrides(config, {"method.beta": 0.25}), data)

@@ -244,8 +244,10 @@ def test_demo_switches_are_the_scoring_run_and_gerne_on_its_pseudo_groups():
     for key in ("learning_rate", "weight_decay"):
         scoring.optimizer[key] = erm.optimizer[key]
     assert scoring.to_dict() == erm.to_dict()
-    # gerne_pseudo is the demo's GERNE on the scoring run's pseudo-groups.
+    # gerne_pseudo is the demo's GERNE on the scoring run's pseudo-groups, at the comparison's beta = 1.
     assert pseudo_groups.enabled(pseudo) and not pseudo_groups.enabled(gerne)
     assert pseudo.method.pseudo_groups.scoring_checkpoint == "best_bca"
+    assert (pseudo.method.beta, gerne.method.beta) == (1.0, 0.5)
     pseudo.method.pseudo_groups.scoring_workdir = ""
+    pseudo.method.beta = gerne.method.beta
     assert pseudo.to_dict() == gerne.to_dict()

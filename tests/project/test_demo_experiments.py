@@ -194,15 +194,15 @@ def test_evaluation_stamp_changes_with_any_run_and_the_split(tmp_path):
 
 
 def test_a_runs_own_overrides_win_over_the_common_ones():
-    common = {"data.dir": "/data/x", "model.norm": "group", "training.steps": 20}
+    common = {"data.dir": "/data/x", "model.norm": "separate", "training.steps": 20}
     own = Setting("gerne", {"method.c": 1.0, "method.beta": 0.0, LR: 0.03, "model.norm": "shared"})
     shared = grid.run_config(own, 2, common)
     assert (shared.model.norm, shared.method.c, shared.method.beta) == ("shared", 1.0, 0.0)
     assert (shared.optimizer.learning_rate, shared.training.seed) == (0.03, 2)
     assert (shared.data.dir, shared.training.steps) == ("/data/x", 20)
     plain = grid.run_config(Setting("resample", {LR: 0.1}), 0, common)
-    assert plain.model.norm == "group"  # from common, over configs/demo.py's default for resampling
-    assert grid.run_config(Setting("resample"), 0).model.norm == "shared"
+    assert plain.model.norm == "separate"  # from common, over configs/demo.py's default for resampling
+    assert grid.run_config(Setting("resample"), 0).model.norm == "group"
     # The demo warms up and decays its learning rate; the experiments keep the constant one they were
     # tuned with, unless a common or own override says otherwise.
     assert (demo.get_config("gerne").optimizer.schedule, demo.get_config("gerne").optimizer.warmup_steps) == \
