@@ -92,10 +92,11 @@ def run_counts(figures: Mapping[str, Any], patches: Mapping[str, Any]) -> tuple[
     return correct, total
 
 
-def fresh_table(kept: pathlib.Path, chosen: Sequence[grid.Setting], rows: Sequence[Row], seeds: Sequence[int],
-                tau: float, common: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One fresh data set: a table row per method row (its kept runs), and the figures behind it."""
-    patches = test_patches(kept, tau)
+def fresh_table(kept: pathlib.Path, patches: Mapping[str, Any], chosen: Sequence[grid.Setting], rows: Sequence[Row],
+                seeds: Sequence[int], tau: float,
+                common: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One fresh data set (its `test_patches`): a table row per method row (its kept runs), and the figures
+    behind it."""
     counts = np.asarray(json.loads((kept / "training_counts.json").read_text()))
     by_setting = {s.family: s for s in chosen}
     by_row: dict[str, dict[str, Any]] = {}
@@ -179,7 +180,7 @@ def verdicts(by_row: Mapping[str, Mapping[str, Any]]) -> list[str]:
             verdict = "below ERM"
         else:
             verdict = "not different from ERM (the interval holds 0)"
-        lines.append(f"- {name}: {verdict}, WGA {statistics.describe_difference(paired)} points.")
+        lines.append(f"- {name}: {verdict}, WGA {statistics.describe_difference(paired)}.")
     return lines
 
 
@@ -244,12 +245,13 @@ def write_report(kept: pathlib.Path, fresh: Sequence[pathlib.Path], rows: Sequen
             lines += [f"## {folder.name}: not started", ""]
             continue
         chosen = load_chosen(kept / "chosen.json", kept)
-        table, by_row = fresh_table(folder, chosen, rows, seeds, tau, common)
+        patches = test_patches(folder, tau)
+        table, by_row = fresh_table(folder, patches, chosen, rows, seeds, tau, common)
         if not table:
             lines += [f"## {folder.name}: no kept runs of the reference row yet", ""]
             continue
         tables[folder.name] = by_row
-        plot_errors(by_row, test_patches(folder, tau), tau, kept / f"{folder.name}_error_vs_tissue_ratio.png")
+        plot_errors(by_row, patches, tau, kept / f"{folder.name}_error_vs_tissue_ratio.png")
         lines += [f"## {folder.name}: test split, training seeds {', '.join(map(str, seeds))}", "",
                   markdown_table(table), "", first_runs(common), "", *verdicts(by_row), "",
                   "Per-group test accuracy, mean over seeds:", "",

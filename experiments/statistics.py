@@ -76,7 +76,8 @@ def percentile_interval(replicates: np.ndarray, confidence: float = CONFIDENCE) 
 
 
 def describe_difference(difference: Mapping[str, Any], points: bool = True) -> str:
-    """`+1.2 [-3.4, +5.6], p = 0.51` in percentage points (or raw with `points=False`)."""
-    scale = 100.0 if points else 1.0
+    """`+1.2 [-3.4, +5.6] points, p = 0.51` in percentage points (or raw with `points=False`); p to two
+    significant digits, so a small one does not read as zero."""
+    scale, unit = (100.0, " points") if points else (1.0, "")
     return (f"{scale * difference['mean']:+.1f} [{scale * difference['low']:+.1f}, {scale * difference['high']:+.1f}]"
-            f", p = {difference['p']:.2f}")
+            f"{unit}, p = {difference['p']:.2g}")

@@ -78,4 +78,6 @@ def test_slide_bootstrap_equals_recomputing_wga_on_the_resampled_slides():
 
 def test_describe_difference_in_points():
     text = statistics.describe_difference({"mean": 0.0123, "low": -0.02, "high": 0.0446, "p": 0.456})
-    assert text == "+1.2 [-2.0, +4.5], p = 0.46"
+    assert text == "+1.2 [-2.0, +4.5] points, p = 0.46"
+    small = statistics.describe_difference({"mean": 0.07, "low": 0.038, "high": 0.103, "p": 0.00234}, points=False)
+    assert small == "+0.1 [+0.0, +0.1], p = 0.0023"
