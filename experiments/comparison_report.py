@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 
 from experiments import grid, statistics
-from experiments.comparison_rows import IDENTIFICATION, REFERENCE, SCORING, Row, erm_setting, learning_rate, load_chosen
+from experiments.comparison_rows import (
+    GERNE_ARMS,
+    IDENTIFICATION,
+    REFERENCE,
+    RESAMPLING,
+    SCORING,
+    Row,
+    erm_setting,
+    learning_rate,
+    load_chosen,
+)
 from experiments.tables import markdown_table, over_seeds
 from gerne_jax.core import files
 from gerne_jax.data import dataset
@@ -131,9 +141,8 @@ def fresh_table(kept: pathlib.Path, patches: Mapping[str, Any], chosen: Sequence
                 "WGA - ERM, paired over seeds: mean [95 % CI], p": "reference", "WGA - ERM, slide bootstrap 95 %": ""}
         if name != REFERENCE and len(set(entry["seeds"]) & set(reference["seeds"])) >= 2:
             entry["paired"] = _paired(entry, reference)
-            difference = statistics.percentile_interval(entry["bootstrap"] - reference["bootstrap"])
             line["WGA - ERM, paired over seeds: mean [95 % CI], p"] = statistics.describe_difference(entry["paired"])
-            line["WGA - ERM, slide bootstrap 95 %"] = f"[{100 * difference[0]:+.1f}, {100 * difference[1]:+.1f}]"
+            line["WGA - ERM, slide bootstrap 95 %"] = _bootstrap_difference(entry, reference)
         elif name != REFERENCE:
             line["WGA - ERM, paired over seeds: mean [95 % CI], p"] = "fewer than 2 common seeds"
         table.append(line)
@@ -146,6 +155,12 @@ def _paired(entry: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str,
     mine = [entry["wga"][entry["seeds"].index(s)] for s in common]
     theirs = [reference["wga"][reference["seeds"].index(s)] for s in common]
     return statistics.paired_difference(mine, theirs)
+
+
+def _bootstrap_difference(entry: Mapping[str, Any], reference: Mapping[str, Any]) -> str:
+    """The 95 % slide-bootstrap interval of the mean WGA difference, in points (the replicates draw the same slides)."""
+    low, high = statistics.percentile_interval(entry["bootstrap"] - reference["bootstrap"])
+    return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def group_accuracy_table(by_row: Mapping[str, Mapping[str, Any]], tau: float) -> list[dict[str, Any]]:
@@ -167,20 +182,37 @@ def first_runs(common: Mapping[str, Any]) -> str:
             f"{images_seen(erm_setting(0.1), common):,}).")
 
 
+def _verdict(paired: Mapping[str, float], other: str) -> str:
+    """A paired interval that excludes zero is a difference, else within noise."""
+    if paired["low"] > 0:
+        return f"above {other}"
+    if paired["high"] < 0:
+        return f"below {other}"
+    return f"not different from {other} (the interval holds 0)"
+
+
 def verdicts(by_row: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """One sentence per row: a paired interval that excludes zero is a difference, else within noise."""
-    lines = []
-    for name, entry in by_row.items():
-        paired = entry.get("paired")
-        if paired is None:
+    """One sentence per row on its paired WGA difference to ERM."""
+    return [f"- {name}: {_verdict(entry['paired'], 'ERM')}, WGA {statistics.describe_difference(entry['paired'])}."
+            for name, entry in by_row.items() if "paired" in entry]
+
+
+def versus_resampling(by_row: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each GERNE arm paired with resampling (same seeds, same data): whether interpolating (k < 1) or
+    extrapolating (k > 1) beats plain group balance, with the paired t interval and the slide bootstrap."""
+    resampling = by_row.get(RESAMPLING)
+    arms = [row for row in GERNE_ARMS if row.name in by_row]
+    if resampling is None or not arms:
+        return []
+    lines = ["GERNE arms against resampling (WGA, paired by training seed; slide bootstrap 95 %):", ""]
+    for row in arms:
+        entry = by_row[row.name]
+        if len(set(entry["seeds"]) & set(resampling["seeds"])) < 2:
             continue
-        if paired["low"] > 0:
-            verdict = "above ERM"
-        elif paired["high"] < 0:
-            verdict = "below ERM"
-        else:
-            verdict = "not different from ERM (the interval holds 0)"
-        lines.append(f"- {name}: {verdict}, WGA {statistics.describe_difference(paired)}.")
+        paired = _paired(entry, resampling)
+        lines.append(f"- {row.name} (c(beta + 1) = {row.k:g}): {_verdict(paired, 'resampling')}, "
+                     f"{statistics.describe_difference(paired)}; "
+                     f"slide bootstrap {_bootstrap_difference(entry, resampling)}.")
     return lines
 
 
@@ -254,6 +286,7 @@ def write_report(kept: pathlib.Path, fresh: Sequence[pathlib.Path], rows: Sequen
         plot_errors(by_row, patches, tau, kept / f"{folder.name}_error_vs_tissue_ratio.png")
         lines += [f"## {folder.name}: test split, training seeds {', '.join(map(str, seeds))}", "",
                   markdown_table(table), "", first_runs(common), "", *verdicts(by_row), "",
+                  *versus_resampling(by_row), "",
                   "Per-group test accuracy, mean over seeds:", "",
                   markdown_table(group_accuracy_table(by_row, tau)), "",
                   f"![error rate against tissue ratio, first seed]({folder.name}_error_vs_tissue_ratio.png)", ""]

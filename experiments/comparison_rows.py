@@ -43,11 +43,12 @@ def _gerne(k: float) -> Row:
                f"GERNE, c = 0.5, beta = {2 * k - 1:g}")
 
 
+GERNE_ARMS = tuple(_gerne(k) for k in (0.75, 1.0, 1.5, 2.0))  # interpolate, balance, extrapolate twice
 ROWS = (
     Row("erm_natural", "erm", {SAMPLING: "natural"}, "plain ERM: batches drawn uniformly from the training split"),
     Row("erm", "erm", CLASS_BALANCED, "ERM, class-balanced batches (the attribute unread)"),
     Row("resample", "resample", {}, "group-balanced resampling (c = 1, beta = 0)"),
-    *(_gerne(k) for k in (0.75, 1.0, 1.5, 2.0)),
+    *GERNE_ARMS,
     Row("group_dro", "group_dro", {"method.group_dro.eta": 0.01}, "GroupDRO, eta = 0.01, group-balanced batches"),
     Row("jtt", "jtt", {"method.jtt.upweight": 20.0}, "JTT, T = 300 steps of class-balanced ERM, lambda = 20"),
     Row("dfr", "dfr", {"method.dfr.base_checkpoint": "latest"},
@@ -56,6 +57,7 @@ ROWS = (
         "GERNE (c = 0.5, beta = 1) on pseudo-groups, t = 0.2, from class-balanced ERM at lr 0.01"),
 )
 REFERENCE = "erm"  # the row every other is paired with
+RESAMPLING = "resample"  # the row each GERNE arm is also paired with: does extrapolation beat resampling?
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 
 

@@ -123,3 +123,35 @@ def test_the_comparison_runs_end_to_end_and_its_choices_carry_to_other_data(tmp_
                             str(kept / "chosen.json"), "--fresh-seeds", "92", "--rows", "erm", "gerne_k2", *small]) == 0
     assert "## fresh_data92" in (other / "kept" / "results.md").read_text()
     assert not (other / "calibration_data0").exists()  # nothing tuned again
+
+
+def test_gerne_arms_are_paired_with_resampling_by_seed():
+    """Each arm's line: the paired t interval of arm minus resampling over the common seeds (against scipy)
+    and the verdict it implies; an arm with fewer than two common seeds gets no line."""
+    from scipy import stats as scipy_stats
+
+    rng = np.random.default_rng(5)
+    resampling_wga = [0.80, 0.82, 0.78, 0.85, 0.81]
+
+    def entry(wga, seeds):
+        return {"seeds": seeds, "wga": wga, "bootstrap": rng.uniform(0.7, 0.9, 50)}
+
+    by_row = {"resample": entry(resampling_wga, [0, 1, 2, 3, 4]),
+              "gerne_k0.75": entry([0.83, 0.80, 0.81, 0.86, 0.84], [0, 1, 2, 3, 4]),
+              "gerne_k2": entry([0.40, 0.52, 0.45], [0, 2, 4]),
+              "gerne_k1.5": entry([0.79], [3])}
+    lines = comparison_report.versus_resampling(by_row)
+    arms = {line.split(" ")[1]: line for line in lines if line.startswith("- ")}
+    assert set(arms) == {"gerne_k0.75", "gerne_k2"}
+    for name, seeds in (("gerne_k0.75", [0, 1, 2, 3, 4]), ("gerne_k2", [0, 2, 4])):
+        mine = np.asarray(by_row[name]["wga"])
+        theirs = np.asarray(resampling_wga)[seeds]
+        difference = mine - theirs
+        half = scipy_stats.t.ppf(0.975, len(seeds) - 1) * difference.std(ddof=1) / np.sqrt(len(seeds))
+        p = scipy_stats.ttest_rel(mine, theirs).pvalue
+        expected = (f"{100 * difference.mean():+.1f} [{100 * (difference.mean() - half):+.1f}, "
+                    f"{100 * (difference.mean() + half):+.1f}] points, p = {p:.2g}")
+        assert expected in arms[name]
+        verdict = "below resampling" if difference.mean() + half < 0 else "not different from resampling"
+        assert verdict in arms[name]
+    assert comparison_report.versus_resampling({k: v for k, v in by_row.items() if k != "resample"}) == []
