@@ -259,7 +259,8 @@ def segmentation_study(data_dir: str | pathlib.Path, manifest: str | pathlib.Pat
                                                        manifest, split))
             entries.append({"method": f"segmentation {method_name}", "kind": "segmentation", "seed": seed,
                             "run": str(workdir), **entry})
-    write_report(entries, root, split, pixel_area(dataset.read_metadata(data_dir))[1], config)
+    write_report(entries, root, split, pixel_area(dataset.read_metadata(data_dir))[1], config,
+                 {"data_dir": str(data_dir), "manifest": str(manifest)})
     return entries
 
 
@@ -401,8 +402,9 @@ def plot_component_recall(methods: Mapping[str, Mapping[str, Any]], edges: np.nd
 
 
 def write_report(entries: Sequence[Mapping[str, Any]], root: pathlib.Path, split: str, unit: str,
-                 config: Any) -> None:
-    """`results.md`, `results.json` and the two PNGs (module docstring)."""
+                 config: Any, sources: Mapping[str, str]) -> None:
+    """`results.md`, `results.json` and the two PNGs (module docstring); `sources` names the data the study
+    read (the pixel-wise models' config keeps its own `data.dir`, which the study does not use)."""
     if not entries:
         raise InputError("nothing to report: give --classifier-runs or at least one seed")
     rows = [entry_row(entry) for entry in entries]
@@ -412,7 +414,7 @@ def write_report(entries: Sequence[Mapping[str, Any]], root: pathlib.Path, split
     plot_pixel_errors(methods, root / "pixel_error_vs_tissue_ratio.png")
     plot_component_recall(methods, edges, unit, root / "component_recall.png")
     files.write_text_atomic(root / "results.json", json.dumps(
-        {"split": split, "config": config.to_dict(), "entries": list(entries)}, indent=1, allow_nan=True,
+        {"split": split, **sources, "config": config.to_dict(), "entries": list(entries)}, indent=1, allow_nan=True,
         default=lambda value: np.asarray(value).tolist()))
     files.write_text_atomic(root / "results.md", "\n".join([
         f"# The segmentation question: the tissue-size shortcut pixel by pixel ({split} split)", "",

@@ -170,6 +170,7 @@ def test_study_end_to_end_and_resumed(slides, classifier_run, capsys):
             "--set", "method.empty_group=drop,training.eval_every=2,batch=2"]
     assert segmentation.main(argv) == 0
     document = json.loads((root / "results.json").read_text())
+    assert (document["data_dir"], document["manifest"]) == (str(slides["data"]), str(slides["manifest"]))
     entries = {entry["method"]: entry for entry in document["entries"]}
     assert set(entries) == {"classifier classifier", "segmentation erm", "segmentation gerne"}
     test = dataset.read_patch_table(slides["data"], "test")
