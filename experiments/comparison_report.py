@@ -139,8 +139,9 @@ def fresh_table(kept: pathlib.Path, patches: Mapping[str, Any], chosen: Sequence
                 "test WGA": f"{wga_mean:.3f} ± {wga_std:.3f}", "WGA 95 % slide bootstrap": f"[{low:.3f}, {high:.3f}]",
                 "test BCA": f"{bca_mean:.3f} ± {bca_std:.3f}",
                 "WGA - ERM, paired over seeds: mean [95 % CI], p": "reference", "WGA - ERM, slide bootstrap 95 %": ""}
-        if name != REFERENCE and len(set(entry["seeds"]) & set(reference["seeds"])) >= 2:
-            entry["paired"] = _paired(entry, reference)
+        paired = None if name == REFERENCE else _paired(entry, reference)
+        if paired is not None:
+            entry["paired"] = paired
             line["WGA - ERM, paired over seeds: mean [95 % CI], p"] = statistics.describe_difference(entry["paired"])
             line["WGA - ERM, slide bootstrap 95 %"] = _bootstrap_difference(entry, reference)
         elif name != REFERENCE:
@@ -149,9 +150,11 @@ def fresh_table(kept: pathlib.Path, patches: Mapping[str, Any], chosen: Sequence
     return table, by_row
 
 
-def _paired(entry: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float]:
-    """WGA minus the reference's, paired by training seed over the seeds both have."""
+def _paired(entry: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float] | None:
+    """WGA minus the reference's, paired by training seed over the seeds both have (None under two)."""
     common = [s for s in entry["seeds"] if s in reference["seeds"]]
+    if len(common) < 2:
+        return None
     mine = [entry["wga"][entry["seeds"].index(s)] for s in common]
     theirs = [reference["wga"][reference["seeds"].index(s)] for s in common]
     return statistics.paired_difference(mine, theirs)
@@ -207,9 +210,9 @@ def versus_resampling(by_row: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = ["GERNE arms against resampling (WGA, paired by training seed; slide bootstrap 95 %):", ""]
     for row in arms:
         entry = by_row[row.name]
-        if len(set(entry["seeds"]) & set(resampling["seeds"])) < 2:
-            continue
         paired = _paired(entry, resampling)
+        if paired is None:
+            continue
         lines.append(f"- {row.name} (c(beta + 1) = {row.k:g}): {_verdict(paired, 'resampling')}, "
                      f"{statistics.describe_difference(paired)}; "
                      f"slide bootstrap {_bootstrap_difference(entry, resampling)}.")
